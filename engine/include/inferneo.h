@@ -1,0 +1,168 @@
+/*
+ * inferneo.h: the C ABI of the Inferneo engine (libinferneo).
+ *
+ * Everything that computes or holds KV memory lives behind this header: the
+ * weights (mapped from the model files), the paged KV cache and its block pool,
+ * the forward pass over a ragged batch, and sampling. The control plane
+ * (tokenizing, scheduling, HTTP) calls in through these functions only.
+ *
+ * Conventions: every symbol is prefixed ifn_, integers are sized, every
+ * fallible call returns an int32_t status (IFN_OK == 0), and
+ * ifn_status_string()/ifn_last_error() describe failures. Structs are mirrored
+ * field for field by `extern struct`s in engine/src/abi.zig.
+ */
+#ifndef INFERNEO_H
+#define INFERNEO_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Bumped on any change to a struct layout or a function signature. */
+#define IFN_ABI_VERSION 1
+
+enum ifn_status {
+    IFN_OK = 0,
+    IFN_ERR_INVALID_ARGUMENT = 1, /* a value the caller should not have sent */
+    IFN_ERR_OUT_OF_MEMORY = 2,
+    IFN_ERR_IO = 3,               /* a model file could not be opened or mapped */
+    IFN_ERR_UNSUPPORTED = 4,      /* dtype, shape or feature this build cannot run */
+    IFN_ERR_SHAPE = 5,            /* a tensor's shape disagrees with the config */
+    IFN_ERR_POOL_EXHAUSTED = 6,   /* not enough free KV blocks */
+    IFN_ERR_BUSY = 7,             /* a step is already in flight */
+    IFN_ERR_INTERNAL = 8,
+};
+
+/* Tensor element types, numbered as GGML numbers them so GGUF types map 1:1. */
+enum ifn_dtype {
+    IFN_DTYPE_F32 = 0,
+    IFN_DTYPE_F16 = 1,
+    IFN_DTYPE_BF16 = 30,
+};
+
+/* What a tensor is for. `layer` in ifn_tensor qualifies the per-layer roles. */
+enum ifn_tensor_role {
+    IFN_ROLE_TOKEN_EMBD = 0,  /* (vocab, hidden) */
+    IFN_ROLE_ATTN_NORM = 1,   /* (hidden) */
+    IFN_ROLE_ATTN_Q = 2,      /* (heads * head_dim, hidden) */
+    IFN_ROLE_ATTN_K = 3,      /* (kv_heads * head_dim, hidden) */
+    IFN_ROLE_ATTN_V = 4,      /* (kv_heads * head_dim, hidden) */
+    IFN_ROLE_ATTN_OUT = 5,    /* (hidden, heads * head_dim) */
+    IFN_ROLE_FFN_NORM = 6,    /* (hidden) */
+    IFN_ROLE_FFN_GATE = 7,    /* (intermediate, hidden) */
+    IFN_ROLE_FFN_UP = 8,      /* (intermediate, hidden) */
+    IFN_ROLE_FFN_DOWN = 9,    /* (hidden, intermediate) */
+    IFN_ROLE_OUTPUT_NORM = 10,/* (hidden) */
+    IFN_ROLE_OUTPUT = 11,     /* (vocab, hidden); absent when embeddings are tied */
+};
+
+typedef struct ifn_model_config {
+    uint32_t vocab_size;
+    uint32_t hidden_size;
+    uint32_t intermediate_size;
+    uint32_t num_layers;
+    uint32_t num_heads;
+    uint32_t num_kv_heads;
+    uint32_t head_dim;
+    uint32_t max_position;
+    float rope_theta;
+    float rms_norm_eps;
+    /* 0: HF rotate-half pairs (i, i + head_dim/2); 1: interleaved pairs (2i, 2i+1) as GGUF stores q/k */
+    uint32_t rope_interleaved;
+    uint32_t tie_word_embeddings;
+} ifn_model_config;
+
+/* One tensor of the weight manifest: where its bytes are in which file. */
+typedef struct ifn_tensor {
+    uint32_t role;       /* enum ifn_tensor_role */
+    uint32_t layer;      /* 0 for global tensors */
+    uint32_t dtype;      /* enum ifn_dtype */
+    uint32_t file_index; /* index into the files given to ifn_engine_create */
+    uint64_t offset;     /* byte offset of the first element in that file */
+    uint64_t size_bytes;
+    uint64_t rows;       /* outer dimension (1 for vectors) */
+    uint64_t cols;       /* inner, contiguous dimension */
+} ifn_tensor;
+
+typedef struct ifn_engine_config {
+    uint32_t num_blocks;             /* KV pool size, in blocks */
+    uint32_t block_size;             /* tokens per KV block */
+    uint32_t max_num_batched_tokens; /* tokens in one step, all sequences together */
+    uint32_t max_num_seqs;           /* sequences (and sampled rows) in one step */
+    uint32_t max_blocks_per_seq;     /* width of a block-table row */
+    uint32_t num_threads;            /* compute threads, the engine thread included */
+} ifn_engine_config;
+
+typedef struct ifn_sampling_params {
+    float temperature; /* 0 = greedy (argmax, lowest id on ties) */
+    float top_p;       /* 1 = off */
+    float min_p;       /* 0 = off */
+    int32_t top_k;     /* 0 or less = off */
+    uint64_t seed;
+    uint64_t draw_index; /* which draw of this seed's stream: tokens generated so far */
+} ifn_sampling_params;
+
+/*
+ * The step descriptor. The engine allocates it and every array in it once, sized
+ * by ifn_engine_config; the caller fills the counts and the first entries of each
+ * array, then calls ifn_engine_step(_async). Pointers stay valid for the engine's life.
+ *
+ *   tokens:   | seq 0: prefill chunk ...  | seq 1: 1 decode token | seq 2 ... |
+ *   query_start_loc: 0                    q1                      q2   ...  num_tokens
+ */
+typedef struct ifn_batch {
+    uint32_t num_tokens;          /* <= max_num_batched_tokens */
+    uint32_t num_seqs;            /* <= max_num_seqs */
+    uint32_t num_samples;         /* <= max_num_seqs */
+    uint32_t return_logits;       /* 1: keep the sampled rows' logits in `logits` */
+    int32_t* token_ids;           /* (max_num_batched_tokens) */
+    int32_t* positions;           /* (max_num_batched_tokens) position of each token in its sequence */
+    int32_t* slot_mapping;        /* (max_num_batched_tokens) block * block_size + offset where its K/V go */
+    int32_t* query_start_loc;     /* (max_num_seqs + 1) first token of each sequence, then num_tokens */
+    int32_t* seq_lens;            /* (max_num_seqs) tokens in the KV cache after this step */
+    int32_t* block_tables;        /* (max_num_seqs, max_blocks_per_seq) */
+    int32_t* sample_indices;      /* (max_num_seqs) token index whose logits are sampled */
+    ifn_sampling_params* sampling;/* (max_num_seqs) */
+    int32_t* out_token_ids;       /* (max_num_seqs) */
+    float* out_logprobs;          /* (max_num_seqs) log-probability of the sampled token */
+    float* logits;                /* (max_num_seqs, vocab_size) filled when return_logits */
+} ifn_batch;
+
+typedef struct ifn_engine ifn_engine;
+
+/* Called on the engine thread when an async step ends. */
+typedef void (*ifn_step_callback)(int32_t status);
+
+int32_t ifn_abi_version(void);
+const char* ifn_status_string(int32_t status);
+/* Detail of the last failure on the calling thread (or of the last async step). */
+const char* ifn_last_error(void);
+
+/* files: n_files NUL-terminated paths laid end to end in one buffer. */
+int32_t ifn_engine_create(const ifn_model_config* model, const ifn_engine_config* config,
+                          const uint8_t* files, uint32_t n_files,
+                          const ifn_tensor* tensors, uint32_t n_tensors, ifn_engine** out);
+void ifn_engine_destroy(ifn_engine* engine);
+ifn_batch* ifn_engine_batch(ifn_engine* engine);
+uint64_t ifn_engine_kv_cache_bytes(const ifn_engine* engine);
+
+/* Runs the step described by ifn_engine_batch() on the calling thread. */
+int32_t ifn_engine_step(ifn_engine* engine);
+/* Hands the step to the engine thread and returns at once; `callback` fires when done. */
+int32_t ifn_engine_set_callback(ifn_engine* engine, ifn_step_callback callback);
+int32_t ifn_engine_step_async(ifn_engine* engine);
+const char* ifn_engine_last_error(const ifn_engine* engine);
+
+/* Block pool: the paged-KV allocator. All-or-nothing: on failure nothing changes. */
+int32_t ifn_blocks_allocate(ifn_engine* engine, uint32_t n, int32_t* out_block_ids);
+int32_t ifn_blocks_free(ifn_engine* engine, uint32_t n, const int32_t* block_ids);
+int32_t ifn_blocks_ref(ifn_engine* engine, uint32_t n, const int32_t* block_ids);
+uint32_t ifn_blocks_num_free(const ifn_engine* engine);
+uint32_t ifn_blocks_ref_count(const ifn_engine* engine, int32_t block_id);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

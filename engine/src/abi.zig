@@ -1,0 +1,118 @@
+//! Mirrors of the `extern struct`s and enums in engine/include/inferneo.h.
+//! Field order and types must match the header exactly.
+
+pub const abi_version: i32 = 1;
+
+pub const Status = enum(i32) {
+    ok = 0,
+    invalid_argument = 1,
+    out_of_memory = 2,
+    io = 3,
+    unsupported = 4,
+    shape = 5,
+    pool_exhausted = 6,
+    busy = 7,
+    internal = 8,
+};
+
+pub const DType = enum(u32) {
+    f32 = 0,
+    f16 = 1,
+    bf16 = 30,
+    _,
+
+    pub fn sizeBytes(dtype: DType) ?u64 {
+        return switch (dtype) {
+            .f32 => 4,
+            .f16, .bf16 => 2,
+            _ => null,
+        };
+    }
+};
+
+pub const Role = enum(u32) {
+    token_embd = 0,
+    attn_norm = 1,
+    attn_q = 2,
+    attn_k = 3,
+    attn_v = 4,
+    attn_out = 5,
+    ffn_norm = 6,
+    ffn_gate = 7,
+    ffn_up = 8,
+    ffn_down = 9,
+    output_norm = 10,
+    output = 11,
+    _,
+};
+
+pub const ModelConfig = extern struct {
+    vocab_size: u32,
+    hidden_size: u32,
+    intermediate_size: u32,
+    num_layers: u32,
+    num_heads: u32,
+    num_kv_heads: u32,
+    head_dim: u32,
+    max_position: u32,
+    rope_theta: f32,
+    rms_norm_eps: f32,
+    rope_interleaved: u32,
+    tie_word_embeddings: u32,
+};
+
+pub const Tensor = extern struct {
+    role: u32,
+    layer: u32,
+    dtype: u32,
+    file_index: u32,
+    offset: u64,
+    size_bytes: u64,
+    rows: u64,
+    cols: u64,
+};
+
+pub const EngineConfig = extern struct {
+    num_blocks: u32,
+    block_size: u32,
+    max_num_batched_tokens: u32,
+    max_num_seqs: u32,
+    max_blocks_per_seq: u32,
+    num_threads: u32,
+};
+
+pub const SamplingParams = extern struct {
+    temperature: f32,
+    top_p: f32,
+    min_p: f32,
+    top_k: i32,
+    seed: u64,
+    draw_index: u64,
+};
+
+pub const Batch = extern struct {
+    num_tokens: u32,
+    num_seqs: u32,
+    num_samples: u32,
+    return_logits: u32,
+    token_ids: [*]i32,
+    positions: [*]i32,
+    slot_mapping: [*]i32,
+    query_start_loc: [*]i32,
+    seq_lens: [*]i32,
+    block_tables: [*]i32,
+    sample_indices: [*]i32,
+    sampling: [*]SamplingParams,
+    out_token_ids: [*]i32,
+    out_logprobs: [*]f32,
+    logits: [*]f32,
+};
+
+comptime {
+    const std = @import("std");
+    std.debug.assert(@sizeOf(ModelConfig) == 48);
+    std.debug.assert(@sizeOf(Tensor) == 48);
+    std.debug.assert(@sizeOf(EngineConfig) == 24);
+    std.debug.assert(@sizeOf(SamplingParams) == 32);
+    std.debug.assert(@sizeOf(Batch) == 16 + 11 * 8);
+}

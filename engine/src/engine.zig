@@ -1,0 +1,295 @@
+//! The engine: weights, the paged KV cache, the block pool, step buffers, the
+//! compute pool and the engine thread. Everything is allocated in `create`;
+//! a step allocates nothing.
+
+const std = @import("std");
+const assert = std.debug.assert;
+const abi = @import("abi.zig");
+const errors = @import("errors.zig");
+const kernels = @import("kernels.zig");
+const sampler = @import("sampler.zig");
+const weights_mod = @import("weights.zig");
+const BlockPool = @import("block_pool.zig").BlockPool;
+const ThreadPool = @import("thread_pool.zig").ThreadPool;
+const forward = @import("forward.zig");
+
+pub const Engine = struct {
+    allocator: std.mem.Allocator,
+    model: abi.ModelConfig,
+    config: abi.EngineConfig,
+    weights: weights_mod.Weights,
+    pool: BlockPool,
+    threads: ThreadPool,
+
+    // Paged KV cache, per layer: (num_blocks * block_size, kv_dim).
+    k_cache: []f32, // (num_layers, num_blocks * block_size, kv_dim)
+    v_cache: []f32, // (num_layers, num_blocks * block_size, kv_dim)
+    rope_cos: []f32, // (max_position, head_dim / 2)
+    rope_sin: []f32, // (max_position, head_dim / 2)
+    scratch: forward.Scratch,
+
+    batch: abi.Batch,
+    batch_arrays: BatchArrays,
+
+    // Engine thread: one step at a time, handed over under `mutex`.
+    thread: std.Thread,
+    mutex: std.Thread.Mutex = .{},
+    cond: std.Thread.Condition = .{},
+    step_requested: bool = false,
+    busy: bool = false,
+    stopping: bool = false,
+    callback: ?*const fn (status: i32) callconv(.C) void = null,
+    async_error: [1024:0]u8 = [_:0]u8{0} ** 1024,
+
+    const BatchArrays = struct {
+        i32s: []i32,
+        sampling: []abi.SamplingParams,
+        f32s: []f32,
+    };
+
+    pub fn kvCacheBytes(e: *const Engine) u64 {
+        return @as(u64, e.k_cache.len + e.v_cache.len) * @sizeOf(f32);
+    }
+
+    pub fn create(
+        allocator: std.mem.Allocator,
+        model: abi.ModelConfig,
+        config: abi.EngineConfig,
+        paths: []const [:0]const u8,
+        tensors: []const abi.Tensor,
+        status: *abi.Status,
+    ) (error{ LoadFailed, OutOfMemory } || std.Thread.SpawnError)!*Engine {
+        const e = try allocator.create(Engine);
+        errdefer allocator.destroy(e);
+        e.* = undefined;
+        e.allocator = allocator;
+        e.model = model;
+        e.config = config;
+        e.weights = try weights_mod.load(allocator, model, paths, tensors, status);
+        errdefer e.weights.deinit(allocator);
+        e.pool = try BlockPool.init(allocator, config.num_blocks);
+        errdefer e.pool.deinit(allocator);
+
+        const kv_dim = @as(usize, model.num_kv_heads) * model.head_dim;
+        const slots = @as(usize, config.num_blocks) * config.block_size;
+        // The page allocator maps lazily, so an unused pool costs address space, not memory.
+        e.k_cache = try std.heap.page_allocator.alloc(f32, model.num_layers * slots * kv_dim);
+        errdefer std.heap.page_allocator.free(e.k_cache);
+        e.v_cache = try std.heap.page_allocator.alloc(f32, model.num_layers * slots * kv_dim);
+        errdefer std.heap.page_allocator.free(e.v_cache);
+
+        const half = model.head_dim / 2;
+        e.rope_cos = try allocator.alloc(f32, @as(usize, model.max_position) * half);
+        errdefer allocator.free(e.rope_cos);
+        e.rope_sin = try allocator.alloc(f32, @as(usize, model.max_position) * half);
+        errdefer allocator.free(e.rope_sin);
+        fillRope(e.rope_cos, e.rope_sin, model);
+
+        e.scratch = try forward.Scratch.init(allocator, model, config);
+        errdefer e.scratch.deinit(allocator);
+        try e.initBatch();
+        errdefer e.deinitBatch();
+
+        try e.threads.init(allocator, config.num_threads);
+        errdefer e.threads.deinit(allocator);
+        e.mutex = .{};
+        e.cond = .{};
+        e.step_requested = false;
+        e.busy = false;
+        e.stopping = false;
+        e.callback = null;
+        e.async_error[0] = 0;
+        e.thread = try std.Thread.spawn(.{}, engineThreadMain, .{e});
+        return e;
+    }
+
+    pub fn destroy(e: *Engine) void {
+        {
+            e.mutex.lock();
+            defer e.mutex.unlock();
+            e.stopping = true;
+            e.cond.signal();
+        }
+        e.thread.join();
+        const allocator = e.allocator;
+        e.threads.deinit(allocator);
+        e.deinitBatch();
+        e.scratch.deinit(allocator);
+        allocator.free(e.rope_cos);
+        allocator.free(e.rope_sin);
+        std.heap.page_allocator.free(e.k_cache);
+        std.heap.page_allocator.free(e.v_cache);
+        e.pool.deinit(allocator);
+        e.weights.deinit(allocator);
+        allocator.destroy(e);
+    }
+
+    fn initBatch(e: *Engine) !void {
+        const t: usize = e.config.max_num_batched_tokens;
+        const s: usize = e.config.max_num_seqs;
+        const i32_count = 3 * t + (s + 1) + s + s * e.config.max_blocks_per_seq + s + s;
+        const i32s = try e.allocator.alloc(i32, i32_count);
+        errdefer e.allocator.free(i32s);
+        @memset(i32s, 0);
+        const sampling = try e.allocator.alloc(abi.SamplingParams, s);
+        errdefer e.allocator.free(sampling);
+        const f32s = try e.allocator.alloc(f32, s + s * @as(usize, e.model.vocab_size));
+        e.batch_arrays = .{ .i32s = i32s, .sampling = sampling, .f32s = f32s };
+        var rest = i32s;
+        const take = struct {
+            fn f(r: *[]i32, n: usize) [*]i32 {
+                const head = r.*[0..n];
+                r.* = r.*[n..];
+                return head.ptr;
+            }
+        }.f;
+        e.batch = .{
+            .num_tokens = 0,
+            .num_seqs = 0,
+            .num_samples = 0,
+            .return_logits = 0,
+            .token_ids = take(&rest, t),
+            .positions = take(&rest, t),
+            .slot_mapping = take(&rest, t),
+            .query_start_loc = take(&rest, s + 1),
+            .seq_lens = take(&rest, s),
+            .block_tables = take(&rest, s * e.config.max_blocks_per_seq),
+            .sample_indices = take(&rest, s),
+            .out_token_ids = take(&rest, s),
+            .sampling = sampling.ptr,
+            .out_logprobs = f32s.ptr,
+            .logits = f32s.ptr + s,
+        };
+        assert(rest.len == 0);
+    }
+
+    fn deinitBatch(e: *Engine) void {
+        e.allocator.free(e.batch_arrays.i32s);
+        e.allocator.free(e.batch_arrays.sampling);
+        e.allocator.free(e.batch_arrays.f32s);
+    }
+
+    /// Checks every index the step will follow, so a bad batch is refused rather than
+    /// read out of bounds. The TypeScript side validates too; this is the last line.
+    pub fn validateBatch(e: *const Engine) abi.Status {
+        const b = e.batch;
+        const c = e.config;
+        if (b.num_tokens == 0 or b.num_tokens > c.max_num_batched_tokens)
+            return errors.fail(.invalid_argument, "num_tokens {d} not in [1, {d}]", .{ b.num_tokens, c.max_num_batched_tokens });
+        if (b.num_seqs == 0 or b.num_seqs > c.max_num_seqs)
+            return errors.fail(.invalid_argument, "num_seqs {d} not in [1, {d}]", .{ b.num_seqs, c.max_num_seqs });
+        if (b.num_samples > c.max_num_seqs)
+            return errors.fail(.invalid_argument, "num_samples {d} over {d}", .{ b.num_samples, c.max_num_seqs });
+        if (b.query_start_loc[0] != 0 or b.query_start_loc[b.num_seqs] != b.num_tokens)
+            return errors.fail(.invalid_argument, "query_start_loc must run from 0 to num_tokens ({d})", .{b.num_tokens});
+        const capacity: i64 = @as(i64, c.num_blocks) * c.block_size;
+        for (0..b.num_seqs) |s| {
+            const begin = b.query_start_loc[s];
+            const end = b.query_start_loc[s + 1];
+            if (end <= begin) return errors.fail(.invalid_argument, "sequence {d} has no tokens", .{s});
+            const seq_len = b.seq_lens[s];
+            if (seq_len <= 0 or @as(i64, seq_len) > @as(i64, c.max_blocks_per_seq) * c.block_size or seq_len > e.model.max_position)
+                return errors.fail(.invalid_argument, "sequence {d} has seq_len {d}", .{ s, seq_len });
+            const table = b.block_tables[s * c.max_blocks_per_seq ..][0..c.max_blocks_per_seq];
+            const blocks_used: usize = @intCast(@divFloor(seq_len + @as(i32, @intCast(c.block_size)) - 1, @as(i32, @intCast(c.block_size))));
+            for (table[0..blocks_used]) |block| {
+                if (block < 0 or block >= c.num_blocks) return errors.fail(.invalid_argument, "sequence {d} block table holds block {d} of {d}", .{ s, block, c.num_blocks });
+            }
+            for (@as(usize, @intCast(begin))..@as(usize, @intCast(end))) |t| {
+                const token = b.token_ids[t];
+                const pos = b.positions[t];
+                const slot = b.slot_mapping[t];
+                if (token < 0 or token >= e.model.vocab_size) return errors.fail(.invalid_argument, "token id {d} is outside the vocabulary (size {d})", .{ token, e.model.vocab_size });
+                if (pos < 0 or pos >= seq_len) return errors.fail(.invalid_argument, "token {d} has position {d} outside its sequence length {d}", .{ t, pos, seq_len });
+                if (slot < 0 or slot >= capacity) return errors.fail(.invalid_argument, "token {d} has slot {d} of {d}", .{ t, slot, capacity });
+                const want_slot = kernels.slotOf(table, c.block_size, @intCast(pos));
+                if (want_slot != slot) return errors.fail(.invalid_argument, "token {d}: slot {d} does not match its block table ({d})", .{ t, slot, want_slot });
+            }
+        }
+        for (0..b.num_samples) |i| {
+            const idx = b.sample_indices[i];
+            if (idx < 0 or idx >= b.num_tokens) return errors.fail(.invalid_argument, "sample index {d} outside the batch", .{idx});
+            const p = b.sampling[i];
+            if (!(p.temperature >= 0) or !(p.top_p > 0 and p.top_p <= 1) or !(p.min_p >= 0 and p.min_p <= 1))
+                return errors.fail(.invalid_argument, "sampling parameters of row {d} out of range", .{i});
+        }
+        return .ok;
+    }
+
+    pub fn step(e: *Engine) abi.Status {
+        const status = e.validateBatch();
+        if (status != .ok) return status;
+        forward.run(e);
+        return .ok;
+    }
+
+    fn engineThreadMain(e: *Engine) void {
+        while (true) {
+            e.mutex.lock();
+            while (!e.step_requested and !e.stopping) e.cond.wait(&e.mutex);
+            if (e.stopping) {
+                e.mutex.unlock();
+                return;
+            }
+            e.step_requested = false;
+            e.mutex.unlock();
+
+            const status = e.step();
+            if (status != .ok) {
+                const msg = errors.message();
+                const n = @min(msg.len, e.async_error.len);
+                @memcpy(e.async_error[0..n], msg[0..n]);
+                e.async_error[n] = 0;
+            }
+            const callback = blk: {
+                e.mutex.lock();
+                defer e.mutex.unlock();
+                e.busy = false;
+                break :blk e.callback;
+            };
+            // The caller may start the next step from inside the callback.
+            if (callback) |cb| cb(@intFromEnum(status));
+        }
+    }
+
+    pub fn stepAsync(e: *Engine) abi.Status {
+        e.mutex.lock();
+        defer e.mutex.unlock();
+        if (e.callback == null) return errors.fail(.invalid_argument, "set a step callback before an async step", .{});
+        if (e.busy) return errors.fail(.busy, "a step is already running", .{});
+        e.busy = true;
+        e.step_requested = true;
+        e.async_error[0] = 0;
+        e.cond.signal();
+        return .ok;
+    }
+
+    /// For the synchronous path: refuses while an async step is in flight.
+    pub fn stepSync(e: *Engine) abi.Status {
+        {
+            e.mutex.lock();
+            defer e.mutex.unlock();
+            if (e.busy) return errors.fail(.busy, "a step is already running", .{});
+            e.busy = true;
+        }
+        const status = e.step();
+        e.mutex.lock();
+        defer e.mutex.unlock();
+        e.busy = false;
+        return status;
+    }
+};
+
+/// cos/sin of pos * theta^(-2i / head_dim), for every position and pair.
+fn fillRope(cos: []f32, sin: []f32, m: abi.ModelConfig) void {
+    const half = m.head_dim / 2;
+    for (0..m.max_position) |pos| {
+        for (0..half) |i| {
+            const exponent = @as(f64, @floatFromInt(2 * i)) / @as(f64, @floatFromInt(m.head_dim));
+            const freq = 1.0 / std.math.pow(f64, m.rope_theta, exponent);
+            const angle = @as(f64, @floatFromInt(pos)) * freq;
+            cos[pos * half + i] = @floatCast(@cos(angle));
+            sin[pos * half + i] = @floatCast(@sin(angle));
+        }
+    }
+}

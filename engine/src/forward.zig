@@ -1,0 +1,230 @@
+//! The forward pass over a ragged batch, top to bottom as llama2.c's run.c reads:
+//! embed; per layer [norm, qkv, RoPE, write K/V to the paged cache, attention,
+//! out projection, residual, norm, SwiGLU, down projection, residual]; final norm
+//! and LM head for the sampled rows only; sampling.
+
+const std = @import("std");
+const assert = std.debug.assert;
+const abi = @import("abi.zig");
+const kernels = @import("kernels.zig");
+const sampler = @import("sampler.zig");
+const Matrix = kernels.Matrix;
+const Engine = @import("engine.zig").Engine;
+const ThreadPool = @import("thread_pool.zig").ThreadPool;
+
+pub const Scratch = struct {
+    x: []f32, // (max_tokens, hidden) the residual stream
+    xb: []f32, // (max_tokens, hidden) normed input of a sub-block
+    xb2: []f32, // (max_tokens, hidden) output of a sub-block, before the residual add
+    qkv: []f32, // (max_tokens, q_dim + 2 * kv_dim)
+    att: []f32, // (max_tokens, q_dim)
+    gate_up: []f32, // (max_tokens, 2 * intermediate)
+    h: []f32, // (max_tokens, intermediate)
+    xs: []f32, // (max_seqs, hidden) final-normed rows that are sampled
+    scores: []f32, // (threads, max_position)
+    probs: []f32, // (threads, vocab)
+    order: []u32, // (threads, vocab)
+    seq_of_token: []u32, // (max_tokens) which sequence of the batch each token belongs to
+
+    pub fn init(allocator: std.mem.Allocator, m: abi.ModelConfig, c: abi.EngineConfig) !Scratch {
+        const t: usize = c.max_num_batched_tokens;
+        const q_dim = @as(usize, m.num_heads) * m.head_dim;
+        const kv_dim = @as(usize, m.num_kv_heads) * m.head_dim;
+        const threads: usize = c.num_threads;
+        var s: Scratch = undefined;
+        inline for (.{
+            .{ "x", t * m.hidden_size },
+            .{ "xb", t * m.hidden_size },
+            .{ "xb2", t * m.hidden_size },
+            .{ "qkv", t * (q_dim + 2 * kv_dim) },
+            .{ "att", t * q_dim },
+            .{ "gate_up", t * 2 * @as(usize, m.intermediate_size) },
+            .{ "h", t * m.intermediate_size },
+            .{ "xs", @as(usize, c.max_num_seqs) * m.hidden_size },
+            .{ "scores", threads * m.max_position },
+            .{ "probs", threads * m.vocab_size },
+        }) |field| @field(s, field[0]) = try allocator.alloc(f32, field[1]);
+        s.order = try allocator.alloc(u32, threads * m.vocab_size);
+        s.seq_of_token = try allocator.alloc(u32, t);
+        return s;
+    }
+
+    pub fn deinit(s: *Scratch, allocator: std.mem.Allocator) void {
+        inline for (.{ "x", "xb", "xb2", "qkv", "att", "gate_up", "h", "xs", "scores", "probs" }) |name| allocator.free(@field(s, name));
+        allocator.free(s.order);
+        allocator.free(s.seq_of_token);
+    }
+};
+
+/// Runs `body(ctx, thread_index, begin, end)` over [0, n_items) on the pool.
+fn parallel(pool: *ThreadPool, n_items: usize, ctx: anytype, comptime body: fn (@TypeOf(ctx), usize, usize, usize) void) void {
+    const Ctx = @TypeOf(ctx);
+    const Wrapper = struct {
+        fn call(p: *const anyopaque, thread_index: usize, begin: usize, end: usize) void {
+            const c: *const Ctx = @ptrCast(@alignCast(p));
+            body(c.*, thread_index, begin, end);
+        }
+    };
+    // Several chunks per thread so that a slow core does not hold the others up.
+    const grain = @max(1, n_items / (pool.numThreads() * 4));
+    pool.run(.{ .func = Wrapper.call, .ctx = &ctx, .n_items = n_items, .grain = grain });
+}
+
+/// One matmul job over the concatenated rows of several matrices that read the same
+/// input: out[n, offset_i + r] = x[n] . w_i[r].
+const MatmulCtx = struct {
+    out: []f32,
+    out_stride: usize,
+    x: []const f32,
+    n_tokens: usize,
+    ws: []const Matrix,
+
+    fn body(c: MatmulCtx, _: usize, begin: usize, end: usize) void {
+        var offset: usize = 0;
+        for (c.ws) |w| {
+            const lo = @max(begin, offset);
+            const hi = @min(end, offset + w.rows);
+            if (lo < hi) kernels.matmulRows(c.out[offset..], c.out_stride, c.x, c.n_tokens, w, lo - offset, hi - offset);
+            offset += w.rows;
+        }
+    }
+};
+
+fn matmul(pool: *ThreadPool, out: []f32, x: []const f32, n_tokens: usize, ws: []const Matrix) void {
+    var total_rows: usize = 0;
+    for (ws) |w| total_rows += w.rows;
+    parallel(pool, total_rows, MatmulCtx{ .out = out, .out_stride = total_rows, .x = x, .n_tokens = n_tokens, .ws = ws }, MatmulCtx.body);
+}
+
+const AttentionCtx = struct {
+    e: *Engine,
+    layer: usize,
+    seq_of_token: []const u32,
+
+    fn body(c: AttentionCtx, thread_index: usize, begin: usize, end: usize) void {
+        const e = c.e;
+        const m = e.model;
+        const b = e.batch;
+        const head_dim: usize = m.head_dim;
+        const q_dim = @as(usize, m.num_heads) * head_dim;
+        const kv_dim = @as(usize, m.num_kv_heads) * head_dim;
+        const qkv_dim = q_dim + 2 * kv_dim;
+        const group = m.num_heads / m.num_kv_heads;
+        const slots = @as(usize, e.config.num_blocks) * e.config.block_size;
+        const k_cache = e.k_cache[c.layer * slots * kv_dim ..][0 .. slots * kv_dim];
+        const v_cache = e.v_cache[c.layer * slots * kv_dim ..][0 .. slots * kv_dim];
+        const scores = e.scratch.scores[thread_index * m.max_position ..][0..m.max_position];
+        for (begin..end) |item| {
+            const t = item / m.num_heads;
+            const head = item % m.num_heads;
+            const seq = c.seq_of_token[t];
+            const table = b.block_tables[seq * e.config.max_blocks_per_seq ..][0..e.config.max_blocks_per_seq];
+            const context_len: usize = @as(usize, @intCast(b.positions[t])) + 1;
+            kernels.attendHead(
+                e.scratch.att[t * q_dim + head * head_dim ..][0..head_dim],
+                e.scratch.qkv[t * qkv_dim + head * head_dim ..][0..head_dim],
+                k_cache,
+                v_cache,
+                kv_dim,
+                (head / group) * head_dim,
+                table,
+                e.config.block_size,
+                context_len,
+                scores,
+            );
+        }
+    }
+};
+
+const SampleCtx = struct {
+    e: *Engine,
+
+    fn body(c: SampleCtx, thread_index: usize, begin: usize, end: usize) void {
+        const e = c.e;
+        const vocab: usize = e.model.vocab_size;
+        const scratch = sampler.Scratch{
+            .probs = e.scratch.probs[thread_index * vocab ..][0..vocab],
+            .order = e.scratch.order[thread_index * vocab ..][0..vocab],
+        };
+        for (begin..end) |i| {
+            const s = sampler.sample(e.batch.logits[i * vocab ..][0..vocab], e.batch.sampling[i], scratch);
+            e.batch.out_token_ids[i] = @intCast(s.token_id);
+            e.batch.out_logprobs[i] = s.logprob;
+        }
+    }
+};
+
+pub fn run(e: *Engine) void {
+    const m = e.model;
+    const b = e.batch;
+    const s = &e.scratch;
+    const pool = &e.threads;
+    const n: usize = b.num_tokens;
+    const hidden: usize = m.hidden_size;
+    const head_dim: usize = m.head_dim;
+    const half = head_dim / 2;
+    const q_dim = @as(usize, m.num_heads) * head_dim;
+    const kv_dim = @as(usize, m.num_kv_heads) * head_dim;
+    const qkv_dim = q_dim + 2 * kv_dim;
+    const ffn: usize = m.intermediate_size;
+    const slots = @as(usize, e.config.num_blocks) * e.config.block_size;
+    const interleaved = m.rope_interleaved != 0;
+
+    const seq_of_token = s.seq_of_token[0..n];
+    for (0..b.num_seqs) |seq| {
+        const begin: usize = @intCast(b.query_start_loc[seq]);
+        const end: usize = @intCast(b.query_start_loc[seq + 1]);
+        for (begin..end) |t| seq_of_token[t] = @intCast(seq);
+    }
+
+    // x = token embeddings
+    for (0..n) |t| {
+        const row: usize = @intCast(b.token_ids[t]);
+        for (s.x[t * hidden ..][0..hidden], 0..) |*v, c| v.* = e.weights.token_embd.get(row, c);
+    }
+
+    for (e.weights.layers, 0..) |layer, l| {
+        for (0..n) |t| kernels.rmsnorm(s.xb[t * hidden ..][0..hidden], s.x[t * hidden ..][0..hidden], layer.attn_norm, m.rms_norm_eps);
+        matmul(pool, s.qkv, s.xb, n, &.{ layer.wq, layer.wk, layer.wv });
+
+        // RoPE on q and k, then K/V into the cache at each token's slot.
+        const k_cache = e.k_cache[l * slots * kv_dim ..][0 .. slots * kv_dim];
+        const v_cache = e.v_cache[l * slots * kv_dim ..][0 .. slots * kv_dim];
+        for (0..n) |t| {
+            const pos: usize = @intCast(b.positions[t]);
+            const cos = e.rope_cos[pos * half ..][0..half];
+            const sin = e.rope_sin[pos * half ..][0..half];
+            const row = s.qkv[t * qkv_dim ..][0..qkv_dim];
+            for (0..m.num_heads) |h| kernels.rope(row[h * head_dim ..][0..head_dim], cos, sin, interleaved);
+            for (0..m.num_kv_heads) |h| kernels.rope(row[q_dim + h * head_dim ..][0..head_dim], cos, sin, interleaved);
+            const slot: usize = @intCast(b.slot_mapping[t]);
+            @memcpy(k_cache[slot * kv_dim ..][0..kv_dim], row[q_dim..][0..kv_dim]);
+            @memcpy(v_cache[slot * kv_dim ..][0..kv_dim], row[q_dim + kv_dim ..][0..kv_dim]);
+        }
+
+        parallel(pool, n * m.num_heads, AttentionCtx{ .e = e, .layer = l, .seq_of_token = seq_of_token }, AttentionCtx.body);
+        matmul(pool, s.xb2, s.att, n, &.{layer.wo});
+        for (s.x[0 .. n * hidden], s.xb2[0 .. n * hidden]) |*x, d| x.* += d;
+
+        for (0..n) |t| kernels.rmsnorm(s.xb[t * hidden ..][0..hidden], s.x[t * hidden ..][0..hidden], layer.ffn_norm, m.rms_norm_eps);
+        matmul(pool, s.gate_up, s.xb, n, &.{ layer.w_gate, layer.w_up });
+        for (0..n) |t| {
+            const gate_up = s.gate_up[t * 2 * ffn ..][0 .. 2 * ffn];
+            const h = s.h[t * ffn ..][0..ffn];
+            @memcpy(h, gate_up[0..ffn]);
+            kernels.siluMul(h, gate_up[ffn..]);
+        }
+        matmul(pool, s.xb2, s.h, n, &.{layer.w_down});
+        for (s.x[0 .. n * hidden], s.xb2[0 .. n * hidden]) |*x, d| x.* += d;
+    }
+
+    // Only the rows that are sampled go through the final norm and the LM head.
+    const n_samples: usize = b.num_samples;
+    if (n_samples == 0) return;
+    for (0..n_samples) |i| {
+        const t: usize = @intCast(b.sample_indices[i]);
+        kernels.rmsnorm(s.xs[i * hidden ..][0..hidden], s.x[t * hidden ..][0..hidden], e.weights.output_norm, m.rms_norm_eps);
+    }
+    matmul(pool, b.logits[0 .. n_samples * @as(usize, m.vocab_size)], s.xs, n_samples, &.{e.weights.output});
+    parallel(pool, n_samples, SampleCtx{ .e = e }, SampleCtx.body);
+}

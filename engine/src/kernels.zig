@@ -1,0 +1,323 @@
+//! CPU kernels: small pure functions, output first. Each has a naive twin in the
+//! tests below that it is checked against.
+
+const std = @import("std");
+const assert = std.debug.assert;
+const DType = @import("abi.zig").DType;
+
+pub const vec_len = 16;
+const V = @Vector(vec_len, f32);
+
+/// A 2-D weight matrix in its stored dtype: (rows, cols), row-major, not necessarily aligned.
+pub const Matrix = struct {
+    dtype: DType,
+    data: [*]const u8,
+    rows: usize,
+    cols: usize,
+
+    pub fn rowBytes(m: Matrix) usize {
+        return m.cols * (m.dtype.sizeBytes() orelse unreachable);
+    }
+
+    /// Element (row, col) widened to f32: for the slow paths (embedding lookup, tests).
+    pub fn get(m: Matrix, row: usize, col: usize) f32 {
+        assert(row < m.rows);
+        assert(col < m.cols);
+        const i = row * m.cols + col;
+        return switch (m.dtype) {
+            .f32 => @as([*]align(1) const f32, @ptrCast(m.data))[i],
+            .f16 => @floatCast(@as([*]align(1) const f16, @ptrCast(m.data))[i]),
+            .bf16 => bf16ToF32(@as([*]align(1) const u16, @ptrCast(m.data))[i]),
+            _ => unreachable,
+        };
+    }
+};
+
+pub fn bf16ToF32(bits: u16) f32 {
+    return @bitCast(@as(u32, bits) << 16);
+}
+
+inline fn loadVec(comptime T: type, p: [*]align(1) const T, i: usize) V {
+    const chunk: @Vector(vec_len, T) = p[i..][0..vec_len].*;
+    return switch (T) {
+        f32 => chunk,
+        f16 => @floatCast(chunk),
+        u16 => @bitCast(@as(@Vector(vec_len, u32), chunk) << @splat(16)),
+        else => @compileError("unsupported weight element type"),
+    };
+}
+
+inline fn loadScalar(comptime T: type, p: [*]align(1) const T, i: usize) f32 {
+    return switch (T) {
+        f32 => p[i],
+        f16 => @floatCast(p[i]),
+        u16 => bf16ToF32(p[i]),
+        else => @compileError("unsupported weight element type"),
+    };
+}
+
+/// dot(w[0..n], x[0..n]) with w in its stored type (u16 means bf16).
+pub inline fn dot(comptime T: type, w: [*]align(1) const T, x: [*]const f32, n: usize) f32 {
+    var acc0: V = @splat(0);
+    var acc1: V = @splat(0);
+    var i: usize = 0;
+    while (i + 2 * vec_len <= n) : (i += 2 * vec_len) {
+        acc0 += loadVec(T, w, i) * @as(V, x[i..][0..vec_len].*);
+        acc1 += loadVec(T, w, i + vec_len) * @as(V, x[i + vec_len ..][0..vec_len].*);
+    }
+    if (i + vec_len <= n) {
+        acc0 += loadVec(T, w, i) * @as(V, x[i..][0..vec_len].*);
+        i += vec_len;
+    }
+    var sum = @reduce(.Add, acc0 + acc1);
+    while (i < n) : (i += 1) sum += loadScalar(T, w, i) * x[i];
+    return sum;
+}
+
+/// out[n, r] = x[n, :] . w[r, :] for r in [row_begin, row_end), every n < n_tokens.
+/// out: (n_tokens, out_stride), x: (n_tokens, w.cols). Each weight row is read once
+/// for all tokens, so a batch of sequences shares one pass over the weights.
+pub fn matmulRows(out: []f32, out_stride: usize, x: []const f32, n_tokens: usize, w: Matrix, row_begin: usize, row_end: usize) void {
+    switch (w.dtype) {
+        .f32 => matmulRowsTyped(f32, out, out_stride, x, n_tokens, w, row_begin, row_end),
+        .f16 => matmulRowsTyped(f16, out, out_stride, x, n_tokens, w, row_begin, row_end),
+        .bf16 => matmulRowsTyped(u16, out, out_stride, x, n_tokens, w, row_begin, row_end),
+        _ => unreachable, // refused at load
+    }
+}
+
+fn matmulRowsTyped(comptime T: type, out: []f32, out_stride: usize, x: []const f32, n_tokens: usize, w: Matrix, row_begin: usize, row_end: usize) void {
+    assert(row_end <= w.rows);
+    assert(x.len >= n_tokens * w.cols);
+    assert(out.len >= (n_tokens - 1) * out_stride + row_end or n_tokens == 0);
+    const base: [*]align(1) const T = @ptrCast(w.data);
+    for (row_begin..row_end) |r| {
+        const row = base + r * w.cols;
+        for (0..n_tokens) |n| {
+            out[n * out_stride + r] = dot(T, row, x.ptr + n * w.cols, w.cols);
+        }
+    }
+}
+
+/// out = x / sqrt(mean(x^2) + eps) * weight, as llama2.c computes it.
+pub fn rmsnorm(out: []f32, x: []const f32, weight: Matrix, eps: f32) void {
+    assert(out.len == x.len);
+    assert(weight.rows * weight.cols == x.len);
+    var ss: f32 = 0;
+    for (x) |v| ss += v * v;
+    ss /= @floatFromInt(x.len);
+    ss += eps;
+    const scale = 1.0 / @sqrt(ss);
+    for (out, x, 0..) |*o, v, i| o.* = weight.get(0, i) * (scale * v);
+}
+
+/// Rotates one head vector in place by the precomputed (cos, sin) of its position.
+/// interleaved: pairs (2i, 2i+1) as GGUF/llama2.c store q and k;
+/// otherwise HF's rotate-half pairs (i, i + head_dim/2).
+pub fn rope(head: []f32, cos: []const f32, sin: []const f32, interleaved: bool) void {
+    const half = head.len / 2;
+    assert(head.len % 2 == 0);
+    assert(cos.len == half);
+    assert(sin.len == half);
+    for (0..half) |i| {
+        const a = if (interleaved) 2 * i else i;
+        const b = if (interleaved) 2 * i + 1 else i + half;
+        const x0 = head[a];
+        const x1 = head[b];
+        head[a] = x0 * cos[i] - x1 * sin[i];
+        head[b] = x0 * sin[i] + x1 * cos[i];
+    }
+}
+
+pub fn softmax(x: []f32) void {
+    assert(x.len > 0);
+    var max = x[0];
+    for (x[1..]) |v| max = @max(max, v);
+    var sum: f32 = 0;
+    for (x) |*v| {
+        v.* = @exp(v.* - max);
+        sum += v.*;
+    }
+    for (x) |*v| v.* /= sum;
+}
+
+/// gate = silu(gate) * up, elementwise.
+pub fn siluMul(gate: []f32, up: []const f32) void {
+    assert(gate.len == up.len);
+    for (gate, up) |*g, u| g.* = g.* / (1.0 + @exp(-g.*)) * u;
+}
+
+/// One query head attending over the first `context_len` positions of its sequence,
+/// whose K/V live in the paged cache.
+///   k_cache, v_cache: (num_blocks * block_size, kv_dim); kv_offset selects the KV head.
+///   scores: scratch, at least context_len.
+pub fn attendHead(
+    out: []f32,
+    q: []const f32,
+    k_cache: []const f32,
+    v_cache: []const f32,
+    kv_dim: usize,
+    kv_offset: usize,
+    block_table: []const i32,
+    block_size: usize,
+    context_len: usize,
+    scores: []f32,
+) void {
+    const head_dim = q.len;
+    assert(out.len == head_dim);
+    assert(context_len > 0);
+    assert(scores.len >= context_len);
+    assert(block_table.len * block_size >= context_len);
+    const scale = 1.0 / @sqrt(@as(f32, @floatFromInt(head_dim)));
+    for (0..context_len) |p| {
+        const slot = slotOf(block_table, block_size, p);
+        const k = k_cache[slot * kv_dim + kv_offset ..][0..head_dim];
+        scores[p] = dot(f32, k.ptr, q.ptr, head_dim) * scale;
+    }
+    softmax(scores[0..context_len]);
+    @memset(out, 0);
+    for (0..context_len) |p| {
+        const slot = slotOf(block_table, block_size, p);
+        const v = v_cache[slot * kv_dim + kv_offset ..][0..head_dim];
+        const a = scores[p];
+        for (out, v) |*o, vv| o.* += a * vv;
+    }
+}
+
+pub inline fn slotOf(block_table: []const i32, block_size: usize, position: usize) usize {
+    const block: usize = @intCast(block_table[position / block_size]);
+    return block * block_size + position % block_size;
+}
+
+// ---------------------------------------------------------------- tests
+
+const testing = std.testing;
+
+fn naiveDot(w: Matrix, row: usize, x: []const f32) f32 {
+    var s: f64 = 0;
+    for (0..w.cols) |c| s += @as(f64, w.get(row, c)) * x[c];
+    return @floatCast(s);
+}
+
+fn fillRandom(rng: std.Random, xs: []f32) void {
+    for (xs) |*x| x.* = rng.floatNorm(f32);
+}
+
+test "matmulRows matches a naive product for f32, f16 and bf16 at awkward widths" {
+    var prng = std.Random.DefaultPrng.init(7);
+    const rng = prng.random();
+    inline for (.{ DType.f32, DType.f16, DType.bf16 }) |dtype| {
+        for ([_]usize{ 1, 7, 16, 33, 172 }) |cols| {
+            const rows = 5;
+            const n_tokens = 3;
+            const T = switch (dtype) {
+                .f32 => f32,
+                .f16 => f16,
+                else => u16,
+            };
+            var w_store: [rows * 172]T = undefined;
+            for (w_store[0 .. rows * cols]) |*e| {
+                const v = rng.floatNorm(f32);
+                e.* = switch (T) {
+                    f32 => v,
+                    f16 => @floatCast(v),
+                    else => @truncate(@as(u32, @bitCast(v)) >> 16),
+                };
+            }
+            const w = Matrix{ .dtype = dtype, .data = @ptrCast(&w_store), .rows = rows, .cols = cols };
+            var x: [n_tokens * 172]f32 = undefined;
+            fillRandom(rng, &x);
+            var out: [n_tokens * rows]f32 = undefined;
+            matmulRows(&out, rows, &x, n_tokens, w, 0, rows);
+            for (0..n_tokens) |n| for (0..rows) |r| {
+                const want = naiveDot(w, r, x[n * cols ..][0..cols]);
+                try testing.expectApproxEqAbs(want, out[n * rows + r], 1e-4);
+            };
+        }
+    }
+}
+
+test "rmsnorm matches the definition" {
+    const x = [_]f32{ 1, -2, 3, 0.5 };
+    const wv = [_]f32{ 0.5, 1, 2, -1 };
+    const w = Matrix{ .dtype = .f32, .data = @ptrCast(&wv), .rows = 1, .cols = 4 };
+    var out: [4]f32 = undefined;
+    rmsnorm(&out, &x, w, 1e-5);
+    const ms: f64 = (1.0 + 4.0 + 9.0 + 0.25) / 4.0;
+    for (out, x, wv) |o, xv, wv1| {
+        try testing.expectApproxEqAbs(@as(f32, @floatCast(xv / @sqrt(ms + 1e-5) * wv1)), o, 1e-6);
+    }
+}
+
+test "rope rotates the right pairs in both layouts" {
+    const cos = [_]f32{ @cos(@as(f32, 0.3)), @cos(@as(f32, 0.1)) };
+    const sin = [_]f32{ @sin(@as(f32, 0.3)), @sin(@as(f32, 0.1)) };
+    // interleaved: (x0,x1) and (x2,x3) rotate; rotate-half: (x0,x2) and (x1,x3).
+    var a = [_]f32{ 1, 2, 3, 4 };
+    rope(&a, &cos, &sin, true);
+    try testing.expectApproxEqAbs(1 * cos[0] - 2 * sin[0], a[0], 1e-6);
+    try testing.expectApproxEqAbs(1 * sin[0] + 2 * cos[0], a[1], 1e-6);
+    try testing.expectApproxEqAbs(3 * cos[1] - 4 * sin[1], a[2], 1e-6);
+    var b = [_]f32{ 1, 2, 3, 4 };
+    rope(&b, &cos, &sin, false);
+    try testing.expectApproxEqAbs(1 * cos[0] - 3 * sin[0], b[0], 1e-6);
+    try testing.expectApproxEqAbs(1 * sin[0] + 3 * cos[0], b[2], 1e-6);
+    try testing.expectApproxEqAbs(2 * cos[1] - 4 * sin[1], b[1], 1e-6);
+    // A rotation keeps the norm.
+    try testing.expectApproxEqAbs(@as(f32, 30), a[0] * a[0] + a[1] * a[1] + a[2] * a[2] + a[3] * a[3], 1e-4);
+}
+
+test "attendHead over a scattered block table equals dense attention" {
+    var prng = std.Random.DefaultPrng.init(11);
+    const rng = prng.random();
+    const head_dim = 8;
+    const kv_dim = 2 * head_dim; // two KV heads; use the second
+    const block_size = 4;
+    const num_blocks = 6;
+    const context_len = 10;
+    var k_cache: [num_blocks * block_size * kv_dim]f32 = undefined;
+    var v_cache: [num_blocks * block_size * kv_dim]f32 = undefined;
+    fillRandom(rng, &k_cache);
+    fillRandom(rng, &v_cache);
+    const block_table = [_]i32{ 5, 0, 3 };
+    var q: [head_dim]f32 = undefined;
+    fillRandom(rng, &q);
+    var scores: [16]f32 = undefined;
+    var out: [head_dim]f32 = undefined;
+    attendHead(&out, &q, &k_cache, &v_cache, kv_dim, head_dim, &block_table, block_size, context_len, &scores);
+
+    var w: [context_len]f64 = undefined;
+    var max: f64 = -std.math.inf(f64);
+    for (0..context_len) |p| {
+        const slot: usize = @as(usize, @intCast(block_table[p / block_size])) * block_size + p % block_size;
+        var s: f64 = 0;
+        for (0..head_dim) |d| s += @as(f64, q[d]) * k_cache[slot * kv_dim + head_dim + d];
+        w[p] = s / @sqrt(@as(f64, head_dim));
+        max = @max(max, w[p]);
+    }
+    var total: f64 = 0;
+    for (&w) |*x| {
+        x.* = @exp(x.* - max);
+        total += x.*;
+    }
+    for (0..head_dim) |d| {
+        var o: f64 = 0;
+        for (0..context_len) |p| {
+            const slot: usize = @as(usize, @intCast(block_table[p / block_size])) * block_size + p % block_size;
+            o += w[p] / total * v_cache[slot * kv_dim + head_dim + d];
+        }
+        try testing.expectApproxEqAbs(@as(f32, @floatCast(o)), out[d], 1e-5);
+    }
+}
+
+test "siluMul and softmax" {
+    var g = [_]f32{ -1, 0, 2 };
+    siluMul(&g, &[_]f32{ 2, 3, 0.5 });
+    try testing.expectApproxEqAbs(@as(f32, -1.0 / (1.0 + @exp(@as(f32, 1.0))) * 2), g[0], 1e-6);
+    try testing.expectEqual(@as(f32, 0), g[1]);
+    try testing.expectApproxEqAbs(@as(f32, 2.0 / (1.0 + @exp(@as(f32, -2.0))) * 0.5), g[2], 1e-6);
+    var s = [_]f32{ 1000, 1000, 1001 };
+    softmax(&s);
+    try testing.expectApproxEqAbs(@as(f32, 1), s[0] + s[1] + s[2], 1e-6);
+    try testing.expect(s[2] > s[0]);
+}

@@ -1,0 +1,179 @@
+//! libinferneo's exported C ABI (engine/include/inferneo.h). Each export checks its
+//! arguments, turns Zig errors into status codes and leaves a message behind.
+
+const std = @import("std");
+const abi = @import("abi.zig");
+const errors = @import("errors.zig");
+const Engine = @import("engine.zig").Engine;
+const weights = @import("weights.zig");
+
+const allocator = std.heap.c_allocator;
+
+fn code(status: abi.Status) i32 {
+    return @intFromEnum(status);
+}
+
+export fn ifn_abi_version() i32 {
+    return abi.abi_version;
+}
+
+export fn ifn_status_string(status: i32) [*:0]const u8 {
+    return switch (status) {
+        0 => "ok",
+        1 => "invalid argument",
+        2 => "out of memory",
+        3 => "I/O error",
+        4 => "unsupported",
+        5 => "shape mismatch",
+        6 => "KV block pool exhausted",
+        7 => "busy",
+        8 => "internal error",
+        else => "unknown status",
+    };
+}
+
+export fn ifn_last_error() [*:0]const u8 {
+    return errors.message().ptr;
+}
+
+fn checkModelConfig(m: abi.ModelConfig) abi.Status {
+    if (m.vocab_size == 0 or m.hidden_size == 0 or m.intermediate_size == 0 or m.num_layers == 0 or m.num_heads == 0 or m.num_kv_heads == 0 or m.head_dim == 0 or m.max_position == 0)
+        return errors.fail(.invalid_argument, "model config has a zero dimension", .{});
+    if (m.num_layers > weights.layers_max) return errors.fail(.unsupported, "{d} layers is over the limit of {d}", .{ m.num_layers, weights.layers_max });
+    if (m.num_heads % m.num_kv_heads != 0) return errors.fail(.unsupported, "num_heads {d} is not a multiple of num_kv_heads {d}", .{ m.num_heads, m.num_kv_heads });
+    if (m.head_dim % 2 != 0) return errors.fail(.unsupported, "head_dim {d} is odd; RoPE needs pairs", .{m.head_dim});
+    if (!(m.rope_theta > 0) or !(m.rms_norm_eps > 0)) return errors.fail(.invalid_argument, "rope_theta and rms_norm_eps must be positive", .{});
+    return .ok;
+}
+
+fn checkEngineConfig(c: abi.EngineConfig) abi.Status {
+    if (c.num_blocks == 0 or c.block_size == 0 or c.max_num_batched_tokens == 0 or c.max_num_seqs == 0 or c.max_blocks_per_seq == 0)
+        return errors.fail(.invalid_argument, "engine config has a zero size", .{});
+    if (c.num_threads == 0 or c.num_threads > 256) return errors.fail(.invalid_argument, "num_threads {d} not in [1, 256]", .{c.num_threads});
+    return .ok;
+}
+
+export fn ifn_engine_create(
+    model: ?*const abi.ModelConfig,
+    config: ?*const abi.EngineConfig,
+    files: ?[*]const u8,
+    n_files: u32,
+    tensors: ?[*]const abi.Tensor,
+    n_tensors: u32,
+    out: ?*?*Engine,
+) i32 {
+    errors.clear();
+    const m = model orelse return code(errors.fail(.invalid_argument, "model config is null", .{}));
+    const c = config orelse return code(errors.fail(.invalid_argument, "engine config is null", .{}));
+    const out_ptr = out orelse return code(errors.fail(.invalid_argument, "out is null", .{}));
+    out_ptr.* = null;
+    if (files == null or tensors == null) return code(errors.fail(.invalid_argument, "files or tensors is null", .{}));
+    var status = checkModelConfig(m.*);
+    if (status != .ok) return code(status);
+    status = checkEngineConfig(c.*);
+    if (status != .ok) return code(status);
+    if (n_files == 0 or n_files > weights.files_max) return code(errors.fail(.invalid_argument, "n_files {d} not in [1, {d}]", .{ n_files, weights.files_max }));
+
+    var paths: [weights.files_max][:0]const u8 = undefined;
+    var cursor = files.?;
+    for (paths[0..n_files]) |*p| {
+        p.* = std.mem.span(@as([*:0]const u8, @ptrCast(cursor)));
+        cursor += p.len + 1;
+    }
+    var load_status: abi.Status = .internal;
+    const engine = Engine.create(allocator, m.*, c.*, paths[0..n_files], tensors.?[0..n_tensors], &load_status) catch |err| {
+        return switch (err) {
+            error.LoadFailed => code(load_status),
+            error.OutOfMemory => code(errors.fail(.out_of_memory, "out of memory while creating the engine (KV pool of {d} blocks)", .{c.num_blocks})),
+            else => code(errors.fail(.internal, "cannot start the engine threads: {s}", .{@errorName(err)})),
+        };
+    };
+    out_ptr.* = engine;
+    return 0;
+}
+
+export fn ifn_engine_destroy(engine: ?*Engine) void {
+    if (engine) |e| e.destroy();
+}
+
+export fn ifn_engine_batch(engine: ?*Engine) ?*abi.Batch {
+    const e = engine orelse return null;
+    return &e.batch;
+}
+
+export fn ifn_engine_kv_cache_bytes(engine: ?*const Engine) u64 {
+    const e = engine orelse return 0;
+    return e.kvCacheBytes();
+}
+
+export fn ifn_engine_step(engine: ?*Engine) i32 {
+    errors.clear();
+    const e = engine orelse return code(errors.fail(.invalid_argument, "engine is null", .{}));
+    return code(e.stepSync());
+}
+
+export fn ifn_engine_set_callback(engine: ?*Engine, callback: ?*const fn (status: i32) callconv(.C) void) i32 {
+    const e = engine orelse return code(errors.fail(.invalid_argument, "engine is null", .{}));
+    e.mutex.lock();
+    defer e.mutex.unlock();
+    if (e.busy) return code(errors.fail(.busy, "cannot change the callback while a step runs", .{}));
+    e.callback = callback;
+    return 0;
+}
+
+export fn ifn_engine_step_async(engine: ?*Engine) i32 {
+    errors.clear();
+    const e = engine orelse return code(errors.fail(.invalid_argument, "engine is null", .{}));
+    return code(e.stepAsync());
+}
+
+export fn ifn_engine_last_error(engine: ?*const Engine) [*:0]const u8 {
+    const e = engine orelse return "";
+    return &e.async_error;
+}
+
+fn blockIds(ids: ?[*]const i32, n: u32, e: *const Engine) ?[]const u32 {
+    const p = ids orelse return null;
+    const slice = p[0..n];
+    for (slice) |id| if (id < 0 or id >= e.config.num_blocks) return null;
+    return @ptrCast(slice);
+}
+
+export fn ifn_blocks_allocate(engine: ?*Engine, n: u32, out_block_ids: ?[*]i32) i32 {
+    const e = engine orelse return code(errors.fail(.invalid_argument, "engine is null", .{}));
+    const out = out_block_ids orelse return code(errors.fail(.invalid_argument, "out_block_ids is null", .{}));
+    e.pool.allocate(@ptrCast(out[0..n])) catch return code(errors.fail(.pool_exhausted, "asked for {d} KV blocks, {d} free", .{ n, e.pool.num_free }));
+    return 0;
+}
+
+export fn ifn_blocks_free(engine: ?*Engine, n: u32, block_ids: ?[*]const i32) i32 {
+    const e = engine orelse return code(errors.fail(.invalid_argument, "engine is null", .{}));
+    const ids = blockIds(block_ids, n, e) orelse return code(errors.fail(.invalid_argument, "block ids null or out of range", .{}));
+    e.pool.free(ids) catch |err| return code(errors.fail(.invalid_argument, "free refused: {s}", .{@errorName(err)}));
+    return 0;
+}
+
+export fn ifn_blocks_ref(engine: ?*Engine, n: u32, block_ids: ?[*]const i32) i32 {
+    const e = engine orelse return code(errors.fail(.invalid_argument, "engine is null", .{}));
+    const ids = blockIds(block_ids, n, e) orelse return code(errors.fail(.invalid_argument, "block ids null or out of range", .{}));
+    e.pool.ref(ids) catch |err| return code(errors.fail(.invalid_argument, "ref refused: {s}", .{@errorName(err)}));
+    return 0;
+}
+
+export fn ifn_blocks_num_free(engine: ?*const Engine) u32 {
+    const e = engine orelse return 0;
+    return e.pool.num_free;
+}
+
+export fn ifn_blocks_ref_count(engine: ?*const Engine, block_id: i32) u32 {
+    const e = engine orelse return 0;
+    if (block_id < 0) return 0;
+    return e.pool.refCount(@intCast(block_id));
+}
+
+test {
+    _ = @import("block_pool.zig");
+    _ = @import("kernels.zig");
+    _ = @import("sampler.zig");
+    _ = @import("thread_pool.zig");
+}

@@ -1,0 +1,136 @@
+//! A fixed pool of compute threads for data-parallel loops.
+//!
+//! One dispatcher thread (the engine thread) calls `run`; it works alongside
+//! the pool's workers and returns when every item is done. Workers spin briefly
+//! between jobs (a step is many back-to-back jobs) and then sleep on a futex,
+//! so an idle engine costs no CPU. No thread is created after `init`.
+
+const std = @import("std");
+const assert = std.debug.assert;
+const Futex = std.Thread.Futex;
+const AtomicU32 = std.atomic.Value(u32);
+
+pub const threads_max = 256;
+const spin_count_max = 20_000;
+
+/// Calls `func(ctx, thread_index, begin, end)` over chunks of [0, n_items).
+pub const Job = struct {
+    func: *const fn (ctx: *const anyopaque, thread_index: usize, begin: usize, end: usize) void,
+    ctx: *const anyopaque,
+    n_items: usize,
+    grain: usize,
+};
+
+pub const ThreadPool = struct {
+    workers: []std.Thread,
+    generation: AtomicU32 = AtomicU32.init(0),
+    workers_busy: AtomicU32 = AtomicU32.init(0),
+    next_item: std.atomic.Value(usize) = std.atomic.Value(usize).init(0),
+    stop: std.atomic.Value(bool) = std.atomic.Value(bool).init(false),
+    job: Job = undefined,
+
+    /// Threads in all, the dispatcher included.
+    pub fn numThreads(pool: *const ThreadPool) usize {
+        return pool.workers.len + 1;
+    }
+
+    /// `pool` must not move after this: workers hold its address.
+    pub fn init(pool: *ThreadPool, allocator: std.mem.Allocator, num_threads: usize) !void {
+        assert(num_threads >= 1);
+        assert(num_threads <= threads_max);
+        pool.* = .{ .workers = try allocator.alloc(std.Thread, num_threads - 1) };
+        var spawned: usize = 0;
+        errdefer {
+            pool.stopWorkers(spawned);
+            allocator.free(pool.workers);
+        }
+        for (pool.workers, 1..) |*t, index| {
+            t.* = try std.Thread.spawn(.{}, workerMain, .{ pool, index });
+            spawned += 1;
+        }
+    }
+
+    pub fn deinit(pool: *ThreadPool, allocator: std.mem.Allocator) void {
+        pool.stopWorkers(pool.workers.len);
+        allocator.free(pool.workers);
+        pool.* = undefined;
+    }
+
+    fn stopWorkers(pool: *ThreadPool, count: usize) void {
+        pool.stop.store(true, .release);
+        _ = pool.generation.fetchAdd(1, .acq_rel);
+        Futex.wake(&pool.generation, threads_max);
+        for (pool.workers[0..count]) |t| t.join();
+    }
+
+    pub fn run(pool: *ThreadPool, job: Job) void {
+        assert(job.grain > 0);
+        if (job.n_items == 0) return;
+        if (pool.workers.len == 0 or job.n_items <= job.grain) {
+            job.func(job.ctx, 0, 0, job.n_items);
+            return;
+        }
+        pool.job = job;
+        pool.next_item.store(0, .monotonic);
+        pool.workers_busy.store(@intCast(pool.workers.len), .monotonic);
+        _ = pool.generation.fetchAdd(1, .release);
+        Futex.wake(&pool.generation, threads_max);
+        pool.work(0);
+        var spins: u32 = 0;
+        while (true) {
+            const busy = pool.workers_busy.load(.acquire);
+            if (busy == 0) break;
+            if (spins < spin_count_max) {
+                spins += 1;
+                std.atomic.spinLoopHint();
+            } else Futex.wait(&pool.workers_busy, busy);
+        }
+    }
+
+    fn work(pool: *ThreadPool, thread_index: usize) void {
+        const job = pool.job;
+        while (true) {
+            const begin = pool.next_item.fetchAdd(job.grain, .monotonic);
+            if (begin >= job.n_items) break;
+            job.func(job.ctx, thread_index, begin, @min(begin + job.grain, job.n_items));
+        }
+    }
+
+    fn workerMain(pool: *ThreadPool, thread_index: usize) void {
+        var seen: u32 = 0;
+        while (true) {
+            var spins: u32 = 0;
+            while (pool.generation.load(.acquire) == seen) {
+                if (spins < spin_count_max) {
+                    spins += 1;
+                    std.atomic.spinLoopHint();
+                } else Futex.wait(&pool.generation, seen);
+            }
+            seen = pool.generation.load(.acquire);
+            if (pool.stop.load(.acquire)) return;
+            pool.work(thread_index);
+            if (pool.workers_busy.fetchSub(1, .acq_rel) == 1) Futex.wake(&pool.workers_busy, 1);
+        }
+    }
+};
+
+test "every item is visited exactly once, over many jobs" {
+    var pool: ThreadPool = undefined;
+    try pool.init(std.testing.allocator, 4);
+    defer pool.deinit(std.testing.allocator);
+    const Ctx = struct {
+        hits: []std.atomic.Value(u32),
+        fn visit(ctx_opaque: *const anyopaque, thread_index: usize, begin: usize, end: usize) void {
+            const ctx: *const @This() = @ptrCast(@alignCast(ctx_opaque));
+            assert(thread_index < 4);
+            for (begin..end) |i| _ = ctx.hits[i].fetchAdd(1, .monotonic);
+        }
+    };
+    var hits: [1000]std.atomic.Value(u32) = undefined;
+    for (&hits) |*h| h.* = std.atomic.Value(u32).init(0);
+    const ctx = Ctx{ .hits = &hits };
+    for (0..200) |round| {
+        pool.run(.{ .func = Ctx.visit, .ctx = &ctx, .n_items = 1000, .grain = 1 + round % 37 });
+    }
+    for (hits) |h| try std.testing.expectEqual(@as(u32, 200), h.load(.monotonic));
+}

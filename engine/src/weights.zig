@@ -1,0 +1,193 @@
+//! The model's weights: files mapped read-only, and a view per tensor placed by
+//! the manifest TypeScript sends. Nothing is copied; f16 and bf16 weights are
+//! computed in place (widened to f32 inside the dot product), which halves the
+//! bytes a decode step reads compared with widening at load.
+
+const std = @import("std");
+const assert = std.debug.assert;
+const abi = @import("abi.zig");
+const errors = @import("errors.zig");
+const Matrix = @import("kernels.zig").Matrix;
+
+pub const files_max = 256;
+pub const layers_max = 512;
+
+pub const Layer = struct {
+    attn_norm: Matrix, // (1, hidden)
+    wq: Matrix, // (heads * head_dim, hidden)
+    wk: Matrix, // (kv_heads * head_dim, hidden)
+    wv: Matrix, // (kv_heads * head_dim, hidden)
+    wo: Matrix, // (hidden, heads * head_dim)
+    ffn_norm: Matrix, // (1, hidden)
+    w_gate: Matrix, // (intermediate, hidden)
+    w_up: Matrix, // (intermediate, hidden)
+    w_down: Matrix, // (hidden, intermediate)
+};
+
+pub const Weights = struct {
+    maps: [][]align(std.mem.page_size) const u8,
+    token_embd: Matrix, // (vocab, hidden)
+    layers: []Layer,
+    output_norm: Matrix, // (1, hidden)
+    output: Matrix, // (vocab, hidden): token_embd when tied
+
+    pub fn deinit(w: *Weights, allocator: std.mem.Allocator) void {
+        for (w.maps) |m| std.posix.munmap(m);
+        allocator.free(w.maps);
+        allocator.free(w.layers);
+        w.* = undefined;
+    }
+};
+
+pub const LoadError = error{LoadFailed};
+
+/// Maps the files and checks every tensor against the config. On failure the
+/// thread-local error message names the tensor and the problem, and `status` says its kind.
+pub fn load(
+    allocator: std.mem.Allocator,
+    config: abi.ModelConfig,
+    paths: []const [:0]const u8,
+    tensors: []const abi.Tensor,
+    status: *abi.Status,
+) !Weights {
+    if (paths.len == 0 or paths.len > files_max) {
+        status.* = errors.fail(.invalid_argument, "expected 1 to {d} model files, got {d}", .{ files_max, paths.len });
+        return error.LoadFailed;
+    }
+    const maps = try allocator.alloc([]align(std.mem.page_size) const u8, paths.len);
+    var mapped: usize = 0;
+    errdefer {
+        for (maps[0..mapped]) |m| std.posix.munmap(m);
+        allocator.free(maps);
+    }
+    for (paths, 0..) |path, i| {
+        maps[i] = mapFile(path) catch |err| {
+            status.* = errors.fail(.io, "cannot map model file '{s}': {s}", .{ path, @errorName(err) });
+            return error.LoadFailed;
+        };
+        mapped += 1;
+    }
+
+    const layers = try allocator.alloc(Layer, config.num_layers);
+    errdefer allocator.free(layers);
+    const Slot = struct { m: ?Matrix = null };
+    const per_layer = 9;
+    const slots = try allocator.alloc(Slot, 3 + per_layer * @as(usize, config.num_layers) + 1);
+    defer allocator.free(slots);
+    @memset(slots, .{});
+
+    for (tensors) |t| {
+        const role: abi.Role = @enumFromInt(t.role);
+        const index = slotIndex(role, t.layer, config.num_layers) orelse {
+            status.* = errors.fail(.invalid_argument, "tensor role {d} layer {d} is not part of a Llama model with {d} layers", .{ t.role, t.layer, config.num_layers });
+            return error.LoadFailed;
+        };
+        if (slots[index].m != null) {
+            status.* = errors.fail(.invalid_argument, "tensor {s} (layer {d}) given twice", .{ roleName(role), t.layer });
+            return error.LoadFailed;
+        }
+        slots[index].m = try checkTensor(t, role, config, maps, status);
+    }
+
+    const need = struct {
+        fn get(s: []Slot, i: usize, role: abi.Role, layer: usize, st: *abi.Status) !Matrix {
+            return s[i].m orelse {
+                st.* = errors.fail(.invalid_argument, "missing tensor {s} (layer {d})", .{ roleName(role), layer });
+                return error.LoadFailed;
+            };
+        }
+    }.get;
+    for (layers, 0..) |*layer, l| {
+        const b = 3 + per_layer * l;
+        layer.* = .{
+            .attn_norm = try need(slots, b + 0, .attn_norm, l, status),
+            .wq = try need(slots, b + 1, .attn_q, l, status),
+            .wk = try need(slots, b + 2, .attn_k, l, status),
+            .wv = try need(slots, b + 3, .attn_v, l, status),
+            .wo = try need(slots, b + 4, .attn_out, l, status),
+            .ffn_norm = try need(slots, b + 5, .ffn_norm, l, status),
+            .w_gate = try need(slots, b + 6, .ffn_gate, l, status),
+            .w_up = try need(slots, b + 7, .ffn_up, l, status),
+            .w_down = try need(slots, b + 8, .ffn_down, l, status),
+        };
+    }
+    const token_embd = try need(slots, 0, .token_embd, 0, status);
+    const output_index = slots.len - 1;
+    const output = slots[output_index].m orelse if (config.tie_word_embeddings != 0) token_embd else {
+        status.* = errors.fail(.invalid_argument, "missing tensor output (lm_head) and the config does not tie word embeddings", .{});
+        return error.LoadFailed;
+    };
+    return .{
+        .maps = maps,
+        .token_embd = token_embd,
+        .layers = layers,
+        .output_norm = try need(slots, 2, .output_norm, 0, status),
+        .output = output,
+    };
+}
+
+fn mapFile(path: [:0]const u8) ![]align(std.mem.page_size) const u8 {
+    const file = try std.fs.cwd().openFileZ(path, .{});
+    defer file.close();
+    const size = (try file.stat()).size;
+    if (size == 0) return error.EmptyFile;
+    return std.posix.mmap(null, size, std.posix.PROT.READ, .{ .TYPE = .PRIVATE }, file.handle, 0);
+}
+
+/// slots: [token_embd, (unused), output_norm, layer 0 x9, layer 1 x9, ..., output]
+fn slotIndex(role: abi.Role, layer: u32, num_layers: u32) ?usize {
+    const per_layer_base: usize = 3 + 9 * @as(usize, layer);
+    return switch (role) {
+        .token_embd => 0,
+        .output_norm => 2,
+        .output => 3 + 9 * @as(usize, num_layers),
+        .attn_norm, .attn_q, .attn_k, .attn_v, .attn_out, .ffn_norm, .ffn_gate, .ffn_up, .ffn_down => if (layer >= num_layers) null else per_layer_base + (@intFromEnum(role) - 1),
+        _ => null,
+    };
+}
+
+pub fn roleName(role: abi.Role) []const u8 {
+    return std.enums.tagName(abi.Role, role) orelse "unknown";
+}
+
+fn expectedShape(role: abi.Role, c: abi.ModelConfig) [2]u64 {
+    const q_dim = @as(u64, c.num_heads) * c.head_dim;
+    const kv_dim = @as(u64, c.num_kv_heads) * c.head_dim;
+    return switch (role) {
+        .token_embd, .output => .{ c.vocab_size, c.hidden_size },
+        .attn_norm, .ffn_norm, .output_norm => .{ 1, c.hidden_size },
+        .attn_q => .{ q_dim, c.hidden_size },
+        .attn_k, .attn_v => .{ kv_dim, c.hidden_size },
+        .attn_out => .{ c.hidden_size, q_dim },
+        .ffn_gate, .ffn_up => .{ c.intermediate_size, c.hidden_size },
+        .ffn_down => .{ c.hidden_size, c.intermediate_size },
+        _ => unreachable,
+    };
+}
+
+fn checkTensor(t: abi.Tensor, role: abi.Role, config: abi.ModelConfig, maps: []const []align(std.mem.page_size) const u8, status: *abi.Status) !Matrix {
+    const dtype: abi.DType = @enumFromInt(t.dtype);
+    const elem_bytes = dtype.sizeBytes() orelse {
+        status.* = errors.fail(.unsupported, "tensor {s} (layer {d}) has dtype {d}, which this engine does not support (supported: f32, f16, bf16)", .{ roleName(role), t.layer, t.dtype });
+        return error.LoadFailed;
+    };
+    const want = expectedShape(role, config);
+    if (t.rows != want[0] or t.cols != want[1]) {
+        status.* = errors.fail(.shape, "tensor {s} (layer {d}) has shape ({d}, {d}); the config needs ({d}, {d})", .{ roleName(role), t.layer, t.rows, t.cols, want[0], want[1] });
+        return error.LoadFailed;
+    }
+    if (t.size_bytes != t.rows * t.cols * elem_bytes) {
+        status.* = errors.fail(.shape, "tensor {s} (layer {d}) holds {d} bytes, but ({d}, {d}) elements of {d} bytes need {d}", .{ roleName(role), t.layer, t.size_bytes, t.rows, t.cols, elem_bytes, t.rows * t.cols * elem_bytes });
+        return error.LoadFailed;
+    }
+    if (t.file_index >= maps.len) {
+        status.* = errors.fail(.invalid_argument, "tensor {s} (layer {d}) names file {d} of {d}", .{ roleName(role), t.layer, t.file_index, maps.len });
+        return error.LoadFailed;
+    }
+    const file = maps[t.file_index];
+    if (t.offset > file.len or t.size_bytes > file.len - t.offset) {
+        status.* = errors.fail(.io, "tensor {s} (layer {d}) ends at byte {d}, past the end of its file ({d} bytes): the file is truncated", .{ roleName(role), t.layer, t.offset + t.size_bytes, file.len });
+        return error.LoadFailed;
+    }
+    return .{ .dtype = dtype, .data = file.ptr + t.offset, .rows = t.rows, .cols = t.cols };
+}

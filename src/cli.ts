@@ -1,0 +1,161 @@
+#!/usr/bin/env bun
+// inferneo: the command line. `inferneo generate` runs prompts offline;
+// `inferneo serve` starts the OpenAI-compatible server.
+import { parseArgs } from "node:util";
+import { EngineError } from "./ffi/native.ts";
+import { DEFAULT_ENGINE_OPTIONS, InvalidRequestError, LLMEngine, type EngineOptions } from "./engine/llm_engine.ts";
+import { DEFAULT_SAMPLING, type SamplingParams } from "./engine/request.ts";
+import { ModelLoadError } from "./model/errors.ts";
+
+const USAGE = `usage:
+  inferneo generate --model <hf folder | file.gguf | org/name> --prompt <text> [options]
+  inferneo serve --model <...> [--host 127.0.0.1] [--port 8000]
+
+generate options:
+  --max-tokens N        tokens to generate (default 128)
+  --temperature T       0 = greedy (default 1.0)
+  --top-p P, --top-k K, --min-p P
+  --seed S              fixed seed for reproducible sampling
+  --chat                wrap the prompt as a user message in the model's chat template
+  --ignore-eos          keep generating past the end-of-sequence token
+engine options:
+  --threads N           compute threads (default: all cores)
+  --max-model-len N     context length (default: the model's)
+  --max-num-batched-tokens N, --max-num-seqs N, --block-size N, --num-gpu-blocks-override N
+`;
+
+class UsageError extends Error {}
+
+function intFlag(v: string | undefined, name: string, min = 0): number | undefined {
+  if (v === undefined) return undefined;
+  const n = Number(v);
+  if (!Number.isInteger(n) || n < min) throw new UsageError(`--${name} must be an integer >= ${min}, got '${v}'`);
+  return n;
+}
+
+function floatFlag(v: string | undefined, name: string): number | undefined {
+  if (v === undefined) return undefined;
+  const n = Number(v);
+  if (!Number.isFinite(n)) throw new UsageError(`--${name} must be a number, got '${v}'`);
+  return n;
+}
+
+const ENGINE_FLAGS = {
+  model: { type: "string" },
+  threads: { type: "string" },
+  "max-model-len": { type: "string" },
+  "max-num-batched-tokens": { type: "string" },
+  "max-num-seqs": { type: "string" },
+  "block-size": { type: "string" },
+  "num-gpu-blocks-override": { type: "string" },
+  help: { type: "boolean", short: "h" },
+} as const;
+
+function engineOptions(v: Record<string, string | boolean | undefined>): Partial<EngineOptions> {
+  const s = (k: string) => v[k] as string | undefined;
+  const opts: Partial<EngineOptions> = {};
+  const set = <K extends keyof EngineOptions>(k: K, x: EngineOptions[K] | undefined) => {
+    if (x !== undefined) opts[k] = x;
+  };
+  set("threads", intFlag(s("threads"), "threads", 1));
+  set("maxModelLen", intFlag(s("max-model-len"), "max-model-len", 1));
+  set("maxNumBatchedTokens", intFlag(s("max-num-batched-tokens"), "max-num-batched-tokens", 1));
+  set("maxNumSeqs", intFlag(s("max-num-seqs"), "max-num-seqs", 1));
+  set("blockSizeTokens", intFlag(s("block-size"), "block-size", 1));
+  set("numBlocksOverride", intFlag(s("num-gpu-blocks-override"), "num-gpu-blocks-override", 1));
+  return opts;
+}
+
+async function generate(argv: string[]): Promise<number> {
+  const { values } = parseArgs({
+    args: argv,
+    options: {
+      ...ENGINE_FLAGS,
+      prompt: { type: "string" },
+      "max-tokens": { type: "string" },
+      temperature: { type: "string" },
+      "top-p": { type: "string" },
+      "top-k": { type: "string" },
+      "min-p": { type: "string" },
+      seed: { type: "string" },
+      chat: { type: "boolean" },
+      "ignore-eos": { type: "boolean" },
+    },
+    strict: true,
+  });
+  if (values.help) {
+    process.stdout.write(USAGE);
+    return 0;
+  }
+  if (!values.model) throw new UsageError("--model is required");
+  if (values.prompt === undefined) throw new UsageError("--prompt is required");
+  const params: SamplingParams = {
+    ...DEFAULT_SAMPLING,
+    maxTokens: intFlag(values["max-tokens"], "max-tokens", 1) ?? 128,
+    temperature: floatFlag(values.temperature, "temperature") ?? 1,
+    topP: floatFlag(values["top-p"], "top-p") ?? 1,
+    topK: intFlag(values["top-k"], "top-k", 0) ?? 0,
+    minP: floatFlag(values["min-p"], "min-p") ?? 0,
+    seed: intFlag(values.seed, "seed", 0) ?? null,
+    ignoreEos: values["ignore-eos"] ?? false,
+  };
+  // One sequence: size the engine for it rather than for a server's load.
+  const engine = await LLMEngine.create(values.model, { maxNumSeqs: 1, ...engineOptions(values) });
+  try {
+    const tok = engine.model.tokenizer;
+    const promptIds = values.chat ? tok.applyChatTemplate([{ role: "user", content: values.prompt }]).ids : tok.encode(values.prompt);
+    const t0 = performance.now();
+    let tFirst = 0;
+    let generated = 0;
+    for await (const out of engine.addRequest(promptIds, params)) {
+      if (out.error) throw new EngineError(0, out.error);
+      if (out.newTokenIds.length > 0 && generated === 0) tFirst = performance.now();
+      generated += out.newTokenIds.length;
+      if (out.text) process.stdout.write(out.text);
+    }
+    const tEnd = performance.now();
+    const prefillTokS = promptIds.length / ((tFirst - t0) / 1000);
+    const decodeTokS = generated > 1 ? (generated - 1) / ((tEnd - tFirst) / 1000) : 0;
+    process.stdout.write("\n");
+    process.stderr.write(
+      `prompt tokens: ${promptIds.length}, generated tokens: ${generated}, prefill: ${prefillTokS.toFixed(1)} tok/s, decode: ${decodeTokS.toFixed(1)} tok/s\n`,
+    );
+  } finally {
+    await engine.shutdown();
+  }
+  return 0;
+}
+
+export async function main(argv: string[]): Promise<number> {
+  const [command, ...rest] = argv;
+  try {
+    switch (command) {
+      case "generate":
+        return await generate(rest);
+      case "serve": {
+        const { serve } = await import("./server/serve.ts");
+        return await serve(rest);
+      }
+      case undefined:
+      case "help":
+      case "--help":
+      case "-h":
+        process.stdout.write(USAGE);
+        return command === undefined ? 2 : 0;
+      default:
+        throw new UsageError(`unknown command '${command}'`);
+    }
+  } catch (e) {
+    if (e instanceof UsageError || (e instanceof TypeError && "code" in e && String(e.code).startsWith("ERR_PARSE_ARGS"))) {
+      process.stderr.write(`inferneo: ${(e as Error).message}\n\n${USAGE}`);
+      return 2;
+    }
+    if (e instanceof ModelLoadError || e instanceof InvalidRequestError || e instanceof EngineError) {
+      process.stderr.write(`inferneo: ${e.message}\n`);
+      return 1;
+    }
+    throw e;
+  }
+}
+
+if (import.meta.main) process.exit(await main(process.argv.slice(2)));

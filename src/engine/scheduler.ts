@@ -1,0 +1,98 @@
+// The scheduler: vLLM v1's loop with no prefill or decode phase. Every request has
+// numComputedTokens and numTokens; each step hands out new tokens under a token
+// budget, running requests first (oldest first), then waiting ones (FCFS). A long
+// prompt takes as much of the budget as is left (chunked prefill), so decodes of
+// others are never held up by more than one budget's worth of prefill.
+import type { KvCacheManager } from "./kv_cache_manager.ts";
+import { Request, RequestStatus } from "./request.ts";
+
+export interface SchedulerConfig {
+  maxNumBatchedTokens: number;
+  maxNumSeqs: number;
+  maxModelLen: number;
+}
+
+export interface ScheduledRequest {
+  req: Request;
+  numNewTokens: number;
+}
+
+export class Scheduler {
+  readonly waiting: Request[] = [];
+  readonly running: Request[] = [];
+  numPreemptions = 0;
+
+  constructor(
+    readonly config: SchedulerConfig,
+    private readonly kv: KvCacheManager,
+  ) {}
+
+  add(req: Request): void {
+    this.waiting.push(req);
+  }
+
+  get hasWork(): boolean {
+    return this.waiting.length > 0 || this.running.length > 0;
+  }
+
+  schedule(): ScheduledRequest[] {
+    let budget = this.config.maxNumBatchedTokens;
+    const scheduled: ScheduledRequest[] = [];
+    const preempted = new Set<Request>();
+
+    for (let i = 0; i < this.running.length && budget > 0; i++) {
+      const req = this.running[i];
+      const numNewTokens = Math.min(req.numTokens - req.numComputedTokens, budget);
+      if (numNewTokens <= 0) continue;
+      // Not enough blocks: preempt the newest running request (it recomputes later) until there are.
+      let admitted = true;
+      while (!this.kv.allocateSlots(req, numNewTokens)) {
+        const victim = this.running[this.running.length - 1];
+        this.preempt(victim);
+        preempted.add(victim);
+        if (victim === req) {
+          admitted = false;
+          break;
+        }
+      }
+      if (!admitted) break;
+      scheduled.push({ req, numNewTokens });
+      budget -= numNewTokens;
+    }
+
+    // Nothing new starts in a step that had to preempt: the pool is too tight for it.
+    if (preempted.size === 0) {
+      while (this.waiting.length > 0 && budget > 0 && this.running.length < this.config.maxNumSeqs) {
+        const req = this.waiting[0];
+        const numNewTokens = Math.min(req.numTokens - req.numComputedTokens, budget);
+        if (!this.kv.allocateSlots(req, numNewTokens)) break;
+        this.waiting.shift();
+        req.status = RequestStatus.RUNNING;
+        this.running.push(req);
+        scheduled.push({ req, numNewTokens });
+        budget -= numNewTokens;
+      }
+    }
+    return scheduled;
+  }
+
+  private preempt(req: Request): void {
+    const i = this.running.indexOf(req);
+    this.running.splice(i, 1);
+    this.kv.free(req);
+    req.numComputedTokens = 0;
+    req.status = RequestStatus.PREEMPTED;
+    req.numPreemptions += 1;
+    this.numPreemptions += 1;
+    this.waiting.unshift(req);
+  }
+
+  /** Removes a request wherever it is and returns its blocks; finishing it is the caller's part. */
+  remove(req: Request): void {
+    const r = this.running.indexOf(req);
+    if (r >= 0) this.running.splice(r, 1);
+    const w = this.waiting.indexOf(req);
+    if (w >= 0) this.waiting.splice(w, 1);
+    this.kv.free(req);
+  }
+}

@@ -1,0 +1,251 @@
+// Turns a model's own description (HF config.json + safetensors, or GGUF metadata)
+// into the engine's config and weight manifest. The engine never reads JSON.
+import { existsSync, readFileSync } from "node:fs";
+import { join } from "node:path";
+import { DType, Role, type DTypeCode, type NativeModelConfig, type RoleCode, type TensorEntry } from "../ffi/native.ts";
+import { ModelLoadError } from "./errors.ts";
+import { GGML_TYPES, type GgufFile } from "./gguf.ts";
+import { readSafetensorsFolder } from "./safetensors.ts";
+
+export interface ModelSpec {
+  config: NativeModelConfig;
+  files: string[];
+  tensors: TensorEntry[];
+  dtype: string; // of the large matrices, e.g. "f32", "f16", "bf16"
+  bosTokenId: number | null;
+  eosTokenIds: number[];
+}
+
+const SUPPORTED_ARCHITECTURES = ["LlamaForCausalLM", "MistralForCausalLM"];
+
+const HF_ROLES: [RegExp, RoleCode][] = [
+  [/^model\.embed_tokens\.weight$/, Role.TOKEN_EMBD],
+  [/^model\.layers\.(\d+)\.input_layernorm\.weight$/, Role.ATTN_NORM],
+  [/^model\.layers\.(\d+)\.self_attn\.q_proj\.weight$/, Role.ATTN_Q],
+  [/^model\.layers\.(\d+)\.self_attn\.k_proj\.weight$/, Role.ATTN_K],
+  [/^model\.layers\.(\d+)\.self_attn\.v_proj\.weight$/, Role.ATTN_V],
+  [/^model\.layers\.(\d+)\.self_attn\.o_proj\.weight$/, Role.ATTN_OUT],
+  [/^model\.layers\.(\d+)\.post_attention_layernorm\.weight$/, Role.FFN_NORM],
+  [/^model\.layers\.(\d+)\.mlp\.gate_proj\.weight$/, Role.FFN_GATE],
+  [/^model\.layers\.(\d+)\.mlp\.up_proj\.weight$/, Role.FFN_UP],
+  [/^model\.layers\.(\d+)\.mlp\.down_proj\.weight$/, Role.FFN_DOWN],
+  [/^model\.norm\.weight$/, Role.OUTPUT_NORM],
+  [/^lm_head\.weight$/, Role.OUTPUT],
+];
+// Buffers some exporters keep that carry no weights.
+const HF_IGNORED = /\.rotary_emb\.inv_freq$/;
+
+const GGUF_ROLES: [RegExp, RoleCode][] = [
+  [/^token_embd\.weight$/, Role.TOKEN_EMBD],
+  [/^blk\.(\d+)\.attn_norm\.weight$/, Role.ATTN_NORM],
+  [/^blk\.(\d+)\.attn_q\.weight$/, Role.ATTN_Q],
+  [/^blk\.(\d+)\.attn_k\.weight$/, Role.ATTN_K],
+  [/^blk\.(\d+)\.attn_v\.weight$/, Role.ATTN_V],
+  [/^blk\.(\d+)\.attn_output\.weight$/, Role.ATTN_OUT],
+  [/^blk\.(\d+)\.ffn_norm\.weight$/, Role.FFN_NORM],
+  [/^blk\.(\d+)\.ffn_gate\.weight$/, Role.FFN_GATE],
+  [/^blk\.(\d+)\.ffn_up\.weight$/, Role.FFN_UP],
+  [/^blk\.(\d+)\.ffn_down\.weight$/, Role.FFN_DOWN],
+  [/^output_norm\.weight$/, Role.OUTPUT_NORM],
+  [/^output\.weight$/, Role.OUTPUT],
+];
+
+const SAFETENSORS_DTYPES: Record<string, DTypeCode> = { F32: DType.F32, F16: DType.F16, BF16: DType.BF16 };
+const DTYPE_NAMES: Record<number, string> = { [DType.F32]: "f32", [DType.F16]: "f16", [DType.BF16]: "bf16" };
+
+function roleOf(table: [RegExp, RoleCode][], name: string): { role: RoleCode; layer: number } | null {
+  for (const [re, role] of table) {
+    const m = re.exec(name);
+    if (m) return { role, layer: m[1] === undefined ? 0 : Number(m[1]) };
+  }
+  return null;
+}
+
+function positiveInt(value: unknown, key: string, where: string): number {
+  if (typeof value !== "number" || !Number.isInteger(value) || value <= 0) {
+    throw new ModelLoadError(`${where}: ${key} must be a positive integer, got ${JSON.stringify(value)}`);
+  }
+  return value;
+}
+
+function dominantDtype(tensors: TensorEntry[]): string {
+  const big = tensors.reduce((a, b) => (b.sizeBytes > a.sizeBytes ? b : a), tensors[0]);
+  return DTYPE_NAMES[big.dtype] ?? "unknown";
+}
+
+function idList(v: unknown): number[] {
+  if (typeof v === "number") return [v];
+  if (Array.isArray(v)) return v.filter((x): x is number => typeof x === "number");
+  return [];
+}
+
+export function specFromHfFolder(dir: string): ModelSpec {
+  const configPath = join(dir, "config.json");
+  if (!existsSync(configPath)) throw new ModelLoadError(`${dir}: no config.json (is this a Hugging Face model folder?)`);
+  let cfg: Record<string, unknown>;
+  try {
+    cfg = JSON.parse(readFileSync(configPath, "utf8")) as Record<string, unknown>;
+  } catch {
+    throw new ModelLoadError(`${configPath}: not valid JSON`);
+  }
+  const archs = Array.isArray(cfg.architectures) ? (cfg.architectures as string[]) : [];
+  if (!archs.some((a) => SUPPORTED_ARCHITECTURES.includes(a))) {
+    throw new ModelLoadError(`${dir}: architecture ${archs.join(", ") || String(cfg.model_type)} is not supported (supported: ${SUPPORTED_ARCHITECTURES.join(", ")})`);
+  }
+  if (cfg.rope_scaling !== null && cfg.rope_scaling !== undefined) {
+    throw new ModelLoadError(`${dir}: rope_scaling ${JSON.stringify(cfg.rope_scaling)} is not supported yet`);
+  }
+  if (cfg.attention_bias === true || cfg.mlp_bias === true) throw new ModelLoadError(`${dir}: attention or MLP biases are not supported`);
+  if (cfg.hidden_act !== undefined && cfg.hidden_act !== "silu") throw new ModelLoadError(`${dir}: hidden_act ${String(cfg.hidden_act)} is not supported (silu is)`);
+  const where = "config.json";
+  const hidden = positiveInt(cfg.hidden_size, "hidden_size", where);
+  const heads = positiveInt(cfg.num_attention_heads, "num_attention_heads", where);
+  const kvHeads = cfg.num_key_value_heads === undefined || cfg.num_key_value_heads === null ? heads : positiveInt(cfg.num_key_value_heads, "num_key_value_heads", where);
+  const headDim = cfg.head_dim === undefined || cfg.head_dim === null ? hidden / heads : positiveInt(cfg.head_dim, "head_dim", where);
+  let maxPosition = positiveInt(cfg.max_position_embeddings, "max_position_embeddings", where);
+  // Sliding-window attention equals full attention while the context stays inside the window.
+  if (typeof cfg.sliding_window === "number" && cfg.sliding_window > 0) maxPosition = Math.min(maxPosition, cfg.sliding_window);
+
+  const stored = readSafetensorsFolder(dir);
+  const files = [...new Set(stored.map((t) => t.file))];
+  const tensors: TensorEntry[] = [];
+  for (const t of stored) {
+    if (HF_IGNORED.test(t.name)) continue;
+    const r = roleOf(HF_ROLES, t.name);
+    if (!r) throw new ModelLoadError(`${dir}: tensor ${t.name} is not part of the Llama architecture this engine runs`);
+    const dtype = SAFETENSORS_DTYPES[t.dtype];
+    if (dtype === undefined) throw new ModelLoadError(`${dir}: tensor ${t.name} has dtype ${t.dtype}, which is not supported (supported: F32, F16, BF16)`);
+    const [rows, cols] = t.shape.length === 1 ? [1, t.shape[0]] : t.shape.length === 2 ? [t.shape[0], t.shape[1]] : [-1, -1];
+    if (rows < 0) throw new ModelLoadError(`${dir}: tensor ${t.name} has ${t.shape.length} dimensions`);
+    tensors.push({ name: t.name, role: r.role, layer: r.layer, dtype, fileIndex: files.indexOf(t.file), offset: t.offset, sizeBytes: t.sizeBytes, rows, cols });
+  }
+  const config: NativeModelConfig = {
+    vocabSize: positiveInt(cfg.vocab_size, "vocab_size", where),
+    hiddenSize: hidden,
+    intermediateSize: positiveInt(cfg.intermediate_size, "intermediate_size", where),
+    numLayers: positiveInt(cfg.num_hidden_layers, "num_hidden_layers", where),
+    numHeads: heads,
+    numKvHeads: kvHeads,
+    headDim,
+    maxPosition,
+    ropeTheta: typeof cfg.rope_theta === "number" ? cfg.rope_theta : 10000,
+    rmsNormEps: typeof cfg.rms_norm_eps === "number" ? cfg.rms_norm_eps : 1e-6,
+    ropeInterleaved: false,
+    tieWordEmbeddings: cfg.tie_word_embeddings === true || !tensors.some((t) => t.role === Role.OUTPUT),
+  };
+  if (!Number.isInteger(headDim)) throw new ModelLoadError(`${dir}: hidden_size ${hidden} is not divisible by num_attention_heads ${heads}`);
+  checkTensorShapes(dir, config, tensors);
+  let generation: Record<string, unknown> = {};
+  const genPath = join(dir, "generation_config.json");
+  if (existsSync(genPath)) {
+    try {
+      generation = JSON.parse(readFileSync(genPath, "utf8")) as Record<string, unknown>;
+    } catch {
+      // A broken generation_config.json only loses default stop ids.
+    }
+  }
+  const eos = [...new Set([...idList(cfg.eos_token_id), ...idList(generation.eos_token_id)])];
+  return {
+    config,
+    files,
+    tensors,
+    dtype: dominantDtype(tensors),
+    bosTokenId: typeof cfg.bos_token_id === "number" ? cfg.bos_token_id : null,
+    eosTokenIds: eos,
+  };
+}
+
+function metaNumber(g: GgufFile, key: string): number | undefined {
+  const v = g.metadata.get(key);
+  if (typeof v === "number") return v;
+  if (typeof v === "bigint") return Number(v);
+  return undefined;
+}
+
+export function specFromGguf(g: GgufFile): ModelSpec {
+  const where = g.path;
+  const arch = g.metadata.get("general.architecture");
+  if (arch !== "llama") throw new ModelLoadError(`${where}: architecture ${String(arch)} is not supported (supported: llama)`);
+  const need = (key: string) => {
+    const v = metaNumber(g, `llama.${key}`);
+    if (v === undefined) throw new ModelLoadError(`${where}: metadata llama.${key} is missing`);
+    return positiveInt(v, `llama.${key}`, where);
+  };
+  if (g.metadata.has("llama.rope.scaling.type") && g.metadata.get("llama.rope.scaling.type") !== "none") {
+    throw new ModelLoadError(`${where}: RoPE scaling ${String(g.metadata.get("llama.rope.scaling.type"))} is not supported yet`);
+  }
+  const hidden = need("embedding_length");
+  const heads = need("attention.head_count");
+  const tokens = g.metadata.get("tokenizer.ggml.tokens");
+  const vocab = metaNumber(g, "llama.vocab_size") ?? (Array.isArray(tokens) ? tokens.length : undefined);
+  if (vocab === undefined) throw new ModelLoadError(`${where}: neither llama.vocab_size nor tokenizer.ggml.tokens is present`);
+  const tensors: TensorEntry[] = [];
+  for (const t of g.tensors) {
+    if (t.name === "rope_freqs.weight") throw new ModelLoadError(`${where}: rope_freqs (Llama 3.1 RoPE scaling) is not supported yet`);
+    const r = roleOf(GGUF_ROLES, t.name);
+    if (!r) throw new ModelLoadError(`${where}: tensor ${t.name} is not part of the Llama architecture this engine runs`);
+    const dtype = t.type === 0 ? DType.F32 : t.type === 1 ? DType.F16 : t.type === 30 ? DType.BF16 : null;
+    if (dtype === null) {
+      const typeName = GGML_TYPES[t.type]?.name ?? `type ${t.type}`;
+      throw new ModelLoadError(`${where}: tensor ${t.name} is ${typeName}, which is not supported yet (supported: F32, F16, BF16)`);
+    }
+    if (t.dims.length > 2) throw new ModelLoadError(`${where}: tensor ${t.name} has ${t.dims.length} dimensions`);
+    const cols = t.dims[0];
+    const rows = t.dims.length === 2 ? t.dims[1] : 1;
+    tensors.push({ name: t.name, role: r.role, layer: r.layer, dtype, fileIndex: 0, offset: t.offset, sizeBytes: t.sizeBytes, rows, cols });
+  }
+  const config: NativeModelConfig = {
+    vocabSize: vocab,
+    hiddenSize: hidden,
+    intermediateSize: need("feed_forward_length"),
+    numLayers: need("block_count"),
+    numHeads: heads,
+    numKvHeads: metaNumber(g, "llama.attention.head_count_kv") ?? heads,
+    headDim: metaNumber(g, "llama.attention.key_length") ?? hidden / heads,
+    maxPosition: need("context_length"),
+    ropeTheta: metaNumber(g, "llama.rope.freq_base") ?? 10000,
+    rmsNormEps: metaNumber(g, "llama.attention.layer_norm_rms_epsilon") ?? 1e-5,
+    // GGUF stores q/k rows in Meta's interleaved RoPE layout (llama.cpp permutes HF weights on conversion).
+    ropeInterleaved: true,
+    tieWordEmbeddings: !tensors.some((t) => t.role === Role.OUTPUT),
+  };
+  if (!Number.isInteger(config.headDim)) throw new ModelLoadError(`${where}: embedding_length ${hidden} is not divisible by head_count ${heads}`);
+  checkTensorShapes(where, config, tensors);
+  const eos = metaNumber(g, "tokenizer.ggml.eos_token_id");
+  const eot = metaNumber(g, "tokenizer.ggml.eot_token_id");
+  return {
+    config,
+    files: [g.path],
+    tensors,
+    dtype: dominantDtype(tensors),
+    bosTokenId: metaNumber(g, "tokenizer.ggml.bos_token_id") ?? null,
+    eosTokenIds: [...new Set([eos, eot].filter((x): x is number => x !== undefined))],
+  };
+}
+
+/** The same checks the engine makes, here with the tensor's own name in the message. */
+function checkTensorShapes(where: string, c: NativeModelConfig, tensors: TensorEntry[]): void {
+  const qDim = c.numHeads * c.headDim;
+  const kvDim = c.numKvHeads * c.headDim;
+  const expected: Record<number, [number, number]> = {
+    [Role.TOKEN_EMBD]: [c.vocabSize, c.hiddenSize],
+    [Role.OUTPUT]: [c.vocabSize, c.hiddenSize],
+    [Role.ATTN_NORM]: [1, c.hiddenSize],
+    [Role.FFN_NORM]: [1, c.hiddenSize],
+    [Role.OUTPUT_NORM]: [1, c.hiddenSize],
+    [Role.ATTN_Q]: [qDim, c.hiddenSize],
+    [Role.ATTN_K]: [kvDim, c.hiddenSize],
+    [Role.ATTN_V]: [kvDim, c.hiddenSize],
+    [Role.ATTN_OUT]: [c.hiddenSize, qDim],
+    [Role.FFN_GATE]: [c.intermediateSize, c.hiddenSize],
+    [Role.FFN_UP]: [c.intermediateSize, c.hiddenSize],
+    [Role.FFN_DOWN]: [c.hiddenSize, c.intermediateSize],
+  };
+  for (const t of tensors) {
+    const [rows, cols] = expected[t.role];
+    if (t.rows !== rows || t.cols !== cols) {
+      throw new ModelLoadError(`${where}: tensor ${t.name} has shape (${t.rows}, ${t.cols}) but the config needs (${rows}, ${cols})`);
+    }
+    if (t.layer >= c.numLayers) throw new ModelLoadError(`${where}: tensor ${t.name} is for layer ${t.layer} but the model has ${c.numLayers}`);
+  }
+}

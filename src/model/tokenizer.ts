@@ -1,0 +1,229 @@
+// Tokenizing and chat templates. HF folders use their tokenizer.json through
+// @huggingface/tokenizers; a GGUF's embedded vocabulary is turned into the
+// equivalent tokenizer.json first, so both paths run the same tokenizer code.
+import { Template } from "@huggingface/jinja";
+import { Tokenizer } from "@huggingface/tokenizers";
+import { existsSync, readFileSync } from "node:fs";
+import { join } from "node:path";
+import { ModelLoadError } from "./errors.ts";
+import type { GgufFile, GgufValue } from "./gguf.ts";
+
+export interface ChatMessage {
+  role: string;
+  content: string;
+}
+
+// Used when a model ships no chat template (base models): plain "role: content" turns.
+const FALLBACK_CHAT_TEMPLATE =
+  "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}";
+
+type Json = Record<string, unknown>;
+
+export class ModelTokenizer {
+  readonly bosToken: string | null;
+  readonly eosToken: string | null;
+  readonly chatTemplateSource: "model" | "fallback";
+  private readonly tokenizer: Tokenizer;
+  private readonly template: Template;
+  private readonly specialIds: Set<number>;
+
+  constructor(tokenizerJson: Json, tokenizerConfig: Json, chatTemplate: string | null) {
+    this.tokenizer = new Tokenizer(tokenizerJson, tokenizerConfig);
+    this.bosToken = tokenText(tokenizerConfig.bos_token);
+    this.eosToken = tokenText(tokenizerConfig.eos_token);
+    this.chatTemplateSource = chatTemplate ? "model" : "fallback";
+    try {
+      this.template = new Template(chatTemplate ?? FALLBACK_CHAT_TEMPLATE);
+    } catch (e) {
+      throw new ModelLoadError(`the model's chat template does not parse: ${(e as Error).message}`);
+    }
+    const added = (tokenizerJson.added_tokens as { id: number; special?: boolean }[] | undefined) ?? [];
+    this.specialIds = new Set(added.filter((t) => t.special).map((t) => t.id));
+  }
+
+  encode(text: string, addSpecialTokens = true): number[] {
+    return this.tokenizer.encode(text, { add_special_tokens: addSpecialTokens }).ids;
+  }
+
+  decode(ids: readonly number[], skipSpecialTokens = true): string {
+    if (ids.length === 0) return "";
+    return this.tokenizer.decode(ids as number[], { skip_special_tokens: skipSpecialTokens });
+  }
+
+  isSpecial(id: number): boolean {
+    return this.specialIds.has(id);
+  }
+
+  idToToken(id: number): string | undefined {
+    return this.tokenizer.id_to_token(id);
+  }
+
+  /** Renders the chat template; the prompt's BOS comes from the template when it writes one. */
+  applyChatTemplate(messages: ChatMessage[], addGenerationPrompt = true): { text: string; ids: number[] } {
+    const text = this.template.render({
+      messages,
+      add_generation_prompt: addGenerationPrompt,
+      bos_token: this.bosToken ?? "",
+      eos_token: this.eosToken ?? "",
+    });
+    const templateWritesBos = this.bosToken !== null && this.bosToken !== "" && text.startsWith(this.bosToken);
+    return { text, ids: this.encode(text, !templateWritesBos) };
+  }
+}
+
+function tokenText(v: unknown): string | null {
+  if (typeof v === "string") return v;
+  if (v && typeof v === "object" && typeof (v as { content?: unknown }).content === "string") return (v as { content: string }).content;
+  return null;
+}
+
+function pickTemplate(v: unknown): string | null {
+  if (typeof v === "string") return v;
+  if (Array.isArray(v)) {
+    const named = v as { name?: string; template?: string }[];
+    return named.find((t) => t.name === "default")?.template ?? named[0]?.template ?? null;
+  }
+  return null;
+}
+
+export function tokenizerFromHfFolder(dir: string): ModelTokenizer {
+  const tokPath = join(dir, "tokenizer.json");
+  if (!existsSync(tokPath)) throw new ModelLoadError(`${dir}: no tokenizer.json (slow SentencePiece-only tokenizers are not supported)`);
+  const read = (p: string): Json => {
+    try {
+      return JSON.parse(readFileSync(p, "utf8")) as Json;
+    } catch {
+      throw new ModelLoadError(`${p}: not valid JSON`);
+    }
+  };
+  const tokenizerJson = read(tokPath);
+  const configPath = join(dir, "tokenizer_config.json");
+  const tokenizerConfig = existsSync(configPath) ? read(configPath) : {};
+  let template = pickTemplate(tokenizerConfig.chat_template);
+  const jinjaPath = join(dir, "chat_template.jinja");
+  if (!template && existsSync(jinjaPath)) template = readFileSync(jinjaPath, "utf8");
+  return new ModelTokenizer(tokenizerJson, tokenizerConfig, template);
+}
+
+// GGUF token types (llama.cpp's llama_token_type).
+const TOKEN_TYPE = { NORMAL: 1, UNKNOWN: 2, CONTROL: 3, USER_DEFINED: 4, UNUSED: 5, BYTE: 6 } as const;
+const SPIECE = "\u2581";
+
+function strings(v: GgufValue | undefined, key: string): string[] {
+  if (!Array.isArray(v)) throw new ModelLoadError(`GGUF metadata ${key} is missing`);
+  return v as string[];
+}
+
+export function tokenizerFromGguf(g: GgufFile): ModelTokenizer {
+  const kind = g.metadata.get("tokenizer.ggml.model");
+  const tokens = strings(g.metadata.get("tokenizer.ggml.tokens"), "tokenizer.ggml.tokens");
+  const typesRaw = g.metadata.get("tokenizer.ggml.token_type");
+  const types = Array.isArray(typesRaw) ? (typesRaw as number[]) : tokens.map(() => TOKEN_TYPE.NORMAL);
+  const num = (key: string) => {
+    const v = g.metadata.get(key);
+    return typeof v === "number" && v >= 0 && v < tokens.length ? v : null;
+  };
+  const bos = num("tokenizer.ggml.bos_token_id");
+  const eos = num("tokenizer.ggml.eos_token_id");
+  const unk = num("tokenizer.ggml.unknown_token_id");
+  const addBos = g.metadata.get("tokenizer.ggml.add_bos_token") ?? kind === "llama";
+  const addedTokens = tokens
+    .map((content, id) => ({ id, content, type: types[id] }))
+    .filter((t) => t.type === TOKEN_TYPE.CONTROL || t.type === TOKEN_TYPE.USER_DEFINED || t.type === TOKEN_TYPE.UNKNOWN)
+    .map((t) => ({ id: t.id, content: t.content, single_word: false, lstrip: false, rstrip: false, normalized: false, special: t.type !== TOKEN_TYPE.USER_DEFINED }));
+  const vocab: Record<string, number> = {};
+  tokens.forEach((t, i) => {
+    if (!(t in vocab)) vocab[t] = i;
+  });
+  const postProcessor =
+    addBos && bos !== null
+      ? {
+          type: "TemplateProcessing",
+          single: [{ SpecialToken: { id: tokens[bos], type_id: 0 } }, { Sequence: { id: "A", type_id: 0 } }],
+          pair: [{ SpecialToken: { id: tokens[bos], type_id: 0 } }, { Sequence: { id: "A", type_id: 0 } }, { Sequence: { id: "B", type_id: 1 } }],
+          special_tokens: { [tokens[bos]]: { id: tokens[bos], ids: [bos], tokens: [tokens[bos]] } },
+        }
+      : null;
+  let tokenizerJson: Json;
+  if (kind === "llama") {
+    const scoresRaw = g.metadata.get("tokenizer.ggml.scores");
+    const scores = Array.isArray(scoresRaw) ? (scoresRaw as number[]) : tokens.map((_, i) => -i);
+    tokenizerJson = {
+      version: "1.0",
+      added_tokens: addedTokens,
+      normalizer: { type: "Sequence", normalizers: [{ type: "Prepend", prepend: SPIECE }, { type: "Replace", pattern: { String: " " }, content: SPIECE }] },
+      pre_tokenizer: null,
+      post_processor: postProcessor,
+      decoder: {
+        type: "Sequence",
+        decoders: [{ type: "Replace", pattern: { String: SPIECE }, content: " " }, { type: "ByteFallback" }, { type: "Fuse" }, { type: "Strip", content: " ", start: 1, stop: 0 }],
+      },
+      model: {
+        type: "BPE",
+        dropout: null,
+        unk_token: unk !== null ? tokens[unk] : null,
+        continuing_subword_prefix: null,
+        end_of_word_suffix: null,
+        fuse_unk: true,
+        byte_fallback: true,
+        ignore_merges: false,
+        vocab,
+        merges: sentencePieceMerges(tokens, types, scores, vocab),
+      },
+    };
+  } else if (kind === "gpt2") {
+    const merges = strings(g.metadata.get("tokenizer.ggml.merges"), "tokenizer.ggml.merges");
+    tokenizerJson = {
+      version: "1.0",
+      added_tokens: addedTokens,
+      normalizer: null,
+      // Llama 3's split pattern, which llama.cpp's "llama-bpe" pre-tokenizer also uses.
+      pre_tokenizer: {
+        type: "Sequence",
+        pretokenizers: [
+          {
+            type: "Split",
+            pattern: { Regex: "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+" },
+            behavior: "Isolated",
+            invert: false,
+          },
+          { type: "ByteLevel", add_prefix_space: false, trim_offsets: true, use_regex: false },
+        ],
+      },
+      post_processor: postProcessor,
+      decoder: { type: "ByteLevel", add_prefix_space: true, trim_offsets: true, use_regex: true },
+      model: { type: "BPE", dropout: null, unk_token: null, continuing_subword_prefix: null, end_of_word_suffix: null, fuse_unk: false, byte_fallback: false, ignore_merges: true, vocab, merges },
+    };
+  } else {
+    throw new ModelLoadError(`${g.path}: tokenizer model ${String(kind)} is not supported (supported: llama, gpt2)`);
+  }
+  const tokenizerConfig: Json = {
+    bos_token: bos !== null ? tokens[bos] : null,
+    eos_token: eos !== null ? tokens[eos] : null,
+    unk_token: unk !== null ? tokens[unk] : null,
+    clean_up_tokenization_spaces: false,
+    legacy: true,
+  };
+  const template = g.metadata.get("tokenizer.chat_template");
+  return new ModelTokenizer(tokenizerJson, tokenizerConfig, typeof template === "string" ? template : null);
+}
+
+/**
+ * SentencePiece merges as BPE merges: every split (a, b) of every normal piece whose
+ * halves are both pieces, ranked by the merged piece's score (higher first). Merging
+ * by that rank is exactly SentencePiece's (and llama2.c's) "best-scoring pair first".
+ */
+function sentencePieceMerges(tokens: string[], types: number[], scores: number[], vocab: Record<string, number>): [string, string][] {
+  const merges: { a: string; b: string; score: number; id: number; split: number }[] = [];
+  tokens.forEach((piece, id) => {
+    if (types[id] !== TOKEN_TYPE.NORMAL && types[id] !== TOKEN_TYPE.USER_DEFINED) return;
+    const chars = Array.from(piece);
+    for (let split = 1; split < chars.length; split++) {
+      const a = chars.slice(0, split).join("");
+      const b = chars.slice(split).join("");
+      if (a in vocab && b in vocab) merges.push({ a, b, score: scores[id], id, split });
+    }
+  });
+  merges.sort((x, y) => y.score - x.score || x.id - y.id || x.split - y.split);
+  return merges.map((m) => [m.a, m.b]);
+}

@@ -1,0 +1,377 @@
+// A deterministic random-weight Llama, written as an HF folder (safetensors in
+// f32/f16/bf16) and as GGUF (f32/f16) from the same weights, so tests need
+// nothing outside the repository. Also used by the benchmark script.
+import { mkdirSync, writeFileSync } from "node:fs";
+import { join } from "node:path";
+
+export interface RandomLlamaShape {
+  dim: number;
+  layers: number;
+  heads: number;
+  kvHeads: number;
+  ffn: number;
+  vocab: number;
+  ctx: number;
+  ropeTheta: number;
+  tied: boolean;
+  std: number;
+  seed: number;
+}
+
+export const TINY: RandomLlamaShape = { dim: 64, layers: 2, heads: 4, kvHeads: 2, ffn: 172, vocab: 512, ctx: 256, ropeTheta: 10000, tied: true, std: 0.1, seed: 1 };
+// Grouped-query 4:1 with head_dim 64, an untied LM head and Llama 3's rope_theta.
+export const GQA: RandomLlamaShape = { dim: 256, layers: 2, heads: 4, kvHeads: 1, ffn: 512, vocab: 512, ctx: 512, ropeTheta: 500000, tied: false, std: 0.08, seed: 2 };
+
+export type WeightDType = "f32" | "f16" | "bf16";
+
+/** A named tensor in HF layout, values in f64 after rounding to the stored dtype. */
+export interface RefTensor {
+  name: string;
+  shape: number[];
+  data: Float64Array;
+}
+
+function mulberry32(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+function normal(rand: () => number): number {
+  const u = Math.max(rand(), 1e-12);
+  return Math.sqrt(-2 * Math.log(u)) * Math.cos(2 * Math.PI * rand());
+}
+
+const f32buf = new Float32Array(1);
+const u32buf = new Uint32Array(f32buf.buffer);
+
+export function toF16Bits(v: number): number {
+  f32buf[0] = v;
+  const x = u32buf[0];
+  const sign = (x >>> 16) & 0x8000;
+  const exp = (x >>> 23) & 0xff;
+  let mant = x & 0x7fffff;
+  if (exp === 0xff) return sign | 0x7c00 | (mant ? 0x200 : 0);
+  let e = exp - 127 + 15;
+  if (e >= 0x1f) return sign | 0x7c00;
+  if (e <= 0) {
+    if (e < -10) return sign;
+    mant |= 0x800000;
+    const shift = 14 - e;
+    let half = mant >>> shift;
+    const rem = mant & ((1 << shift) - 1);
+    const mid = 1 << (shift - 1);
+    if (rem > mid || (rem === mid && half & 1)) half += 1;
+    return sign | half;
+  }
+  let half = (e << 10) | (mant >>> 13);
+  const rem = mant & 0x1fff;
+  if (rem > 0x1000 || (rem === 0x1000 && half & 1)) half += 1;
+  return sign | half;
+}
+
+export function fromF16Bits(h: number): number {
+  const sign = h & 0x8000 ? -1 : 1;
+  const exp = (h >>> 10) & 0x1f;
+  const mant = h & 0x3ff;
+  if (exp === 0) return sign * mant * 2 ** -24;
+  if (exp === 0x1f) return mant ? NaN : sign * Infinity;
+  return sign * (1 + mant / 1024) * 2 ** (exp - 15);
+}
+
+export function toBf16Bits(v: number): number {
+  f32buf[0] = v;
+  const x = u32buf[0];
+  const rounded = x + 0x7fff + ((x >>> 16) & 1);
+  return (rounded >>> 16) & 0xffff;
+}
+
+export function fromBf16Bits(b: number): number {
+  u32buf[0] = b << 16;
+  return f32buf[0];
+}
+
+function roundTo(dtype: WeightDType, v: number): number {
+  if (dtype === "f16") return fromF16Bits(toF16Bits(v));
+  if (dtype === "bf16") return fromBf16Bits(toBf16Bits(v));
+  return Math.fround(v);
+}
+
+export function makeWeights(s: RandomLlamaShape, dtype: WeightDType): RefTensor[] {
+  const hd = s.dim / s.heads;
+  const plan: [string, number[], "linear" | "norm"][] = [["model.embed_tokens.weight", [s.vocab, s.dim], "linear"]];
+  for (let l = 0; l < s.layers; l++) {
+    const p = `model.layers.${l}`;
+    plan.push(
+      [`${p}.input_layernorm.weight`, [s.dim], "norm"],
+      [`${p}.self_attn.q_proj.weight`, [s.heads * hd, s.dim], "linear"],
+      [`${p}.self_attn.k_proj.weight`, [s.kvHeads * hd, s.dim], "linear"],
+      [`${p}.self_attn.v_proj.weight`, [s.kvHeads * hd, s.dim], "linear"],
+      [`${p}.self_attn.o_proj.weight`, [s.dim, s.heads * hd], "linear"],
+      [`${p}.post_attention_layernorm.weight`, [s.dim], "norm"],
+      [`${p}.mlp.gate_proj.weight`, [s.ffn, s.dim], "linear"],
+      [`${p}.mlp.up_proj.weight`, [s.ffn, s.dim], "linear"],
+      [`${p}.mlp.down_proj.weight`, [s.dim, s.ffn], "linear"],
+    );
+  }
+  plan.push(["model.norm.weight", [s.dim], "norm"]);
+  if (!s.tied) plan.push(["lm_head.weight", [s.vocab, s.dim], "linear"]);
+  return plan.map(([name, shape, kind], i) => {
+    const rand = mulberry32(s.seed * 100003 + i);
+    const n = shape.reduce((a, b) => a * b, 1);
+    const data = new Float64Array(n);
+    for (let j = 0; j < n; j++) data[j] = roundTo(dtype, kind === "norm" ? 1 + 0.1 * normal(rand) : s.std * normal(rand));
+    return { name, shape, data };
+  });
+}
+
+function vocabPieces(n: number): string[] {
+  const pieces = ["<unk>", "<s>", "</s>"];
+  for (let b = 0; b < 256; b++) pieces.push(`<0x${b.toString(16).toUpperCase().padStart(2, "0")}>`);
+  const letters = "etaoinshrdlcumwfgypbvkjxqz";
+  const seen = new Set(pieces);
+  const add = (p: string) => {
+    if (pieces.length < n && !seen.has(p)) {
+      pieces.push(p);
+      seen.add(p);
+    }
+  };
+  add("\u2581");
+  for (const c of letters) add(c);
+  for (const c of letters) add(`\u2581${c}`);
+  for (const a of letters) for (const b of letters) add(`${a}${b}`);
+  for (const a of letters) for (const b of letters) add(`\u2581${a}${b}`);
+  if (pieces.length < n) throw new Error(`vocab ${n} is larger than this generator makes`);
+  return pieces;
+}
+
+function tokenizerJson(pieces: string[]): object {
+  const vocab: Record<string, number> = {};
+  pieces.forEach((p, i) => (vocab[p] = i));
+  const merges: [string, string][] = [];
+  pieces.forEach((p, id) => {
+    if (id < 259) return;
+    const chars = Array.from(p);
+    for (let k = 1; k < chars.length; k++) {
+      const a = chars.slice(0, k).join("");
+      const b = chars.slice(k).join("");
+      if (a in vocab && b in vocab) merges.push([a, b]);
+    }
+  });
+  const special = (id: number) => ({ id, content: pieces[id], single_word: false, lstrip: false, rstrip: false, normalized: false, special: true });
+  return {
+    version: "1.0",
+    truncation: null,
+    padding: null,
+    added_tokens: [special(0), special(1), special(2)],
+    normalizer: { type: "Sequence", normalizers: [{ type: "Prepend", prepend: "\u2581" }, { type: "Replace", pattern: { String: " " }, content: "\u2581" }] },
+    pre_tokenizer: null,
+    post_processor: {
+      type: "TemplateProcessing",
+      single: [{ SpecialToken: { id: "<s>", type_id: 0 } }, { Sequence: { id: "A", type_id: 0 } }],
+      pair: [{ SpecialToken: { id: "<s>", type_id: 0 } }, { Sequence: { id: "A", type_id: 0 } }, { Sequence: { id: "B", type_id: 1 } }],
+      special_tokens: { "<s>": { id: "<s>", ids: [1], tokens: ["<s>"] } },
+    },
+    decoder: { type: "Sequence", decoders: [{ type: "Replace", pattern: { String: "\u2581" }, content: " " }, { type: "ByteFallback" }, { type: "Fuse" }, { type: "Strip", content: " ", start: 1, stop: 0 }] },
+    model: { type: "BPE", dropout: null, unk_token: "<unk>", continuing_subword_prefix: null, end_of_word_suffix: null, fuse_unk: true, byte_fallback: true, ignore_merges: false, vocab, merges },
+  };
+}
+
+function encodeTensor(data: Float64Array, dtype: WeightDType): Uint8Array {
+  if (dtype === "f32") return new Uint8Array(Float32Array.from(data).buffer);
+  const out = new Uint16Array(data.length);
+  for (let i = 0; i < data.length; i++) out[i] = dtype === "f16" ? toF16Bits(data[i]) : toBf16Bits(data[i]);
+  return new Uint8Array(out.buffer);
+}
+
+export function writeSafetensors(path: string, tensors: RefTensor[], dtype: WeightDType): void {
+  const header: Record<string, unknown> = {};
+  const blobs: Uint8Array[] = [];
+  let offset = 0;
+  for (const t of tensors) {
+    const bytes = encodeTensor(t.data, dtype);
+    header[t.name] = { dtype: dtype.toUpperCase(), shape: t.shape, data_offsets: [offset, offset + bytes.byteLength] };
+    blobs.push(bytes);
+    offset += bytes.byteLength;
+  }
+  let json = JSON.stringify(header);
+  json += " ".repeat((8 - ((8 + json.length) % 8)) % 8);
+  const len = Buffer.alloc(8);
+  len.writeBigUInt64LE(BigInt(json.length));
+  writeFileSync(path, Buffer.concat([len, Buffer.from(json), ...blobs]));
+}
+
+/** Writes <dir>/hf/ (config, tokenizer, model.safetensors). */
+export function writeHfModel(dir: string, s: RandomLlamaShape, dtype: WeightDType, weights: RefTensor[]): string {
+  const hf = join(dir, "hf");
+  mkdirSync(hf, { recursive: true });
+  const hd = s.dim / s.heads;
+  const config = {
+    architectures: ["LlamaForCausalLM"],
+    model_type: "llama",
+    hidden_size: s.dim,
+    intermediate_size: s.ffn,
+    num_hidden_layers: s.layers,
+    num_attention_heads: s.heads,
+    num_key_value_heads: s.kvHeads,
+    head_dim: hd,
+    vocab_size: s.vocab,
+    max_position_embeddings: s.ctx,
+    rms_norm_eps: 1e-5,
+    rope_theta: s.ropeTheta,
+    rope_scaling: null,
+    hidden_act: "silu",
+    tie_word_embeddings: s.tied,
+    bos_token_id: 1,
+    eos_token_id: 2,
+    torch_dtype: { f32: "float32", f16: "float16", bf16: "bfloat16" }[dtype],
+  };
+  writeFileSync(join(hf, "config.json"), JSON.stringify(config, null, 2));
+  writeFileSync(join(hf, "tokenizer.json"), JSON.stringify(tokenizerJson(vocabPieces(s.vocab))));
+  writeFileSync(
+    join(hf, "tokenizer_config.json"),
+    JSON.stringify({ add_bos_token: true, bos_token: "<s>", eos_token: "</s>", unk_token: "<unk>", clean_up_tokenization_spaces: false, legacy: true }),
+  );
+  writeSafetensors(join(hf, "model.safetensors"), weights, dtype);
+  return hf;
+}
+
+// ---- GGUF
+
+const GGUF_NAMES: [RegExp, string][] = [
+  [/^model\.embed_tokens\.weight$/, "token_embd.weight"],
+  [/^model\.layers\.(\d+)\.input_layernorm\.weight$/, "blk.$1.attn_norm.weight"],
+  [/^model\.layers\.(\d+)\.self_attn\.q_proj\.weight$/, "blk.$1.attn_q.weight"],
+  [/^model\.layers\.(\d+)\.self_attn\.k_proj\.weight$/, "blk.$1.attn_k.weight"],
+  [/^model\.layers\.(\d+)\.self_attn\.v_proj\.weight$/, "blk.$1.attn_v.weight"],
+  [/^model\.layers\.(\d+)\.self_attn\.o_proj\.weight$/, "blk.$1.attn_output.weight"],
+  [/^model\.layers\.(\d+)\.post_attention_layernorm\.weight$/, "blk.$1.ffn_norm.weight"],
+  [/^model\.layers\.(\d+)\.mlp\.gate_proj\.weight$/, "blk.$1.ffn_gate.weight"],
+  [/^model\.layers\.(\d+)\.mlp\.up_proj\.weight$/, "blk.$1.ffn_up.weight"],
+  [/^model\.layers\.(\d+)\.mlp\.down_proj\.weight$/, "blk.$1.ffn_down.weight"],
+  [/^model\.norm\.weight$/, "output_norm.weight"],
+  [/^lm_head\.weight$/, "output.weight"],
+];
+
+/** HF's rotate-half q/k rows to GGUF's interleaved layout, as llama.cpp's converter permutes them. */
+function permuteRope(t: RefTensor, heads: number): Float64Array {
+  const [rows, cols] = t.shape;
+  const hd = rows / heads;
+  const out = new Float64Array(t.data.length);
+  for (let h = 0; h < heads; h++)
+    for (let i = 0; i < hd / 2; i++)
+      for (let j = 0; j < 2; j++) {
+        const dst = h * hd + i * 2 + j;
+        const src = h * hd + j * (hd / 2) + i;
+        out.set(t.data.subarray(src * cols, (src + 1) * cols), dst * cols);
+      }
+  return out;
+}
+
+class GgufWriter {
+  private parts: Buffer[] = [];
+  str(s: string) {
+    const b = Buffer.from(s, "utf8");
+    this.u64(b.length);
+    this.parts.push(b);
+  }
+  u32(v: number) {
+    const b = Buffer.alloc(4);
+    b.writeUInt32LE(v);
+    this.parts.push(b);
+  }
+  u64(v: number) {
+    const b = Buffer.alloc(8);
+    b.writeBigUInt64LE(BigInt(v));
+    this.parts.push(b);
+  }
+  f32(v: number) {
+    const b = Buffer.alloc(4);
+    b.writeFloatLE(v);
+    this.parts.push(b);
+  }
+  i32(v: number) {
+    const b = Buffer.alloc(4);
+    b.writeInt32LE(v);
+    this.parts.push(b);
+  }
+  kv(key: string, type: "u32" | "f32" | "str", v: number | string) {
+    this.str(key);
+    if (type === "u32") (this.u32(4), this.u32(v as number));
+    else if (type === "f32") (this.u32(6), this.f32(v as number));
+    else (this.u32(8), this.str(v as string));
+  }
+  array(key: string, type: "str" | "f32" | "i32", items: (string | number)[]) {
+    this.str(key);
+    this.u32(9);
+    this.u32(type === "str" ? 8 : type === "f32" ? 6 : 5);
+    this.u64(items.length);
+    for (const it of items) {
+      if (type === "str") this.str(it as string);
+      else if (type === "f32") this.f32(it as number);
+      else this.i32(it as number);
+    }
+  }
+  raw(b: Uint8Array) {
+    this.parts.push(Buffer.from(b.buffer, b.byteOffset, b.byteLength));
+  }
+  get length() {
+    return this.parts.reduce((a, b) => a + b.length, 0);
+  }
+  bytes() {
+    return Buffer.concat(this.parts);
+  }
+}
+
+export function writeGguf(path: string, s: RandomLlamaShape, dtype: "f32" | "f16", weights: RefTensor[]): void {
+  const pieces = vocabPieces(s.vocab);
+  const w = new GgufWriter();
+  const tensors = weights.map((t) => {
+    const name = GGUF_NAMES.reduce<string | null>((acc, [re, to]) => acc ?? (re.test(t.name) ? t.name.replace(re, to) : null), null)!;
+    let data = t.data;
+    if (name.endsWith("attn_q.weight")) data = permuteRope(t, s.heads);
+    if (name.endsWith("attn_k.weight")) data = permuteRope(t, s.kvHeads);
+    // Norm vectors stay f32, as llama.cpp's converter keeps 1-D tensors.
+    const tdtype = t.shape.length === 1 ? "f32" : dtype;
+    return { name, dims: [...t.shape].reverse(), tdtype, bytes: encodeTensor(data, tdtype) };
+  });
+  w.u32(0x46554747);
+  w.u32(3);
+  w.u64(tensors.length);
+  w.u64(14);
+  w.kv("general.architecture", "str", "llama");
+  w.kv("general.alignment", "u32", 32);
+  w.kv("llama.context_length", "u32", s.ctx);
+  w.kv("llama.embedding_length", "u32", s.dim);
+  w.kv("llama.feed_forward_length", "u32", s.ffn);
+  w.kv("llama.block_count", "u32", s.layers);
+  w.kv("llama.attention.head_count", "u32", s.heads);
+  w.kv("llama.attention.head_count_kv", "u32", s.kvHeads);
+  w.kv("llama.rope.freq_base", "f32", s.ropeTheta);
+  w.kv("llama.attention.layer_norm_rms_epsilon", "f32", 1e-5);
+  w.kv("tokenizer.ggml.model", "str", "llama");
+  w.array("tokenizer.ggml.tokens", "str", pieces);
+  w.array("tokenizer.ggml.scores", "f32", pieces.map((_, i) => -i));
+  w.array("tokenizer.ggml.token_type", "i32", pieces.map((_, i) => (i === 0 ? 2 : i < 3 ? 3 : i < 259 ? 6 : 1)));
+  let offset = 0;
+  for (const t of tensors) {
+    w.str(t.name);
+    w.u32(t.dims.length);
+    for (const d of t.dims) w.u64(d);
+    w.u32(t.tdtype === "f32" ? 0 : 1);
+    w.u64(offset);
+    offset += Math.ceil(t.bytes.byteLength / 32) * 32;
+  }
+  const pad = (n: number) => new Uint8Array((32 - (n % 32)) % 32);
+  w.raw(pad(w.length));
+  for (const t of tensors) {
+    w.raw(t.bytes);
+    w.raw(pad(t.bytes.byteLength));
+  }
+  writeFileSync(path, w.bytes());
+}

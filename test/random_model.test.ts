@@ -1,0 +1,75 @@
+// Random-weight Llamas the test writes itself (HF safetensors in f32/f16/bf16 and
+// GGUF in f32/f16, from the same weights) against a plain f64 reference forward pass:
+// the same greedy tokens, and logits within tolerance.
+import { afterAll, describe, expect, test } from "bun:test";
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { LLMEngine } from "../src/engine/llm_engine.ts";
+import { generate, nextTokenLogits } from "./helpers/engine.ts";
+import { GQA, makeWeights, TINY, writeGguf, writeHfModel, type RandomLlamaShape, type WeightDType } from "./helpers/random_llama.ts";
+import { argmaxAndGap, RefLlama } from "./helpers/ref_llama.ts";
+
+const dir = mkdtempSync(join(tmpdir(), "inferneo-random-"));
+afterAll(() => rmSync(dir, { recursive: true, force: true }));
+
+const STEPS = 24;
+
+function prompt(shape: RandomLlamaShape, n: number, salt: number): number[] {
+  const ids = [1];
+  for (let i = 1; i < n; i++) ids.push(3 + ((i * 7919 + salt * 104729) % (shape.vocab - 3)));
+  return ids;
+}
+
+const cases: { name: string; shape: RandomLlamaShape; dtype: WeightDType; format: "hf" | "gguf" }[] = [
+  { name: "tiny f32 (HF)", shape: TINY, dtype: "f32", format: "hf" },
+  { name: "tiny f16 (HF)", shape: TINY, dtype: "f16", format: "hf" },
+  { name: "tiny bf16 (HF)", shape: TINY, dtype: "bf16", format: "hf" },
+  { name: "tiny f32 (GGUF)", shape: TINY, dtype: "f32", format: "gguf" },
+  { name: "GQA 4:1, head_dim 64, untied, rope_theta 5e5, f32 (HF)", shape: GQA, dtype: "f32", format: "hf" },
+  { name: "GQA 4:1, head_dim 64, untied, rope_theta 5e5, f16 (GGUF)", shape: GQA, dtype: "f16", format: "gguf" },
+];
+
+describe("random-weight models against the reference forward pass", () => {
+  for (const [i, c] of cases.entries()) {
+    test(c.name, async () => {
+      const weights = makeWeights(c.shape, c.dtype);
+      const out = join(dir, `case${i}`);
+      let path: string;
+      if (c.format === "hf") path = writeHfModel(out, c.shape, c.dtype, weights);
+      else {
+        writeHfModel(out, c.shape, "f32", weights); // only for its folder; the GGUF is what loads
+        path = join(out, "model.gguf");
+        writeGguf(path, c.shape, c.dtype as "f32" | "f16", weights);
+      }
+      const engine = await LLMEngine.create(path, { threads: 2, maxNumSeqs: 4 });
+      try {
+        const ids = prompt(c.shape, 9, i);
+        const ref = new RefLlama(c.shape, weights);
+        for (const t of ids.slice(0, -1)) ref.forward(t);
+        let logits = ref.forward(ids[ids.length - 1]);
+
+        // Prefill logits: f32 accumulation against f64.
+        const got = nextTokenLogits(engine, ids);
+        let maxDiff = 0;
+        for (let v = 0; v < logits.length; v++) maxDiff = Math.max(maxDiff, Math.abs(got[v] - logits[v]));
+        expect(maxDiff).toBeLessThan(1e-4);
+
+        const { ids: tokens } = await generate(engine, ids, { maxTokens: STEPS });
+        const want: number[] = [];
+        let minGap = Infinity;
+        for (let step = 0; step < STEPS; step++) {
+          const { id, gap } = argmaxAndGap(logits);
+          want.push(id);
+          minGap = Math.min(minGap, gap);
+          logits = ref.forward(id);
+        }
+        // The reference's closest call must be clear of f32 rounding for the comparison to be exact.
+        expect(minGap).toBeGreaterThan(1e-3);
+        expect(tokens).toEqual(want);
+      } finally {
+        await engine.shutdown();
+      }
+    });
+  }
+});
