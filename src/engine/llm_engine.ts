@@ -10,7 +10,7 @@ import { IncrementalDetokenizer } from "./detokenizer.ts";
 import { KvCacheManager } from "./kv_cache_manager.ts";
 import { ModelRunner } from "./model_runner.ts";
 import { finishReason, isFinished, Request, RequestStatus, type FinishReason, type SamplingParams } from "./request.ts";
-import { Scheduler } from "./scheduler.ts";
+import { Scheduler, type ScheduledRequest } from "./scheduler.ts";
 
 export interface EngineOptions {
   maxModelLen?: number; // default: the model's own context length
@@ -64,6 +64,8 @@ export class LLMEngine {
   private looping = false;
   private nextId = 0;
   stepCount = 0;
+  /** Sees each step's schedule before it runs (metrics, tests). Must not throw. */
+  stepObserver: ((scheduled: readonly ScheduledRequest[]) => void) | null = null;
 
   static async create(modelArg: string, options: Partial<EngineOptions> = {}): Promise<LLMEngine> {
     return new LLMEngine(await loadModel(modelArg), { ...DEFAULT_ENGINE_OPTIONS, ...options });
@@ -172,6 +174,7 @@ export class LLMEngine {
         if (head) this.finish(head, RequestStatus.FINISHED_ERROR, "the KV pool cannot hold this request");
         continue;
       }
+      this.stepObserver?.(scheduled);
       let sampled;
       try {
         sampled = await this.runner.execute(scheduled);

@@ -1,0 +1,47 @@
+// `inferneo generate` as a user runs it: a subprocess, streamed text, a figures line,
+// and one-line errors with a non-zero exit.
+import { describe, expect, test } from "bun:test";
+import { join } from "node:path";
+import { goldens, SHARED, stories } from "./helpers/engine.ts";
+
+const CLI = join(import.meta.dir, "..", "src", "cli.ts");
+
+function run(args: string[]) {
+  const r = Bun.spawnSync([process.execPath, CLI, ...args], { stdout: "pipe", stderr: "pipe" });
+  return { code: r.exitCode, stdout: r.stdout.toString(), stderr: r.stderr.toString() };
+}
+
+describe.skipIf(SHARED === null)("inferneo generate (stories260K)", () => {
+  test("greedy from the HF folder prints the golden continuation and a figures line", () => {
+    const g = goldens()[0];
+    const r = run(["generate", "--model", stories("hf"), "--prompt", g.prompt, "--max-tokens", "64", "--temperature", "0"]);
+    expect(r.code).toBe(0);
+    expect(g.completion_text_all!.startsWith(r.stdout.trimEnd())).toBe(true);
+    expect(r.stdout.length).toBeGreaterThan(100);
+    expect(r.stderr).toMatch(/prompt tokens: 5, generated tokens: 64, prefill: [\d.]+ tok\/s, decode: [\d.]+ tok\/s/);
+  });
+
+  test("sampling from the GGUF with a seed repeats itself", () => {
+    const args = ["generate", "--model", stories("stories260K.gguf"), "--prompt", "Lily wanted to", "--max-tokens", "32", "--seed", "7"];
+    const a = run(args);
+    const b = run(args);
+    expect(a.code).toBe(0);
+    expect(a.stdout).toBe(b.stdout);
+    expect(a.stdout.trim().length).toBeGreaterThan(20);
+  });
+});
+
+describe("inferneo errors", () => {
+  test("a missing model is one line and exit code 1", () => {
+    const r = run(["generate", "--model", "/nonexistent/model", "--prompt", "hi"]);
+    expect(r.code).toBe(1);
+    expect(r.stderr.trim()).toBe("inferneo: model path /nonexistent/model does not exist");
+  });
+
+  test("a bad flag prints usage and exit code 2", () => {
+    const r = run(["generate", "--model", "x", "--prompt", "y", "--max-tokens", "lots"]);
+    expect(r.code).toBe(2);
+    expect(r.stderr).toContain("--max-tokens must be an integer >= 1, got 'lots'");
+    expect(r.stderr).toContain("usage:");
+  });
+});

@@ -1,0 +1,62 @@
+// Models made by the shared generator (make_random_llama.py) against the shared
+// numpy reference (ref_llama_numpy.py): the same greedy tokens from the HF folder
+// and from the GGUF. Skips where ../shared or python3 with numpy is absent.
+import { afterAll, describe, expect, test } from "bun:test";
+import { spawnSync } from "node:child_process";
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { LLMEngine } from "../src/engine/llm_engine.ts";
+import { generate, SHARED } from "./helpers/engine.ts";
+
+const hasNumpy = spawnSync("python3", ["-c", "import numpy"], { stdio: "ignore" }).status === 0;
+if (SHARED !== null && !hasNumpy) console.warn("skipped: python3 with numpy is not available for the shared reference tools");
+
+const dir = mkdtempSync(join(tmpdir(), "inferneo-shared-"));
+afterAll(() => rmSync(dir, { recursive: true, force: true }));
+
+function python(args: string[]): string {
+  const r = spawnSync("python3", args, { encoding: "utf8", maxBuffer: 1 << 26 });
+  if (r.status !== 0) throw new Error(`python3 ${args.join(" ")} failed: ${r.stderr}`);
+  return r.stdout;
+}
+
+const STEPS = 16;
+const PROMPT = [1, 400, 500, 600, 31, 1000, 7];
+
+const cases = [
+  { name: "tiny preset, f32", args: ["--preset", "tiny", "--hf-dtype", "f32", "--gguf-dtypes", "f32"], gguf: "tiny-f32.gguf" },
+  {
+    name: "GQA 4:1, head_dim 64, untied, rope_theta 500000, f16",
+    args: ["--preset", "tiny", "--dim", "512", "--n-heads", "8", "--n-kv-heads", "2", "--n-layers", "2", "--ffn", "1024", "--vocab", "4096", "--rope-theta", "500000", "--hf-dtype", "f16", "--gguf-dtypes", "f16"],
+    gguf: "tiny-f16.gguf",
+  },
+];
+
+describe.skipIf(SHARED === null || !hasNumpy)("shared generator and numpy reference", () => {
+  for (const [i, c] of cases.entries()) {
+    test(c.name, async () => {
+      const out = join(dir, `m${i}`);
+      python([join(SHARED!, "tools", "make_random_llama.py"), ...c.args, "--out", out]);
+      const ref = JSON.parse(python([join(SHARED!, "tools", "ref_llama_numpy.py"), join(out, "hf"), "--tokens", PROMPT.join(","), "-n", String(STEPS), "--top", "2"])) as {
+        generated: number[];
+        top: [number, number][][];
+      };
+      // Compare up to the reference's first near-tie (none is expected with these seeds).
+      let exact = ref.generated.length;
+      ref.top.forEach((top, step) => {
+        if (step < exact && top[0][1] - top[1][1] < 1e-3) exact = step;
+      });
+      expect(exact).toBeGreaterThanOrEqual(8);
+      for (const path of [join(out, "hf"), join(out, c.gguf)]) {
+        const engine = await LLMEngine.create(path, { threads: 2, maxNumSeqs: 2 });
+        try {
+          const { ids } = await generate(engine, PROMPT, { maxTokens: STEPS });
+          expect({ path, ids: ids.slice(0, exact) }).toEqual({ path, ids: ref.generated.slice(0, exact) });
+        } finally {
+          await engine.shutdown();
+        }
+      }
+    });
+  }
+});
