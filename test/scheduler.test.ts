@@ -14,6 +14,10 @@ class FakePool implements BlockPool {
     if (n > this.free.length) throw new Error("exhausted");
     return this.free.splice(0, n);
   }
+  cacheBlocks(): void {}
+  lookupCachedBlocks(): number[] {
+    return [];
+  }
   freeBlocks(ids: readonly number[]): void {
     for (const id of ids) {
       if (this.free.includes(id)) throw new Error(`double free ${id}`);
@@ -27,8 +31,8 @@ class FakePool implements BlockPool {
 
 function setup(numBlocks: number, budget: number, maxNumSeqs = 8) {
   const pool = new FakePool(numBlocks);
-  const kv = new KvCacheManager(pool, 4, numBlocks, 64);
-  const s = new Scheduler({ maxNumBatchedTokens: budget, maxNumSeqs, maxModelLen: 256 }, kv);
+  const kv = new KvCacheManager(pool, 4, numBlocks, 64, false);
+  const s = new Scheduler({ maxNumBatchedTokens: budget, maxNumSeqs, maxModelLen: 256, maxQueueLen: 16 }, kv);
   return { pool, kv, s };
 }
 

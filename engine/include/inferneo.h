@@ -21,7 +21,12 @@ extern "C" {
 #endif
 
 /* Bumped on any change to a struct layout or a function signature. */
-#define IFN_ABI_VERSION 1
+#define IFN_ABI_VERSION 2
+
+/* Most alternatives a sampled row reports with its log-probability. */
+#define IFN_TOP_LOGPROBS_MAX 20
+/* Most logit_bias entries one row may carry. */
+#define IFN_LOGIT_BIAS_MAX 1024
 
 enum ifn_status {
     IFN_OK = 0,
@@ -95,13 +100,29 @@ typedef struct ifn_engine_config {
     uint32_t num_threads;            /* compute threads, the engine thread included */
 } ifn_engine_config;
 
+/*
+ * One sampled row. Order of processing, as vLLM applies it: logit_bias, then
+ * penalties (repetition over prompt and output, presence and frequency over the
+ * output), then temperature, top-k, top-p, min-p, and a draw. Reported
+ * log-probabilities are the model's own (before any of that).
+ */
 typedef struct ifn_sampling_params {
-    float temperature; /* 0 = greedy (argmax, lowest id on ties) */
-    float top_p;       /* 1 = off */
-    float min_p;       /* 0 = off */
-    int32_t top_k;     /* 0 or less = off */
+    float temperature;        /* 0 = greedy (argmax, lowest id on ties) */
+    float top_p;              /* 1 = off */
+    float min_p;              /* 0 = off */
+    int32_t top_k;            /* 0 or less = off */
+    float presence_penalty;   /* 0 = off */
+    float frequency_penalty;  /* 0 = off */
+    float repetition_penalty; /* 1 = off */
+    int32_t num_top_logprobs; /* 0..IFN_TOP_LOGPROBS_MAX alternatives to report */
     uint64_t seed;
-    uint64_t draw_index; /* which draw of this seed's stream: tokens generated so far */
+    uint64_t draw_index;      /* which draw of this seed's stream: tokens generated so far */
+    int32_t history_offset;   /* this row's tokens in batch.history_token_ids: */
+    int32_t history_prompt_len; /*   the first history_prompt_len are the prompt, */
+    int32_t history_len;      /*   the rest (history_len - history_prompt_len) the output */
+    int32_t bias_offset;      /* this row's entries in batch.logit_bias_ids/values */
+    int32_t bias_count;       /* <= IFN_LOGIT_BIAS_MAX */
+    int32_t _reserved;
 } ifn_sampling_params;
 
 /*
@@ -128,6 +149,13 @@ typedef struct ifn_batch {
     int32_t* out_token_ids;       /* (max_num_seqs) */
     float* out_logprobs;          /* (max_num_seqs) log-probability of the sampled token */
     float* logits;                /* (max_num_seqs, vocab_size) filled when return_logits */
+    uint32_t history_capacity;    /* entries in history_token_ids */
+    uint32_t bias_capacity;       /* entries in logit_bias_ids/values */
+    int32_t* history_token_ids;   /* (history_capacity) token history of rows with penalties */
+    int32_t* logit_bias_ids;      /* (bias_capacity) */
+    float* logit_bias_values;     /* (bias_capacity) */
+    int32_t* out_top_ids;         /* (max_num_seqs, IFN_TOP_LOGPROBS_MAX) */
+    float* out_top_logprobs;      /* (max_num_seqs, IFN_TOP_LOGPROBS_MAX) */
 } ifn_batch;
 
 typedef struct ifn_engine ifn_engine;
@@ -159,6 +187,11 @@ const char* ifn_engine_last_error(const ifn_engine* engine);
 int32_t ifn_blocks_allocate(ifn_engine* engine, uint32_t n, int32_t* out_block_ids);
 int32_t ifn_blocks_free(ifn_engine* engine, uint32_t n, const int32_t* block_ids);
 int32_t ifn_blocks_ref(ifn_engine* engine, uint32_t n, const int32_t* block_ids);
+/* Prefix caching: full blocks are named by a chained hash of their tokens (never 0). */
+int32_t ifn_blocks_cache_insert(ifn_engine* engine, uint32_t n, const int32_t* block_ids, const uint64_t* hashes);
+/* Takes a reference on the blocks holding the leading hashes; returns how many hit. */
+uint32_t ifn_blocks_cache_lookup(ifn_engine* engine, uint32_t n, const uint64_t* hashes, int32_t* out_block_ids);
+uint32_t ifn_blocks_num_cached(const ifn_engine* engine);
 uint32_t ifn_blocks_num_free(const ifn_engine* engine);
 uint32_t ifn_blocks_ref_count(const ifn_engine* engine, int32_t block_id);
 

@@ -1,7 +1,9 @@
 //! Mirrors of the `extern struct`s and enums in engine/include/inferneo.h.
 //! Field order and types must match the header exactly.
 
-pub const abi_version: i32 = 1;
+pub const abi_version: i32 = 2;
+pub const top_logprobs_max = 20;
+pub const logit_bias_max = 1024;
 
 pub const Status = enum(i32) {
     ok = 0,
@@ -86,8 +88,22 @@ pub const SamplingParams = extern struct {
     top_p: f32,
     min_p: f32,
     top_k: i32,
+    presence_penalty: f32 = 0,
+    frequency_penalty: f32 = 0,
+    repetition_penalty: f32 = 1,
+    num_top_logprobs: i32 = 0,
     seed: u64,
     draw_index: u64,
+    history_offset: i32 = 0,
+    history_prompt_len: i32 = 0,
+    history_len: i32 = 0,
+    bias_offset: i32 = 0,
+    bias_count: i32 = 0,
+    _reserved: i32 = 0,
+
+    pub fn hasPenalties(p: SamplingParams) bool {
+        return p.presence_penalty != 0 or p.frequency_penalty != 0 or p.repetition_penalty != 1;
+    }
 };
 
 pub const Batch = extern struct {
@@ -106,6 +122,13 @@ pub const Batch = extern struct {
     out_token_ids: [*]i32,
     out_logprobs: [*]f32,
     logits: [*]f32,
+    history_capacity: u32,
+    bias_capacity: u32,
+    history_token_ids: [*]i32,
+    logit_bias_ids: [*]i32,
+    logit_bias_values: [*]f32,
+    out_top_ids: [*]i32,
+    out_top_logprobs: [*]f32,
 };
 
 comptime {
@@ -113,6 +136,6 @@ comptime {
     std.debug.assert(@sizeOf(ModelConfig) == 48);
     std.debug.assert(@sizeOf(Tensor) == 48);
     std.debug.assert(@sizeOf(EngineConfig) == 24);
-    std.debug.assert(@sizeOf(SamplingParams) == 32);
-    std.debug.assert(@sizeOf(Batch) == 16 + 11 * 8);
+    std.debug.assert(@sizeOf(SamplingParams) == 72);
+    std.debug.assert(@sizeOf(Batch) == 16 + 11 * 8 + 8 + 5 * 8);
 }

@@ -26,10 +26,16 @@ pub const BlockPool = struct {
     free_head: u32,
     free_tail: u32,
     num_free: u32,
+    /// hash -> the block holding those tokens, for blocks in use and cached free ones.
+    /// Sized for every block at init, so inserts never allocate.
+    cached: std.AutoHashMapUnmanaged(u64, BlockId),
 
     pub fn init(allocator: std.mem.Allocator, num_blocks: u32) !BlockPool {
         assert(num_blocks > 0);
         assert(num_blocks < none);
+        var cached: std.AutoHashMapUnmanaged(u64, BlockId) = .{};
+        try cached.ensureTotalCapacity(allocator, num_blocks);
+        errdefer cached.deinit(allocator);
         const blocks = try allocator.alloc(Block, num_blocks);
         for (blocks, 0..) |*block, i| {
             block.* = .{
@@ -37,10 +43,11 @@ pub const BlockPool = struct {
                 .next_free = if (i + 1 == num_blocks) none else @intCast(i + 1),
             };
         }
-        return .{ .blocks = blocks, .free_head = 0, .free_tail = num_blocks - 1, .num_free = num_blocks };
+        return .{ .blocks = blocks, .free_head = 0, .free_tail = num_blocks - 1, .num_free = num_blocks, .cached = cached };
     }
 
     pub fn deinit(pool: *BlockPool, allocator: std.mem.Allocator) void {
+        pool.cached.deinit(allocator);
         allocator.free(pool.blocks);
         pool.* = undefined;
     }
@@ -58,10 +65,51 @@ pub const BlockPool = struct {
             pool.removeFree(block_id);
             const block = &pool.blocks[block_id];
             assert(block.ref_count == 0);
+            // Reusing a cached block evicts its contents: the least recently freed goes first.
+            if (block.hash != 0) {
+                const entry = pool.cached.get(block.hash);
+                if (entry != null and entry.? == block_id) assert(pool.cached.remove(block.hash));
+            }
             block.ref_count = 1;
             block.hash = 0;
             id.* = block_id;
         }
+    }
+
+    /// Marks held, full blocks as holding the tokens that `hashes` stand for. A hash that
+    /// another block already holds is left with that block (the same tokens twice).
+    pub fn cacheInsert(pool: *BlockPool, ids: []const BlockId, hashes: []const u64) Error!void {
+        assert(ids.len == hashes.len);
+        for (ids, hashes) |id, hash| {
+            if (id >= pool.blocks.len or pool.blocks[id].ref_count == 0 or hash == 0) return error.InvalidBlock;
+        }
+        for (ids, hashes) |id, hash| {
+            const block = &pool.blocks[id];
+            if (block.hash != 0) continue; // already cached, under its first hash
+            const gop = pool.cached.getOrPutAssumeCapacity(hash);
+            if (gop.found_existing) continue;
+            gop.value_ptr.* = id;
+            block.hash = hash;
+        }
+    }
+
+    /// Takes a reference on the blocks that hold the leading `hashes`, stopping at the
+    /// first miss; cached free blocks leave the free queue. Returns how many hit.
+    pub fn cacheLookup(pool: *BlockPool, hashes: []const u64, out: []BlockId) usize {
+        assert(out.len >= hashes.len);
+        for (hashes, 0..) |hash, i| {
+            const id = pool.cached.get(hash) orelse return i;
+            const block = &pool.blocks[id];
+            assert(block.hash == hash);
+            if (block.ref_count == 0) pool.removeFree(id);
+            block.ref_count += 1;
+            out[i] = id;
+        }
+        return hashes.len;
+    }
+
+    pub fn numCached(pool: *const BlockPool) u32 {
+        return pool.cached.count();
     }
 
     /// Adds a reference to blocks already held (a shared prefix, a forked sequence).
@@ -180,4 +228,46 @@ test "freed blocks are reused least recently freed first" {
     try pool.allocate(&again);
     try testing.expectEqual(ids[2], again[0]);
     try testing.expectEqual(ids[0], again[1]);
+}
+
+test "a freed block stays cached until its slot is reused, least recently freed first" {
+    var pool = try BlockPool.init(testing.allocator, 3);
+    defer pool.deinit(testing.allocator);
+    var ids: [2]BlockId = undefined;
+    try pool.allocate(&ids);
+    try pool.cacheInsert(&ids, &.{ 111, 222 });
+    try pool.free(&ids);
+    try testing.expectEqual(@as(u32, 3), pool.num_free);
+    try testing.expectEqual(@as(u32, 2), pool.cached.count());
+
+    // A hit revives the cached block: out of the free queue, one reference.
+    var hit: [2]BlockId = undefined;
+    try testing.expectEqual(@as(usize, 2), pool.cacheLookup(&.{ 111, 222 }, &hit));
+    try testing.expectEqualSlices(BlockId, &ids, &hit);
+    try testing.expectEqual(@as(u32, 1), pool.num_free);
+    try testing.expectEqual(@as(u32, 1), pool.refCount(ids[0]));
+    // A second holder of the same prefix shares it.
+    var again: [1]BlockId = undefined;
+    try testing.expectEqual(@as(usize, 1), pool.cacheLookup(&.{111}, &again));
+    try testing.expectEqual(@as(u32, 2), pool.refCount(ids[0]));
+    try pool.free(&.{ ids[0], ids[0], ids[1] });
+
+    // The lookup stops at the first miss.
+    try testing.expectEqual(@as(usize, 0), pool.cacheLookup(&.{ 999, 111 }, &hit));
+
+    // Allocating all three reuses the never-cached block first, then evicts in LRU order.
+    var all: [3]BlockId = undefined;
+    try pool.allocate(&all);
+    try testing.expectEqual(@as(u32, 0), pool.cached.count());
+    try pool.free(&all);
+    try testing.expectEqual(@as(usize, 0), pool.cacheLookup(&.{111}, &hit));
+}
+
+test "cacheInsert refuses free blocks and the zero hash" {
+    var pool = try BlockPool.init(testing.allocator, 2);
+    defer pool.deinit(testing.allocator);
+    try testing.expectError(error.InvalidBlock, pool.cacheInsert(&.{0}, &.{5}));
+    var ids: [1]BlockId = undefined;
+    try pool.allocate(&ids);
+    try testing.expectError(error.InvalidBlock, pool.cacheInsert(&ids, &.{0}));
 }

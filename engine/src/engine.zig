@@ -47,6 +47,11 @@ pub const Engine = struct {
         f32s: []f32,
     };
 
+    /// Room for every row's full token history (prompt and output) in one step.
+    fn historyCapacity(c: abi.EngineConfig) usize {
+        return @as(usize, c.max_num_seqs) * c.max_blocks_per_seq * c.block_size;
+    }
+
     pub fn kvCacheBytes(e: *const Engine) u64 {
         return @as(u64, e.k_cache.len + e.v_cache.len) * @sizeOf(f32);
     }
@@ -127,13 +132,16 @@ pub const Engine = struct {
     fn initBatch(e: *Engine) !void {
         const t: usize = e.config.max_num_batched_tokens;
         const s: usize = e.config.max_num_seqs;
-        const i32_count = 3 * t + (s + 1) + s + s * e.config.max_blocks_per_seq + s + s;
+        const history = historyCapacity(e.config);
+        const bias = s * abi.logit_bias_max;
+        const k = s * abi.top_logprobs_max;
+        const i32_count = 3 * t + (s + 1) + s + s * e.config.max_blocks_per_seq + s + s + history + bias + k;
         const i32s = try e.allocator.alloc(i32, i32_count);
         errdefer e.allocator.free(i32s);
         @memset(i32s, 0);
         const sampling = try e.allocator.alloc(abi.SamplingParams, s);
         errdefer e.allocator.free(sampling);
-        const f32s = try e.allocator.alloc(f32, s + s * @as(usize, e.model.vocab_size));
+        const f32s = try e.allocator.alloc(f32, s + s * @as(usize, e.model.vocab_size) + bias + k);
         e.batch_arrays = .{ .i32s = i32s, .sampling = sampling, .f32s = f32s };
         var rest = i32s;
         const take = struct {
@@ -159,6 +167,13 @@ pub const Engine = struct {
             .sampling = sampling.ptr,
             .out_logprobs = f32s.ptr,
             .logits = f32s.ptr + s,
+            .history_capacity = @intCast(history),
+            .bias_capacity = @intCast(bias),
+            .history_token_ids = take(&rest, history),
+            .logit_bias_ids = take(&rest, bias),
+            .out_top_ids = take(&rest, k),
+            .logit_bias_values = f32s.ptr + s + s * @as(usize, e.model.vocab_size),
+            .out_top_logprobs = f32s.ptr + s + s * @as(usize, e.model.vocab_size) + bias,
         };
         assert(rest.len == 0);
     }
@@ -210,8 +225,23 @@ pub const Engine = struct {
             const idx = b.sample_indices[i];
             if (idx < 0 or idx >= b.num_tokens) return errors.fail(.invalid_argument, "sample index {d} outside the batch", .{idx});
             const p = b.sampling[i];
-            if (!(p.temperature >= 0) or !(p.top_p > 0 and p.top_p <= 1) or !(p.min_p >= 0 and p.min_p <= 1))
+            if (!(p.temperature >= 0) or !(p.top_p > 0 and p.top_p <= 1) or !(p.min_p >= 0 and p.min_p <= 1) or !(p.repetition_penalty > 0) or
+                !std.math.isFinite(p.presence_penalty) or !std.math.isFinite(p.frequency_penalty))
                 return errors.fail(.invalid_argument, "sampling parameters of row {d} out of range", .{i});
+            if (p.num_top_logprobs < 0 or p.num_top_logprobs > abi.top_logprobs_max)
+                return errors.fail(.invalid_argument, "row {d} asks for {d} top logprobs (at most {d})", .{ i, p.num_top_logprobs, abi.top_logprobs_max });
+            if (p.history_offset < 0 or p.history_len < 0 or p.history_prompt_len < 0 or p.history_prompt_len > p.history_len or
+                @as(u64, @intCast(p.history_offset)) + @as(u64, @intCast(p.history_len)) > b.history_capacity)
+                return errors.fail(.invalid_argument, "row {d} token history out of range", .{i});
+            for (b.history_token_ids[@intCast(p.history_offset)..][0..@intCast(p.history_len)]) |tok| {
+                if (tok < 0 or tok >= e.model.vocab_size) return errors.fail(.invalid_argument, "row {d} history holds token {d}", .{ i, tok });
+            }
+            if (p.bias_offset < 0 or p.bias_count < 0 or p.bias_count > abi.logit_bias_max or
+                @as(u64, @intCast(p.bias_offset)) + @as(u64, @intCast(p.bias_count)) > b.bias_capacity)
+                return errors.fail(.invalid_argument, "row {d} logit bias out of range", .{i});
+            for (b.logit_bias_ids[@intCast(p.bias_offset)..][0..@intCast(p.bias_count)], b.logit_bias_values[@intCast(p.bias_offset)..][0..@intCast(p.bias_count)]) |id, v| {
+                if (id < 0 or id >= e.model.vocab_size or std.math.isNan(v)) return errors.fail(.invalid_argument, "row {d} logit bias for token {d} is invalid", .{ i, id });
+            }
         }
         return .ok;
     }

@@ -24,6 +24,8 @@ pub const Scratch = struct {
     scores: []f32, // (threads, max_position)
     probs: []f32, // (threads, vocab)
     order: []u32, // (threads, vocab)
+    counts: []u32, // (threads, vocab) zero between uses
+    raw: []f32, // (threads, vocab)
     seq_of_token: []u32, // (max_tokens) which sequence of the batch each token belongs to
 
     pub fn init(allocator: std.mem.Allocator, m: abi.ModelConfig, c: abi.EngineConfig) !Scratch {
@@ -43,15 +45,19 @@ pub const Scratch = struct {
             .{ "xs", @as(usize, c.max_num_seqs) * m.hidden_size },
             .{ "scores", threads * m.max_position },
             .{ "probs", threads * m.vocab_size },
+            .{ "raw", threads * m.vocab_size },
         }) |field| @field(s, field[0]) = try allocator.alloc(f32, field[1]);
         s.order = try allocator.alloc(u32, threads * m.vocab_size);
+        s.counts = try allocator.alloc(u32, threads * m.vocab_size);
+        @memset(s.counts, 0);
         s.seq_of_token = try allocator.alloc(u32, t);
         return s;
     }
 
     pub fn deinit(s: *Scratch, allocator: std.mem.Allocator) void {
-        inline for (.{ "x", "xb", "xb2", "qkv", "att", "gate_up", "h", "xs", "scores", "probs" }) |name| allocator.free(@field(s, name));
+        inline for (.{ "x", "xb", "xb2", "qkv", "att", "gate_up", "h", "xs", "scores", "probs", "raw" }) |name| allocator.free(@field(s, name));
         allocator.free(s.order);
+        allocator.free(s.counts);
         allocator.free(s.seq_of_token);
     }
 };
@@ -142,14 +148,27 @@ const SampleCtx = struct {
     fn body(c: SampleCtx, thread_index: usize, begin: usize, end: usize) void {
         const e = c.e;
         const vocab: usize = e.model.vocab_size;
+        const b = e.batch;
         const scratch = sampler.Scratch{
             .probs = e.scratch.probs[thread_index * vocab ..][0..vocab],
             .order = e.scratch.order[thread_index * vocab ..][0..vocab],
+            .counts = e.scratch.counts[thread_index * vocab ..][0..vocab],
+            .raw = e.scratch.raw[thread_index * vocab ..][0..vocab],
         };
+        const k_max = abi.top_logprobs_max;
         for (begin..end) |i| {
-            const s = sampler.sample(e.batch.logits[i * vocab ..][0..vocab], e.batch.sampling[i], scratch);
-            e.batch.out_token_ids[i] = @intCast(s.token_id);
-            e.batch.out_logprobs[i] = s.logprob;
+            const p = b.sampling[i];
+            const history_offset: usize = @intCast(p.history_offset);
+            const bias_offset: usize = @intCast(p.bias_offset);
+            const row = sampler.Row{
+                .params = p,
+                .history = b.history_token_ids[history_offset..][0..@intCast(p.history_len)],
+                .bias_ids = b.logit_bias_ids[bias_offset..][0..@intCast(p.bias_count)],
+                .bias_values = b.logit_bias_values[bias_offset..][0..@intCast(p.bias_count)],
+            };
+            const s = sampler.sample(b.logits[i * vocab ..][0..vocab], row, scratch, b.out_top_ids[i * k_max ..][0..k_max], b.out_top_logprobs[i * k_max ..][0..k_max]);
+            b.out_token_ids[i] = @intCast(s.token_id);
+            b.out_logprobs[i] = s.logprob;
         }
     }
 };

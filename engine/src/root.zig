@@ -160,6 +160,26 @@ export fn ifn_blocks_ref(engine: ?*Engine, n: u32, block_ids: ?[*]const i32) i32
     return 0;
 }
 
+export fn ifn_blocks_cache_insert(engine: ?*Engine, n: u32, block_ids: ?[*]const i32, hashes: ?[*]const u64) i32 {
+    const e = engine orelse return code(errors.fail(.invalid_argument, "engine is null", .{}));
+    const ids = blockIds(block_ids, n, e) orelse return code(errors.fail(.invalid_argument, "block ids null or out of range", .{}));
+    const h = hashes orelse return code(errors.fail(.invalid_argument, "hashes is null", .{}));
+    e.pool.cacheInsert(ids, h[0..n]) catch return code(errors.fail(.invalid_argument, "cache insert refused: a block is free or a hash is zero", .{}));
+    return 0;
+}
+
+export fn ifn_blocks_cache_lookup(engine: ?*Engine, n: u32, hashes: ?[*]const u64, out_block_ids: ?[*]i32) u32 {
+    const e = engine orelse return 0;
+    const h = hashes orelse return 0;
+    const out = out_block_ids orelse return 0;
+    return @intCast(e.pool.cacheLookup(h[0..n], @ptrCast(out[0..n])));
+}
+
+export fn ifn_blocks_num_cached(engine: ?*const Engine) u32 {
+    const e = engine orelse return 0;
+    return e.pool.numCached();
+}
+
 export fn ifn_blocks_num_free(engine: ?*const Engine) u32 {
     const e = engine orelse return 0;
     return e.pool.num_free;

@@ -8,10 +8,21 @@ const SamplingParams = @import("abi.zig").SamplingParams;
 
 pub const Sample = struct { token_id: u32, logprob: f32 };
 
-/// Per-thread scratch, sized to the vocabulary at start-up.
+/// Per-thread scratch, sized to the vocabulary at start-up. `counts` is all zero
+/// between calls: whoever marks entries clears them before returning.
 pub const Scratch = struct {
     probs: []f32, // (vocab)
     order: []u32, // (vocab)
+    counts: []u32, // (vocab)
+    raw: []f32, // (vocab) the model's logits, kept while bias and penalties change them
+};
+
+/// What one row brings besides its logits: its token history for penalties and its logit bias.
+pub const Row = struct {
+    params: SamplingParams,
+    history: []const i32 = &.{}, // prompt tokens, then output tokens
+    bias_ids: []const i32 = &.{},
+    bias_values: []const f32 = &.{},
 };
 
 fn splitmix64(x: u64) u64 {
@@ -45,14 +56,86 @@ pub fn logprobOf(logits: []const f32, token: u32) f32 {
     return @floatCast(@as(f64, logits[token] - max) - @log(sum));
 }
 
-pub fn sample(logits: []const f32, params: SamplingParams, scratch: Scratch) Sample {
-    assert(scratch.probs.len >= logits.len);
-    assert(scratch.order.len >= logits.len);
+/// Samples one token from `logits`, which it may change (bias, penalties). Writes the
+/// row's top `params.num_top_logprobs` alternatives (from the model's own logits) to
+/// top_ids/top_logprobs.
+pub fn sample(logits: []f32, row: Row, scratch: Scratch, top_ids: []i32, top_logprobs: []f32) Sample {
+    const n = logits.len;
+    assert(scratch.probs.len >= n);
+    assert(scratch.order.len >= n);
+    const params = row.params;
+    const log_z = logSumExp(logits);
+    const n_top: usize = @intCast(@max(0, params.num_top_logprobs));
+    assert(n_top <= top_ids.len);
+    if (n_top > 0) topK(logits, top_ids[0..n_top], top_logprobs[0..n_top], log_z);
+
+    const modified = row.bias_ids.len > 0 or (params.hasPenalties() and row.history.len > 0);
+    if (modified) {
+        @memcpy(scratch.raw[0..n], logits);
+        for (row.bias_ids, row.bias_values) |id, v| logits[@intCast(id)] += v;
+        if (params.hasPenalties()) applyPenalties(logits, row, scratch.counts);
+    }
     const token = if (params.temperature <= 0 or params.top_k == 1)
         argmax(logits)
     else
         sampleRandom(logits, params, scratch);
-    return .{ .token_id = token, .logprob = logprobOf(logits, token) };
+    const raw_logit = if (modified) scratch.raw[token] else logits[token];
+    return .{ .token_id = token, .logprob = @floatCast(@as(f64, raw_logit) - log_z) };
+}
+
+fn logSumExp(logits: []const f32) f64 {
+    var max = logits[0];
+    for (logits[1..]) |v| max = @max(max, v);
+    var sum: f64 = 0;
+    for (logits) |v| sum += @exp(@as(f64, v - max));
+    return @as(f64, max) + @log(sum);
+}
+
+/// The k largest logits, descending (ties by id), as log-probabilities.
+fn topK(logits: []const f32, ids: []i32, logprobs: []f32, log_z: f64) void {
+    const k = ids.len;
+    var filled: usize = 0;
+    for (logits, 0..) |v, i| {
+        if (filled == k and v <= logprobs[k - 1]) continue;
+        var j = if (filled < k) filled else k - 1;
+        if (filled < k) filled += 1;
+        while (j > 0 and logprobs[j - 1] < v) : (j -= 1) {
+            logprobs[j] = logprobs[j - 1];
+            ids[j] = ids[j - 1];
+        }
+        logprobs[j] = v;
+        ids[j] = @intCast(i);
+    }
+    for (logprobs[0..filled]) |*lp| lp.* = @floatCast(@as(f64, lp.*) - log_z);
+}
+
+const seen_bit: u32 = 1 << 31;
+
+/// vLLM's penalties: repetition (divide positive, multiply negative logits) for every
+/// token of the prompt and output; frequency (times count) and presence (once) for
+/// output tokens. `counts` comes back all zero.
+fn applyPenalties(logits: []f32, row: Row, counts: []u32) void {
+    const p = row.params;
+    const prompt_len: usize = @intCast(row.params.history_prompt_len);
+    const output = row.history[prompt_len..];
+    for (output) |t| counts[@intCast(t)] += 1;
+    if (p.repetition_penalty != 1) {
+        for (row.history) |t| {
+            const c = &counts[@intCast(t)];
+            if (c.* & seen_bit != 0) continue;
+            c.* |= seen_bit;
+            const l = &logits[@intCast(t)];
+            l.* = if (l.* > 0) l.* / p.repetition_penalty else l.* * p.repetition_penalty;
+        }
+    }
+    for (output) |t| {
+        const c = &counts[@intCast(t)];
+        const count = c.* & ~seen_bit;
+        if (count == 0) continue;
+        logits[@intCast(t)] -= p.frequency_penalty * @as(f32, @floatFromInt(count)) + p.presence_penalty;
+        c.* &= seen_bit; // applied once per distinct token
+    }
+    for (row.history) |t| counts[@intCast(t)] = 0;
 }
 
 fn sampleRandom(logits: []const f32, params: SamplingParams, scratch: Scratch) u32 {
@@ -130,14 +213,25 @@ fn drawLinear(probs: []const f32, total: f32, u: f64) u32 {
 const testing = std.testing;
 
 fn testScratch(comptime n: usize, probs: *[n]f32, order: *[n]u32) Scratch {
-    return .{ .probs = probs, .order = order };
+    const S = struct {
+        var counts: [64]u32 = [_]u32{0} ** 64;
+        var raw: [64]f32 = undefined;
+    };
+    return .{ .probs = probs, .order = order, .counts = S.counts[0..n], .raw = S.raw[0..n] };
 }
 
+fn testSample(logits: []const f32, params: SamplingParams, scratch: Scratch) Sample {
+    var copy: [64]f32 = undefined;
+    @memcpy(copy[0..logits.len], logits);
+    var ids: [4]i32 = undefined;
+    var lps: [4]f32 = undefined;
+    return sample(copy[0..logits.len], .{ .params = params }, scratch, &ids, &lps);
+}
 test "greedy takes the lowest id among equal maxima and reports its logprob" {
     var probs: [4]f32 = undefined;
     var order: [4]u32 = undefined;
     const logits = [_]f32{ 1, 3, 3, 0 };
-    const s = sample(&logits, .{ .temperature = 0, .top_p = 1, .min_p = 0, .top_k = 0, .seed = 0, .draw_index = 0 }, testScratch(4, &probs, &order));
+    const s = testSample(&logits, .{ .temperature = 0, .top_p = 1, .min_p = 0, .top_k = 0, .seed = 0, .draw_index = 0 }, testScratch(4, &probs, &order));
     try testing.expectEqual(@as(u32, 1), s.token_id);
     const z = @exp(@as(f64, 1)) + 2 * @exp(@as(f64, 3)) + 1;
     try testing.expectApproxEqAbs(@as(f32, @floatCast(3 - @log(z))), s.logprob, 1e-6);
@@ -151,8 +245,8 @@ test "seeded draws repeat and follow the distribution" {
     const draws = 8000;
     for (0..draws) |i| {
         const params = SamplingParams{ .temperature = 1, .top_p = 1, .min_p = 0, .top_k = 0, .seed = 42, .draw_index = i };
-        const a = sample(&logits, params, testScratch(3, &probs, &order)).token_id;
-        const b = sample(&logits, params, testScratch(3, &probs, &order)).token_id;
+        const a = testSample(&logits, params, testScratch(3, &probs, &order)).token_id;
+        const b = testSample(&logits, params, testScratch(3, &probs, &order)).token_id;
         try testing.expectEqual(a, b);
         counts[a] += 1;
     }
@@ -170,17 +264,72 @@ test "top-k, top-p and min-p cut the tail" {
         const base = SamplingParams{ .temperature = 1, .top_p = 1, .min_p = 0, .top_k = 0, .seed = 9, .draw_index = i };
         var p = base;
         p.top_k = 2;
-        const k = sample(&logits, p, testScratch(4, &probs, &order)).token_id;
+        const k = testSample(&logits, p, testScratch(4, &probs, &order)).token_id;
         try testing.expect(k == 1 or k == 2);
         p = base;
         p.top_p = 0.5;
-        try testing.expectEqual(@as(u32, 1), sample(&logits, p, testScratch(4, &probs, &order)).token_id);
+        try testing.expectEqual(@as(u32, 1), testSample(&logits, p, testScratch(4, &probs, &order)).token_id);
         p = base;
         p.min_p = 0.5;
-        const m = sample(&logits, p, testScratch(4, &probs, &order)).token_id;
+        const m = testSample(&logits, p, testScratch(4, &probs, &order)).token_id;
         try testing.expect(m == 1 or m == 2);
         p = base;
         p.min_p = 0.7;
-        try testing.expectEqual(@as(u32, 1), sample(&logits, p, testScratch(4, &probs, &order)).token_id);
+        try testing.expectEqual(@as(u32, 1), testSample(&logits, p, testScratch(4, &probs, &order)).token_id);
     }
+}
+
+test "top logprobs are the largest, in order, as log-probabilities" {
+    var probs: [5]f32 = undefined;
+    var order: [5]u32 = undefined;
+    var logits = [_]f32{ 0.5, 3, -1, 3, 2 };
+    var ids: [3]i32 = undefined;
+    var lps: [3]f32 = undefined;
+    const params = SamplingParams{ .temperature = 0, .top_p = 1, .min_p = 0, .top_k = 0, .num_top_logprobs = 3, .seed = 0, .draw_index = 0 };
+    const s = sample(&logits, .{ .params = params }, testScratch(5, &probs, &order), &ids, &lps);
+    try testing.expectEqual(@as(u32, 1), s.token_id);
+    try testing.expectEqualSlices(i32, &.{ 1, 3, 4 }, &ids);
+    const z = @log(@exp(@as(f64, 0.5)) + 2 * @exp(@as(f64, 3)) + @exp(@as(f64, -1)) + @exp(@as(f64, 2)));
+    try testing.expectApproxEqAbs(@as(f32, @floatCast(3 - z)), lps[0], 1e-6);
+    try testing.expectApproxEqAbs(@as(f32, @floatCast(2 - z)), lps[2], 1e-6);
+    try testing.expectApproxEqAbs(lps[0], s.logprob, 1e-6);
+}
+
+test "logit bias and penalties steer greedy choice; the reported logprob stays the model's" {
+    var probs: [4]f32 = undefined;
+    var order: [4]u32 = undefined;
+    const base = SamplingParams{ .temperature = 0, .top_p = 1, .min_p = 0, .top_k = 0, .seed = 0, .draw_index = 0 };
+    var ids: [1]i32 = undefined;
+    var lps: [1]f32 = undefined;
+    {
+        var logits = [_]f32{ 1, 4, 3, 0 };
+        const s = sample(&logits, .{ .params = base, .bias_ids = &.{1}, .bias_values = &.{-100} }, testScratch(4, &probs, &order), &ids, &lps);
+        try testing.expectEqual(@as(u32, 2), s.token_id);
+        const z = @log(@exp(@as(f64, 1)) + @exp(@as(f64, 4)) + @exp(@as(f64, 3)) + 1);
+        try testing.expectApproxEqAbs(@as(f32, @floatCast(3 - z)), s.logprob, 1e-6);
+    }
+    {
+        // Token 1 appeared twice in the output: frequency 0.6 * 2 + presence 0.5 = 1.7 off its 4.
+        var p = base;
+        p.frequency_penalty = 0.6;
+        p.presence_penalty = 0.5;
+        p.history_prompt_len = 1;
+        var logits = [_]f32{ 1, 4, 3, 0 };
+        const s = sample(&logits, .{ .params = p, .history = &.{ 3, 1, 1 } }, testScratch(4, &probs, &order), &ids, &lps);
+        try testing.expectEqual(@as(u32, 2), s.token_id);
+        try testing.expectApproxEqAbs(@as(f32, 2.3), logits[1], 1e-6);
+        try testing.expectEqual(@as(f32, 0), logits[3]); // prompt tokens take no frequency penalty
+    }
+    {
+        // Repetition 2 over prompt and output: 4 -> 2, and -1 -> -2, once per distinct token.
+        var p = base;
+        p.repetition_penalty = 2;
+        p.history_prompt_len = 2;
+        var logits = [_]f32{ -1, 4, 3, 0 };
+        const s = sample(&logits, .{ .params = p, .history = &.{ 0, 1, 1, 0 } }, testScratch(4, &probs, &order), &ids, &lps);
+        try testing.expectEqual(@as(u32, 2), s.token_id);
+        try testing.expectEqual(@as(f32, 2), logits[1]);
+        try testing.expectEqual(@as(f32, -2), logits[0]);
+    }
+    for (testScratch(4, &probs, &order).counts) |c| try testing.expectEqual(@as(u32, 0), c);
 }

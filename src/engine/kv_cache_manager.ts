@@ -1,21 +1,35 @@
 // Which KV blocks each request holds. The block pool itself (free queue, ref
-// counts) lives in the engine; this side decides who gets blocks and gives them
-// back on every finish, abort, preemption and error.
+// counts, cached-block hashes) lives in the engine; this side decides who gets
+// blocks, names full blocks for the prefix cache, and gives blocks back on every
+// finish, abort, preemption and error. Its boundary with the scheduler is vLLM's:
+// getComputedBlocks, allocateSlots, free.
 import type { Request } from "./request.ts";
 
 /** The pool's verbs, as the native engine (or a test double) provides them. */
 export interface BlockPool {
   allocateBlocks(n: number): number[];
   freeBlocks(ids: readonly number[]): void;
+  cacheBlocks(ids: readonly number[], hashes: readonly bigint[]): void;
+  lookupCachedBlocks(hashes: readonly bigint[]): number[];
   readonly numFreeBlocks: number;
 }
 
+/** Chained: a block's hash folds in the one before it, so equal hashes mean equal prefixes. */
+export function blockHash(previous: bigint, tokens: readonly number[]): bigint {
+  const h = Bun.hash.wyhash(Int32Array.from(tokens), previous === 0n ? 0x9e3779b97f4a7c15n : previous);
+  return h === 0n ? 1n : BigInt(h);
+}
+
 export class KvCacheManager {
+  numPrefixQueryTokens = 0;
+  numPrefixHitTokens = 0;
+
   constructor(
     private readonly pool: BlockPool,
     readonly blockSizeTokens: number,
     readonly numBlocks: number,
     readonly maxBlocksPerSeq: number,
+    readonly enablePrefixCaching: boolean,
   ) {}
 
   get numFreeBlocks(): number {
@@ -30,6 +44,33 @@ export class KvCacheManager {
     return Math.ceil(numTokens / this.blockSizeTokens);
   }
 
+  private hashesUpTo(req: Request, numBlocks: number): bigint[] {
+    const bs = this.blockSizeTokens;
+    for (let i = req.blockHashes.length; i < numBlocks; i++) {
+      req.blockHashes.push(blockHash(i === 0 ? 0n : req.blockHashes[i - 1], req.tokenIds.slice(i * bs, (i + 1) * bs)));
+    }
+    return req.blockHashes.slice(0, numBlocks);
+  }
+
+  /**
+   * For a request with nothing computed: takes the cached blocks that hold its leading
+   * tokens and counts them as computed. The block that holds the last token is never
+   * taken from the cache (its logits are needed), so shared blocks are never written.
+   */
+  getComputedBlocks(req: Request): number {
+    if (!this.enablePrefixCaching || req.numComputedTokens > 0 || req.blockTable.length > 0) return 0;
+    const usable = Math.floor((req.numTokens - 1) / this.blockSizeTokens);
+    const hits = this.pool.lookupCachedBlocks(this.hashesUpTo(req, usable));
+    req.blockTable = hits;
+    req.numCachedBlocks = hits.length;
+    req.numComputedTokens = hits.length * this.blockSizeTokens;
+    if (req.numCachedPromptTokens === null) {
+      this.numPrefixQueryTokens += req.promptTokenIds.length;
+      this.numPrefixHitTokens += req.numComputedTokens;
+    }
+    return req.numComputedTokens;
+  }
+
   /** Makes room for `numNewTokens` more computed tokens; false (and nothing changed) when the pool is short. */
   allocateSlots(req: Request, numNewTokens: number): boolean {
     const needed = this.blocksFor(req.numComputedTokens + numNewTokens) - req.blockTable.length;
@@ -39,9 +80,20 @@ export class KvCacheManager {
     return true;
   }
 
+  /** After a step: names the request's newly full blocks so later requests can share them. */
+  cacheFullBlocks(req: Request): void {
+    if (!this.enablePrefixCaching) return;
+    const full = Math.floor(req.numComputedTokens / this.blockSizeTokens);
+    if (full <= req.numCachedBlocks) return;
+    const hashes = this.hashesUpTo(req, full);
+    this.pool.cacheBlocks(req.blockTable.slice(req.numCachedBlocks, full), hashes.slice(req.numCachedBlocks));
+    req.numCachedBlocks = full;
+  }
+
   free(req: Request): void {
+    req.numCachedBlocks = 0;
     if (req.blockTable.length === 0) return;
-    // Freed in reverse so that a request's tail blocks are evicted first once caching keeps them.
+    // Tail first: the pool evicts least recently freed blocks first, so a prefix outlives its tail.
     this.pool.freeBlocks([...req.blockTable].reverse());
     req.blockTable = [];
   }

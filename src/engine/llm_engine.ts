@@ -3,42 +3,50 @@
 // postprocess(). One step is in flight at a time; while it runs on the engine
 // thread, the event loop serves everything else.
 import { availableParallelism } from "node:os";
-import { NativeEngine } from "../ffi/native.ts";
+import { LOGIT_BIAS_MAX, NativeEngine, TOP_LOGPROBS_MAX } from "../ffi/native.ts";
 import { loadModel, type LoadedModel } from "../model/load.ts";
 import { AsyncQueue } from "./async_queue.ts";
-import { IncrementalDetokenizer } from "./detokenizer.ts";
 import { KvCacheManager } from "./kv_cache_manager.ts";
-import { ModelRunner } from "./model_runner.ts";
-import { finishReason, isFinished, Request, RequestStatus, type FinishReason, type SamplingParams } from "./request.ts";
+import { EngineMetrics } from "./metrics.ts";
+import { ModelRunner, type SampledToken } from "./model_runner.ts";
+import { OutputText } from "./output.ts";
+import { finishReason, isFinished, Request, RequestStatus, type FinishReason, type SamplingParams, type TokenLogprob } from "./request.ts";
 import { Scheduler, type ScheduledRequest } from "./scheduler.ts";
 
 export interface EngineOptions {
   maxModelLen?: number; // default: the model's own context length
   maxNumBatchedTokens: number;
   maxNumSeqs: number;
+  maxQueueLen: number;
   blockSizeTokens: number;
   numBlocksOverride?: number; // fixes the pool at N blocks
   kvCacheMemoryBytes: number; // pool budget when no override
+  enablePrefixCaching: boolean;
   threads: number;
+  servedModelName?: string;
 }
 
 export const DEFAULT_ENGINE_OPTIONS: EngineOptions = {
   maxNumBatchedTokens: 512,
   maxNumSeqs: 64,
+  maxQueueLen: 1024,
   blockSizeTokens: 16,
   kvCacheMemoryBytes: 2 * 1024 ** 3,
+  enablePrefixCaching: true,
   threads: availableParallelism(),
 };
 
 export interface RequestOutput {
   requestId: string;
   newTokenIds: number[];
-  newLogprobs: number[];
+  newLogprobs: TokenLogprob[]; // one per new token (top alternatives when asked)
   text: string; // the text these tokens add
   finished: boolean;
   finishReason: FinishReason | null;
+  stopReason: string | number | null; // the stop string or stop token that ended it
   numPromptTokens: number;
   numOutputTokens: number;
+  numCachedTokens: number;
   error?: string;
 }
 
@@ -58,17 +66,18 @@ export class LLMEngine {
   readonly native: NativeEngine;
   readonly kv: KvCacheManager;
   readonly scheduler: Scheduler;
+  readonly metrics: EngineMetrics;
   readonly maxModelLen: number;
   private readonly runner: ModelRunner;
   private readonly requests = new Map<string, { req: Request; queue: AsyncQueue<RequestOutput> }>();
   private looping = false;
   private nextId = 0;
   stepCount = 0;
-  /** Sees each step's schedule before it runs (metrics, tests). Must not throw. */
+  /** Sees each step's schedule before it runs (tests, tracing). Must not throw. */
   stepObserver: ((scheduled: readonly ScheduledRequest[]) => void) | null = null;
 
   static async create(modelArg: string, options: Partial<EngineOptions> = {}): Promise<LLMEngine> {
-    return new LLMEngine(await loadModel(modelArg), { ...DEFAULT_ENGINE_OPTIONS, ...options });
+    return new LLMEngine(await loadModel(modelArg), { ...DEFAULT_ENGINE_OPTIONS, servedModelName: modelArg, ...options });
   }
 
   constructor(model: LoadedModel, readonly options: EngineOptions) {
@@ -81,8 +90,7 @@ export class LLMEngine {
     this.maxModelLen = maxModelLen;
     const bs = options.blockSizeTokens;
     const maxBlocksPerSeq = Math.ceil(maxModelLen / bs);
-    const bytesPerBlock = bs * c.numLayers * 2 * c.numKvHeads * c.headDim * 4;
-    const numBlocks = options.numBlocksOverride ?? Math.max(1, Math.min(Math.floor(options.kvCacheMemoryBytes / bytesPerBlock), options.maxNumSeqs * maxBlocksPerSeq));
+    const numBlocks = options.numBlocksOverride ?? Math.max(1, Math.min(Math.floor(options.kvCacheMemoryBytes / LLMEngine.kvBytesPerBlock(model, bs)), options.maxNumSeqs * maxBlocksPerSeq));
     this.native = new NativeEngine(
       c,
       {
@@ -96,9 +104,21 @@ export class LLMEngine {
       model.spec.files,
       model.spec.tensors,
     );
-    this.kv = new KvCacheManager(this.native, bs, numBlocks, maxBlocksPerSeq);
-    this.scheduler = new Scheduler({ maxNumBatchedTokens: options.maxNumBatchedTokens, maxNumSeqs: options.maxNumSeqs, maxModelLen }, this.kv);
-    this.runner = new ModelRunner(this.native, bs);
+    this.kv = new KvCacheManager(this.native, bs, numBlocks, maxBlocksPerSeq, options.enablePrefixCaching);
+    this.scheduler = new Scheduler(
+      { maxNumBatchedTokens: options.maxNumBatchedTokens, maxNumSeqs: options.maxNumSeqs, maxModelLen, maxQueueLen: options.maxQueueLen },
+      this.kv,
+    );
+    this.runner = new ModelRunner(this.native, bs, model.spec.eosTokenIds);
+    this.metrics = new EngineMetrics(
+      { numRunning: () => this.numRunning, numWaiting: () => this.numWaiting, kvCacheUsage: () => this.kv.usage },
+      options.servedModelName ?? "model",
+    );
+  }
+
+  static kvBytesPerBlock(model: LoadedModel, blockSizeTokens: number): number {
+    const c = model.spec.config;
+    return blockSizeTokens * c.numLayers * 2 * c.numKvHeads * c.headDim * 4;
   }
 
   get numBlocks(): number {
@@ -109,8 +129,9 @@ export class LLMEngine {
   validate(promptTokenIds: readonly number[], params: SamplingParams): void {
     if (promptTokenIds.length === 0) throw new InvalidRequestError("the prompt is empty", "prompt");
     const vocab = this.model.spec.config.vocabSize;
+    const inVocab = (id: number) => Number.isInteger(id) && id >= 0 && id < vocab;
     for (const id of promptTokenIds) {
-      if (!Number.isInteger(id) || id < 0 || id >= vocab) throw new InvalidRequestError(`token id ${id} is outside the vocabulary (0..${vocab - 1})`, "prompt");
+      if (!inVocab(id)) throw new InvalidRequestError(`token id ${id} is outside the vocabulary (0..${vocab - 1})`, "prompt");
     }
     if (!Number.isInteger(params.maxTokens) || params.maxTokens < 1) throw new InvalidRequestError(`max_tokens must be at least 1, got ${params.maxTokens}`, "max_tokens");
     const total = promptTokenIds.length + params.maxTokens;
@@ -123,10 +144,24 @@ export class LLMEngine {
     if (this.kv.blocksFor(total) > this.kv.numBlocks) {
       throw new InvalidRequestError(`the request needs ${this.kv.blocksFor(total)} KV blocks but the pool has ${this.kv.numBlocks}`, "max_tokens");
     }
-    if (!(params.temperature >= 0)) throw new InvalidRequestError(`temperature must be >= 0, got ${params.temperature}`, "temperature");
-    if (!(params.topP > 0 && params.topP <= 1)) throw new InvalidRequestError(`top_p must be in (0, 1], got ${params.topP}`, "top_p");
-    if (!(params.minP >= 0 && params.minP <= 1)) throw new InvalidRequestError(`min_p must be in [0, 1], got ${params.minP}`, "min_p");
-    if (!Number.isInteger(params.topK) || params.topK < 0) throw new InvalidRequestError(`top_k must be a non-negative integer, got ${params.topK}`, "top_k");
+    const check = (ok: boolean, param: string, message: string) => {
+      if (!ok) throw new InvalidRequestError(message, param);
+    };
+    check(params.temperature >= 0 && params.temperature <= 100, "temperature", `temperature must be in [0, 100], got ${params.temperature}`);
+    check(params.topP > 0 && params.topP <= 1, "top_p", `top_p must be in (0, 1], got ${params.topP}`);
+    check(params.minP >= 0 && params.minP <= 1, "min_p", `min_p must be in [0, 1], got ${params.minP}`);
+    check(Number.isInteger(params.topK) && params.topK >= 0, "top_k", `top_k must be a non-negative integer, got ${params.topK}`);
+    check(params.presencePenalty >= -2 && params.presencePenalty <= 2, "presence_penalty", `presence_penalty must be in [-2, 2], got ${params.presencePenalty}`);
+    check(params.frequencyPenalty >= -2 && params.frequencyPenalty <= 2, "frequency_penalty", `frequency_penalty must be in [-2, 2], got ${params.frequencyPenalty}`);
+    check(params.repetitionPenalty > 0 && params.repetitionPenalty <= 10, "repetition_penalty", `repetition_penalty must be in (0, 10], got ${params.repetitionPenalty}`);
+    check(Number.isInteger(params.minTokens) && params.minTokens >= 0 && params.minTokens <= params.maxTokens, "min_tokens", `min_tokens must be between 0 and max_tokens, got ${params.minTokens}`);
+    check(params.logprobs === null || (Number.isInteger(params.logprobs) && params.logprobs >= 0 && params.logprobs <= TOP_LOGPROBS_MAX), "logprobs", `logprobs must be between 0 and ${TOP_LOGPROBS_MAX}`);
+    const biasIds = Object.keys(params.logitBias ?? {}).map(Number);
+    for (const id of biasIds) check(inVocab(id), "logit_bias", `logit_bias names token ${id}, outside the vocabulary (0..${vocab - 1})`);
+    for (const v of Object.values(params.logitBias ?? {})) check(Number.isFinite(v) && v >= -100 && v <= 100, "logit_bias", `logit_bias values must be in [-100, 100], got ${v}`);
+    for (const id of params.stopTokenIds) check(inVocab(id), "stop_token_ids", `stop token ${id} is outside the vocabulary`);
+    check(biasIds.length + params.stopTokenIds.length + this.model.spec.eosTokenIds.length <= LOGIT_BIAS_MAX, "logit_bias", `at most ${LOGIT_BIAS_MAX} logit_bias entries`);
+    check(params.stop.every((s) => typeof s === "string" && s.length > 0), "stop", "stop strings must be non-empty");
   }
 
   addRequest(promptTokenIds: readonly number[], params: SamplingParams, requestId?: string): AsyncIterable<RequestOutput> & { requestId: string } {
@@ -134,10 +169,11 @@ export class LLMEngine {
     const id = requestId ?? `req-${this.nextId++}`;
     if (this.requests.has(id)) throw new InvalidRequestError(`request id ${id} is already in use`, "request_id");
     const seed = params.seed === null ? BigInt(Math.floor(Math.random() * 2 ** 53)) : BigInt(params.seed);
-    const req = new Request(id, promptTokenIds, params, seed, new IncrementalDetokenizer(this.model.tokenizer, promptTokenIds.length));
+    const req = new Request(id, promptTokenIds, params, seed, new OutputText(this.model.tokenizer, promptTokenIds.length, params.stop));
     const queue = new AsyncQueue<RequestOutput>(() => this.abort(id));
+    this.scheduler.add(req); // throws QueueFullError when the waiting queue is at its bound
     this.requests.set(id, { req, queue });
-    this.scheduler.add(req);
+    this.metrics.promptTokens.inc(promptTokenIds.length);
     this.kick();
     return Object.assign(queue, { requestId: id });
   }
@@ -157,6 +193,10 @@ export class LLMEngine {
     return this.scheduler.waiting.length;
   }
 
+  get numUnfinished(): number {
+    return this.requests.size;
+  }
+
   private kick(): void {
     if (this.looping) return;
     this.looping = true;
@@ -167,7 +207,13 @@ export class LLMEngine {
 
   private async loop(): Promise<void> {
     while (this.scheduler.hasWork) {
+      const preemptionsBefore = this.scheduler.numPreemptions;
+      const hitsBefore = this.kv.numPrefixHitTokens;
+      const queriesBefore = this.kv.numPrefixQueryTokens;
       const scheduled = this.scheduler.schedule();
+      this.metrics.preemptions.inc(this.scheduler.numPreemptions - preemptionsBefore);
+      this.metrics.prefixCacheHits.inc(this.kv.numPrefixHitTokens - hitsBefore);
+      this.metrics.prefixCacheQueries.inc(this.kv.numPrefixQueryTokens - queriesBefore);
       if (scheduled.length === 0) {
         // Unreachable while validate() bounds every request by the pool size; fail loudly rather than spin.
         const head = this.scheduler.waiting[0];
@@ -175,7 +221,7 @@ export class LLMEngine {
         continue;
       }
       this.stepObserver?.(scheduled);
-      let sampled;
+      let sampled: SampledToken[];
       try {
         sampled = await this.runner.execute(scheduled);
       } catch (e) {
@@ -185,40 +231,56 @@ export class LLMEngine {
       this.stepCount += 1;
       for (const { req, numNewTokens } of scheduled) {
         // An abort that arrived during the step already freed the request.
-        if (!isFinished(req.status)) req.numComputedTokens += numNewTokens;
+        if (isFinished(req.status)) continue;
+        req.numComputedTokens += numNewTokens;
+        this.kv.cacheFullBlocks(req);
       }
       for (const s of sampled) {
-        if (isFinished(s.req.status)) continue;
-        this.append(s.req, s.tokenId, s.logprob);
+        if (!isFinished(s.req.status)) this.append(s);
       }
     }
   }
 
-  private append(req: Request, tokenId: number, logprob: number): void {
+  private append(s: SampledToken): void {
+    const req = s.req;
     const entry = this.requests.get(req.id);
     if (!entry) return;
-    req.tokenIds.push(tokenId);
-    req.logprobs.push(logprob);
-    req.firstTokenMs ??= performance.now();
     const p = req.params;
-    const stopped = (!p.ignoreEos && this.model.spec.eosTokenIds.includes(tokenId)) || p.stopTokenIds.includes(tokenId);
-    const status = stopped
-      ? RequestStatus.FINISHED_STOPPED
-      : req.numOutputTokens >= p.maxTokens || req.numTokens >= this.maxModelLen
-        ? RequestStatus.FINISHED_LENGTH
-        : null;
-    // A stop token ends the text; it is not part of it.
-    const text = stopped ? "" : (req.detokenizer?.next(req.tokenIds) ?? "");
-    const tail = status !== null && !stopped ? (req.detokenizer?.flush(req.tokenIds) ?? "") : "";
+    const heldOff = req.numOutputTokens < p.minTokens; // before this token
+    req.tokenIds.push(s.tokenId);
+    const now = performance.now();
+    if (req.firstTokenMs === null) {
+      req.firstTokenMs = now;
+      this.metrics.timeToFirstToken.observe((now - req.arrivalMs) / 1000);
+      this.metrics.queueTime.observe(((req.firstScheduledMs ?? now) - req.arrivalMs) / 1000);
+    } else this.metrics.interTokenLatency.observe((now - (req.lastTokenMs ?? now)) / 1000);
+    req.lastTokenMs = now;
+    this.metrics.generationTokens.inc();
+
+    const stopToken = !heldOff && ((!p.ignoreEos && this.model.spec.eosTokenIds.includes(s.tokenId)) || p.stopTokenIds.includes(s.tokenId));
+    const atLength = req.numOutputTokens >= p.maxTokens || req.numTokens >= this.maxModelLen;
+    let text: string;
+    let stopString = false;
+    if (stopToken) {
+      // A stop token ends the text and is not part of it.
+      text = req.output?.flush(req.tokenIds.slice(0, -1)) ?? "";
+    } else {
+      const u = req.output?.update(req.tokenIds, req.numOutputTokens > p.minTokens, atLength) ?? { delta: "", stopped: false };
+      text = u.delta;
+      stopString = u.stopped;
+    }
+    const status = stopToken || stopString ? RequestStatus.FINISHED_STOPPED : atLength ? RequestStatus.FINISHED_LENGTH : null;
     entry.queue.push({
       requestId: req.id,
-      newTokenIds: [tokenId],
-      newLogprobs: [logprob],
-      text: text + tail,
+      newTokenIds: [s.tokenId],
+      newLogprobs: [{ tokenId: s.tokenId, logprob: s.logprob, top: s.top }],
+      text,
       finished: status !== null,
       finishReason: status !== null ? finishReason(status) : null,
+      stopReason: stopString ? req.output!.stopString : stopToken && !this.model.spec.eosTokenIds.includes(s.tokenId) ? s.tokenId : null,
       numPromptTokens: req.promptTokenIds.length,
       numOutputTokens: req.numOutputTokens,
+      numCachedTokens: req.numCachedPromptTokens ?? 0,
     });
     if (status !== null) this.finish(req, status);
   }
@@ -230,6 +292,8 @@ export class LLMEngine {
     this.scheduler.remove(req);
     const alreadyReported = status === RequestStatus.FINISHED_STOPPED || status === RequestStatus.FINISHED_LENGTH;
     req.status = status;
+    this.metrics.e2eLatency.observe((performance.now() - req.arrivalMs) / 1000);
+    this.metrics.requestSuccess.inc({ finished_reason: finishReason(status) ?? "unknown" });
     if (!alreadyReported) {
       entry.queue.push({
         requestId: req.id,
@@ -238,15 +302,17 @@ export class LLMEngine {
         text: "",
         finished: true,
         finishReason: finishReason(status),
+        stopReason: null,
         numPromptTokens: req.promptTokenIds.length,
         numOutputTokens: req.numOutputTokens,
+        numCachedTokens: req.numCachedPromptTokens ?? 0,
         ...(error ? { error } : {}),
       });
     }
     entry.queue.close();
   }
 
-  /** Waits for the step in flight, then frees the native engine. */
+  /** Aborts what is left, waits for the step in flight, then frees the native engine. */
   async shutdown(): Promise<void> {
     for (const id of [...this.requests.keys()]) this.abort(id);
     while (this.looping) await Bun.sleep(1);

@@ -1,14 +1,12 @@
 // Turns a schedule into the engine's flat step descriptor, runs the step, and
 // reads back the sampled tokens. The descriptor's arrays are engine-owned and
 // reused, so a step allocates nothing on the native side.
-import type { NativeEngine } from "../ffi/native.ts";
-import type { Request } from "./request.ts";
+import { LOGIT_BIAS_MAX, TOP_LOGPROBS_MAX, type NativeEngine } from "../ffi/native.ts";
+import type { Request, TokenLogprob } from "./request.ts";
 import type { ScheduledRequest } from "./scheduler.ts";
 
-export interface SampledToken {
+export interface SampledToken extends TokenLogprob {
   req: Request;
-  tokenId: number;
-  logprob: number;
   logits: Float32Array | null; // a copy, only when asked for
 }
 
@@ -16,6 +14,7 @@ export class ModelRunner {
   constructor(
     private readonly engine: NativeEngine,
     readonly blockSizeTokens: number,
+    private readonly eosTokenIds: readonly number[],
   ) {}
 
   /** Fills the step descriptor; returns the requests whose last token is in this step (they sample). */
@@ -25,6 +24,8 @@ export class ModelRunner {
     const maxBlocks = this.engine.config.maxBlocksPerSeq;
     const sampled: Request[] = [];
     let t = 0;
+    let historyCursor = 0;
+    let biasCursor = 0;
     scheduled.forEach(({ req, numNewTokens }, s) => {
       b.queryStartLoc[s] = t;
       for (let j = 0; j < numNewTokens; j++, t++) {
@@ -35,13 +36,50 @@ export class ModelRunner {
       }
       b.seqLens[s] = req.numComputedTokens + numNewTokens;
       b.blockTables.set(req.blockTable, s * maxBlocks);
-      if (req.numComputedTokens + numNewTokens === req.numTokens) {
-        const row = sampled.length;
-        b.sampleIndices[row] = t - 1;
-        const p = req.params;
-        this.engine.setSampling(row, { temperature: p.temperature, topP: p.topP, minP: p.minP, topK: p.topK, seed: req.seed, drawIndex: req.numOutputTokens });
-        sampled.push(req);
+      if (req.numComputedTokens + numNewTokens !== req.numTokens) return;
+
+      const row = sampled.length;
+      b.sampleIndices[row] = t - 1;
+      const p = req.params;
+      const penalties = p.presencePenalty !== 0 || p.frequencyPenalty !== 0 || p.repetitionPenalty !== 1;
+      const historyOffset = historyCursor;
+      if (penalties) {
+        b.historyTokenIds.set(req.tokenIds, historyCursor);
+        historyCursor += req.tokenIds.length;
       }
+      const biasOffset = biasCursor;
+      if (p.logitBias) {
+        for (const [id, value] of Object.entries(p.logitBias)) {
+          b.logitBiasIds[biasCursor] = Number(id);
+          b.logitBiasValues[biasCursor++] = value;
+        }
+      }
+      // min_tokens: the tokens that would end the request are banned until it has that many.
+      if (req.numOutputTokens < p.minTokens) {
+        for (const id of [...(p.ignoreEos ? [] : this.eosTokenIds), ...p.stopTokenIds]) {
+          b.logitBiasIds[biasCursor] = id;
+          b.logitBiasValues[biasCursor++] = -Infinity;
+        }
+      }
+      if (biasCursor - biasOffset > LOGIT_BIAS_MAX) throw new Error(`request ${req.id} carries more than ${LOGIT_BIAS_MAX} logit biases`);
+      this.engine.setSampling(row, {
+        temperature: p.temperature,
+        topP: p.topP,
+        minP: p.minP,
+        topK: p.topK,
+        presencePenalty: p.presencePenalty,
+        frequencyPenalty: p.frequencyPenalty,
+        repetitionPenalty: p.repetitionPenalty,
+        numTopLogprobs: Math.min(p.logprobs ?? 0, TOP_LOGPROBS_MAX),
+        seed: req.seed,
+        drawIndex: req.numOutputTokens,
+        historyOffset,
+        historyPromptLen: penalties ? req.promptTokenIds.length : 0,
+        historyLen: penalties ? req.tokenIds.length : 0,
+        biasOffset,
+        biasCount: biasCursor - biasOffset,
+      });
+      sampled.push(req);
     });
     b.queryStartLoc[scheduled.length] = t;
     this.engine.setCounts(t, scheduled.length, sampled.length, returnLogits);
@@ -51,12 +89,18 @@ export class ModelRunner {
   private collect(sampled: Request[], returnLogits: boolean): SampledToken[] {
     const b = this.engine.batch;
     const vocab = this.engine.model.vocabSize;
-    return sampled.map((req, i) => ({
-      req,
-      tokenId: b.outTokenIds[i],
-      logprob: b.outLogprobs[i],
-      logits: returnLogits ? b.logits.slice(i * vocab, (i + 1) * vocab) : null,
-    }));
+    return sampled.map((req, i) => {
+      const k = Math.min(req.params.logprobs ?? 0, TOP_LOGPROBS_MAX);
+      const top = [];
+      for (let j = 0; j < k; j++) top.push({ tokenId: b.outTopIds[i * TOP_LOGPROBS_MAX + j], logprob: b.outTopLogprobs[i * TOP_LOGPROBS_MAX + j] });
+      return {
+        req,
+        tokenId: b.outTokenIds[i],
+        logprob: b.outLogprobs[i],
+        top,
+        logits: returnLogits ? b.logits.slice(i * vocab, (i + 1) * vocab) : null,
+      };
+    });
   }
 
   /** Runs on the engine thread; the event loop stays free. */

@@ -1,6 +1,6 @@
 // A request and its lifecycle. The status order is the lifecycle:
 // anything past PREEMPTED is finished.
-import type { IncrementalDetokenizer } from "./detokenizer.ts";
+import type { OutputText } from "./output.ts";
 
 export enum RequestStatus {
   WAITING = 0,
@@ -35,25 +35,45 @@ export function finishReason(status: RequestStatus): FinishReason | null {
 
 export interface SamplingParams {
   maxTokens: number;
+  minTokens: number; // EOS and stop tokens/strings are held off until this many tokens
   temperature: number;
   topP: number;
   topK: number; // 0 = off
   minP: number;
+  presencePenalty: number;
+  frequencyPenalty: number;
+  repetitionPenalty: number;
+  logitBias: Record<number, number> | null;
   seed: number | null; // null: a random seed per request
+  stop: string[]; // matched on the text; not part of the output
   stopTokenIds: number[];
   ignoreEos: boolean;
+  logprobs: number | null; // null: none; k: the sampled token's and k alternatives'
 }
 
 export const DEFAULT_SAMPLING: SamplingParams = {
   maxTokens: 16,
+  minTokens: 0,
   temperature: 1,
   topP: 1,
   topK: 0,
   minP: 0,
+  presencePenalty: 0,
+  frequencyPenalty: 0,
+  repetitionPenalty: 1,
+  logitBias: null,
   seed: null,
+  stop: [],
   stopTokenIds: [],
   ignoreEos: false,
+  logprobs: null,
 };
+
+export interface TokenLogprob {
+  tokenId: number;
+  logprob: number;
+  top: { tokenId: number; logprob: number }[];
+}
 
 export class Request {
   status = RequestStatus.WAITING;
@@ -61,9 +81,16 @@ export class Request {
   readonly tokenIds: number[];
   numComputedTokens = 0;
   blockTable: number[] = [];
-  readonly logprobs: number[] = [];
+  /** Chained hashes of the full blocks of tokenIds, as far as computed (prefix caching). */
+  readonly blockHashes: bigint[] = [];
+  /** Leading blocks of blockTable already named in the cache. */
+  numCachedBlocks = 0;
+  /** Prompt tokens served from the prefix cache at first admission (null until admitted). */
+  numCachedPromptTokens: number | null = null;
   readonly arrivalMs = performance.now();
+  firstScheduledMs: number | null = null;
   firstTokenMs: number | null = null;
+  lastTokenMs: number | null = null;
   numPreemptions = 0;
 
   constructor(
@@ -71,7 +98,7 @@ export class Request {
     readonly promptTokenIds: readonly number[],
     readonly params: SamplingParams,
     readonly seed: bigint,
-    readonly detokenizer: IncrementalDetokenizer | null,
+    readonly output: OutputText | null,
   ) {
     this.tokenIds = [...promptTokenIds];
   }

@@ -10,6 +10,15 @@ export interface SchedulerConfig {
   maxNumBatchedTokens: number;
   maxNumSeqs: number;
   maxModelLen: number;
+  maxQueueLen: number; // waiting requests beyond this are refused
+}
+
+/** The waiting queue is full: the server answers 429. */
+export class QueueFullError extends Error {
+  constructor(readonly maxQueueLen: number) {
+    super(`the server is at capacity: ${maxQueueLen} requests are already waiting`);
+    this.name = "QueueFullError";
+  }
 }
 
 export interface ScheduledRequest {
@@ -28,6 +37,7 @@ export class Scheduler {
   ) {}
 
   add(req: Request): void {
+    if (this.waiting.length >= this.config.maxQueueLen) throw new QueueFullError(this.config.maxQueueLen);
     this.waiting.push(req);
   }
 
@@ -64,9 +74,17 @@ export class Scheduler {
     if (preempted.size === 0) {
       while (this.waiting.length > 0 && budget > 0 && this.running.length < this.config.maxNumSeqs) {
         const req = this.waiting[0];
+        const cachedTokens = this.kv.getComputedBlocks(req);
+        req.numCachedPromptTokens ??= cachedTokens;
         const numNewTokens = Math.min(req.numTokens - req.numComputedTokens, budget);
-        if (!this.kv.allocateSlots(req, numNewTokens)) break;
+        if (!this.kv.allocateSlots(req, numNewTokens)) {
+          // Give the cache hits back (they stay cached) and try again next step.
+          this.kv.free(req);
+          req.numComputedTokens = 0;
+          break;
+        }
         this.waiting.shift();
+        req.firstScheduledMs ??= performance.now();
         req.status = RequestStatus.RUNNING;
         this.running.push(req);
         scheduled.push({ req, numNewTokens });

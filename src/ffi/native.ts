@@ -4,7 +4,9 @@ import { dlopen, FFIType, JSCallback, ptr, read, toArrayBuffer, type Pointer } f
 import { existsSync } from "node:fs";
 import { join } from "node:path";
 
-export const ABI_VERSION = 1;
+export const ABI_VERSION = 2;
+export const TOP_LOGPROBS_MAX = 20;
+export const LOGIT_BIAS_MAX = 1024;
 
 export const Status = {
   OK: 0,
@@ -76,13 +78,23 @@ export interface TensorEntry {
   cols: number;
 }
 
+/** Mirrors ifn_sampling_params; history and bias point into the batch's shared arrays. */
 export interface SamplingRow {
   temperature: number;
   topP: number;
   minP: number;
   topK: number;
+  presencePenalty: number;
+  frequencyPenalty: number;
+  repetitionPenalty: number;
+  numTopLogprobs: number;
   seed: bigint;
   drawIndex: number;
+  historyOffset: number;
+  historyPromptLen: number;
+  historyLen: number;
+  biasOffset: number;
+  biasCount: number;
 }
 
 export class EngineError extends Error {
@@ -122,6 +134,9 @@ function open(path: string) {
     ifn_blocks_allocate: { args: [FFIType.ptr, FFIType.u32, FFIType.ptr], returns: FFIType.i32 },
     ifn_blocks_free: { args: [FFIType.ptr, FFIType.u32, FFIType.ptr], returns: FFIType.i32 },
     ifn_blocks_ref: { args: [FFIType.ptr, FFIType.u32, FFIType.ptr], returns: FFIType.i32 },
+    ifn_blocks_cache_insert: { args: [FFIType.ptr, FFIType.u32, FFIType.ptr, FFIType.ptr], returns: FFIType.i32 },
+    ifn_blocks_cache_lookup: { args: [FFIType.ptr, FFIType.u32, FFIType.ptr, FFIType.ptr], returns: FFIType.u32 },
+    ifn_blocks_num_cached: { args: [FFIType.ptr], returns: FFIType.u32 },
     ifn_blocks_num_free: { args: [FFIType.ptr], returns: FFIType.u32 },
     ifn_blocks_ref_count: { args: [FFIType.ptr, FFIType.i32], returns: FFIType.u32 },
   });
@@ -174,9 +189,16 @@ const BATCH = {
   outTokenIds: 80,
   outLogprobs: 88,
   logits: 96,
-  size: 104,
+  historyCapacity: 104,
+  biasCapacity: 108,
+  historyTokenIds: 112,
+  logitBiasIds: 120,
+  logitBiasValues: 128,
+  outTopIds: 136,
+  outTopLogprobs: 144,
+  size: 152,
 } as const;
-const SAMPLING_ROW_BYTES = 32;
+const SAMPLING_ROW_BYTES = 72;
 
 /** Typed views over the engine-owned step descriptor; filled in place, never reallocated. */
 export interface BatchView {
@@ -190,6 +212,11 @@ export interface BatchView {
   outTokenIds: Int32Array;
   outLogprobs: Float32Array;
   logits: Float32Array;
+  historyTokenIds: Int32Array;
+  logitBiasIds: Int32Array;
+  logitBiasValues: Float32Array;
+  outTopIds: Int32Array;
+  outTopLogprobs: Float32Array;
 }
 
 export class NativeEngine {
@@ -261,6 +288,11 @@ export class NativeEngine {
       outTokenIds: view(BATCH.outTokenIds, s, Int32Array),
       outLogprobs: view(BATCH.outLogprobs, s, Float32Array),
       logits: view(BATCH.logits, s * model.vocabSize, Float32Array),
+      historyTokenIds: view(BATCH.historyTokenIds, this.header.getUint32(BATCH.historyCapacity, true), Int32Array),
+      logitBiasIds: view(BATCH.logitBiasIds, this.header.getUint32(BATCH.biasCapacity, true), Int32Array),
+      logitBiasValues: view(BATCH.logitBiasValues, this.header.getUint32(BATCH.biasCapacity, true), Float32Array),
+      outTopIds: view(BATCH.outTopIds, s * TOP_LOGPROBS_MAX, Int32Array),
+      outTopLogprobs: view(BATCH.outTopLogprobs, s * TOP_LOGPROBS_MAX, Float32Array),
     };
     this.sampling = new DataView(toArrayBuffer(read.ptr(batchPtr, BATCH.sampling) as Pointer, 0, s * SAMPLING_ROW_BYTES));
   }
@@ -287,8 +319,18 @@ export class NativeEngine {
     this.sampling.setFloat32(o + 4, p.topP, true);
     this.sampling.setFloat32(o + 8, p.minP, true);
     this.sampling.setInt32(o + 12, p.topK, true);
-    this.sampling.setBigUint64(o + 16, BigInt.asUintN(64, p.seed), true);
-    this.sampling.setBigUint64(o + 24, BigInt(p.drawIndex), true);
+    this.sampling.setFloat32(o + 16, p.presencePenalty, true);
+    this.sampling.setFloat32(o + 20, p.frequencyPenalty, true);
+    this.sampling.setFloat32(o + 24, p.repetitionPenalty, true);
+    this.sampling.setInt32(o + 28, p.numTopLogprobs, true);
+    this.sampling.setBigUint64(o + 32, BigInt.asUintN(64, p.seed), true);
+    this.sampling.setBigUint64(o + 40, BigInt(p.drawIndex), true);
+    this.sampling.setInt32(o + 48, p.historyOffset, true);
+    this.sampling.setInt32(o + 52, p.historyPromptLen, true);
+    this.sampling.setInt32(o + 56, p.historyLen, true);
+    this.sampling.setInt32(o + 60, p.biasOffset, true);
+    this.sampling.setInt32(o + 64, p.biasCount, true);
+    this.sampling.setInt32(o + 68, 0, true);
   }
 
   /** Runs the filled batch on the calling thread (blocks the event loop: tests and tools only). */
@@ -365,6 +407,28 @@ export class NativeEngine {
 
   get numFreeBlocks(): number {
     return load().ifn_blocks_num_free(this.ptr);
+  }
+
+  get numCachedBlocks(): number {
+    return load().ifn_blocks_num_cached(this.ptr);
+  }
+
+  /** Names held, full blocks by the hash of their tokens, for later prefix-cache hits. */
+  cacheBlocks(ids: readonly number[], hashes: readonly bigint[]): void {
+    if (ids.length === 0) return;
+    const symbols = load();
+    const idBuf = new Int32Array(ids);
+    const hashBuf = new BigUint64Array(hashes);
+    check(symbols.ifn_blocks_cache_insert(this.ptr, ids.length, ptr(idBuf), ptr(hashBuf)), () => String(symbols.ifn_last_error()));
+  }
+
+  /** References the cached blocks holding the leading hashes; returns their ids (stops at the first miss). */
+  lookupCachedBlocks(hashes: readonly bigint[]): number[] {
+    if (hashes.length === 0) return [];
+    const hashBuf = new BigUint64Array(hashes);
+    const out = new Int32Array(hashes.length);
+    const hits = load().ifn_blocks_cache_lookup(this.ptr, hashes.length, ptr(hashBuf), ptr(out));
+    return Array.from(out.subarray(0, hits));
   }
 
   refCount(blockId: number): number {

@@ -1,8 +1,8 @@
 import { existsSync, readFileSync } from "node:fs";
 import { join, resolve } from "node:path";
-import type { LLMEngine } from "../../src/engine/llm_engine.ts";
+import type { LLMEngine, RequestOutput } from "../../src/engine/llm_engine.ts";
 import { ModelRunner } from "../../src/engine/model_runner.ts";
-import { DEFAULT_SAMPLING, Request, type SamplingParams } from "../../src/engine/request.ts";
+import { DEFAULT_SAMPLING, Request, type SamplingParams, type TokenLogprob } from "../../src/engine/request.ts";
 
 /** The shared test data beside the repository (models, goldens, reference tools), or null. */
 export const SHARED: string | null = (() => {
@@ -33,17 +33,23 @@ export function goldens(): GoldenCase[] {
 
 export const GREEDY: SamplingParams = { ...DEFAULT_SAMPLING, temperature: 0, ignoreEos: true };
 
-export async function generate(engine: LLMEngine, promptIds: number[], params: Partial<SamplingParams>): Promise<{ ids: number[]; text: string; logprobs: number[] }> {
+export async function generate(
+  engine: LLMEngine,
+  promptIds: number[],
+  params: Partial<SamplingParams>,
+): Promise<{ ids: number[]; text: string; logprobs: TokenLogprob[]; last: RequestOutput | null }> {
   const ids: number[] = [];
-  const logprobs: number[] = [];
+  const logprobs: TokenLogprob[] = [];
+  let last: RequestOutput | null = null;
   let text = "";
   for await (const out of engine.addRequest(promptIds, { ...GREEDY, ...params })) {
     if (out.error) throw new Error(out.error);
     ids.push(...out.newTokenIds);
     logprobs.push(...out.newLogprobs);
     text += out.text;
+    last = out;
   }
-  return { ids, text, logprobs };
+  return { ids, text, logprobs, last };
 }
 
 /** Logits for the token after `promptIds`, from one prefill step (engine must be idle). */
@@ -51,7 +57,7 @@ export function nextTokenLogits(engine: LLMEngine, promptIds: number[]): Float32
   const req = new Request("logits-probe", promptIds, GREEDY, 0n, null);
   if (!engine.kv.allocateSlots(req, promptIds.length)) throw new Error("pool too small for the probe");
   try {
-    const runner = new ModelRunner(engine.native, engine.kv.blockSizeTokens);
+    const runner = new ModelRunner(engine.native, engine.kv.blockSizeTokens, engine.model.spec.eosTokenIds);
     const [out] = runner.executeSync([{ req, numNewTokens: promptIds.length }], true);
     return out.logits!;
   } finally {
