@@ -3,7 +3,7 @@
 import { describe, expect, test } from "bun:test";
 import { KvCacheManager, type BlockPool } from "../src/engine/kv_cache_manager.ts";
 import { DEFAULT_SAMPLING, Request, RequestStatus } from "../src/engine/request.ts";
-import { Scheduler } from "../src/engine/scheduler.ts";
+import { QueueFullError, Scheduler } from "../src/engine/scheduler.ts";
 
 class FakePool implements BlockPool {
   private free: number[];
@@ -115,5 +115,29 @@ describe("scheduler", () => {
     s.remove(b);
     expect(pool.numFreeBlocks).toBe(16);
     expect(s.hasWork).toBe(false);
+  });
+
+  test("the waiting queue is bounded, and refusing a request changes nothing", () => {
+    const { s } = setup(64, 100);
+    for (let i = 0; i < 16; i++) s.add(req(3));
+    expect(() => s.add(req(3))).toThrow(QueueFullError);
+    expect(s.waiting.length).toBe(16);
+    s.schedule(); // admits up to max_num_seqs, making room
+    expect(s.waiting.length).toBe(8);
+    s.add(req(3));
+    expect(s.waiting.length).toBe(9);
+  });
+
+  test("preemption takes the newest running request first, then the next newest", () => {
+    const { s } = setup(6, 64);
+    const rs = [req(8), req(4), req(4)]; // 2 + 1 + 1 blocks
+    for (const r of rs) s.add(r);
+    advance(s.schedule());
+    // 9, 5, 5 tokens: the oldest needs a 3rd block, the others a 2nd: 3 more, 2 free.
+    const sch = s.schedule();
+    expect(rs[2].status).toBe(RequestStatus.PREEMPTED);
+    expect(rs[1].status).toBe(RequestStatus.RUNNING);
+    expect(sch.map((x) => x.req.id)).toEqual([rs[0].id, rs[1].id]);
+    expect(s.waiting.map((r) => r.id)).toEqual([rs[2].id]);
   });
 });

@@ -210,7 +210,7 @@ export class LLMEngine {
       const preemptionsBefore = this.scheduler.numPreemptions;
       const hitsBefore = this.kv.numPrefixHitTokens;
       const queriesBefore = this.kv.numPrefixQueryTokens;
-      const scheduled = this.scheduler.schedule();
+      let scheduled = this.scheduler.schedule();
       this.metrics.preemptions.inc(this.scheduler.numPreemptions - preemptionsBefore);
       this.metrics.prefixCacheHits.inc(this.kv.numPrefixHitTokens - hitsBefore);
       this.metrics.prefixCacheQueries.inc(this.kv.numPrefixQueryTokens - queriesBefore);
@@ -221,6 +221,9 @@ export class LLMEngine {
         continue;
       }
       this.stepObserver?.(scheduled);
+      // The observer may abort; an aborted request has already given its blocks back.
+      scheduled = scheduled.filter((s) => !isFinished(s.req.status));
+      if (scheduled.length === 0) continue;
       let sampled: SampledToken[];
       try {
         sampled = await this.runner.execute(scheduled);
