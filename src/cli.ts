@@ -1,7 +1,9 @@
 #!/usr/bin/env bun
 // inferneo: the command line. `inferneo generate` runs prompts offline;
 // `inferneo serve` starts the OpenAI-compatible server.
+import { createWriteStream } from "node:fs";
 import { parseArgs } from "node:util";
+import { readPromptsFile, runOffline } from "./engine/offline.ts";
 import { EngineError } from "./ffi/native.ts";
 import { DEFAULT_ENGINE_OPTIONS, InvalidRequestError, LLMEngine, type EngineOptions } from "./engine/llm_engine.ts";
 import { DEFAULT_SAMPLING, type SamplingParams } from "./engine/request.ts";
@@ -18,6 +20,9 @@ generate options:
   --seed S              fixed seed for reproducible sampling
   --chat                wrap the prompt as a user message in the model's chat template
   --ignore-eos          keep generating past the end-of-sequence token
+  --prompts-file F      run every line of a JSONL file ({"prompt": ..., "max_tokens": ...}
+                        or {"messages": [...]}) and write results as JSONL, in input order
+  -o, --output F        where --prompts-file results go (default: stdout)
 engine options:
   --threads N           compute threads (default: all cores)
   --max-model-len N     context length (default: the model's)
@@ -80,6 +85,8 @@ async function generate(argv: string[]): Promise<number> {
       seed: { type: "string" },
       chat: { type: "boolean" },
       "ignore-eos": { type: "boolean" },
+      "prompts-file": { type: "string" },
+      output: { type: "string", short: "o" },
     },
     strict: true,
   });
@@ -88,7 +95,7 @@ async function generate(argv: string[]): Promise<number> {
     return 0;
   }
   if (!values.model) throw new UsageError("--model is required");
-  if (values.prompt === undefined) throw new UsageError("--prompt is required");
+  if (values.prompt === undefined && values["prompts-file"] === undefined) throw new UsageError("--prompt or --prompts-file is required");
   const params: SamplingParams = {
     ...DEFAULT_SAMPLING,
     maxTokens: intFlag(values["max-tokens"], "max-tokens", 1) ?? 128,
@@ -99,9 +106,25 @@ async function generate(argv: string[]): Promise<number> {
     seed: intFlag(values.seed, "seed", 0) ?? null,
     ignoreEos: values["ignore-eos"] ?? false,
   };
+  if (values["prompts-file"] !== undefined) {
+    const prompts = readPromptsFile(values["prompts-file"]);
+    const engine = await LLMEngine.create(values.model, engineOptions(values));
+    try {
+      const out = values.output ? createWriteStream(values.output) : null;
+      const write = (line: string) => (out ? out.write(`${line}\n`) : process.stdout.write(`${line}\n`));
+      const results = await runOffline(engine, prompts, params, write);
+      if (out) await new Promise<void>((resolve) => out.end(resolve));
+      const failed = results.filter((r) => r.error).length;
+      process.stderr.write(`${results.length - failed} of ${results.length} prompts completed${values.output ? `, results in ${values.output}` : ""}\n`);
+      return failed > 0 ? 1 : 0;
+    } finally {
+      await engine.shutdown();
+    }
+  }
   // One sequence: size the engine for it rather than for a server's load.
   const engine = await LLMEngine.create(values.model, { maxNumSeqs: 1, ...engineOptions(values) });
   try {
+    if (values.prompt === undefined) throw new UsageError("--prompt is required");
     const tok = engine.model.tokenizer;
     const promptIds = values.chat ? tok.applyChatTemplate([{ role: "user", content: values.prompt }]).ids : tok.encode(values.prompt);
     const t0 = performance.now();

@@ -1,6 +1,8 @@
 // `inferneo generate` as a user runs it: a subprocess, streamed text, a figures line,
 // and one-line errors with a non-zero exit.
 import { describe, expect, test } from "bun:test";
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { goldens, SHARED, stories } from "./helpers/engine.ts";
 
@@ -28,6 +30,27 @@ describe.skipIf(SHARED === null)("inferneo generate (stories260K)", () => {
     expect(a.code).toBe(0);
     expect(a.stdout).toBe(b.stdout);
     expect(a.stdout.trim().length).toBeGreaterThan(20);
+  });
+});
+
+describe.skipIf(SHARED === null)("inferneo generate --prompts-file (stories260K)", () => {
+  test("runs every line and writes results in input order, each equal to its golden", () => {
+    const cases = goldens();
+    const dir = mkdtempSync(join(tmpdir(), "inferneo-offline-"));
+    try {
+      const input = join(dir, "prompts.jsonl");
+      const output = join(dir, "results.jsonl");
+      // Long ones first, so that they finish last and order has to be restored.
+      writeFileSync(input, cases.map((c, i) => JSON.stringify({ prompt: c.prompt_ids, max_tokens: 128 - i * 15, temperature: 0, ignore_eos: true })).join("\n") + "\n\n");
+      const r = run(["generate", "--model", stories("hf"), "--prompts-file", input, "--output", output]);
+      expect(r.code).toBe(0);
+      expect(r.stderr).toContain(`${cases.length} of ${cases.length} prompts completed`);
+      const results = readFileSync(output, "utf8").trim().split("\n").map((l) => JSON.parse(l));
+      expect(results.map((x) => x.index)).toEqual(cases.map((_, i) => i));
+      results.forEach((x, i) => expect(x.token_ids).toEqual(cases[i].completion_ids.slice(0, 128 - i * 15)));
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 });
 

@@ -93,10 +93,33 @@ fn matmulRowsTyped(comptime T: type, out: []f32, out_stride: usize, x: []const f
     const base: [*]align(1) const T = @ptrCast(w.data);
     for (row_begin..row_end) |r| {
         const row = base + r * w.cols;
-        for (0..n_tokens) |n| {
-            out[n * out_stride + r] = dot(T, row, x.ptr + n * w.cols, w.cols);
+        var n: usize = 0;
+        // Four tokens per pass: each weight vector is loaded and widened once for all four.
+        while (n + tokens_per_pass <= n_tokens) : (n += tokens_per_pass) {
+            const sums = dot4(T, row, x.ptr + n * w.cols, w.cols);
+            inline for (0..tokens_per_pass) |j| out[(n + j) * out_stride + r] = sums[j];
         }
+        while (n < n_tokens) : (n += 1) out[n * out_stride + r] = dot(T, row, x.ptr + n * w.cols, w.cols);
     }
+}
+
+const tokens_per_pass = 4;
+
+/// dot(w, x_j) for four consecutive rows x_j of length n (stride n).
+inline fn dot4(comptime T: type, w: [*]align(1) const T, x: [*]const f32, n: usize) [tokens_per_pass]f32 {
+    var acc: [tokens_per_pass]V = .{@as(V, @splat(0))} ** tokens_per_pass;
+    var i: usize = 0;
+    while (i + vec_len <= n) : (i += vec_len) {
+        const wv = loadVec(T, w, i);
+        inline for (0..tokens_per_pass) |j| acc[j] += wv * @as(V, x[j * n + i ..][0..vec_len].*);
+    }
+    var sums: [tokens_per_pass]f32 = undefined;
+    inline for (0..tokens_per_pass) |j| sums[j] = @reduce(.Add, acc[j]);
+    while (i < n) : (i += 1) {
+        const wi = loadScalar(T, w, i);
+        inline for (0..tokens_per_pass) |j| sums[j] += wi * x[j * n + i];
+    }
+    return sums;
 }
 
 /// out = x / sqrt(mean(x^2) + eps) * weight, as llama2.c computes it.
@@ -209,7 +232,7 @@ test "matmulRows matches a naive product for f32, f16 and bf16 at awkward widths
     inline for (.{ DType.f32, DType.f16, DType.bf16 }) |dtype| {
         for ([_]usize{ 1, 7, 16, 33, 172 }) |cols| {
             const rows = 5;
-            const n_tokens = 3;
+            const n_tokens = 7; // one pass of four, then three one at a time
             const T = switch (dtype) {
                 .f32 => f32,
                 .f16 => f16,
