@@ -1,5 +1,283 @@
-// Placeholder until the HTTP server lands: says so plainly instead of pretending.
-export async function serve(_argv: string[]): Promise<number> {
-  process.stderr.write("inferneo: `serve` is not available in this build yet; use `inferneo generate`\n");
-  return 2;
+// `inferneo serve`: flags and an optional YAML config file (flags win), start-up
+// report, and a graceful drain on SIGTERM/SIGINT.
+import { readFileSync } from "node:fs";
+import { availableParallelism, cpus } from "node:os";
+import { parseArgs } from "node:util";
+import YAML from "yaml";
+import { DEFAULT_ENGINE_OPTIONS, LLMEngine, type EngineOptions } from "../engine/llm_engine.ts";
+import { loadModel } from "../model/load.ts";
+import { parseRateLimit } from "./auth.ts";
+import { createApp, DEFAULT_SERVER_OPTIONS, ServerState, VERSION, type ServerOptions } from "./app.ts";
+
+export class ConfigError extends Error {}
+
+// Every serve flag, by its config-file key. `kind` says how a value is read.
+const FLAGS = {
+  model: "string",
+  host: "string",
+  port: "int",
+  served_model_name: "string",
+  max_model_len: "int",
+  max_num_batched_tokens: "int",
+  max_num_seqs: "int",
+  max_queue_len: "int",
+  block_size: "int",
+  num_gpu_blocks_override: "int",
+  kv_cache_memory: "bytes",
+  gpu_memory_utilization: "float",
+  tensor_parallel_size: "int",
+  enable_prefix_caching: "bool",
+  threads: "int",
+  api_key: "list",
+  protect_metrics: "bool",
+  rate_limit: "string",
+  rate_limit_tokens: "int",
+  max_body_bytes: "bytes",
+  drain_timeout: "float",
+} as const;
+type Key = keyof typeof FLAGS;
+type Values = Partial<Record<Key, string | number | boolean | string[]>>;
+
+export const SERVE_USAGE = `usage: inferneo serve --model <hf folder | file.gguf | org/name> [options]
+  --host H (default 127.0.0.1)   --port P (default 8000)   --config config.yaml
+  --served-model-name NAME       the name clients send (default: the --model string)
+  --max-model-len N  --max-num-batched-tokens N  --max-num-seqs N  --max-queue-len N
+  --block-size N  --num-gpu-blocks-override N  --kv-cache-memory 2GiB  --threads N
+  --enable-prefix-caching / --no-enable-prefix-caching (default on)
+  --api-key KEY (repeatable; or INFERNEO_API_KEY)  --protect-metrics
+  --rate-limit 60/min  --rate-limit-tokens N (per minute, per key)
+  --drain-timeout S (default 30)  --max-body-bytes 8MiB
+Config files use the same names in snake_case; flags override the file.
+`;
+
+function parseBytes(v: string | number, key: string): number {
+  if (typeof v === "number") return v;
+  const m = /^(\d+(?:\.\d+)?)\s*(b|kb|kib|mb|mib|gb|gib)?$/i.exec(v.trim());
+  if (!m) throw new ConfigError(`${key}: '${v}' is not a size (e.g. 512MiB, 2GiB)`);
+  const unit = (m[2] ?? "b").toLowerCase();
+  const scale: Record<string, number> = { b: 1, kb: 1e3, kib: 1024, mb: 1e6, mib: 1024 ** 2, gb: 1e9, gib: 1024 ** 3 };
+  return Math.floor(Number(m[1]) * scale[unit]);
+}
+
+function coerce(key: Key, v: unknown, from: "flag" | "config"): string | number | boolean | string[] {
+  const name = from === "flag" ? `--${key.replaceAll("_", "-")}` : key;
+  const kind = FLAGS[key];
+  const num = (x: unknown) => (typeof x === "number" ? x : typeof x === "string" && x.trim() !== "" ? Number(x) : NaN);
+  switch (kind) {
+    case "string":
+      if (typeof v !== "string" || v === "") throw new ConfigError(`${name} must be a non-empty string`);
+      return v;
+    case "int": {
+      const n = num(v);
+      if (!Number.isInteger(n) || n < 0) throw new ConfigError(`${name} must be a non-negative integer, got ${JSON.stringify(v)}`);
+      return n;
+    }
+    case "float": {
+      const n = num(v);
+      if (!Number.isFinite(n) || n < 0) throw new ConfigError(`${name} must be a non-negative number, got ${JSON.stringify(v)}`);
+      return n;
+    }
+    case "bytes":
+      if (typeof v !== "string" && typeof v !== "number") throw new ConfigError(`${name} must be a size`);
+      return parseBytes(v, name);
+    case "bool":
+      if (typeof v !== "boolean") throw new ConfigError(`${name} must be true or false, got ${JSON.stringify(v)}`);
+      return v;
+    case "list": {
+      const list = Array.isArray(v) ? v : [v];
+      if (!list.every((x) => typeof x === "string" && x !== "")) throw new ConfigError(`${name} must be a string or a list of strings`);
+      return list as string[];
+    }
+  }
+}
+
+export function readConfigFile(path: string): Values {
+  let doc: unknown;
+  try {
+    doc = YAML.parse(readFileSync(path, "utf8"));
+  } catch (e) {
+    throw new ConfigError(`${path}: ${(e as Error).message.split("\n")[0]}`);
+  }
+  if (doc === null || doc === undefined) return {};
+  if (typeof doc !== "object" || Array.isArray(doc)) throw new ConfigError(`${path}: expected a mapping of option: value`);
+  const out: Values = {};
+  for (const [k, v] of Object.entries(doc)) {
+    if (!(k in FLAGS)) throw new ConfigError(`${path}: unknown key '${k}' (see \`inferneo serve --help\`)`);
+    out[k as Key] = coerce(k as Key, v, "config");
+  }
+  return out;
+}
+
+export function parseServeArgs(argv: string[], env: NodeJS.ProcessEnv = process.env): Values & { help?: boolean } {
+  const options: Record<string, { type: "string" | "boolean"; multiple?: boolean; short?: string }> = { config: { type: "string" }, help: { type: "boolean", short: "h" } };
+  for (const [key, kind] of Object.entries(FLAGS)) {
+    const flag = key.replaceAll("_", "-");
+    options[flag] = kind === "bool" ? { type: "boolean" } : kind === "list" ? { type: "string", multiple: true } : { type: "string" };
+    if (kind === "bool") options[`no-${flag}`] = { type: "boolean" };
+  }
+  let parsed;
+  try {
+    parsed = parseArgs({ args: argv, options, strict: true, allowPositionals: false }).values as Record<string, unknown>;
+  } catch (e) {
+    throw new ConfigError((e as Error).message);
+  }
+  if (parsed.help) return { help: true };
+  const fromFile = typeof parsed.config === "string" ? readConfigFile(parsed.config) : {};
+  const fromFlags: Values = {};
+  for (const key of Object.keys(FLAGS) as Key[]) {
+    const flag = key.replaceAll("_", "-");
+    if (parsed[flag] !== undefined) fromFlags[key] = coerce(key, parsed[flag], "flag");
+    if (parsed[`no-${flag}`]) fromFlags[key] = false;
+  }
+  const values: Values = { ...fromFile, ...fromFlags };
+  if (values.api_key === undefined && env.INFERNEO_API_KEY) values.api_key = env.INFERNEO_API_KEY.split(",").filter(Boolean);
+  return values;
+}
+
+export interface ServeConfig {
+  model: string;
+  host: string;
+  port: number;
+  drainTimeoutS: number;
+  engine: Partial<EngineOptions>;
+  server: ServerOptions;
+  notes: string[]; // what was asked that this build does not do, said at start
+}
+
+export function serveConfig(v: Values): ServeConfig {
+  if (typeof v.model !== "string") throw new ConfigError("--model is required (or `model:` in the config file)");
+  const notes: string[] = [];
+  if (typeof v.tensor_parallel_size === "number" && v.tensor_parallel_size > 1) {
+    throw new ConfigError(`tensor_parallel_size ${v.tensor_parallel_size} needs several GPUs; this build runs on one CPU process (use 1)`);
+  }
+  if (v.gpu_memory_utilization !== undefined) {
+    const g = v.gpu_memory_utilization as number;
+    if (!(g > 0 && g <= 1)) throw new ConfigError(`gpu_memory_utilization must be in (0, 1], got ${g}`);
+    notes.push(`gpu_memory_utilization ${g} has no effect: this build has no GPU backend; the KV pool is sized by --kv-cache-memory`);
+  }
+  const engine: Partial<EngineOptions> = { servedModelName: (v.served_model_name as string) ?? v.model };
+  const set = <K extends keyof EngineOptions>(k: K, x: unknown) => {
+    if (x !== undefined) engine[k] = x as EngineOptions[K];
+  };
+  set("maxModelLen", v.max_model_len);
+  set("maxNumBatchedTokens", v.max_num_batched_tokens);
+  set("maxNumSeqs", v.max_num_seqs);
+  set("maxQueueLen", v.max_queue_len);
+  set("blockSizeTokens", v.block_size);
+  set("numBlocksOverride", v.num_gpu_blocks_override);
+  set("kvCacheMemoryBytes", v.kv_cache_memory);
+  set("enablePrefixCaching", v.enable_prefix_caching);
+  set("threads", v.threads);
+  for (const [k, min] of [["maxNumSeqs", 1], ["maxNumBatchedTokens", 1], ["blockSizeTokens", 1], ["threads", 1], ["maxModelLen", 1], ["numBlocksOverride", 1]] as const) {
+    const x = engine[k];
+    if (x !== undefined && (x as number) < min) throw new ConfigError(`${k.replace(/[A-Z]/g, (c) => `_${c.toLowerCase()}`)} must be at least ${min}`);
+  }
+  let rateLimit = null;
+  if (v.rate_limit !== undefined || v.rate_limit_tokens !== undefined) {
+    let r = { requests: Number.MAX_SAFE_INTEGER, windowMs: 60_000 };
+    if (typeof v.rate_limit === "string") {
+      try {
+        r = parseRateLimit(v.rate_limit);
+      } catch (e) {
+        throw new ConfigError((e as Error).message);
+      }
+    }
+    rateLimit = { ...r, tokensPerMinute: (v.rate_limit_tokens as number | undefined) ?? null };
+  }
+  return {
+    model: v.model,
+    host: (v.host as string) ?? "127.0.0.1",
+    port: (v.port as number) ?? 8000,
+    drainTimeoutS: (v.drain_timeout as number) ?? 30,
+    engine,
+    server: {
+      ...DEFAULT_SERVER_OPTIONS,
+      servedModelName: engine.servedModelName!,
+      apiKeys: (v.api_key as string[]) ?? [],
+      protectMetrics: (v.protect_metrics as boolean) ?? false,
+      rateLimit,
+      maxBodyBytes: (v.max_body_bytes as number) ?? DEFAULT_SERVER_OPTIONS.maxBodyBytes,
+    },
+    notes,
+  };
+}
+
+/** Reads the weight files once with a progress bar: pages them in, so the first request is not slow. */
+async function warmWeights(files: string[]): Promise<void> {
+  const total = files.reduce((a, f) => a + Bun.file(f).size, 0);
+  let done = 0;
+  const tty = process.stderr.isTTY;
+  for (const f of files) {
+    for await (const chunk of Bun.file(f).stream()) {
+      done += chunk.byteLength;
+      if (tty) process.stderr.write(`\rloading weights [${"#".repeat(Math.round((done / total) * 30)).padEnd(30, ".")}] ${(done / 1e6).toFixed(0)}/${(total / 1e6).toFixed(0)} MB`);
+    }
+  }
+  process.stderr.write(tty ? "\n" : `loaded weights: ${(total / 1e6).toFixed(1)} MB\n`);
+}
+
+export async function startServer(config: ServeConfig, log: (line: string) => void = (l) => process.stderr.write(`${l}\n`)) {
+  const state = new ServerState();
+  const app = createApp(state, config.server);
+  app.listen({ hostname: config.host, port: config.port, idleTimeout: 255, maxRequestBodySize: config.server.maxBodyBytes + 1024 * 1024 });
+  const url = `http://${config.host === "0.0.0.0" ? "127.0.0.1" : config.host}:${app.server!.port}`;
+  log(`inferneo ${VERSION}: listening on ${url} (loading ${config.model}; /health answers 503 until ready)`);
+  for (const note of config.notes) log(`note: ${note}`);
+  let engine: LLMEngine;
+  try {
+    const model = await loadModel(config.model);
+    await warmWeights(model.spec.files);
+    engine = new LLMEngine(model, { ...DEFAULT_ENGINE_OPTIONS, ...config.engine });
+  } catch (e) {
+    await app.stop(true);
+    throw e;
+  }
+  state.ready(engine, config.server.servedModelName);
+  const c = engine.model.spec.config;
+  const kvBytes = engine.native.kvCacheBytes;
+  log(`model: ${config.server.servedModelName} (${c.numLayers} layers, hidden ${c.hiddenSize}, ${c.numHeads} heads / ${c.numKvHeads} KV heads, vocab ${c.vocabSize}), weights ${engine.model.spec.dtype}`);
+  log(`device: CPU (${cpus()[0]?.model ?? "unknown"}), ${engine.options.threads} of ${availableParallelism()} threads`);
+  log(`KV cache: ${engine.numBlocks} blocks x ${engine.options.blockSizeTokens} tokens = ${engine.numBlocks * engine.options.blockSizeTokens} tokens, ${(kvBytes / 2 ** 20).toFixed(1)} MiB f32; max model len ${engine.maxModelLen}; prefix caching ${engine.options.enablePrefixCaching ? "on" : "off"}`);
+  log(`ready: ${url}/v1  docs: ${url}/docs${config.server.apiKeys.length > 0 ? "  (API key required)" : ""}`);
+
+  let stopping: Promise<void> | null = null;
+  const stop = (signal: string) => {
+    stopping ??= (async () => {
+      log(`${signal}: draining (no new requests; ${engine.numUnfinished} in flight, up to ${config.drainTimeoutS} s)`);
+      state.status = "draining";
+      const deadline = Date.now() + config.drainTimeoutS * 1000;
+      while (engine.numUnfinished > 0 && Date.now() < deadline) await Bun.sleep(50);
+      if (engine.numUnfinished > 0) log(`drain timeout: aborting ${engine.numUnfinished} requests`);
+      await engine.shutdown();
+      await app.stop(true);
+      log("stopped");
+    })();
+    return stopping;
+  };
+  return { app, state, engine, url, stop };
+}
+
+export async function serve(argv: string[]): Promise<number> {
+  let config: ServeConfig;
+  try {
+    const values = parseServeArgs(argv);
+    if ("help" in values && values.help) {
+      process.stdout.write(SERVE_USAGE);
+      return 0;
+    }
+    config = serveConfig(values);
+  } catch (e) {
+    if (e instanceof ConfigError) {
+      process.stderr.write(`inferneo serve: ${e.message}\n`);
+      return 2;
+    }
+    throw e;
+  }
+  const server = await startServer(config);
+  await new Promise<void>((resolve) => {
+    const onSignal = (signal: string) => void server.stop(signal).then(resolve);
+    process.once("SIGTERM", () => onSignal("SIGTERM"));
+    process.once("SIGINT", () => onSignal("SIGINT"));
+  });
+  return 0;
 }
