@@ -397,8 +397,9 @@ export function createApp(state: ServerState, options: ServerOptions) {
         return toApiError(e).toResponse();
       }
     })
-    .onParse(async ({ request, contentType }) => {
-      if (!contentType?.startsWith("application/json") && contentType !== "" && contentType !== undefined) return;
+    // Every body is read as JSON, whatever content-type a client sent (curl -d sends a form type).
+    .onParse(async ({ request }) => {
+      if (request.method === "GET" || request.method === "HEAD") return;
       const bytes = new Uint8Array(await request.arrayBuffer());
       if (bytes.byteLength > options.maxBodyBytes) throw new ApiError(413, `The request body is over ${options.maxBodyBytes} bytes.`, "invalid_request_error", null, "request_too_large");
       let text: string;
