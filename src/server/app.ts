@@ -398,7 +398,7 @@ export function createApp(state: ServerState, options: ServerOptions) {
       }
     })
     // Every body is read as JSON, whatever content-type a client sent (curl -d sends a form type).
-    .onParse(async ({ request }) => {
+    .onParse({ as: "global" }, async ({ request }) => {
       if (request.method === "GET" || request.method === "HEAD") return;
       const bytes = new Uint8Array(await request.arrayBuffer());
       if (bytes.byteLength > options.maxBodyBytes) throw new ApiError(413, `The request body is over ${options.maxBodyBytes} bytes.`, "invalid_request_error", null, "request_too_large");
@@ -414,15 +414,19 @@ export function createApp(state: ServerState, options: ServerOptions) {
         throw new ApiError(400, "We could not parse the JSON body of your request.", "invalid_request_error");
       }
     })
-    .onError(({ code, error }) => {
+    .onError({ as: "global" }, ({ code, error }) => {
       if (error instanceof ApiError) return error.toResponse();
       switch (code) {
         case "VALIDATION": {
           const { message, param } = validationMessage(error);
           return new ApiError(400, message, "invalid_request_error", param).toResponse();
         }
-        case "PARSE":
+        case "PARSE": {
+          // Elysia wraps what the parse hook threw (invalid UTF-8, body too large).
+          const cause = (error as { cause?: unknown }).cause;
+          if (cause instanceof ApiError) return cause.toResponse();
           return new ApiError(400, "We could not parse the JSON body of your request.", "invalid_request_error").toResponse();
+        }
         case "NOT_FOUND":
           return new ApiError(404, "Not found.", "invalid_request_error", null, "not_found").toResponse();
         default:

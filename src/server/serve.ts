@@ -249,6 +249,8 @@ export async function startServer(config: ServeConfig, log: (line: string) => vo
       while (engine.numUnfinished > 0 && Date.now() < deadline) await Bun.sleep(50);
       if (engine.numUnfinished > 0) log(`drain timeout: aborting ${engine.numUnfinished} requests`);
       await engine.shutdown();
+      // Let responses still being written reach their clients, then close what is left.
+      await Promise.race([app.stop(false), Bun.sleep(2000)]);
       await app.stop(true);
       log("stopped");
     })();
