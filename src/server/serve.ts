@@ -203,20 +203,23 @@ export function serveConfig(v: Values): ServeConfig {
 }
 
 /** Reads the weight files once with a progress bar: pages them in, so the first request is not slow. */
-async function warmWeights(files: string[]): Promise<void> {
+async function warmWeights(files: string[], log: (line: string) => void): Promise<void> {
   const total = files.reduce((a, f) => a + Bun.file(f).size, 0);
   let done = 0;
-  const tty = process.stderr.isTTY;
+  const tty = process.stderr.isTTY && log === stderrLog;
   for (const f of files) {
     for await (const chunk of Bun.file(f).stream()) {
       done += chunk.byteLength;
       if (tty) process.stderr.write(`\rloading weights [${"#".repeat(Math.round((done / total) * 30)).padEnd(30, ".")}] ${(done / 1e6).toFixed(0)}/${(total / 1e6).toFixed(0)} MB`);
     }
   }
-  process.stderr.write(tty ? "\n" : `loaded weights: ${(total / 1e6).toFixed(1)} MB\n`);
+  if (tty) process.stderr.write("\n");
+  else log(`loaded weights: ${(total / 1e6).toFixed(1)} MB`);
 }
 
-export async function startServer(config: ServeConfig, log: (line: string) => void = (l) => process.stderr.write(`${l}\n`)) {
+const stderrLog = (line: string) => void process.stderr.write(`${line}\n`);
+
+export async function startServer(config: ServeConfig, log: (line: string) => void = stderrLog) {
   const state = new ServerState();
   const app = createApp(state, config.server);
   app.listen({ hostname: config.host, port: config.port, idleTimeout: 255, maxRequestBodySize: config.server.maxBodyBytes + 1024 * 1024 });
@@ -226,7 +229,7 @@ export async function startServer(config: ServeConfig, log: (line: string) => vo
   let engine: LLMEngine;
   try {
     const model = await loadModel(config.model);
-    await warmWeights(model.spec.files);
+    await warmWeights(model.spec.files, log);
     engine = new LLMEngine(model, { ...DEFAULT_ENGINE_OPTIONS, ...config.engine });
   } catch (e) {
     await app.stop(true);
@@ -250,8 +253,8 @@ export async function startServer(config: ServeConfig, log: (line: string) => vo
       if (engine.numUnfinished > 0) log(`drain timeout: aborting ${engine.numUnfinished} requests`);
       await engine.shutdown();
       // Let responses still being written reach their clients, then close what is left.
-      await Promise.race([app.stop(false), Bun.sleep(2000)]);
-      await app.stop(true);
+      const graceful = app.stop(false).then(() => true, () => true);
+      if (!(await Promise.race([graceful, Bun.sleep(2000).then(() => false)]))) await app.stop(true).catch(() => {});
       log("stopped");
     })();
     return stopping;
