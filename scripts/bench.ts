@@ -29,7 +29,7 @@ const engine = await LLMEngine.create(values.model, {
   threads,
   maxNumSeqs: 1,
   maxNumBatchedTokens: Math.max(promptTokens, 16),
-  maxModelLen: undefined,
+  enablePrefixCaching: false, // every run computes its prompt
 });
 const vocab = engine.model.spec.config.vocabSize;
 let state = 12345;

@@ -64,6 +64,11 @@ pub const Scratch = struct {
 
 /// Runs `body(ctx, thread_index, begin, end)` over [0, n_items) on the pool.
 fn parallel(pool: *ThreadPool, n_items: usize, ctx: anytype, comptime body: fn (@TypeOf(ctx), usize, usize, usize) void) void {
+    parallelAligned(pool, n_items, 1, ctx, body);
+}
+
+/// As `parallel`, with chunks a multiple of `alignment` items (matmul row tiles).
+fn parallelAligned(pool: *ThreadPool, n_items: usize, alignment: usize, ctx: anytype, comptime body: fn (@TypeOf(ctx), usize, usize, usize) void) void {
     const Ctx = @TypeOf(ctx);
     const Wrapper = struct {
         fn call(p: *const anyopaque, thread_index: usize, begin: usize, end: usize) void {
@@ -72,7 +77,7 @@ fn parallel(pool: *ThreadPool, n_items: usize, ctx: anytype, comptime body: fn (
         }
     };
     // Several chunks per thread so that a slow core does not hold the others up.
-    const grain = @max(1, n_items / (pool.numThreads() * 4));
+    const grain = std.mem.alignForward(usize, @max(1, n_items / (pool.numThreads() * 4)), alignment);
     pool.run(.{ .func = Wrapper.call, .ctx = &ctx, .n_items = n_items, .grain = grain });
 }
 
@@ -99,7 +104,7 @@ const MatmulCtx = struct {
 fn matmul(pool: *ThreadPool, out: []f32, x: []const f32, n_tokens: usize, ws: []const Matrix) void {
     var total_rows: usize = 0;
     for (ws) |w| total_rows += w.rows;
-    parallel(pool, total_rows, MatmulCtx{ .out = out, .out_stride = total_rows, .x = x, .n_tokens = n_tokens, .ws = ws }, MatmulCtx.body);
+    parallelAligned(pool, total_rows, kernels.tile_rows, MatmulCtx{ .out = out, .out_stride = total_rows, .x = x, .n_tokens = n_tokens, .ws = ws }, MatmulCtx.body);
 }
 
 const AttentionCtx = struct {
