@@ -28,6 +28,16 @@ async function untilSteps(engine: LLMEngine, n: number): Promise<void> {
   while (engine.stepCount < target && performance.now() - start < 30_000) await Bun.sleep(1);
 }
 
+/** The 32 requests, four at a time with a step between, as traffic arrives. */
+async function staggered(engine: LLMEngine): Promise<number[][]> {
+  const runs = [];
+  for (let i = 0; i < 32; i++) {
+    runs.push(generate(engine, promptOf(LENGTHS[i], i), { maxTokens: MAX_TOKENS[i] }));
+    if (i % 4 === 3) await untilSteps(engine, 1);
+  }
+  return (await Promise.all(runs)).map((r) => r.ids);
+}
+
 const LENGTHS = Array.from({ length: 32 }, (_, i) => 1 + Math.floor((i * 397) % 400));
 const MAX_TOKENS = Array.from({ length: 32 }, (_, i) => 4 + ((i * 13) % 29));
 
@@ -43,12 +53,7 @@ describe("continuous batching", () => {
   test("32 staggered requests of 1 to 400 prompt tokens give the tokens each gives alone", async () => {
     const engine = await LLMEngine.create(modelPath, { threads: 2, maxNumSeqs: 16, maxNumBatchedTokens: 128 });
     try {
-      const runs = [];
-      for (let i = 0; i < 32; i++) {
-        runs.push(generate(engine, promptOf(LENGTHS[i], i), { maxTokens: MAX_TOKENS[i] }));
-        if (i % 4 === 3) await untilSteps(engine, 1);
-      }
-      expect((await Promise.all(runs)).map((r) => r.ids)).toEqual(alone);
+      expect(await staggered(engine)).toEqual(alone);
       expect(engine.kv.numFreeBlocks).toBe(engine.numBlocks);
     } finally {
       await engine.shutdown();
@@ -59,12 +64,7 @@ describe("continuous batching", () => {
     // 40 blocks of 16 = 640 tokens for up to 16 requests of up to 430 tokens each.
     const engine = await LLMEngine.create(modelPath, { threads: 2, maxNumSeqs: 16, maxNumBatchedTokens: 128, numBlocksOverride: 40 });
     try {
-      const runs = [];
-      for (let i = 0; i < 32; i++) {
-        runs.push(generate(engine, promptOf(LENGTHS[i], i), { maxTokens: MAX_TOKENS[i] }));
-        if (i % 4 === 3) await untilSteps(engine, 1);
-      }
-      expect((await Promise.all(runs)).map((r) => r.ids)).toEqual(alone);
+      expect(await staggered(engine)).toEqual(alone);
       expect(engine.scheduler.numPreemptions).toBeGreaterThan(0);
       expect(engine.kv.numFreeBlocks).toBe(40);
     } finally {

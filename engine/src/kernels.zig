@@ -38,11 +38,16 @@ pub fn bf16ToF32(bits: u16) f32 {
 }
 
 inline fn loadVec(comptime T: type, p: [*]align(1) const T, i: usize) V {
-    const chunk: @Vector(vec_len, T) = p[i..][0..vec_len].*;
+    return loadVecN(vec_len, T, p, i);
+}
+
+/// `lanes` weights from p[i..], widened to f32 (u16 means bf16).
+inline fn loadVecN(comptime lanes: usize, comptime T: type, p: [*]align(1) const T, i: usize) @Vector(lanes, f32) {
+    const chunk: @Vector(lanes, T) = p[i..][0..lanes].*;
     return switch (T) {
         f32 => chunk,
         f16 => @floatCast(chunk),
-        u16 => @bitCast(@as(@Vector(vec_len, u32), chunk) << @splat(16)),
+        u16 => @bitCast(@as(@Vector(lanes, u32), chunk) << @splat(16)),
         else => @compileError("unsupported weight element type"),
     };
 }
@@ -62,11 +67,11 @@ pub inline fn dot(comptime T: type, w: [*]align(1) const T, x: [*]const f32, n: 
     var acc1: V = @splat(0);
     var i: usize = 0;
     while (i + 2 * vec_len <= n) : (i += 2 * vec_len) {
-        acc0 += loadVec(T, w, i) * @as(V, x[i..][0..vec_len].*);
-        acc1 += loadVec(T, w, i + vec_len) * @as(V, x[i + vec_len ..][0..vec_len].*);
+        acc0 = @mulAdd(V, loadVec(T, w, i), x[i..][0..vec_len].*, acc0);
+        acc1 = @mulAdd(V, loadVec(T, w, i + vec_len), x[i + vec_len ..][0..vec_len].*, acc1);
     }
     if (i + vec_len <= n) {
-        acc0 += loadVec(T, w, i) * @as(V, x[i..][0..vec_len].*);
+        acc0 = @mulAdd(V, loadVec(T, w, i), x[i..][0..vec_len].*, acc0);
         i += vec_len;
     }
     var sum = @reduce(.Add, acc0 + acc1);
@@ -97,18 +102,28 @@ fn matmulRowsTyped(comptime T: type, out: []f32, out_stride: usize, x: []const f
     // vector is widened once for four tokens. Used when there are tokens to share it
     // (prefill, batched decode); one token takes the per-row path below.
     if (n_tokens >= tile_tokens) {
-        while (r + tile_rows <= row_end) : (r += tile_rows) {
-            var n: usize = 0;
-            while (n + tile_tokens <= n_tokens) : (n += tile_tokens) {
-                const sums = tile4x4(T, base + r * cols, cols, x.ptr + n * cols);
-                inline for (0..tile_tokens) |j| {
-                    inline for (0..tile_rows) |i| out[(n + j) * out_stride + r + i] = sums[i][j];
+        // Token blocks small enough to stay in L2 while every row tile of this chunk
+        // passes over them; a row tile stays in L1 across its block.
+        const block_tokens = std.mem.alignForward(usize, @max(tile_tokens, block_bytes / (cols * @sizeOf(f32))), tile_tokens);
+        const tiled_end = row_begin + (row_end - row_begin) / tile_rows * tile_rows;
+        var block: usize = 0;
+        while (block < n_tokens) : (block += block_tokens) {
+            const block_end = @min(n_tokens, block + block_tokens);
+            var rt = row_begin;
+            while (rt < tiled_end) : (rt += tile_rows) {
+                var n = block;
+                while (n + tile_tokens <= block_end) : (n += tile_tokens) {
+                    const sums = tile4x4(T, base + rt * cols, cols, x.ptr + n * cols);
+                    inline for (0..tile_tokens) |j| {
+                        inline for (0..tile_rows) |i| out[(n + j) * out_stride + rt + i] = sums[i][j];
+                    }
+                }
+                while (n < block_end) : (n += 1) {
+                    inline for (0..tile_rows) |i| out[n * out_stride + rt + i] = dot(T, base + (rt + i) * cols, x.ptr + n * cols, cols);
                 }
             }
-            while (n < n_tokens) : (n += 1) {
-                inline for (0..tile_rows) |i| out[n * out_stride + r + i] = dot(T, base + (r + i) * cols, x.ptr + n * cols, cols);
-            }
         }
+        r = tiled_end;
     }
     for (r..row_end) |row_index| {
         const row = base + row_index * cols;
@@ -123,17 +138,22 @@ fn matmulRowsTyped(comptime T: type, out: []f32, out_stride: usize, x: []const f
 
 pub const tile_rows = 4;
 const tile_tokens = 4;
+const block_bytes = 128 * 1024; // of activations per token block: a share of a 1 MiB L2
 
 /// sums[i][j] = w_i . x_j for 4 consecutive weight rows (stride cols) and 4 tokens (stride cols).
+/// Eight-wide vectors: 16 accumulators and 8 operands fit the 32 vector registers
+/// without spilling, and every multiply-add is one fused instruction.
 inline fn tile4x4(comptime T: type, w: [*]align(1) const T, cols: usize, x: [*]const f32) [tile_rows][tile_tokens]f32 {
-    var acc: [tile_rows][tile_tokens]V = .{.{@as(V, @splat(0))} ** tile_tokens} ** tile_rows;
+    const lanes = 8;
+    const V8 = @Vector(lanes, f32);
+    var acc: [tile_rows][tile_tokens]V8 = .{.{@as(V8, @splat(0))} ** tile_tokens} ** tile_rows;
     var k: usize = 0;
-    while (k + vec_len <= cols) : (k += vec_len) {
-        var wv: [tile_rows]V = undefined;
-        inline for (0..tile_rows) |i| wv[i] = loadVec(T, w + i * cols, k);
+    while (k + lanes <= cols) : (k += lanes) {
+        var wv: [tile_rows]V8 = undefined;
+        inline for (0..tile_rows) |i| wv[i] = loadVecN(lanes, T, w + i * cols, k);
         inline for (0..tile_tokens) |j| {
-            const xv: V = x[j * cols + k ..][0..vec_len].*;
-            inline for (0..tile_rows) |i| acc[i][j] += wv[i] * xv;
+            const xv: V8 = x[j * cols + k ..][0..lanes].*;
+            inline for (0..tile_rows) |i| acc[i][j] = @mulAdd(V8, wv[i], xv, acc[i][j]);
         }
     }
     var sums: [tile_rows][tile_tokens]f32 = undefined;
@@ -157,7 +177,7 @@ inline fn dot4(comptime T: type, w: [*]align(1) const T, x: [*]const f32, n: usi
     var i: usize = 0;
     while (i + vec_len <= n) : (i += vec_len) {
         const wv = loadVec(T, w, i);
-        inline for (0..tokens_per_pass) |j| acc[j] += wv * @as(V, x[j * n + i ..][0..vec_len].*);
+        inline for (0..tokens_per_pass) |j| acc[j] = @mulAdd(V, wv, x[j * n + i ..][0..vec_len].*, acc[j]);
     }
     var sums: [tokens_per_pass]f32 = undefined;
     inline for (0..tokens_per_pass) |j| sums[j] = @reduce(.Add, acc[j]);

@@ -226,16 +226,23 @@ export class OpenAIService {
     if (out.error) throw new ApiError(500, `generation failed: ${out.error}`, "internal_error");
   }
 
-  async completion(prepared: Prepared & { echo: boolean }, running = this.start(prepared)): Promise<CompletionResponse> {
+  /** Drains a non-streamed request: each choice's text, logprobs and last output. */
+  private async collect(running: Running) {
     const text = new Map<number, string>();
     const lps = new Map<number, TokenLogprob[]>();
     const last = new Map<number, RequestOutput>();
     for await (const { choice, out } of running.outputs) {
       OpenAIService.failIfError(out);
       text.set(choice, (text.get(choice) ?? "") + out.text);
-      lps.set(choice, [...(lps.get(choice) ?? []), ...out.newLogprobs]);
+      if (!lps.has(choice)) lps.set(choice, []);
+      lps.get(choice)!.push(...out.newLogprobs);
       last.set(choice, out);
     }
+    return { text, lps, last };
+  }
+
+  async completion(prepared: Prepared & { echo: boolean }, running = this.start(prepared)): Promise<CompletionResponse> {
+    const { text, lps, last } = await this.collect(running);
     return {
       id: prepared.id,
       object: "text_completion",
@@ -289,15 +296,7 @@ export class OpenAIService {
   }
 
   async chat(prepared: Prepared, running = this.start(prepared)): Promise<ChatCompletionResponse> {
-    const text = new Map<number, string>();
-    const lps = new Map<number, TokenLogprob[]>();
-    const last = new Map<number, RequestOutput>();
-    for await (const { choice, out } of running.outputs) {
-      OpenAIService.failIfError(out);
-      text.set(choice, (text.get(choice) ?? "") + out.text);
-      lps.set(choice, [...(lps.get(choice) ?? []), ...out.newLogprobs]);
-      last.set(choice, out);
-    }
+    const { text, lps, last } = await this.collect(running);
     return {
       id: prepared.id,
       object: "chat.completion",
