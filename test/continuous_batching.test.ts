@@ -99,6 +99,19 @@ describe("prefix caching", () => {
     expect(results[0].ids).toEqual(results[1].ids);
   });
 
+  test("requests sent together with the same prompt (n > 1) compute it once and share its blocks", async () => {
+    const engine = await LLMEngine.create(modelPath, { threads: 2, maxNumSeqs: 8 });
+    try {
+      const p = promptOf(100, 9); // six full blocks and a partial one
+      const outs = await Promise.all([0, 1, 2, 3].map((i) => generate(engine, p, { maxTokens: 6, temperature: 1, seed: i })));
+      const cached = outs.map((o) => o.last!.numCachedTokens).sort((a, b) => a - b);
+      expect(cached).toEqual([0, 96, 96, 96]);
+      expect(engine.kv.numFreeBlocks).toBe(engine.numBlocks);
+    } finally {
+      await engine.shutdown();
+    }
+  });
+
   test("a prompt that is all cache hits still recomputes its last block (shared blocks are never written)", async () => {
     const engine = await LLMEngine.create(modelPath, { threads: 2, maxNumSeqs: 4 });
     try {
@@ -154,6 +167,10 @@ describe("sampling controls", () => {
     expect(stopped.ids).toEqual(base.ids.slice(0, firstIndex + 1));
     expect(stopped.last!.finishReason).toBe("stop");
     expect(stopped.last!.stopReason).toBe(stopAt);
+    const t = stopped.last!.timings!;
+    expect(t.queueMs).toBeGreaterThanOrEqual(0);
+    expect(t.firstTokenMs).toBeCloseTo(t.queueMs + t.prefillMs, 6);
+    expect(t.e2eMs).toBeGreaterThanOrEqual(t.firstTokenMs);
     const held = await generate(engine, prompt, { maxTokens: 10, stopTokenIds: [stopAt], minTokens: 10 });
     expect(held.ids.length).toBe(10);
     expect(held.ids.includes(stopAt)).toBe(false);

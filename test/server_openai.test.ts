@@ -29,6 +29,13 @@ describe.skipIf(SHARED === null)("OpenAI compatibility (stories260K)", () => {
     expect(r.usage).toMatchObject({ prompt_tokens: g.prompt_ids.length, completion_tokens: 128, total_tokens: g.prompt_ids.length + 128 });
   });
 
+  test("openai: echo puts the prompt in front of the completion", async () => {
+    const g = goldens()[0];
+    const r = await openai.completions.create({ model: MODEL, prompt: g.prompt, max_tokens: 8, temperature: 0, echo: true });
+    expect(r.choices[0].text.startsWith(g.prompt)).toBe(true);
+    expect(g.completion_text_all!.startsWith(r.choices[0].text.slice(g.prompt.length))).toBe(true);
+  });
+
   test("openai: token-id prompts and lists of prompts", async () => {
     const [a, b] = goldens();
     const r = await openai.completions.create({ model: MODEL, prompt: [a.prompt_ids.slice(1), b.prompt_ids.slice(1)] as unknown as number[][], max_tokens: 16, temperature: 0 });

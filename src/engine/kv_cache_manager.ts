@@ -21,6 +21,7 @@ export function blockHash(previous: bigint, tokens: readonly number[]): bigint {
 }
 
 export class KvCacheManager {
+  /** Prompt tokens looked up, and found, at first admission (the scheduler counts them). */
   numPrefixQueryTokens = 0;
   numPrefixHitTokens = 0;
 
@@ -64,11 +65,13 @@ export class KvCacheManager {
     req.blockTable = hits;
     req.numCachedBlocks = hits.length;
     req.numComputedTokens = hits.length * this.blockSizeTokens;
-    if (req.numCachedPromptTokens === null) {
-      this.numPrefixQueryTokens += req.promptTokenIds.length;
-      this.numPrefixHitTokens += req.numComputedTokens;
-    }
     return req.numComputedTokens;
+  }
+
+  /** Hashes of the full blocks among the first `numTokens` tokens ([] with caching off). */
+  fullBlockHashes(req: Request, numTokens: number): bigint[] {
+    if (!this.enablePrefixCaching) return [];
+    return this.hashesUpTo(req, Math.floor(numTokens / this.blockSizeTokens));
   }
 
   /** Makes room for `numNewTokens` more computed tokens; false (and nothing changed) when the pool is short. */

@@ -47,7 +47,29 @@ export interface RequestOutput {
   numPromptTokens: number;
   numOutputTokens: number;
   numCachedTokens: number;
+  timings?: RequestTimings; // on the last output of a request
   error?: string;
+}
+
+/** Where a request's time went, in milliseconds. */
+export interface RequestTimings {
+  queueMs: number; // arrival to first scheduled
+  prefillMs: number; // first scheduled to first token
+  firstTokenMs: number; // arrival to first token
+  perTokenMs: number; // mean time between output tokens
+  e2eMs: number; // arrival to finish
+}
+
+function timingsOf(req: Request, now: number): RequestTimings {
+  const scheduled = req.firstScheduledMs ?? now;
+  const first = req.firstTokenMs ?? now;
+  return {
+    queueMs: scheduled - req.arrivalMs,
+    prefillMs: first - scheduled,
+    firstTokenMs: first - req.arrivalMs,
+    perTokenMs: req.numOutputTokens > 1 ? ((req.lastTokenMs ?? now) - first) / (req.numOutputTokens - 1) : 0,
+    e2eMs: now - req.arrivalMs,
+  };
 }
 
 /** A request the engine refuses before it queues it (the server maps it to a 400). */
@@ -284,6 +306,7 @@ export class LLMEngine {
       numPromptTokens: req.promptTokenIds.length,
       numOutputTokens: req.numOutputTokens,
       numCachedTokens: req.numCachedPromptTokens ?? 0,
+      ...(status !== null ? { timings: timingsOf(req, now) } : {}),
     });
     if (status !== null) this.finish(req, status);
   }
@@ -309,6 +332,7 @@ export class LLMEngine {
         numPromptTokens: req.promptTokenIds.length,
         numOutputTokens: req.numOutputTokens,
         numCachedTokens: req.numCachedPromptTokens ?? 0,
+        timings: timingsOf(req, performance.now()),
         ...(error ? { error } : {}),
       });
     }

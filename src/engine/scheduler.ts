@@ -72,18 +72,35 @@ export class Scheduler {
 
     // Nothing new starts in a step that had to preempt: the pool is too tight for it.
     if (preempted.size === 0) {
-      while (this.waiting.length > 0 && budget > 0 && this.running.length < this.config.maxNumSeqs) {
-        const req = this.waiting[0];
+      // Full blocks that requests admitted in this step will compute: a waiting request
+      // that would compute the same block again waits one step and then finds it cached
+      // (n > 1 choices, or many users sending the same system prompt at once).
+      const computing = new Set<bigint>();
+      let i = 0;
+      while (i < this.waiting.length && budget > 0 && this.running.length < this.config.maxNumSeqs) {
+        const req = this.waiting[i];
         const cachedTokens = this.kv.getComputedBlocks(req);
-        req.numCachedPromptTokens ??= cachedTokens;
         const numNewTokens = Math.min(req.numTokens - req.numComputedTokens, budget);
+        const newHashes = this.kv.fullBlockHashes(req, req.numComputedTokens + numNewTokens).slice(req.blockTable.length);
+        if (newHashes.length > 0 && computing.has(newHashes[0])) {
+          this.kv.free(req); // the hits stay cached
+          req.numComputedTokens = 0;
+          i += 1;
+          continue;
+        }
         if (!this.kv.allocateSlots(req, numNewTokens)) {
           // Give the cache hits back (they stay cached) and try again next step.
           this.kv.free(req);
           req.numComputedTokens = 0;
           break;
         }
-        this.waiting.shift();
+        for (const h of newHashes) computing.add(h);
+        if (req.numCachedPromptTokens === null) {
+          req.numCachedPromptTokens = cachedTokens;
+          this.kv.numPrefixQueryTokens += req.promptTokenIds.length;
+          this.kv.numPrefixHitTokens += cachedTokens;
+        }
+        this.waiting.splice(i, 1);
         req.firstScheduledMs ??= performance.now();
         req.status = RequestStatus.RUNNING;
         this.running.push(req);

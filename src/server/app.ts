@@ -4,6 +4,7 @@
 import { openapi } from "@elysiajs/openapi";
 import { Value } from "@sinclair/typebox/value";
 import { Elysia, type TSchema, type ValidationError } from "elysia";
+import type { Server } from "bun";
 import { readFileSync } from "node:fs";
 import { createRequire } from "node:module";
 import { dirname, join } from "node:path";
@@ -155,6 +156,15 @@ function sse(chunks: AsyncGenerator<Record<string, unknown>>, running: Running, 
   return new Response(stream, { headers: SSE_HEADERS });
 }
 
+/**
+ * A non-streamed request may compute for longer than the server's idle timeout with
+ * nothing to send: lift the timeout for it, and abort its work if the client leaves.
+ */
+function longRequest(server: Server<unknown> | null, request: Request, running: Running): void {
+  server?.timeout(request, 0);
+  request.signal.addEventListener("abort", running.cancel);
+}
+
 function wantsPrometheus(accept: string | null): boolean {
   return accept !== null && /text\/plain|openmetrics/.test(accept);
 }
@@ -275,12 +285,12 @@ export function createApp(state: ServerState, options: ServerOptions) {
   const completions = new Elysia({ name: "openai" })
     .post(
       "/v1/completions",
-      async ({ body, request }) => {
+      async ({ body, request, server }) => {
         const service = state.serving();
         const prepared = service.prepareCompletion(body);
         const running = service.start(prepared);
         if (body.stream) return sse(service.completionChunks(prepared, running), running, options.heartbeatMs);
-        request.signal.addEventListener("abort", running.cancel);
+        longRequest(server, request, running);
         const response = await service.completion(prepared, running);
         charge(request, response.usage);
         return Response.json(response);
@@ -289,12 +299,12 @@ export function createApp(state: ServerState, options: ServerOptions) {
     )
     .post(
       "/v1/chat/completions",
-      async ({ body, request }) => {
+      async ({ body, request, server }) => {
         const service = state.serving();
         const prepared = service.prepareChat(body);
         const running = service.start(prepared);
         if (body.stream) return sse(service.chatChunks(prepared, running), running, options.heartbeatMs);
-        request.signal.addEventListener("abort", running.cancel);
+        longRequest(server, request, running);
         const response = await service.chat(prepared, running);
         charge(request, response.usage);
         return Response.json(response);
@@ -307,11 +317,11 @@ export function createApp(state: ServerState, options: ServerOptions) {
     )
     .post(
       "/v1/completions/batch",
-      async ({ body, request }) => {
+      async ({ body, request, server }) => {
         const service = state.serving();
         const prepared = service.prepareBatch(body);
         const running = service.start(prepared);
-        request.signal.addEventListener("abort", running.cancel);
+        longRequest(server, request, running);
         const all = await service.completion({ ...prepared, echo: false }, running);
         charge(request, all.usage);
         // One completion object per prompt, in order, each with its own n choices.
