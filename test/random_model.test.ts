@@ -7,7 +7,8 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { LLMEngine } from "../src/engine/llm_engine.ts";
 import { generate, nextTokenLogits } from "./helpers/engine.ts";
-import { GQA, makeWeights, TINY, writeGguf, writeHfModel, type RandomLlamaShape, type WeightDType } from "./helpers/random_llama.ts";
+import type { QuantType } from "./helpers/quantize.ts";
+import { GQA, makeWeights, quantizedWeights, TINY, writeGguf, writeHfModel, type RandomLlamaShape, type WeightDType } from "./helpers/random_llama.ts";
 import { argmaxAndGap, RefLlama } from "./helpers/ref_llama.ts";
 
 const dir = mkdtempSync(join(tmpdir(), "inferneo-random-"));
@@ -21,31 +22,39 @@ function prompt(shape: RandomLlamaShape, n: number, salt: number): number[] {
   return ids;
 }
 
-const cases: { name: string; shape: RandomLlamaShape; dtype: WeightDType; format: "hf" | "gguf" }[] = [
+const cases: { name: string; shape: RandomLlamaShape; dtype: WeightDType | QuantType; format: "hf" | "gguf" }[] = [
   { name: "tiny f32 (HF)", shape: TINY, dtype: "f32", format: "hf" },
   { name: "tiny f16 (HF)", shape: TINY, dtype: "f16", format: "hf" },
   { name: "tiny bf16 (HF)", shape: TINY, dtype: "bf16", format: "hf" },
   { name: "tiny f32 (GGUF)", shape: TINY, dtype: "f32", format: "gguf" },
   { name: "GQA 4:1, head_dim 64, untied, rope_theta 5e5, f32 (HF)", shape: GQA, dtype: "f32", format: "hf" },
   { name: "GQA 4:1, head_dim 64, untied, rope_theta 5e5, f16 (GGUF)", shape: GQA, dtype: "f16", format: "gguf" },
+  // Quantized GGUF: the reference runs on the decoded weights, so results must agree as closely as f32 does.
+  { name: "GQA, Q8_0 (GGUF)", shape: GQA, dtype: "q8_0", format: "gguf" },
+  { name: "GQA, Q4_0 (GGUF)", shape: GQA, dtype: "q4_0", format: "gguf" },
+  { name: "GQA, Q4_K (GGUF)", shape: GQA, dtype: "q4_k", format: "gguf" },
+  { name: "GQA, Q6_K (GGUF)", shape: GQA, dtype: "q6_k", format: "gguf" },
 ];
+const QUANT_TYPES: readonly string[] = ["q8_0", "q4_0", "q4_k", "q6_k"];
 
 describe("random-weight models against the reference forward pass", () => {
   for (const [i, c] of cases.entries()) {
     test(c.name, async () => {
-      const weights = makeWeights(c.shape, c.dtype);
+      const quantized = QUANT_TYPES.includes(c.dtype);
+      const weights = makeWeights(c.shape, quantized ? "f32" : (c.dtype as WeightDType));
       const out = join(dir, `case${i}`);
       let path: string;
-      if (c.format === "hf") path = writeHfModel(out, c.shape, c.dtype, weights);
+      if (c.format === "hf") path = writeHfModel(out, c.shape, c.dtype as WeightDType, weights);
       else {
         writeHfModel(out, c.shape, "f32", weights); // only for its folder; the GGUF is what loads
         path = join(out, "model.gguf");
-        writeGguf(path, c.shape, c.dtype as "f32" | "f16", weights);
+        writeGguf(path, c.shape, c.dtype as "f32" | "f16" | QuantType, weights);
       }
+      const refWeights = quantized ? quantizedWeights(weights, c.dtype as QuantType) : weights;
       const engine = await LLMEngine.create(path, { threads: 2, maxNumSeqs: 4 });
       try {
         const ids = prompt(c.shape, 9, i);
-        const ref = new RefLlama(c.shape, weights);
+        const ref = new RefLlama(c.shape, refWeights);
         for (const t of ids.slice(0, -1)) ref.forward(t);
         let logits = ref.forward(ids[ids.length - 1]);
 

@@ -20,13 +20,31 @@ pub const Status = enum(i32) {
 pub const DType = enum(u32) {
     f32 = 0,
     f16 = 1,
+    q4_0 = 2,
+    q8_0 = 8,
+    q4_k = 12,
+    q6_k = 14,
     bf16 = 30,
     _,
 
-    pub fn sizeBytes(dtype: DType) ?u64 {
+    /// Weights per storage block (1 for plain floats), or null for types this engine lacks.
+    pub fn blockElems(dtype: DType) ?u64 {
+        return switch (dtype) {
+            .f32, .f16, .bf16 => 1,
+            .q4_0, .q8_0 => 32,
+            .q4_k, .q6_k => 256,
+            _ => null,
+        };
+    }
+
+    pub fn blockBytes(dtype: DType) ?u64 {
         return switch (dtype) {
             .f32 => 4,
             .f16, .bf16 => 2,
+            .q4_0 => 18,
+            .q8_0 => 34,
+            .q4_k => 144,
+            .q6_k => 210,
             _ => null,
         };
     }

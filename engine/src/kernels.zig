@@ -4,6 +4,7 @@
 const std = @import("std");
 const assert = std.debug.assert;
 const DType = @import("abi.zig").DType;
+const quant = @import("quant.zig");
 
 pub const vec_len = 16;
 const V = @Vector(vec_len, f32);
@@ -16,22 +17,34 @@ pub const Matrix = struct {
     cols: usize,
 
     pub fn rowBytes(m: Matrix) usize {
-        return m.cols * (m.dtype.sizeBytes() orelse unreachable);
+        return m.cols / m.dtype.blockElems().? * m.dtype.blockBytes().?;
     }
 
     /// Element (row, col) widened to f32: for the slow paths (embedding lookup, tests).
     pub fn get(m: Matrix, row: usize, col: usize) f32 {
         assert(row < m.rows);
         assert(col < m.cols);
-        const i = row * m.cols + col;
+        const row_ptr = m.data + row * m.rowBytes();
         return switch (m.dtype) {
-            .f32 => @as([*]align(1) const f32, @ptrCast(m.data))[i],
-            .f16 => @floatCast(@as([*]align(1) const f16, @ptrCast(m.data))[i]),
-            .bf16 => bf16ToF32(@as([*]align(1) const u16, @ptrCast(m.data))[i]),
+            inline .f32, .f16, .bf16, .q8_0, .q4_0, .q4_k, .q6_k => |t| loadScalar(StorageType(t), @ptrCast(row_ptr), col),
             _ => unreachable,
         };
     }
 };
+
+/// How a dtype is stored: the element type for floats (u16 for bf16), the block type for quantized ones.
+pub fn StorageType(comptime dtype: DType) type {
+    return switch (dtype) {
+        .f32 => f32,
+        .f16 => f16,
+        .bf16 => u16,
+        .q8_0 => quant.BlockQ8_0,
+        .q4_0 => quant.BlockQ4_0,
+        .q4_k => quant.BlockQ4_K,
+        .q6_k => quant.BlockQ6_K,
+        _ => unreachable,
+    };
+}
 
 pub fn bf16ToF32(bits: u16) f32 {
     return @bitCast(@as(u32, bits) << 16);
@@ -43,6 +56,7 @@ inline fn loadVec(comptime T: type, p: [*]align(1) const T, i: usize) V {
 
 /// `lanes` weights from p[i..], widened to f32 (u16 means bf16).
 inline fn loadVecN(comptime lanes: usize, comptime T: type, p: [*]align(1) const T, i: usize) @Vector(lanes, f32) {
+    if (comptime quant.isBlock(T)) return quant.load(lanes, T, p, i);
     const chunk: @Vector(lanes, T) = p[i..][0..lanes].*;
     return switch (T) {
         f32 => chunk,
@@ -53,6 +67,7 @@ inline fn loadVecN(comptime lanes: usize, comptime T: type, p: [*]align(1) const
 }
 
 inline fn loadScalar(comptime T: type, p: [*]align(1) const T, i: usize) f32 {
+    if (comptime quant.isBlock(T)) return quant.scalar(T, p, i);
     return switch (T) {
         f32 => p[i],
         f16 => @floatCast(p[i]),
@@ -84,9 +99,7 @@ pub inline fn dot(comptime T: type, w: [*]align(1) const T, x: [*]const f32, n: 
 /// for all tokens, so a batch of sequences shares one pass over the weights.
 pub fn matmulRows(out: []f32, out_stride: usize, x: []const f32, n_tokens: usize, w: Matrix, row_begin: usize, row_end: usize) void {
     switch (w.dtype) {
-        .f32 => matmulRowsTyped(f32, out, out_stride, x, n_tokens, w, row_begin, row_end),
-        .f16 => matmulRowsTyped(f16, out, out_stride, x, n_tokens, w, row_begin, row_end),
-        .bf16 => matmulRowsTyped(u16, out, out_stride, x, n_tokens, w, row_begin, row_end),
+        inline .f32, .f16, .bf16, .q8_0, .q4_0, .q4_k, .q6_k => |t| matmulRowsTyped(StorageType(t), out, out_stride, x, n_tokens, w, row_begin, row_end),
         _ => unreachable, // refused at load
     }
 }
@@ -97,6 +110,8 @@ fn matmulRowsTyped(comptime T: type, out: []f32, out_stride: usize, x: []const f
     assert(out.len >= (n_tokens - 1) * out_stride + row_end or n_tokens == 0);
     const base: [*]align(1) const T = @ptrCast(w.data);
     const cols = w.cols;
+    // A row is `units` storage units: weights, or blocks of weights for quantized types.
+    const units = cols / quant.unitElems(T);
     var r = row_begin;
     // Tiles of 4 weight rows x 4 tokens: 8 vector loads feed 16 FMAs, and each weight
     // vector is widened once for four tokens. Used when there are tokens to share it
@@ -113,20 +128,20 @@ fn matmulRowsTyped(comptime T: type, out: []f32, out_stride: usize, x: []const f
             while (rt < tiled_end) : (rt += tile_rows) {
                 var n = block;
                 while (n + tile_tokens <= block_end) : (n += tile_tokens) {
-                    const sums = tile4x4(T, base + rt * cols, cols, x.ptr + n * cols);
+                    const sums = tile4x4(T, base + rt * units, units, cols, x.ptr + n * cols);
                     inline for (0..tile_tokens) |j| {
                         inline for (0..tile_rows) |i| out[(n + j) * out_stride + rt + i] = sums[i][j];
                     }
                 }
                 while (n < block_end) : (n += 1) {
-                    inline for (0..tile_rows) |i| out[n * out_stride + rt + i] = dot(T, base + (rt + i) * cols, x.ptr + n * cols, cols);
+                    inline for (0..tile_rows) |i| out[n * out_stride + rt + i] = dot(T, base + (rt + i) * units, x.ptr + n * cols, cols);
                 }
             }
         }
         r = tiled_end;
     }
     for (r..row_end) |row_index| {
-        const row = base + row_index * cols;
+        const row = base + row_index * units;
         var n: usize = 0;
         while (n + tokens_per_pass <= n_tokens) : (n += tokens_per_pass) {
             const sums = dot4(T, row, x.ptr + n * cols, cols);
@@ -140,17 +155,17 @@ pub const tile_rows = 4;
 const tile_tokens = 4;
 const block_bytes = 128 * 1024; // of activations per token block: a share of a 1 MiB L2
 
-/// sums[i][j] = w_i . x_j for 4 consecutive weight rows (stride cols) and 4 tokens (stride cols).
+/// sums[i][j] = w_i . x_j for 4 consecutive weight rows (stride `units`) and 4 tokens (stride cols).
 /// Eight-wide vectors: 16 accumulators and 8 operands fit the 32 vector registers
 /// without spilling, and every multiply-add is one fused instruction.
-inline fn tile4x4(comptime T: type, w: [*]align(1) const T, cols: usize, x: [*]const f32) [tile_rows][tile_tokens]f32 {
+inline fn tile4x4(comptime T: type, w: [*]align(1) const T, units: usize, cols: usize, x: [*]const f32) [tile_rows][tile_tokens]f32 {
     const lanes = 8;
     const V8 = @Vector(lanes, f32);
     var acc: [tile_rows][tile_tokens]V8 = .{.{@as(V8, @splat(0))} ** tile_tokens} ** tile_rows;
     var k: usize = 0;
     while (k + lanes <= cols) : (k += lanes) {
         var wv: [tile_rows]V8 = undefined;
-        inline for (0..tile_rows) |i| wv[i] = loadVecN(lanes, T, w + i * cols, k);
+        inline for (0..tile_rows) |i| wv[i] = loadVecN(lanes, T, w + i * units, k);
         inline for (0..tile_tokens) |j| {
             const xv: V8 = x[j * cols + k ..][0..lanes].*;
             inline for (0..tile_rows) |i| acc[i][j] = @mulAdd(V8, wv[i], xv, acc[i][j]);
@@ -162,7 +177,7 @@ inline fn tile4x4(comptime T: type, w: [*]align(1) const T, cols: usize, x: [*]c
     }
     while (k < cols) : (k += 1) {
         inline for (0..tile_rows) |i| {
-            const wi = loadScalar(T, w + i * cols, k);
+            const wi = loadScalar(T, w + i * units, k);
             inline for (0..tile_tokens) |j| sums[i][j] += wi * x[j * cols + k];
         }
     }
@@ -323,6 +338,39 @@ test "matmulRows matches a naive product for f32, f16 and bf16 at awkward widths
                 try testing.expectApproxEqAbs(want, out[n * rows + r], 1e-4);
             };
         }
+    }
+}
+
+test "matmulRows over quantized blocks matches element-wise decode" {
+    var prng = std.Random.DefaultPrng.init(3);
+    const rng = prng.random();
+    const rows = 9;
+    const cols = 512;
+    const n_tokens = 6;
+    var storage: [rows * (cols / 32) * 34 + rows * (cols / 256) * 210]u8 = undefined;
+    var x: [n_tokens * cols]f32 = undefined;
+    fillRandom(rng, &x);
+    inline for (.{ DType.q8_0, DType.q4_0, DType.q4_k, DType.q6_k }) |dtype| {
+        const w = Matrix{ .dtype = dtype, .data = @ptrCast(&storage), .rows = rows, .cols = cols };
+        const bytes = storage[0 .. rows * w.rowBytes()];
+        rng.bytes(bytes);
+        // Keep every f16 scale small and finite: the byte at each scale's position.
+        const unit_bytes = dtype.blockBytes().?;
+        var off: usize = 0;
+        while (off < bytes.len) : (off += unit_bytes) {
+            const at: []const usize = switch (dtype) {
+                .q6_k => &.{208},
+                .q4_k => &.{ 0, 2 },
+                else => &.{0},
+            };
+            for (at) |a| std.mem.writeInt(u16, bytes[off + a ..][0..2], @bitCast(@as(f16, @floatCast(rng.float(f32) * 0.01))), .little);
+        }
+        var out: [n_tokens * rows]f32 = undefined;
+        matmulRows(&out, rows, &x, n_tokens, w, 0, rows);
+        for (0..n_tokens) |n| for (0..rows) |r| {
+            const want = naiveDot(w, r, x[n * cols ..][0..cols]);
+            try testing.expectApproxEqAbs(want, out[n * rows + r], 1e-3 * (1 + @abs(want)));
+        };
     }
 }
 

@@ -196,4 +196,5 @@ test {
     _ = @import("kernels.zig");
     _ = @import("sampler.zig");
     _ = @import("thread_pool.zig");
+    _ = @import("quant.zig");
 }

@@ -167,17 +167,23 @@ fn expectedShape(role: abi.Role, c: abi.ModelConfig) [2]u64 {
 
 fn checkTensor(t: abi.Tensor, role: abi.Role, config: abi.ModelConfig, maps: []const []align(std.mem.page_size) const u8, status: *abi.Status) !Matrix {
     const dtype: abi.DType = @enumFromInt(t.dtype);
-    const elem_bytes = dtype.sizeBytes() orelse {
-        status.* = errors.fail(.unsupported, "tensor {s} (layer {d}) has dtype {d}, which this engine does not support (supported: f32, f16, bf16)", .{ roleName(role), t.layer, t.dtype });
+    const block_elems = dtype.blockElems() orelse {
+        status.* = errors.fail(.unsupported, "tensor {s} (layer {d}) has dtype {d}, which this engine does not support (supported: f32, f16, bf16, q8_0, q4_0, q4_k, q6_k)", .{ roleName(role), t.layer, t.dtype });
         return error.LoadFailed;
     };
+    const block_bytes = dtype.blockBytes().?;
     const want = expectedShape(role, config);
     if (t.rows != want[0] or t.cols != want[1]) {
         status.* = errors.fail(.shape, "tensor {s} (layer {d}) has shape ({d}, {d}); the config needs ({d}, {d})", .{ roleName(role), t.layer, t.rows, t.cols, want[0], want[1] });
         return error.LoadFailed;
     }
-    if (t.size_bytes != t.rows * t.cols * elem_bytes) {
-        status.* = errors.fail(.shape, "tensor {s} (layer {d}) holds {d} bytes, but ({d}, {d}) elements of {d} bytes need {d}", .{ roleName(role), t.layer, t.size_bytes, t.rows, t.cols, elem_bytes, t.rows * t.cols * elem_bytes });
+    if (t.cols % block_elems != 0) {
+        status.* = errors.fail(.shape, "tensor {s} (layer {d}) has rows of {d} weights, not a whole number of {d}-weight blocks", .{ roleName(role), t.layer, t.cols, block_elems });
+        return error.LoadFailed;
+    }
+    const want_bytes = t.rows * (t.cols / block_elems) * block_bytes;
+    if (t.size_bytes != want_bytes) {
+        status.* = errors.fail(.shape, "tensor {s} (layer {d}) holds {d} bytes, but ({d}, {d}) weights of dtype {d} need {d}", .{ roleName(role), t.layer, t.size_bytes, t.rows, t.cols, t.dtype, want_bytes });
         return error.LoadFailed;
     }
     if (t.file_index >= maps.len) {

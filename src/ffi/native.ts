@@ -20,7 +20,7 @@ export const Status = {
   INTERNAL: 8,
 } as const;
 
-export const DType = { F32: 0, F16: 1, BF16: 30 } as const;
+export const DType = { F32: 0, F16: 1, Q4_0: 2, Q8_0: 8, Q4_K: 12, Q6_K: 14, BF16: 30 } as const;
 export type DTypeCode = (typeof DType)[keyof typeof DType];
 
 export const Role = {

@@ -51,7 +51,18 @@ const GGUF_ROLES: [RegExp, RoleCode][] = [
 ];
 
 const SAFETENSORS_DTYPES: Record<string, DTypeCode> = { F32: DType.F32, F16: DType.F16, BF16: DType.BF16 };
-const DTYPE_NAMES: Record<number, string> = { [DType.F32]: "f32", [DType.F16]: "f16", [DType.BF16]: "bf16" };
+const DTYPE_NAMES: Record<number, string> = {
+  [DType.F32]: "f32",
+  [DType.F16]: "f16",
+  [DType.BF16]: "bf16",
+  [DType.Q8_0]: "q8_0",
+  [DType.Q4_0]: "q4_0",
+  [DType.Q4_K]: "q4_k",
+  [DType.Q6_K]: "q6_k",
+};
+// GGML type ids are the engine's dtype codes; these are the ones it computes with.
+const GGUF_DTYPES: Record<number, DTypeCode> = { 0: DType.F32, 1: DType.F16, 2: DType.Q4_0, 8: DType.Q8_0, 12: DType.Q4_K, 14: DType.Q6_K, 30: DType.BF16 };
+const SUPPORTED_GGUF_TYPES = "F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q6_K";
 
 function roleOf(table: [RegExp, RoleCode][], name: string): { role: RoleCode; layer: number } | null {
   for (const [re, role] of table) {
@@ -184,10 +195,10 @@ export function specFromGguf(g: GgufFile): ModelSpec {
     if (t.name === "rope_freqs.weight") throw new ModelLoadError(`${where}: rope_freqs (Llama 3.1 RoPE scaling) is not supported yet`);
     const r = roleOf(GGUF_ROLES, t.name);
     if (!r) throw new ModelLoadError(`${where}: tensor ${t.name} is not part of the Llama architecture this engine runs`);
-    const dtype = t.type === 0 ? DType.F32 : t.type === 1 ? DType.F16 : t.type === 30 ? DType.BF16 : null;
-    if (dtype === null) {
+    const dtype = GGUF_DTYPES[t.type];
+    if (dtype === undefined) {
       const typeName = GGML_TYPES[t.type]?.name ?? `type ${t.type}`;
-      throw new ModelLoadError(`${where}: tensor ${t.name} is ${typeName}, which is not supported yet (supported: F32, F16, BF16)`);
+      throw new ModelLoadError(`${where}: tensor ${t.name} is ${typeName}, which is not supported yet (supported: ${SUPPORTED_GGUF_TYPES})`);
     }
     if (t.dims.length > 2) throw new ModelLoadError(`${where}: tensor ${t.name} has ${t.dims.length} dimensions`);
     const cols = t.dims[0];

@@ -3,6 +3,7 @@
 // nothing outside the repository. Also used by the benchmark script.
 import { mkdirSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
+import { dequantize, GGML_TYPE_ID, quantize, type QuantType } from "./quantize.ts";
 
 export interface RandomLlamaShape {
   dim: number;
@@ -328,7 +329,12 @@ class GgufWriter {
   }
 }
 
-export function writeGguf(path: string, s: RandomLlamaShape, dtype: "f32" | "f16", weights: RefTensor[]): void {
+/** The weights a quantized GGUF really holds, decoded: what a reference forward pass must use. */
+export function quantizedWeights(weights: RefTensor[], type: QuantType): RefTensor[] {
+  return weights.map((t) => (t.shape.length === 1 ? t : { ...t, data: dequantize(type, quantize(type, t.data, t.shape[1])) }));
+}
+
+export function writeGguf(path: string, s: RandomLlamaShape, dtype: "f32" | "f16" | QuantType, weights: RefTensor[]): void {
   const pieces = vocabPieces(s.vocab);
   const w = new GgufWriter();
   const tensors = weights.map((t) => {
@@ -338,7 +344,9 @@ export function writeGguf(path: string, s: RandomLlamaShape, dtype: "f32" | "f16
     if (name.endsWith("attn_k.weight")) data = permuteRope(t, s.kvHeads);
     // Norm vectors stay f32, as llama.cpp's converter keeps 1-D tensors.
     const tdtype = t.shape.length === 1 ? "f32" : dtype;
-    return { name, dims: [...t.shape].reverse(), tdtype, bytes: encodeTensor(data, tdtype) };
+    const bytes = tdtype === "f32" || tdtype === "f16" ? encodeTensor(data, tdtype) : quantize(tdtype, data, t.shape[1]);
+    const typeId = tdtype === "f32" ? 0 : tdtype === "f16" ? 1 : GGML_TYPE_ID[tdtype];
+    return { name, dims: [...t.shape].reverse(), typeId, bytes };
   });
   w.u32(0x46554747);
   w.u32(3);
@@ -363,7 +371,7 @@ export function writeGguf(path: string, s: RandomLlamaShape, dtype: "f32" | "f16
     w.str(t.name);
     w.u32(t.dims.length);
     for (const d of t.dims) w.u64(d);
-    w.u32(t.tdtype === "f32" ? 0 : 1);
+    w.u32(t.typeId);
     w.u64(offset);
     offset += Math.ceil(t.bytes.byteLength / 32) * 32;
   }

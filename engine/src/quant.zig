@@ -1,0 +1,188 @@
+//! GGUF's block-quantized weight types, read in place: a load widens `lanes`
+//! consecutive weights (an element index that is a multiple of `lanes`) to f32.
+//! Layouts are ggml's; each comment gives the element -> bits map it decodes.
+
+const std = @import("std");
+const assert = std.debug.assert;
+
+/// Q8_0: 32 weights = d (f16) * q (i8).
+pub const BlockQ8_0 = extern struct { d: u16, qs: [32]i8 };
+/// Q4_0: 32 weights = d (f16) * (q - 8); element j < 16 is the low nibble of qs[j],
+/// element j >= 16 the high nibble of qs[j - 16].
+pub const BlockQ4_0 = extern struct { d: u16, qs: [16]u8 };
+/// Q4_K: 256 weights in 8 sub-blocks of 32, each with a 6-bit scale and min.
+/// Element e: group g = e / 64 uses qs[32g ..][0..32]; the first 32 of the group are
+/// low nibbles (sub-block 2g), the next 32 high nibbles (sub-block 2g + 1).
+/// w = d * scale * q - dmin * min.
+pub const BlockQ4_K = extern struct { d: u16, dmin: u16, scales: [12]u8, qs: [128]u8 };
+/// Q6_K: 256 weights in 16 groups of 16 with an i8 scale each; w = d * scale * (q - 32),
+/// q = 4 low bits from ql and 2 high bits from qh (see load6K).
+pub const BlockQ6_K = extern struct { ql: [128]u8, qh: [64]u8, scales: [16]i8, d: u16 };
+
+comptime {
+    assert(@sizeOf(BlockQ8_0) == 34);
+    assert(@sizeOf(BlockQ4_0) == 18);
+    assert(@sizeOf(BlockQ4_K) == 144);
+    assert(@sizeOf(BlockQ6_K) == 210);
+}
+
+pub fn isBlock(comptime T: type) bool {
+    return T == BlockQ8_0 or T == BlockQ4_0 or T == BlockQ4_K or T == BlockQ6_K;
+}
+
+/// Weights per storage unit: 1 for plain floats, the block size for quantized types.
+pub fn unitElems(comptime T: type) usize {
+    return switch (T) {
+        BlockQ8_0, BlockQ4_0 => 32,
+        BlockQ4_K, BlockQ6_K => 256,
+        else => 1,
+    };
+}
+
+inline fn half(bits: u16) f32 {
+    return @floatCast(@as(f16, @bitCast(bits)));
+}
+
+/// The 6-bit scale and min of sub-block j (0..7) of a Q4_K block.
+fn scaleMinK4(j: usize, q: *const [12]u8) [2]u8 {
+    if (j < 4) return .{ q[j] & 63, q[j + 4] & 63 };
+    return .{ (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4) };
+}
+
+pub inline fn load(comptime lanes: usize, comptime T: type, p: [*]align(1) const T, i: usize) @Vector(lanes, f32) {
+    const F = @Vector(lanes, f32);
+    const elems = comptime unitElems(T);
+    comptime assert(32 % lanes == 0 and lanes <= 16);
+    const b = &p[i / elems];
+    const e = i % elems;
+    switch (T) {
+        BlockQ8_0 => {
+            const q: @Vector(lanes, i8) = b.qs[e..][0..lanes].*;
+            return @as(F, @floatFromInt(q)) * @as(F, @splat(half(b.d)));
+        },
+        BlockQ4_0 => {
+            const bytes: @Vector(lanes, u8) = b.qs[e % 16 ..][0..lanes].*;
+            const nib = if (e < 16) bytes & @as(@Vector(lanes, u8), @splat(0xF)) else bytes >> @splat(4);
+            const q: F = @floatFromInt(@as(@Vector(lanes, i16), nib) - @as(@Vector(lanes, i16), @splat(8)));
+            return q * @as(F, @splat(half(b.d)));
+        },
+        BlockQ4_K => {
+            const g = e / 64;
+            const within = e % 64;
+            const sm = scaleMinK4(2 * g + within / 32, &b.scales);
+            const bytes: @Vector(lanes, u8) = b.qs[32 * g + within % 32 ..][0..lanes].*;
+            const nib = if (within < 32) bytes & @as(@Vector(lanes, u8), @splat(0xF)) else bytes >> @splat(4);
+            const scale = half(b.d) * @as(f32, @floatFromInt(sm[0]));
+            const min = half(b.dmin) * @as(f32, @floatFromInt(sm[1]));
+            return @as(F, @floatFromInt(nib)) * @as(F, @splat(scale)) - @as(F, @splat(min));
+        },
+        BlockQ6_K => return load6K(lanes, b, e),
+        else => @compileError("not a block type"),
+    }
+}
+
+/// Q6_K element e (a multiple of lanes): half h = e / 128 uses ql[64h..], qh[32h..],
+/// scales[8h..]; in it, quarter k = (e % 128) / 32 and l = e % 32 take
+///   k=0: ql[l] low nibble,      qh[l] bits 0-1, scale[l/16]
+///   k=1: ql[l+32] low nibble,   qh[l] bits 2-3, scale[l/16 + 2]
+///   k=2: ql[l] high nibble,     qh[l] bits 4-5, scale[l/16 + 4]
+///   k=3: ql[l+32] high nibble,  qh[l] bits 6-7, scale[l/16 + 6]
+inline fn load6K(comptime lanes: usize, b: *align(1) const BlockQ6_K, e: usize) @Vector(lanes, f32) {
+    const F = @Vector(lanes, f32);
+    const U = @Vector(lanes, u8);
+    const h = e / 128;
+    const k = (e % 128) / 32;
+    const l = e % 32;
+    const low: U = b.ql[64 * h + l + 32 * (k % 2) ..][0..lanes].*;
+    const nib = if (k < 2) low & @as(U, @splat(0xF)) else low >> @splat(4);
+    const high: U = b.qh[32 * h + l ..][0..lanes].*;
+    const shift: u3 = @intCast(2 * k);
+    const top = (high >> @splat(shift)) & @as(U, @splat(3));
+    const q = @as(@Vector(lanes, i16), nib | (top << @splat(4))) - @as(@Vector(lanes, i16), @splat(32));
+    const scale = half(b.d) * @as(f32, @floatFromInt(b.scales[8 * h + l / 16 + 2 * k]));
+    return @as(F, @floatFromInt(q)) * @as(F, @splat(scale));
+}
+
+/// One weight, for the slow paths (embedding rows): the same decode, lane by lane.
+pub fn scalar(comptime T: type, p: [*]align(1) const T, i: usize) f32 {
+    const lanes = 8;
+    const v = load(lanes, T, p, i - i % lanes);
+    return v[i % lanes];
+}
+
+// ---------------------------------------------------------------- tests
+
+const testing = std.testing;
+
+fn f16Bits(x: f32) u16 {
+    return @bitCast(@as(f16, @floatCast(x)));
+}
+
+test "Q8_0 and Q4_0 decode as ggml lays them out" {
+    var q8: BlockQ8_0 = .{ .d = f16Bits(0.5), .qs = undefined };
+    for (&q8.qs, 0..) |*q, j| q.* = @intCast(@as(i32, @intCast(j)) - 16);
+    var q4: BlockQ4_0 = .{ .d = f16Bits(0.25), .qs = undefined };
+    for (&q4.qs, 0..) |*q, j| q.* = @intCast(j | ((15 - j) << 4));
+    const p8: [*]align(1) const BlockQ8_0 = @ptrCast(&q8);
+    const p4: [*]align(1) const BlockQ4_0 = @ptrCast(&q4);
+    for (0..32) |j| {
+        try testing.expectEqual(@as(f32, @floatFromInt(@as(i32, @intCast(j)) - 16)) * 0.5, scalar(BlockQ8_0, p8, j));
+        const nib: i32 = if (j < 16) @intCast(j) else @intCast(15 - (j - 16));
+        try testing.expectEqual(@as(f32, @floatFromInt(nib - 8)) * 0.25, scalar(BlockQ4_0, p4, j));
+    }
+    // Wide loads agree with the scalar decode.
+    const v = load(16, BlockQ4_0, p4, 16);
+    for (0..16) |j| try testing.expectEqual(scalar(BlockQ4_0, p4, 16 + j), v[j]);
+}
+
+test "Q4_K decodes scales, mins and nibbles per sub-block" {
+    var b: BlockQ4_K = .{ .d = f16Bits(0.5), .dmin = f16Bits(0.25), .scales = undefined, .qs = undefined };
+    // Sub-block s gets scale s + 1 and min 2s + 3 (6-bit values, packed as ggml packs them).
+    var sc: [8]u8 = undefined;
+    var mn: [8]u8 = undefined;
+    for (0..8) |s| {
+        sc[s] = @intCast(s + 1 + 40 * (s / 4)); // exercise the high bits for s >= 4
+        mn[s] = @intCast(2 * s + 3 + 30 * (s / 4));
+    }
+    for (0..4) |j| {
+        b.scales[j] = sc[j] | ((sc[j + 4] >> 4) << 6);
+        b.scales[j + 4] = mn[j] | ((mn[j + 4] >> 4) << 6);
+        b.scales[j + 8] = (sc[j + 4] & 0xF) | ((mn[j + 4] & 0xF) << 4);
+    }
+    for (&b.qs, 0..) |*q, j| q.* = @intCast((j % 16) | (((j + 5) % 16) << 4));
+    const p: [*]align(1) const BlockQ4_K = @ptrCast(&b);
+    for (0..256) |e| {
+        const g = e / 64;
+        const within = e % 64;
+        const s = 2 * g + within / 32;
+        const byte = b.qs[32 * g + within % 32];
+        const q: f32 = @floatFromInt(if (within < 32) byte & 0xF else byte >> 4);
+        const want = 0.5 * @as(f32, @floatFromInt(sc[s])) * q - 0.25 * @as(f32, @floatFromInt(mn[s]));
+        try testing.expectApproxEqAbs(want, scalar(BlockQ4_K, p, e), 1e-5);
+    }
+}
+
+test "Q6_K decodes low and high bits with the right scale" {
+    var b: BlockQ6_K = .{ .ql = undefined, .qh = undefined, .scales = undefined, .d = f16Bits(0.125) };
+    for (&b.ql, 0..) |*q, j| q.* = @intCast((j * 7) % 256);
+    for (&b.qh, 0..) |*q, j| q.* = @intCast((j * 13 + 1) % 256);
+    for (&b.scales, 0..) |*s, j| s.* = @intCast(@as(i32, @intCast(j)) - 5);
+    const p: [*]align(1) const BlockQ6_K = @ptrCast(&b);
+    // Reference: ggml's loop order, element by element.
+    var want: [256]f32 = undefined;
+    for (0..2) |h| for (0..32) |l| {
+        const ql = b.ql[64 * h ..];
+        const qh = b.qh[32 * h ..];
+        const scl = b.scales[8 * h ..];
+        const is = l / 16;
+        const q1: i32 = @as(i32, (ql[l] & 0xF) | (((qh[l] >> 0) & 3) << 4)) - 32;
+        const q2: i32 = @as(i32, (ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32;
+        const q3: i32 = @as(i32, (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
+        const q4: i32 = @as(i32, (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
+        want[128 * h + l] = 0.125 * @as(f32, @floatFromInt(@as(i32, scl[is]) * q1));
+        want[128 * h + l + 32] = 0.125 * @as(f32, @floatFromInt(@as(i32, scl[is + 2]) * q2));
+        want[128 * h + l + 64] = 0.125 * @as(f32, @floatFromInt(@as(i32, scl[is + 4]) * q3));
+        want[128 * h + l + 96] = 0.125 * @as(f32, @floatFromInt(@as(i32, scl[is + 6]) * q4));
+    };
+    for (0..256) |e| try testing.expectApproxEqAbs(want[e], scalar(BlockQ6_K, p, e), 1e-5);
+}

@@ -1,0 +1,156 @@
+// GGUF block quantizers and their decoders, in TypeScript, for tests: they write
+// quantized random models and give the reference forward pass the exact weights the
+// engine will see. Layouts are ggml's (see engine/src/quant.zig for the bit maps).
+import { fromF16Bits, toF16Bits } from "./random_llama.ts";
+
+export type QuantType = "q8_0" | "q4_0" | "q4_k" | "q6_k";
+export const GGML_TYPE_ID: Record<QuantType, number> = { q8_0: 8, q4_0: 2, q4_k: 12, q6_k: 14 };
+export const BLOCK: Record<QuantType, { elems: number; bytes: number }> = {
+  q8_0: { elems: 32, bytes: 34 },
+  q4_0: { elems: 32, bytes: 18 },
+  q4_k: { elems: 256, bytes: 144 },
+  q6_k: { elems: 256, bytes: 210 },
+};
+
+const f16 = (v: number) => fromF16Bits(toF16Bits(v));
+const clamp = (v: number, lo: number, hi: number) => Math.max(lo, Math.min(hi, v));
+
+function q8_0(x: ArrayLike<number>, o: number, out: DataView, at: number): void {
+  let amax = 0;
+  for (let j = 0; j < 32; j++) amax = Math.max(amax, Math.abs(x[o + j]));
+  const d = f16(amax / 127);
+  out.setUint16(at, toF16Bits(d), true);
+  for (let j = 0; j < 32; j++) out.setInt8(at + 2 + j, d === 0 ? 0 : clamp(Math.round(x[o + j] / d), -127, 127));
+}
+
+function q4_0(x: ArrayLike<number>, o: number, out: DataView, at: number): void {
+  let max = 0;
+  for (let j = 0; j < 32; j++) if (Math.abs(x[o + j]) > Math.abs(max)) max = x[o + j];
+  const d = f16(max / -8);
+  out.setUint16(at, toF16Bits(d), true);
+  const q = (v: number) => (d === 0 ? 8 : clamp(Math.round(v / d) + 8, 0, 15));
+  for (let j = 0; j < 16; j++) out.setUint8(at + 2 + j, q(x[o + j]) | (q(x[o + j + 16]) << 4));
+}
+
+function q4_k(x: ArrayLike<number>, o: number, out: DataView, at: number): void {
+  const scale: number[] = [];
+  const mval: number[] = [];
+  for (let s = 0; s < 8; s++) {
+    let lo = 0;
+    let hi = -Infinity;
+    for (let j = 0; j < 32; j++) {
+      lo = Math.min(lo, x[o + 32 * s + j]);
+      hi = Math.max(hi, x[o + 32 * s + j]);
+    }
+    scale.push(Math.max(hi - lo, 1e-8) / 15);
+    mval.push(-lo);
+  }
+  const d = f16(Math.max(...scale) / 63);
+  const dmin = f16(Math.max(...mval) / 63);
+  const sc = scale.map((v) => (d === 0 ? 0 : clamp(Math.round(v / d), 1, 63)));
+  const mn = mval.map((v) => (dmin === 0 ? 0 : clamp(Math.round(v / dmin), 0, 63)));
+  out.setUint16(at, toF16Bits(d), true);
+  out.setUint16(at + 2, toF16Bits(dmin), true);
+  for (let j = 0; j < 4; j++) {
+    out.setUint8(at + 4 + j, sc[j] | ((sc[j + 4] >> 4) << 6));
+    out.setUint8(at + 8 + j, mn[j] | ((mn[j + 4] >> 4) << 6));
+    out.setUint8(at + 12 + j, (sc[j + 4] & 0xf) | ((mn[j + 4] & 0xf) << 4));
+  }
+  const q = (s: number, v: number) => clamp(Math.round((v + dmin * mn[s]) / (d * sc[s])), 0, 15);
+  for (let g = 0; g < 4; g++)
+    for (let l = 0; l < 32; l++) out.setUint8(at + 16 + 32 * g + l, q(2 * g, x[o + 64 * g + l]) | (q(2 * g + 1, x[o + 64 * g + 32 + l]) << 4));
+}
+
+function q6_k(x: ArrayLike<number>, o: number, out: DataView, at: number): void {
+  const groupScale: number[] = [];
+  for (let g = 0; g < 16; g++) {
+    let amax = 0;
+    for (let j = 0; j < 16; j++) amax = Math.max(amax, Math.abs(x[o + 16 * g + j]));
+    groupScale.push(amax / 31);
+  }
+  const d = f16(Math.max(...groupScale) / 127);
+  const sc = groupScale.map((v) => (d === 0 ? 0 : clamp(Math.round(v / d), -128, 127)));
+  // Element e: half h, quarter k, lane l; its group is 8h + (l >> 4) + 2k.
+  const q = new Array<number>(256);
+  for (let e = 0; e < 256; e++) {
+    const h = e >> 7;
+    const k = (e & 127) >> 5;
+    const l = e & 31;
+    const s = d * sc[8 * h + (l >> 4) + 2 * k];
+    q[e] = s === 0 ? 32 : clamp(Math.round(x[o + e] / s), -32, 31) + 32;
+  }
+  for (let h = 0; h < 2; h++)
+    for (let l = 0; l < 32; l++) {
+      const [a, b, c, dd] = [0, 1, 2, 3].map((k) => q[128 * h + 32 * k + l]);
+      out.setUint8(at + 64 * h + l, (a & 0xf) | ((c & 0xf) << 4));
+      out.setUint8(at + 64 * h + l + 32, (b & 0xf) | ((dd & 0xf) << 4));
+      out.setUint8(at + 128 + 32 * h + l, (a >> 4) | ((b >> 4) << 2) | ((c >> 4) << 4) | ((dd >> 4) << 6));
+    }
+  for (let g = 0; g < 16; g++) out.setInt8(at + 192 + g, sc[g]);
+  out.setUint16(at + 208, toF16Bits(d), true);
+}
+
+const QUANTIZE = { q8_0, q4_0, q4_k, q6_k };
+
+/** Quantizes a row-major matrix whose rows are a whole number of blocks. */
+export function quantize(type: QuantType, data: ArrayLike<number>, cols: number): Uint8Array {
+  const { elems, bytes } = BLOCK[type];
+  if (cols % elems !== 0) throw new Error(`${type} needs rows of a multiple of ${elems} weights, not ${cols}`);
+  const blocks = data.length / elems;
+  const buf = new Uint8Array(blocks * bytes);
+  const view = new DataView(buf.buffer);
+  for (let b = 0; b < blocks; b++) QUANTIZE[type](data, b * elems, view, b * bytes);
+  return buf;
+}
+
+/** Decodes blocks back to weights, element by element, from ggml's definitions. */
+export function dequantize(type: QuantType, buf: Uint8Array): Float64Array {
+  const { elems, bytes } = BLOCK[type];
+  const view = new DataView(buf.buffer, buf.byteOffset, buf.byteLength);
+  const blocks = buf.byteLength / bytes;
+  const y = new Float64Array(blocks * elems);
+  for (let b = 0; b < blocks; b++) {
+    const at = b * bytes;
+    const o = b * elems;
+    if (type === "q8_0") {
+      const d = fromF16Bits(view.getUint16(at, true));
+      for (let j = 0; j < 32; j++) y[o + j] = d * view.getInt8(at + 2 + j);
+    } else if (type === "q4_0") {
+      const d = fromF16Bits(view.getUint16(at, true));
+      for (let j = 0; j < 16; j++) {
+        const byte = view.getUint8(at + 2 + j);
+        y[o + j] = d * ((byte & 0xf) - 8);
+        y[o + j + 16] = d * ((byte >> 4) - 8);
+      }
+    } else if (type === "q4_k") {
+      const d = fromF16Bits(view.getUint16(at, true));
+      const dmin = fromF16Bits(view.getUint16(at + 2, true));
+      const s = (i: number) => view.getUint8(at + 4 + i);
+      const scaleMin = (j: number) =>
+        j < 4 ? [s(j) & 63, s(j + 4) & 63] : [(s(j + 4) & 0xf) | ((s(j - 4) >> 6) << 4), (s(j + 4) >> 4) | ((s(j) >> 6) << 4)];
+      for (let g = 0; g < 4; g++) {
+        const [sc1, m1] = scaleMin(2 * g);
+        const [sc2, m2] = scaleMin(2 * g + 1);
+        for (let l = 0; l < 32; l++) {
+          const byte = view.getUint8(at + 16 + 32 * g + l);
+          y[o + 64 * g + l] = d * sc1 * (byte & 0xf) - dmin * m1;
+          y[o + 64 * g + 32 + l] = d * sc2 * (byte >> 4) - dmin * m2;
+        }
+      }
+    } else {
+      const d = fromF16Bits(view.getUint16(at + 208, true));
+      for (let h = 0; h < 2; h++)
+        for (let l = 0; l < 32; l++) {
+          const ql0 = view.getUint8(at + 64 * h + l);
+          const ql1 = view.getUint8(at + 64 * h + l + 32);
+          const qh = view.getUint8(at + 128 + 32 * h + l);
+          const sc = (i: number) => view.getInt8(at + 192 + 8 * h + (l >> 4) + i);
+          y[o + 128 * h + l] = d * sc(0) * (((ql0 & 0xf) | ((qh & 3) << 4)) - 32);
+          y[o + 128 * h + l + 32] = d * sc(2) * (((ql1 & 0xf) | (((qh >> 2) & 3) << 4)) - 32);
+          y[o + 128 * h + l + 64] = d * sc(4) * (((ql0 >> 4) | (((qh >> 4) & 3) << 4)) - 32);
+          y[o + 128 * h + l + 96] = d * sc(6) * (((ql1 >> 4) | (((qh >> 6) & 3) << 4)) - 32);
+        }
+    }
+  }
+  return y;
+}
