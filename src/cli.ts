@@ -8,10 +8,13 @@ import { EngineError } from "./ffi/native.ts";
 import { DEFAULT_ENGINE_OPTIONS, InvalidRequestError, LLMEngine, type EngineOptions } from "./engine/llm_engine.ts";
 import { DEFAULT_SAMPLING, type SamplingParams } from "./engine/request.ts";
 import { ModelLoadError } from "./model/errors.ts";
+import type { QuantType } from "./model/quantize.ts";
+import { QUANT_TYPES, quantizeGguf } from "./model/quantize_gguf.ts";
 
 const USAGE = `usage:
   inferneo generate --model <hf folder | file.gguf | org/name> --prompt <text> [options]
   inferneo serve --model <...> [--host 127.0.0.1] [--port 8000]
+  inferneo quantize <in.gguf> <out.gguf> --type q8_0|q4_0|q4_k|q6_k
 
 generate options:
   --max-tokens N        tokens to generate (default 128)
@@ -149,12 +152,24 @@ async function generate(argv: string[]): Promise<number> {
   return 0;
 }
 
+function quantizeCommand(argv: string[]): number {
+  const { values, positionals } = parseArgs({ args: argv, options: { type: { type: "string", default: "q8_0" } }, allowPositionals: true, strict: true });
+  const type = values.type as QuantType;
+  if (positionals.length !== 2) throw new UsageError("quantize takes an input and an output .gguf path");
+  if (!QUANT_TYPES.includes(type)) throw new UsageError(`--type must be one of ${QUANT_TYPES.join(", ")}`);
+  const { quantized, kept } = quantizeGguf(positionals[0], positionals[1], type, (done, total) => process.stderr.write(`\rquantizing [${"#".repeat(Math.round((done / total) * 30)).padEnd(30, ".")}] ${done}/${total} tensors`));
+  process.stderr.write(`\n${positionals[1]}: ${quantized} tensors in ${type}, ${kept} kept as they were\n`);
+  return 0;
+}
+
 export async function main(argv: string[]): Promise<number> {
   const [command, ...rest] = argv;
   try {
     switch (command) {
       case "generate":
         return await generate(rest);
+      case "quantize":
+        return quantizeCommand(rest);
       case "serve": {
         const { serve } = await import("./server/serve.ts");
         return await serve(rest);

@@ -7,7 +7,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { LLMEngine } from "../src/engine/llm_engine.ts";
 import { generate, nextTokenLogits } from "./helpers/engine.ts";
-import type { QuantType } from "./helpers/quantize.ts";
+import type { QuantType } from "../src/model/quantize.ts";
 import { GQA, makeWeights, quantizedWeights, TINY, writeGguf, writeHfModel, type RandomLlamaShape, type WeightDType } from "./helpers/random_llama.ts";
 import { argmaxAndGap, RefLlama } from "./helpers/ref_llama.ts";
 

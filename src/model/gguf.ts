@@ -18,6 +18,8 @@ export interface GgufFile {
   path: string;
   version: number;
   metadata: Map<string, GgufValue>;
+  kvRange: [number, number]; // bytes of the metadata key/value section, as stored
+  alignment: number;
   tensors: GgufTensorInfo[];
   fileBytes: number;
 }
@@ -144,10 +146,12 @@ function parse(path: string, buf: Uint8Array, fileBytes: number): GgufFile {
   const kvCount = r.u64();
   if (tensorCount > 1 << 20 || kvCount > 1 << 20) throw new ModelLoadError(`${name}: ${tensorCount} tensors / ${kvCount} keys: the file is corrupt`);
   const metadata = new Map<string, GgufValue>();
+  const kvStart = r.pos;
   for (let i = 0; i < kvCount; i++) {
     const key = r.str();
     metadata.set(key, r.value(r.u32()));
   }
+  const kvEnd = r.pos;
   const infos: Omit<GgufTensorInfo, "offset" | "sizeBytes">[] = [];
   const relOffsets: number[] = [];
   for (let i = 0; i < tensorCount; i++) {
@@ -171,5 +175,5 @@ function parse(path: string, buf: Uint8Array, fileBytes: number): GgufFile {
     }
     return { ...info, offset, sizeBytes: bytes ?? -1 };
   });
-  return { path, version, metadata, tensors, fileBytes };
+  return { path, version, metadata, kvRange: [kvStart, kvEnd], alignment, tensors, fileBytes };
 }

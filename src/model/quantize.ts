@@ -1,7 +1,9 @@
-// GGUF block quantizers and their decoders, in TypeScript, for tests: they write
-// quantized random models and give the reference forward pass the exact weights the
-// engine will see. Layouts are ggml's (see engine/src/quant.zig for the bit maps).
-import { fromF16Bits, toF16Bits } from "./random_llama.ts";
+// GGUF block quantizers and their decoders. `inferneo quantize` writes quantized GGUF
+// files with them; tests use them to write quantized random models and to give the
+// reference forward pass the exact weights the engine sees. Layouts are ggml's (see
+// engine/src/quant.zig for the bit maps); the quantizers are simple round-to-nearest
+// ones, not llama.cpp's error-minimizing search.
+import { fromF16Bits, toF16Bits } from "./f16.ts";
 
 export type QuantType = "q8_0" | "q4_0" | "q4_k" | "q6_k";
 export const GGML_TYPE_ID: Record<QuantType, number> = { q8_0: 8, q4_0: 2, q4_k: 12, q6_k: 14 };
