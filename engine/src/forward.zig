@@ -27,6 +27,7 @@ pub const Scratch = struct {
     counts: []u32, // (threads, vocab) zero between uses
     raw: []f32, // (threads, vocab)
     seq_of_token: []u32, // (max_tokens) which sequence of the batch each token belongs to
+    decoded: []f32, // (threads, tile_rows * max(hidden, intermediate, q_dim)) quantized rows decoded to f32
 
     pub fn init(allocator: std.mem.Allocator, m: abi.ModelConfig, c: abi.EngineConfig) !Scratch {
         const t: usize = c.max_num_batched_tokens;
@@ -51,7 +52,13 @@ pub const Scratch = struct {
         s.counts = try allocator.alloc(u32, threads * m.vocab_size);
         @memset(s.counts, 0);
         s.seq_of_token = try allocator.alloc(u32, t);
+        s.decoded = try allocator.alloc(f32, threads * decodedPerThread(m));
         return s;
+    }
+
+    pub fn decodedPerThread(m: abi.ModelConfig) usize {
+        const widest = @max(@max(m.hidden_size, m.intermediate_size), m.num_heads * m.head_dim);
+        return kernels.tile_rows * @as(usize, widest);
     }
 
     pub fn deinit(s: *Scratch, allocator: std.mem.Allocator) void {
@@ -59,6 +66,7 @@ pub const Scratch = struct {
         allocator.free(s.order);
         allocator.free(s.counts);
         allocator.free(s.seq_of_token);
+        allocator.free(s.decoded);
     }
 };
 
@@ -89,22 +97,34 @@ const MatmulCtx = struct {
     x: []const f32,
     n_tokens: usize,
     ws: []const Matrix,
+    decoded: []f32, // (threads, decoded_per_thread)
+    decoded_per_thread: usize,
 
-    fn body(c: MatmulCtx, _: usize, begin: usize, end: usize) void {
+    fn body(c: MatmulCtx, thread_index: usize, begin: usize, end: usize) void {
+        const scratch = c.decoded[thread_index * c.decoded_per_thread ..][0..c.decoded_per_thread];
         var offset: usize = 0;
         for (c.ws) |w| {
             const lo = @max(begin, offset);
             const hi = @min(end, offset + w.rows);
-            if (lo < hi) kernels.matmulRows(c.out[offset..], c.out_stride, c.x, c.n_tokens, w, lo - offset, hi - offset);
+            if (lo < hi) kernels.matmulRows(c.out[offset..], c.out_stride, c.x, c.n_tokens, w, lo - offset, hi - offset, scratch);
             offset += w.rows;
         }
     }
 };
 
-fn matmul(pool: *ThreadPool, out: []f32, x: []const f32, n_tokens: usize, ws: []const Matrix) void {
+fn matmul(e: *Engine, out: []f32, x: []const f32, n_tokens: usize, ws: []const Matrix) void {
     var total_rows: usize = 0;
     for (ws) |w| total_rows += w.rows;
-    parallelAligned(pool, total_rows, kernels.tile_rows, MatmulCtx{ .out = out, .out_stride = total_rows, .x = x, .n_tokens = n_tokens, .ws = ws }, MatmulCtx.body);
+    const ctx = MatmulCtx{
+        .out = out,
+        .out_stride = total_rows,
+        .x = x,
+        .n_tokens = n_tokens,
+        .ws = ws,
+        .decoded = e.scratch.decoded,
+        .decoded_per_thread = Scratch.decodedPerThread(e.model),
+    };
+    parallelAligned(&e.threads, total_rows, kernels.tile_rows, ctx, MatmulCtx.body);
 }
 
 const AttentionCtx = struct {
@@ -209,7 +229,7 @@ pub fn run(e: *Engine) void {
 
     for (e.weights.layers, 0..) |layer, l| {
         for (0..n) |t| kernels.rmsnorm(s.xb[t * hidden ..][0..hidden], s.x[t * hidden ..][0..hidden], layer.attn_norm, m.rms_norm_eps);
-        matmul(pool, s.qkv, s.xb, n, &.{ layer.wq, layer.wk, layer.wv });
+        matmul(e, s.qkv, s.xb, n, &.{ layer.wq, layer.wk, layer.wv });
 
         // RoPE on q and k, then K/V into the cache at each token's slot.
         const k_cache = e.k_cache[l * slots * kv_dim ..][0 .. slots * kv_dim];
@@ -227,18 +247,18 @@ pub fn run(e: *Engine) void {
         }
 
         parallel(pool, n * m.num_heads, AttentionCtx{ .e = e, .layer = l, .seq_of_token = seq_of_token }, AttentionCtx.body);
-        matmul(pool, s.xb2, s.att, n, &.{layer.wo});
+        matmul(e, s.xb2, s.att, n, &.{layer.wo});
         for (s.x[0 .. n * hidden], s.xb2[0 .. n * hidden]) |*x, d| x.* += d;
 
         for (0..n) |t| kernels.rmsnorm(s.xb[t * hidden ..][0..hidden], s.x[t * hidden ..][0..hidden], layer.ffn_norm, m.rms_norm_eps);
-        matmul(pool, s.gate_up, s.xb, n, &.{ layer.w_gate, layer.w_up });
+        matmul(e, s.gate_up, s.xb, n, &.{ layer.w_gate, layer.w_up });
         for (0..n) |t| {
             const gate_up = s.gate_up[t * 2 * ffn ..][0 .. 2 * ffn];
             const h = s.h[t * ffn ..][0..ffn];
             @memcpy(h, gate_up[0..ffn]);
             kernels.siluMul(h, gate_up[ffn..]);
         }
-        matmul(pool, s.xb2, s.h, n, &.{layer.w_down});
+        matmul(e, s.xb2, s.h, n, &.{layer.w_down});
         for (s.x[0 .. n * hidden], s.xb2[0 .. n * hidden]) |*x, d| x.* += d;
     }
 
@@ -249,6 +269,6 @@ pub fn run(e: *Engine) void {
         const t: usize = @intCast(b.sample_indices[i]);
         kernels.rmsnorm(s.xs[i * hidden ..][0..hidden], s.x[t * hidden ..][0..hidden], e.weights.output_norm, m.rms_norm_eps);
     }
-    matmul(pool, b.logits[0 .. n_samples * @as(usize, m.vocab_size)], s.xs, n_samples, &.{e.weights.output});
+    matmul(e, b.logits[0 .. n_samples * @as(usize, m.vocab_size)], s.xs, n_samples, &.{e.weights.output});
     parallel(pool, n_samples, SampleCtx{ .e = e }, SampleCtx.body);
 }

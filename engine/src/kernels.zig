@@ -97,10 +97,38 @@ pub inline fn dot(comptime T: type, w: [*]align(1) const T, x: [*]const f32, n: 
 /// out[n, r] = x[n, :] . w[r, :] for r in [row_begin, row_end), every n < n_tokens.
 /// out: (n_tokens, out_stride), x: (n_tokens, w.cols). Each weight row is read once
 /// for all tokens, so a batch of sequences shares one pass over the weights.
-pub fn matmulRows(out: []f32, out_stride: usize, x: []const f32, n_tokens: usize, w: Matrix, row_begin: usize, row_end: usize) void {
+/// scratch: at least tile_rows * w.cols floats, for quantized weights shared by several
+/// tokens (each row tile is decoded once into it, then multiplied as f32).
+pub fn matmulRows(out: []f32, out_stride: usize, x: []const f32, n_tokens: usize, w: Matrix, row_begin: usize, row_end: usize, scratch: []f32) void {
     switch (w.dtype) {
-        inline .f32, .f16, .bf16, .q8_0, .q4_0, .q4_k, .q6_k => |t| matmulRowsTyped(StorageType(t), out, out_stride, x, n_tokens, w, row_begin, row_end),
+        inline .f32, .f16, .bf16 => |t| matmulRowsTyped(StorageType(t), out, out_stride, x, n_tokens, w, row_begin, row_end),
+        inline .q8_0, .q4_0, .q4_k, .q6_k => |t| if (n_tokens >= tile_tokens)
+            matmulRowsDecoded(StorageType(t), out, out_stride, x, n_tokens, w, row_begin, row_end, scratch)
+        else
+            matmulRowsTyped(StorageType(t), out, out_stride, x, n_tokens, w, row_begin, row_end),
         _ => unreachable, // refused at load
+    }
+}
+
+/// Quantized weights and several tokens: decoding a weight costs more than multiplying
+/// it, so each tile of rows is decoded once into f32 and then shared by every token.
+fn matmulRowsDecoded(comptime T: type, out: []f32, out_stride: usize, x: []const f32, n_tokens: usize, w: Matrix, row_begin: usize, row_end: usize, scratch: []f32) void {
+    const cols = w.cols;
+    const units = cols / quant.unitElems(T);
+    assert(scratch.len >= tile_rows * cols);
+    const base: [*]align(1) const T = @ptrCast(w.data);
+    var r = row_begin;
+    while (r < row_end) {
+        const n_rows = @min(tile_rows, row_end - r);
+        for (0..n_rows) |i| {
+            const row = base + (r + i) * units;
+            const dst = scratch[i * cols ..][0..cols];
+            var k: usize = 0;
+            while (k < cols) : (k += 16) dst[k..][0..16].* = loadVecN(16, T, row, k);
+        }
+        const decoded = Matrix{ .dtype = .f32, .data = @ptrCast(scratch.ptr), .rows = n_rows, .cols = cols };
+        matmulRowsTyped(f32, out[r..], out_stride, x, n_tokens, decoded, 0, n_rows);
+        r += n_rows;
     }
 }
 
@@ -332,7 +360,7 @@ test "matmulRows matches a naive product for f32, f16 and bf16 at awkward widths
             var x: [n_tokens * 172]f32 = undefined;
             fillRandom(rng, &x);
             var out: [n_tokens * rows]f32 = undefined;
-            matmulRows(&out, rows, &x, n_tokens, w, 0, rows);
+            matmulRows(&out, rows, &x, n_tokens, w, 0, rows, &.{});
             for (0..n_tokens) |n| for (0..rows) |r| {
                 const want = naiveDot(w, r, x[n * cols ..][0..cols]);
                 try testing.expectApproxEqAbs(want, out[n * rows + r], 1e-4);
@@ -366,11 +394,15 @@ test "matmulRows over quantized blocks matches element-wise decode" {
             for (at) |a| std.mem.writeInt(u16, bytes[off + a ..][0..2], @bitCast(@as(f16, @floatCast(rng.float(f32) * 0.01))), .little);
         }
         var out: [n_tokens * rows]f32 = undefined;
-        matmulRows(&out, rows, &x, n_tokens, w, 0, rows);
-        for (0..n_tokens) |n| for (0..rows) |r| {
-            const want = naiveDot(w, r, x[n * cols ..][0..cols]);
-            try testing.expectApproxEqAbs(want, out[n * rows + r], 1e-3 * (1 + @abs(want)));
-        };
+        var scratch: [tile_rows * cols]f32 = undefined;
+        // Six tokens take the decode-once path; then two tokens take the in-place decode.
+        inline for (.{ n_tokens, 2 }) |tokens| {
+            matmulRows(&out, rows, &x, tokens, w, 0, rows, &scratch);
+            for (0..tokens) |n| for (0..rows) |r| {
+                const want = naiveDot(w, r, x[n * cols ..][0..cols]);
+                try testing.expectApproxEqAbs(want, out[n * rows + r], 1e-3 * (1 + @abs(want)));
+            };
+        }
     }
 }
 

@@ -1,0 +1,138 @@
+#!/usr/bin/env bun
+// Inferneo against llama.cpp on the same GGUF, the same threads, in the same run,
+// alternating: prefill (pp) and single-stream decode (tg) tok/s and their ratios,
+// plus the memory-bandwidth roofline for decode.
+//   bun scripts/bench-peer.ts --model model.gguf [--threads 2] [--prompt-tokens 512] [--decode-tokens 128] [--runs 3]
+// llama.cpp comes from the npm package node-llama-cpp@3.21.1 (its prebuilt CPU build),
+// installed on first use into .bench/peer (ignored by git), not a project dependency.
+import { spawnSync } from "node:child_process";
+import { copyFileSync, existsSync, mkdirSync } from "node:fs";
+import { availableParallelism, cpus } from "node:os";
+import { join, resolve } from "node:path";
+import { parseArgs } from "node:util";
+import { LLMEngine } from "../src/engine/llm_engine.ts";
+import { Role } from "../src/ffi/native.ts";
+import { DEFAULT_SAMPLING } from "../src/engine/request.ts";
+
+const { values } = parseArgs({
+  options: {
+    model: { type: "string" },
+    threads: { type: "string", default: String(availableParallelism()) },
+    "prompt-tokens": { type: "string", default: "512" },
+    "decode-tokens": { type: "string", default: "128" },
+    runs: { type: "string", default: "3" },
+  },
+});
+if (!values.model?.endsWith(".gguf")) {
+  console.error("usage: bun scripts/bench-peer.ts --model model.gguf [--threads N] [--prompt-tokens 512] [--decode-tokens 128] [--runs 3]");
+  process.exit(2);
+}
+const model = resolve(values.model);
+const threads = Number(values.threads);
+const promptTokens = Number(values["prompt-tokens"]);
+const decodeTokens = Number(values["decode-tokens"]);
+const runs = Number(values.runs);
+const root = join(import.meta.dir, "..");
+const peerDir = join(root, ".bench", "peer");
+
+if (!existsSync(join(peerDir, "node_modules", "node-llama-cpp"))) {
+  mkdirSync(peerDir, { recursive: true });
+  console.error("installing node-llama-cpp@3.21.1 (CPU build) into .bench/peer ...");
+  const r = spawnSync("npm", ["install", "--prefix", peerDir, "--no-audit", "--no-fund", "--omit=optional", "--ignore-scripts", "node-llama-cpp@3.21.1", "@node-llama-cpp/linux-x64@3.21.1"], { stdio: "inherit" });
+  if (r.status !== 0) process.exit(1);
+}
+
+// ES modules resolve packages next to the importing file: the runner lives in the scratch folder.
+copyFileSync(join(root, "scripts", "peer-llama.mjs"), join(peerDir, "peer-llama.mjs"));
+
+interface Run {
+  prefill_tok_s: number;
+  decode_tok_s: number;
+  tokens: number[]; // the first greedy tokens after BOS
+}
+
+function peer(): Run {
+  const r = spawnSync("node", [join(peerDir, "peer-llama.mjs"), model, String(threads), String(promptTokens), String(decodeTokens)], { encoding: "utf8", cwd: peerDir });
+  const line = r.stdout.trim().split("\n").pop() ?? "";
+  if (r.status !== 0 || !line.startsWith("{")) throw new Error(`llama.cpp run failed: ${r.stderr.slice(-2000)}`);
+  return JSON.parse(line);
+}
+
+const engine = await LLMEngine.create(model, { threads, maxNumSeqs: 1, maxNumBatchedTokens: promptTokens, enablePrefixCaching: false });
+const vocab = engine.model.spec.config.vocabSize;
+let state = 12345;
+const prompt = [1];
+while (prompt.length < promptTokens) {
+  state = (state * 1103515245 + 12345) % 2 ** 31;
+  prompt.push(259 + (state % Math.max(1, vocab - 259)));
+}
+async function ours(): Promise<Run> {
+  let t0 = performance.now();
+  for await (const _ of engine.addRequest(prompt, { ...DEFAULT_SAMPLING, temperature: 0, maxTokens: 1 }));
+  const prefill = promptTokens / ((performance.now() - t0) / 1000);
+  let n = 0;
+  t0 = 0;
+  const tokens: number[] = [];
+  for await (const out of engine.addRequest([1], { ...DEFAULT_SAMPLING, temperature: 0, ignoreEos: true, maxTokens: decodeTokens })) {
+    if (n === 0) t0 = performance.now();
+    n += out.newTokenIds.length;
+    tokens.push(...out.newTokenIds);
+  }
+  return { prefill_tok_s: prefill, decode_tok_s: (n - 1) / ((performance.now() - t0) / 1000), tokens: tokens.slice(0, 16) };
+}
+
+// Memory read bandwidth with the same threads: the roofline for a decode step that reads
+// every weight once. The shared probe (membw.c, OpenMP) where it and gcc are at hand,
+// else a single-threaded copy measured here (an underestimate).
+function bandwidthGBs(): { gbs: number; how: string } {
+  const probe = resolve(root, "..", "shared", "tools", "membw.c");
+  const bin = join(root, ".bench", "membw");
+  if (existsSync(probe) && (existsSync(bin) || spawnSync("gcc", ["-O3", "-march=native", "-fopenmp", probe, "-o", bin]).status === 0)) {
+    const r = spawnSync(bin, ["4096", "3"], { encoding: "utf8", env: { ...process.env, OMP_NUM_THREADS: String(threads) } });
+    const m = /read=([\d.]+) GB\/s/.exec(r.stdout);
+    if (m) return { gbs: Number(m[1]), how: "membw.c read" };
+  }
+  return { gbs: copyGBs(), how: "single-thread copy" };
+}
+
+function copyGBs(): number {
+  const bytes = 256 * 1024 * 1024;
+  const src = new Float64Array(bytes / 8).fill(1);
+  const dst = new Float64Array(bytes / 8);
+  const times: number[] = [];
+  for (let i = 0; i < 5; i++) {
+    const t = performance.now();
+    dst.set(src);
+    times.push((performance.now() - t) / 1000);
+  }
+  return (2 * bytes) / Math.min(...times) / 1e9; // read + write
+}
+
+await ours(); // warm-up both
+peer();
+const a: Run[] = [];
+const b: Run[] = [];
+for (let r = 0; r < runs; r++) {
+  b.push(peer());
+  a.push(await ours());
+}
+await engine.shutdown();
+const med = (xs: number[]) => [...xs].sort((x, y) => x - y)[Math.floor(xs.length / 2)];
+const us = { pp: med(a.map((x) => x.prefill_tok_s)), tg: med(a.map((x) => x.decode_tok_s)) };
+const them = { pp: med(b.map((x) => x.prefill_tok_s)), tg: med(b.map((x) => x.decode_tok_s)) };
+// Greedy agreement after BOS: a check that both read the same weights the same way
+// (llama.cpp quantizes activations and keeps an f16 KV cache, so a near-tie may differ).
+let agree = 0;
+while (agree < 16 && a[0].tokens[agree] === b[0].tokens[agree]) agree++;
+// A decode step reads every matrix once, but only one row of the embedding table.
+const spec = engine.model.spec;
+const weightBytes = spec.tensors.filter((t) => t.role !== Role.TOKEN_EMBD || spec.config.tieWordEmbeddings).reduce((n, t) => n + t.sizeBytes, 0);
+const { gbs: bw, how } = bandwidthGBs();
+const roofline = (bw * 1e9) / weightBytes;
+console.log(
+  `${values.model} on ${cpus()[0]?.model ?? "CPU"}, ${threads} threads, medians of ${runs}: ` +
+    `pp${promptTokens} inferneo ${us.pp.toFixed(1)} vs llama.cpp ${them.pp.toFixed(1)} tok/s (${(us.pp / them.pp).toFixed(2)}x); ` +
+    `tg${decodeTokens} inferneo ${us.tg.toFixed(1)} vs llama.cpp ${them.tg.toFixed(1)} tok/s (${(us.tg / them.tg).toFixed(2)}x); ` +
+    `bandwidth ${bw.toFixed(1)} GB/s (${how}), ${(weightBytes / 1e6).toFixed(0)} MB read per token, decode roofline ${roofline.toFixed(1)} tok/s (inferneo at ${((100 * us.tg) / roofline).toFixed(0)}%); ` +
+    `greedy tokens agree for the first ${agree} of 16`,
+);
