@@ -30,6 +30,7 @@ engine options:
   --threads N           compute threads (default: all cores)
   --max-model-len N     context length (default: the model's)
   --max-num-batched-tokens N, --max-num-seqs N, --block-size N, --num-gpu-blocks-override N
+  --kv-cache-dtype auto|f32|f16  (auto = f32)
 `;
 
 class UsageError extends Error {}
@@ -56,6 +57,7 @@ const ENGINE_FLAGS = {
   "max-num-seqs": { type: "string" },
   "block-size": { type: "string" },
   "num-gpu-blocks-override": { type: "string" },
+  "kv-cache-dtype": { type: "string" },
   help: { type: "boolean", short: "h" },
 } as const;
 
@@ -71,6 +73,11 @@ function engineOptions(v: Record<string, string | boolean | undefined>): Partial
   set("maxNumSeqs", intFlag(s("max-num-seqs"), "max-num-seqs", 1));
   set("blockSizeTokens", intFlag(s("block-size"), "block-size", 1));
   set("numBlocksOverride", intFlag(s("num-gpu-blocks-override"), "num-gpu-blocks-override", 1));
+  const kv = s("kv-cache-dtype");
+  if (kv !== undefined) {
+    if (kv !== "auto" && kv !== "f32" && kv !== "f16") throw new UsageError(`--kv-cache-dtype must be auto, f32 or f16, got '${kv}'`);
+    opts.kvCacheDtype = kv === "f16" ? "f16" : "f32";
+  }
   return opts;
 }
 

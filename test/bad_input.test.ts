@@ -6,7 +6,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { DEFAULT_SAMPLING } from "../src/engine/request.ts";
 import { InvalidRequestError, LLMEngine } from "../src/engine/llm_engine.ts";
-import { EngineError, NativeEngine, Status } from "../src/ffi/native.ts";
+import { DType, EngineError, NativeEngine, Status } from "../src/ffi/native.ts";
 import { specFromHfFolder } from "../src/model/config.ts";
 import { ModelLoadError } from "../src/model/errors.ts";
 import { loadModel } from "../src/model/load.ts";
@@ -124,7 +124,7 @@ describe("model loading refuses", () => {
 
   test("the engine itself refuses a wrong shape and a truncated file that slipped past TypeScript", async () => {
     const spec = specFromHfFolder(good);
-    const config = { numBlocks: 8, blockSizeTokens: 16, maxNumBatchedTokens: 64, maxNumSeqs: 2, maxBlocksPerSeq: 16, numThreads: 1 };
+    const config = { numBlocks: 8, blockSizeTokens: 16, maxNumBatchedTokens: 64, maxNumSeqs: 2, maxBlocksPerSeq: 16, numThreads: 1, kvCacheDtype: DType.F32 };
     const badShape = spec.tensors.map((t) => (t.name.endsWith("layers.1.self_attn.k_proj.weight") ? { ...t, rows: t.rows * 2, sizeBytes: t.sizeBytes * 2 } : t));
     expect(() => new NativeEngine(spec.config, config, spec.files, badShape)).toThrow(/shape mismatch: tensor attn_k \(layer 1\) has shape \(64, 64\); the config needs \(32, 64\)/);
     const pastEnd = spec.tensors.map((t) => (t.name === "model.norm.weight" ? { ...t, offset: t.offset + 10_000_000 } : t));

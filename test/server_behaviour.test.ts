@@ -275,6 +275,8 @@ describe("configuration", () => {
     expect(gpu.notes.join()).toMatch(/gpu_memory_utilization 0.9 has no effect/);
     expect(() => serveConfig(parseServeArgs(["--model", "m", "--gpu-memory-utilization", "1.5"], {}))).toThrow(ConfigError);
     expect(serveConfig(parseServeArgs(["--model", "m"], { INFERNEO_API_KEY: "from-env" })).server.apiKeys).toEqual(["from-env"]);
+    expect(serveConfig(parseServeArgs(["--model", "m", "--kv-cache-dtype", "f16"], {})).engine.kvCacheDtype).toBe("f16");
+    expect(() => serveConfig(parseServeArgs(["--model", "m", "--kv-cache-dtype", "int4"], {}))).toThrow(/kv_cache_dtype must be auto, f32 or f16/);
   });
 
   test("SIGTERM drains: new requests get 503, the ones in flight finish, exit code 0", async () => {

@@ -21,7 +21,7 @@ extern "C" {
 #endif
 
 /* Bumped on any change to a struct layout or a function signature. */
-#define IFN_ABI_VERSION 2
+#define IFN_ABI_VERSION 3
 
 /* Most alternatives a sampled row reports with its log-probability. */
 #define IFN_TOP_LOGPROBS_MAX 20
@@ -98,6 +98,7 @@ typedef struct ifn_engine_config {
     uint32_t max_num_seqs;           /* sequences (and sampled rows) in one step */
     uint32_t max_blocks_per_seq;     /* width of a block-table row */
     uint32_t num_threads;            /* compute threads, the engine thread included */
+    uint32_t kv_cache_dtype;         /* IFN_DTYPE_F32 or IFN_DTYPE_F16 */
 } ifn_engine_config;
 
 /*

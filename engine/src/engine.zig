@@ -13,6 +13,15 @@ const BlockPool = @import("block_pool.zig").BlockPool;
 const ThreadPool = @import("thread_pool.zig").ThreadPool;
 const forward = @import("forward.zig");
 
+/// The element type of a KV cache dtype.
+pub fn KvType(comptime dtype: abi.DType) type {
+    return switch (dtype) {
+        .f32 => f32,
+        .f16 => f16,
+        else => @compileError("KV cache dtypes are f32 and f16"),
+    };
+}
+
 pub const Engine = struct {
     allocator: std.mem.Allocator,
     model: abi.ModelConfig,
@@ -21,9 +30,10 @@ pub const Engine = struct {
     pool: BlockPool,
     threads: ThreadPool,
 
-    // Paged KV cache, per layer: (num_blocks * block_size, kv_dim).
-    k_cache: []f32, // (num_layers, num_blocks * block_size, kv_dim)
-    v_cache: []f32, // (num_layers, num_blocks * block_size, kv_dim)
+    // Paged KV cache in kv_dtype (f32 or f16), per layer: (num_blocks * block_size, kv_dim).
+    kv_dtype: abi.DType,
+    k_cache: []u8, // (num_layers, num_blocks * block_size, kv_dim) elements of kv_dtype
+    v_cache: []u8, // (num_layers, num_blocks * block_size, kv_dim) elements of kv_dtype
     rope_cos: []f32, // (max_position, head_dim / 2)
     rope_sin: []f32, // (max_position, head_dim / 2)
     scratch: forward.Scratch,
@@ -52,8 +62,15 @@ pub const Engine = struct {
         return @as(usize, c.max_num_seqs) * c.max_blocks_per_seq * c.block_size;
     }
 
+    /// Layer `layer` of a cache, as elements: (num_blocks * block_size, kv_dim).
+    pub fn kvLayer(e: *const Engine, comptime T: type, cache: []u8, layer: usize) []T {
+        const elems = @as(usize, e.config.num_blocks) * e.config.block_size * e.model.num_kv_heads * e.model.head_dim;
+        const all: [*]T = @ptrCast(@alignCast(cache.ptr));
+        return all[layer * elems ..][0..elems];
+    }
+
     pub fn kvCacheBytes(e: *const Engine) u64 {
-        return @as(u64, e.k_cache.len + e.v_cache.len) * @sizeOf(f32);
+        return @as(u64, e.k_cache.len + e.v_cache.len);
     }
 
     pub fn create(
@@ -77,10 +94,12 @@ pub const Engine = struct {
 
         const kv_dim = @as(usize, model.num_kv_heads) * model.head_dim;
         const slots = @as(usize, config.num_blocks) * config.block_size;
+        e.kv_dtype = @enumFromInt(config.kv_cache_dtype);
+        const kv_elem_bytes: usize = if (e.kv_dtype == .f16) 2 else 4;
         // The page allocator maps lazily, so an unused pool costs address space, not memory.
-        e.k_cache = try std.heap.page_allocator.alloc(f32, model.num_layers * slots * kv_dim);
+        e.k_cache = try std.heap.page_allocator.alloc(u8, model.num_layers * slots * kv_dim * kv_elem_bytes);
         errdefer std.heap.page_allocator.free(e.k_cache);
-        e.v_cache = try std.heap.page_allocator.alloc(f32, model.num_layers * slots * kv_dim);
+        e.v_cache = try std.heap.page_allocator.alloc(u8, model.num_layers * slots * kv_dim * kv_elem_bytes);
         errdefer std.heap.page_allocator.free(e.v_cache);
 
         const half = model.head_dim / 2;

@@ -10,6 +10,7 @@ const kernels = @import("kernels.zig");
 const sampler = @import("sampler.zig");
 const Matrix = kernels.Matrix;
 const Engine = @import("engine.zig").Engine;
+const KvType = @import("engine.zig").KvType;
 const ThreadPool = @import("thread_pool.zig").ThreadPool;
 
 pub const Scratch = struct {
@@ -133,6 +134,13 @@ const AttentionCtx = struct {
     seq_of_token: []const u32,
 
     fn body(c: AttentionCtx, thread_index: usize, begin: usize, end: usize) void {
+        switch (c.e.kv_dtype) {
+            inline .f32, .f16 => |t| c.attend(KvType(t), thread_index, begin, end),
+            else => unreachable, // refused at create
+        }
+    }
+
+    fn attend(c: AttentionCtx, comptime KV: type, thread_index: usize, begin: usize, end: usize) void {
         const e = c.e;
         const m = e.model;
         const b = e.batch;
@@ -141,9 +149,8 @@ const AttentionCtx = struct {
         const kv_dim = @as(usize, m.num_kv_heads) * head_dim;
         const qkv_dim = q_dim + 2 * kv_dim;
         const group = m.num_heads / m.num_kv_heads;
-        const slots = @as(usize, e.config.num_blocks) * e.config.block_size;
-        const k_cache = e.k_cache[c.layer * slots * kv_dim ..][0 .. slots * kv_dim];
-        const v_cache = e.v_cache[c.layer * slots * kv_dim ..][0 .. slots * kv_dim];
+        const k_cache = e.kvLayer(KV, e.k_cache, c.layer);
+        const v_cache = e.kvLayer(KV, e.v_cache, c.layer);
         const scores = e.scratch.scores[thread_index * m.max_position ..][0..m.max_position];
         for (begin..end) |item| {
             const t = item / m.num_heads;
@@ -152,6 +159,7 @@ const AttentionCtx = struct {
             const table = b.block_tables[seq * e.config.max_blocks_per_seq ..][0..e.config.max_blocks_per_seq];
             const context_len: usize = @as(usize, @intCast(b.positions[t])) + 1;
             kernels.attendHead(
+                KV,
                 e.scratch.att[t * q_dim + head * head_dim ..][0..head_dim],
                 e.scratch.qkv[t * qkv_dim + head * head_dim ..][0..head_dim],
                 k_cache,
@@ -198,6 +206,10 @@ const SampleCtx = struct {
     }
 };
 
+fn storeKv(comptime KV: type, dst: []KV, src: []const f32) void {
+    if (KV == f32) @memcpy(dst, src) else for (dst, src) |*d, x| d.* = @floatCast(x);
+}
+
 pub fn run(e: *Engine) void {
     const m = e.model;
     const b = e.batch;
@@ -211,7 +223,6 @@ pub fn run(e: *Engine) void {
     const kv_dim = @as(usize, m.num_kv_heads) * head_dim;
     const qkv_dim = q_dim + 2 * kv_dim;
     const ffn: usize = m.intermediate_size;
-    const slots = @as(usize, e.config.num_blocks) * e.config.block_size;
     const interleaved = m.rope_interleaved != 0;
 
     const seq_of_token = s.seq_of_token[0..n];
@@ -232,8 +243,6 @@ pub fn run(e: *Engine) void {
         matmul(e, s.qkv, s.xb, n, &.{ layer.wq, layer.wk, layer.wv });
 
         // RoPE on q and k, then K/V into the cache at each token's slot.
-        const k_cache = e.k_cache[l * slots * kv_dim ..][0 .. slots * kv_dim];
-        const v_cache = e.v_cache[l * slots * kv_dim ..][0 .. slots * kv_dim];
         for (0..n) |t| {
             const pos: usize = @intCast(b.positions[t]);
             const cos = e.rope_cos[pos * half ..][0..half];
@@ -242,8 +251,14 @@ pub fn run(e: *Engine) void {
             for (0..m.num_heads) |h| kernels.rope(row[h * head_dim ..][0..head_dim], cos, sin, interleaved);
             for (0..m.num_kv_heads) |h| kernels.rope(row[q_dim + h * head_dim ..][0..head_dim], cos, sin, interleaved);
             const slot: usize = @intCast(b.slot_mapping[t]);
-            @memcpy(k_cache[slot * kv_dim ..][0..kv_dim], row[q_dim..][0..kv_dim]);
-            @memcpy(v_cache[slot * kv_dim ..][0..kv_dim], row[q_dim + kv_dim ..][0..kv_dim]);
+            switch (e.kv_dtype) {
+                inline .f32, .f16 => |dt| {
+                    const KV = KvType(dt);
+                    storeKv(KV, e.kvLayer(KV, e.k_cache, l)[slot * kv_dim ..][0..kv_dim], row[q_dim..][0..kv_dim]);
+                    storeKv(KV, e.kvLayer(KV, e.v_cache, l)[slot * kv_dim ..][0..kv_dim], row[q_dim + kv_dim ..][0..kv_dim]);
+                },
+                else => unreachable,
+            }
         }
 
         parallel(pool, n * m.num_heads, AttentionCtx{ .e = e, .layer = l, .seq_of_token = seq_of_token }, AttentionCtx.body);

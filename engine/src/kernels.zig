@@ -284,10 +284,11 @@ pub fn siluMul(gate: []f32, up: []const f32) void {
 ///   k_cache, v_cache: (num_blocks * block_size, kv_dim); kv_offset selects the KV head.
 ///   scores: scratch, at least context_len.
 pub fn attendHead(
+    comptime KV: type,
     out: []f32,
     q: []const f32,
-    k_cache: []const f32,
-    v_cache: []const f32,
+    k_cache: []const KV,
+    v_cache: []const KV,
     kv_dim: usize,
     kv_offset: usize,
     block_table: []const i32,
@@ -304,7 +305,7 @@ pub fn attendHead(
     for (0..context_len) |p| {
         const slot = slotOf(block_table, block_size, p);
         const k = k_cache[slot * kv_dim + kv_offset ..][0..head_dim];
-        scores[p] = dot(f32, k.ptr, q.ptr, head_dim) * scale;
+        scores[p] = dot(KV, k.ptr, q.ptr, head_dim) * scale;
     }
     softmax(scores[0..context_len]);
     @memset(out, 0);
@@ -312,7 +313,7 @@ pub fn attendHead(
         const slot = slotOf(block_table, block_size, p);
         const v = v_cache[slot * kv_dim + kv_offset ..][0..head_dim];
         const a = scores[p];
-        for (out, v) |*o, vv| o.* += a * vv;
+        for (out, v) |*o, vv| o.* += a * @as(f32, @floatCast(vv));
     }
 }
 
@@ -453,7 +454,15 @@ test "attendHead over a scattered block table equals dense attention" {
     fillRandom(rng, &q);
     var scores: [16]f32 = undefined;
     var out: [head_dim]f32 = undefined;
-    attendHead(&out, &q, &k_cache, &v_cache, kv_dim, head_dim, &block_table, block_size, context_len, &scores);
+    attendHead(f32, &out, &q, &k_cache, &v_cache, kv_dim, head_dim, &block_table, block_size, context_len, &scores);
+    // The same over an f16 copy of the cache, within f16 rounding.
+    var k16: [k_cache.len]f16 = undefined;
+    var v16: [v_cache.len]f16 = undefined;
+    for (&k16, k_cache) |*d, x| d.* = @floatCast(x);
+    for (&v16, v_cache) |*d, x| d.* = @floatCast(x);
+    var out16: [head_dim]f32 = undefined;
+    attendHead(f16, &out16, &q, &k16, &v16, kv_dim, head_dim, &block_table, block_size, context_len, &scores);
+    for (out, out16) |a, b| try testing.expectApproxEqAbs(a, b, 1e-2);
 
     var w: [context_len]f64 = undefined;
     var max: f64 = -std.math.inf(f64);

@@ -50,6 +50,8 @@ fn checkEngineConfig(c: abi.EngineConfig) abi.Status {
     if (c.num_blocks == 0 or c.block_size == 0 or c.max_num_batched_tokens == 0 or c.max_num_seqs == 0 or c.max_blocks_per_seq == 0)
         return errors.fail(.invalid_argument, "engine config has a zero size", .{});
     if (c.num_threads == 0 or c.num_threads > 256) return errors.fail(.invalid_argument, "num_threads {d} not in [1, 256]", .{c.num_threads});
+    if (c.kv_cache_dtype != @intFromEnum(abi.DType.f32) and c.kv_cache_dtype != @intFromEnum(abi.DType.f16))
+        return errors.fail(.unsupported, "KV cache dtype {d}: f32 (0) and f16 (1) are supported", .{c.kv_cache_dtype});
     return .ok;
 }
 

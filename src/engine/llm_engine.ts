@@ -3,7 +3,7 @@
 // postprocess(). One step is in flight at a time; while it runs on the engine
 // thread, the event loop serves everything else.
 import { availableParallelism } from "node:os";
-import { LOGIT_BIAS_MAX, NativeEngine, TOP_LOGPROBS_MAX } from "../ffi/native.ts";
+import { DType, LOGIT_BIAS_MAX, NativeEngine, TOP_LOGPROBS_MAX } from "../ffi/native.ts";
 import { loadModel, type LoadedModel } from "../model/load.ts";
 import { AsyncQueue } from "./async_queue.ts";
 import { KvCacheManager } from "./kv_cache_manager.ts";
@@ -22,6 +22,7 @@ export interface EngineOptions {
   numBlocksOverride?: number; // fixes the pool at N blocks
   kvCacheMemoryBytes: number; // pool budget when no override
   enablePrefixCaching: boolean;
+  kvCacheDtype: "f32" | "f16"; // f16 halves KV memory; f32 keeps results exact
   threads: number;
   servedModelName?: string;
 }
@@ -33,6 +34,7 @@ export const DEFAULT_ENGINE_OPTIONS: EngineOptions = {
   blockSizeTokens: 16,
   kvCacheMemoryBytes: 2 * 1024 ** 3,
   enablePrefixCaching: true,
+  kvCacheDtype: "f32",
   threads: availableParallelism(),
 };
 
@@ -112,7 +114,8 @@ export class LLMEngine {
     this.maxModelLen = maxModelLen;
     const bs = options.blockSizeTokens;
     const maxBlocksPerSeq = Math.ceil(maxModelLen / bs);
-    const numBlocks = options.numBlocksOverride ?? Math.max(1, Math.min(Math.floor(options.kvCacheMemoryBytes / LLMEngine.kvBytesPerBlock(model, bs)), options.maxNumSeqs * maxBlocksPerSeq));
+    const perBlock = LLMEngine.kvBytesPerBlock(model, bs, options.kvCacheDtype);
+    const numBlocks = options.numBlocksOverride ?? Math.max(1, Math.min(Math.floor(options.kvCacheMemoryBytes / perBlock), options.maxNumSeqs * maxBlocksPerSeq));
     this.native = new NativeEngine(
       c,
       {
@@ -122,6 +125,7 @@ export class LLMEngine {
         maxNumSeqs: options.maxNumSeqs,
         maxBlocksPerSeq,
         numThreads: options.threads,
+        kvCacheDtype: options.kvCacheDtype === "f16" ? DType.F16 : DType.F32,
       },
       model.spec.files,
       model.spec.tensors,
@@ -138,9 +142,9 @@ export class LLMEngine {
     );
   }
 
-  static kvBytesPerBlock(model: LoadedModel, blockSizeTokens: number): number {
+  static kvBytesPerBlock(model: LoadedModel, blockSizeTokens: number, dtype: "f32" | "f16"): number {
     const c = model.spec.config;
-    return blockSizeTokens * c.numLayers * 2 * c.numKvHeads * c.headDim * 4;
+    return blockSizeTokens * c.numLayers * 2 * c.numKvHeads * c.headDim * (dtype === "f16" ? 2 : 4);
   }
 
   get numBlocks(): number {

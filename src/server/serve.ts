@@ -24,6 +24,7 @@ const FLAGS = {
   block_size: "int",
   num_gpu_blocks_override: "int",
   kv_cache_memory: "bytes",
+  kv_cache_dtype: "string",
   gpu_memory_utilization: "float",
   tensor_parallel_size: "int",
   enable_prefix_caching: "bool",
@@ -43,6 +44,7 @@ export const SERVE_USAGE = `usage: inferneo serve --model <hf folder | file.gguf
   --served-model-name NAME       the name clients send (default: the --model string)
   --max-model-len N  --max-num-batched-tokens N  --max-num-seqs N  --max-queue-len N
   --block-size N  --num-gpu-blocks-override N  --kv-cache-memory 2GiB  --threads N
+  --kv-cache-dtype auto|f32|f16 (default auto = f32: exact; f16 halves the pool's bytes)
   --enable-prefix-caching / --no-enable-prefix-caching (default on)
   --api-key KEY (repeatable; or INFERNEO_API_KEY)  --protect-metrics
   --rate-limit 60/min  --rate-limit-tokens N (per minute, per key)
@@ -166,6 +168,11 @@ export function serveConfig(v: Values): ServeConfig {
   set("blockSizeTokens", v.block_size);
   set("numBlocksOverride", v.num_gpu_blocks_override);
   set("kvCacheMemoryBytes", v.kv_cache_memory);
+  if (v.kv_cache_dtype !== undefined) {
+    const d = v.kv_cache_dtype === "auto" ? "f32" : v.kv_cache_dtype;
+    if (d !== "f32" && d !== "f16") throw new ConfigError(`kv_cache_dtype must be auto, f32 or f16, got '${String(v.kv_cache_dtype)}'`);
+    engine.kvCacheDtype = d;
+  }
   set("enablePrefixCaching", v.enable_prefix_caching);
   set("threads", v.threads);
   for (const [k, min] of [["maxNumSeqs", 1], ["maxNumBatchedTokens", 1], ["blockSizeTokens", 1], ["threads", 1], ["maxModelLen", 1], ["numBlocksOverride", 1]] as const) {
@@ -240,7 +247,7 @@ export async function startServer(config: ServeConfig, log: (line: string) => vo
   const kvBytes = engine.native.kvCacheBytes;
   log(`model: ${config.server.servedModelName} (${c.numLayers} layers, hidden ${c.hiddenSize}, ${c.numHeads} heads / ${c.numKvHeads} KV heads, vocab ${c.vocabSize}), weights ${engine.model.spec.dtype}`);
   log(`device: CPU (${cpus()[0]?.model ?? "unknown"}), ${engine.options.threads} of ${availableParallelism()} threads`);
-  log(`KV cache: ${engine.numBlocks} blocks x ${engine.options.blockSizeTokens} tokens = ${engine.numBlocks * engine.options.blockSizeTokens} tokens, ${(kvBytes / 2 ** 20).toFixed(1)} MiB f32; max model len ${engine.maxModelLen}; prefix caching ${engine.options.enablePrefixCaching ? "on" : "off"}`);
+  log(`KV cache: ${engine.numBlocks} blocks x ${engine.options.blockSizeTokens} tokens = ${engine.numBlocks * engine.options.blockSizeTokens} tokens, ${(kvBytes / 2 ** 20).toFixed(1)} MiB ${engine.options.kvCacheDtype}; max model len ${engine.maxModelLen}; prefix caching ${engine.options.enablePrefixCaching ? "on" : "off"}`);
   log(`ready: ${url}/v1  docs: ${url}/docs${config.server.apiKeys.length > 0 ? "  (API key required)" : ""}`);
 
   let stopping: Promise<void> | null = null;
