@@ -78,6 +78,7 @@ inline fn loadScalar(comptime T: type, p: [*]align(1) const T, i: usize) f32 {
 
 /// dot(w[0..n], x[0..n]) with w in its stored type (u16 means bf16).
 pub inline fn dot(comptime T: type, w: [*]align(1) const T, x: [*]const f32, n: usize) f32 {
+    if (comptime quant.isBlock(T)) return quant.dotRow(T, w, x, n);
     var acc0: V = @splat(0);
     var acc1: V = @splat(0);
     var i: usize = 0;

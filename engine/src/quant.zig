@@ -103,6 +103,80 @@ inline fn load6K(comptime lanes: usize, b: *align(1) const BlockQ6_K, e: usize) 
     return @as(F, @floatFromInt(q)) * @as(F, @splat(scale));
 }
 
+const V16 = @Vector(16, f32);
+
+inline fn xv(x: [*]const f32, i: usize) V16 {
+    return x[i..][0..16].*;
+}
+
+/// dot(w[0..n], x[0..n]) for one quantized row, decoding each block's scales once
+/// (the per-lane `load` would decode them again for every 16 weights).
+pub fn dotRow(comptime T: type, w: [*]align(1) const T, x: [*]const f32, n: usize) f32 {
+    const elems = comptime unitElems(T);
+    assert(n % elems == 0);
+    var acc: V16 = @splat(0); // sum of scale * q * x
+    var acc_min: V16 = @splat(0); // Q4_K: sum of min * x, subtracted at the end
+    for (0..n / elems) |bi| {
+        const b = &w[bi];
+        const xb = x + bi * elems;
+        switch (T) {
+            BlockQ8_0 => {
+                const d: V16 = @splat(half(b.d));
+                inline for (0..2) |h| {
+                    const q: @Vector(16, i8) = b.qs[16 * h ..][0..16].*;
+                    acc = @mulAdd(V16, @as(V16, @floatFromInt(q)), xv(xb, 16 * h) * d, acc);
+                }
+            },
+            BlockQ4_0 => {
+                const d: V16 = @splat(half(b.d));
+                const bytes: @Vector(16, u8) = b.qs;
+                const lo: @Vector(16, i16) = @as(@Vector(16, i16), bytes & @as(@Vector(16, u8), @splat(0xF))) - @as(@Vector(16, i16), @splat(8));
+                const hi: @Vector(16, i16) = @as(@Vector(16, i16), bytes >> @splat(4)) - @as(@Vector(16, i16), @splat(8));
+                acc = @mulAdd(V16, @as(V16, @floatFromInt(lo)), xv(xb, 0) * d, acc);
+                acc = @mulAdd(V16, @as(V16, @floatFromInt(hi)), xv(xb, 16) * d, acc);
+            },
+            BlockQ4_K => {
+                const d = half(b.d);
+                const dmin = half(b.dmin);
+                inline for (0..4) |g| {
+                    inline for (0..2) |sub| {
+                        const sm = scaleMinK4(2 * g + sub, &b.scales);
+                        const scale: V16 = @splat(d * @as(f32, @floatFromInt(sm[0])));
+                        const min: V16 = @splat(dmin * @as(f32, @floatFromInt(sm[1])));
+                        inline for (0..2) |h| {
+                            const bytes: @Vector(16, u8) = b.qs[32 * g + 16 * h ..][0..16].*;
+                            const nib = if (sub == 0) bytes & @as(@Vector(16, u8), @splat(0xF)) else bytes >> @splat(4);
+                            const xs = xv(xb, 64 * g + 32 * sub + 16 * h);
+                            acc = @mulAdd(V16, @as(V16, @floatFromInt(nib)), xs * scale, acc);
+                            acc_min = @mulAdd(V16, xs, min, acc_min);
+                        }
+                    }
+                }
+            },
+            BlockQ6_K => {
+                const d = half(b.d);
+                inline for (0..2) |h| {
+                    inline for (0..4) |k| {
+                        inline for (0..2) |l16| {
+                            const l = 16 * l16;
+                            const U = @Vector(16, u8);
+                            const low: U = b.ql[64 * h + l + 32 * (k % 2) ..][0..16].*;
+                            const nib = if (k < 2) low & @as(U, @splat(0xF)) else low >> @splat(4);
+                            const high: U = b.qh[32 * h + l ..][0..16].*;
+                            const top = (high >> @splat(@as(u3, 2 * k))) & @as(U, @splat(3));
+                            const q = @as(@Vector(16, i16), nib | (top << @splat(4))) - @as(@Vector(16, i16), @splat(32));
+                            const scale: V16 = @splat(d * @as(f32, @floatFromInt(b.scales[8 * h + l16 + 2 * k])));
+                            acc = @mulAdd(V16, @as(V16, @floatFromInt(q)), xv(xb, 128 * h + 32 * k + l) * scale, acc);
+                        }
+                    }
+                }
+            },
+            else => @compileError("not a block type"),
+        }
+    }
+    return @reduce(.Add, acc) - @reduce(.Add, acc_min);
+}
+
 /// One weight, for the slow paths (embedding rows): the same decode, lane by lane.
 pub fn scalar(comptime T: type, p: [*]align(1) const T, i: usize) f32 {
     const lanes = 8;
