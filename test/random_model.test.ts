@@ -54,7 +54,9 @@ describe("random-weight models against the reference forward pass", () => {
       const refWeights = quantized ? quantizedWeights(weights, c.dtype as QuantType) : weights;
       const engine = await LLMEngine.create(path, { threads: 2, maxNumSeqs: 4, kvCacheDtype: c.kvCacheDtype ?? "f32" });
       // An f16 cache rounds K and V: logits move by about 1e-3 of their scale, not 1e-5.
-      const logitTolerance = c.kvCacheDtype === "f16" ? 5e-3 : 1e-4;
+      // Quantized weights meet 8-bit activations (as llama.cpp's do) wherever fewer than four
+      // tokens share a matmul (decode, the LM head): logits move by about 1e-2.
+      const logitTolerance = quantized ? 5e-2 : c.kvCacheDtype === "f16" ? 5e-3 : 1e-4;
       try {
         const ids = prompt(c.shape, 9, i);
         const ref = new RefLlama(c.shape, refWeights);
@@ -69,16 +71,24 @@ describe("random-weight models against the reference forward pass", () => {
 
         const { ids: tokens } = await generate(engine, ids, { maxTokens: STEPS });
         const want: number[] = [];
-        let minGap = Infinity;
+        const gaps: number[] = [];
         for (let step = 0; step < STEPS; step++) {
           const { id, gap } = argmaxAndGap(logits);
           want.push(id);
-          minGap = Math.min(minGap, gap);
+          gaps.push(gap);
           logits = ref.forward(id);
         }
-        // The reference's closest call must be clear of f32 rounding for the comparison to be exact.
-        expect(minGap).toBeGreaterThan(1e-3);
-        expect(tokens).toEqual(want);
+        if (!quantized) {
+          // The reference's closest call must be clear of f32 rounding for the comparison to be exact.
+          expect(Math.min(...gaps)).toBeGreaterThan(1e-3);
+          expect(tokens).toEqual(want);
+        } else {
+          // Exact until the reference meets a call closer than activation rounding can tell apart.
+          let same = 0;
+          while (same < STEPS && tokens[same] === want[same]) same++;
+          if (same < STEPS) expect(gaps[same]).toBeLessThan(logitTolerance * 2);
+          expect(same).toBeGreaterThanOrEqual(6);
+        }
       } finally {
         await engine.shutdown();
       }

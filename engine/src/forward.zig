@@ -7,6 +7,7 @@ const std = @import("std");
 const assert = std.debug.assert;
 const abi = @import("abi.zig");
 const kernels = @import("kernels.zig");
+const quant = @import("quant.zig");
 const sampler = @import("sampler.zig");
 const Matrix = kernels.Matrix;
 const Engine = @import("engine.zig").Engine;
@@ -28,7 +29,10 @@ pub const Scratch = struct {
     counts: []u32, // (threads, vocab) zero between uses
     raw: []f32, // (threads, vocab)
     seq_of_token: []u32, // (max_tokens) which sequence of the batch each token belongs to
-    decoded: []f32, // (threads, tile_rows * max(hidden, intermediate, q_dim)) quantized rows decoded to f32
+    decoded: []f32, // (threads, tile_rows * widest) quantized rows decoded to f32
+    acts_q: []i16, // (3, widest) activations quantized to 8 bits, for decode against quantized weights
+    acts_scale: []f32, // (3, widest / 32)
+    acts_sum: []f32, // (3, widest / 32)
 
     pub fn init(allocator: std.mem.Allocator, m: abi.ModelConfig, c: abi.EngineConfig) !Scratch {
         const t: usize = c.max_num_batched_tokens;
@@ -54,12 +58,22 @@ pub const Scratch = struct {
         @memset(s.counts, 0);
         s.seq_of_token = try allocator.alloc(u32, t);
         s.decoded = try allocator.alloc(f32, threads * decodedPerThread(m));
+        const w = std.mem.alignForward(usize, widest(m), 32);
+        s.acts_q = try allocator.alloc(i16, acts_tokens_max * w);
+        s.acts_scale = try allocator.alloc(f32, acts_tokens_max * w / 32);
+        s.acts_sum = try allocator.alloc(f32, acts_tokens_max * w / 32);
         return s;
     }
 
+    /// Below four tokens a matmul reads weights once per token: the 8-bit activation path.
+    pub const acts_tokens_max = 3;
+
+    fn widest(m: abi.ModelConfig) usize {
+        return @max(@max(m.hidden_size, m.intermediate_size), m.num_heads * m.head_dim);
+    }
+
     pub fn decodedPerThread(m: abi.ModelConfig) usize {
-        const widest = @max(@max(m.hidden_size, m.intermediate_size), m.num_heads * m.head_dim);
-        return kernels.tile_rows * @as(usize, widest);
+        return kernels.tile_rows * widest(m);
     }
 
     pub fn deinit(s: *Scratch, allocator: std.mem.Allocator) void {
@@ -68,6 +82,9 @@ pub const Scratch = struct {
         allocator.free(s.counts);
         allocator.free(s.seq_of_token);
         allocator.free(s.decoded);
+        allocator.free(s.acts_q);
+        allocator.free(s.acts_scale);
+        allocator.free(s.acts_sum);
     }
 };
 
@@ -100,6 +117,7 @@ const MatmulCtx = struct {
     ws: []const Matrix,
     decoded: []f32, // (threads, decoded_per_thread)
     decoded_per_thread: usize,
+    acts: ?quant.QuantActs,
 
     fn body(c: MatmulCtx, thread_index: usize, begin: usize, end: usize) void {
         const scratch = c.decoded[thread_index * c.decoded_per_thread ..][0..c.decoded_per_thread];
@@ -107,7 +125,7 @@ const MatmulCtx = struct {
         for (c.ws) |w| {
             const lo = @max(begin, offset);
             const hi = @min(end, offset + w.rows);
-            if (lo < hi) kernels.matmulRows(c.out[offset..], c.out_stride, c.x, c.n_tokens, w, lo - offset, hi - offset, scratch);
+            if (lo < hi) kernels.matmulRows(c.out[offset..], c.out_stride, c.x, c.n_tokens, w, lo - offset, hi - offset, scratch, c.acts);
             offset += w.rows;
         }
     }
@@ -115,8 +133,20 @@ const MatmulCtx = struct {
 
 fn matmul(e: *Engine, out: []f32, x: []const f32, n_tokens: usize, ws: []const Matrix) void {
     var total_rows: usize = 0;
-    for (ws) |w| total_rows += w.rows;
+    var int_dot = false;
+    for (ws) |w| {
+        total_rows += w.rows;
+        int_dot = int_dot or w.dtype == .q8_0 or w.dtype == .q4_0 or w.dtype == .q4_k;
+    }
+    // Few tokens against quantized weights: quantize the activations once for every row.
+    const cols = ws[0].cols;
+    const acts: ?quant.QuantActs = if (int_dot and n_tokens <= Scratch.acts_tokens_max and cols % 32 == 0) blk: {
+        const a = quant.QuantActs{ .q = e.scratch.acts_q, .scale = e.scratch.acts_scale, .sum = e.scratch.acts_sum };
+        a.quantize(x, n_tokens, cols);
+        break :blk a;
+    } else null;
     const ctx = MatmulCtx{
+        .acts = acts,
         .out = out,
         .out_stride = total_rows,
         .x = x,

@@ -100,14 +100,32 @@ pub inline fn dot(comptime T: type, w: [*]align(1) const T, x: [*]const f32, n: 
 /// for all tokens, so a batch of sequences shares one pass over the weights.
 /// scratch: at least tile_rows * w.cols floats, for quantized weights shared by several
 /// tokens (each row tile is decoded once into it, then multiplied as f32).
-pub fn matmulRows(out: []f32, out_stride: usize, x: []const f32, n_tokens: usize, w: Matrix, row_begin: usize, row_end: usize, scratch: []f32) void {
+/// acts: x quantized to 8 bits (when few tokens meet quantized weights), else null.
+pub fn matmulRows(out: []f32, out_stride: usize, x: []const f32, n_tokens: usize, w: Matrix, row_begin: usize, row_end: usize, scratch: []f32, acts: ?quant.QuantActs) void {
     switch (w.dtype) {
         inline .f32, .f16, .bf16 => |t| matmulRowsTyped(StorageType(t), out, out_stride, x, n_tokens, w, row_begin, row_end),
-        inline .q8_0, .q4_0, .q4_k, .q6_k => |t| if (n_tokens >= tile_tokens)
-            matmulRowsDecoded(StorageType(t), out, out_stride, x, n_tokens, w, row_begin, row_end, scratch)
-        else
-            matmulRowsTyped(StorageType(t), out, out_stride, x, n_tokens, w, row_begin, row_end),
+        inline .q8_0, .q4_0, .q4_k, .q6_k => |t| {
+            const T = StorageType(t);
+            if (n_tokens >= tile_tokens) {
+                matmulRowsDecoded(T, out, out_stride, x, n_tokens, w, row_begin, row_end, scratch);
+            } else if (comptime quant.hasIntDot(T)) {
+                if (acts) |a| matmulRowsInt(T, out, out_stride, a, n_tokens, w, row_begin, row_end) else matmulRowsTyped(T, out, out_stride, x, n_tokens, w, row_begin, row_end);
+            } else matmulRowsTyped(T, out, out_stride, x, n_tokens, w, row_begin, row_end);
+        },
         _ => unreachable, // refused at load
+    }
+}
+
+/// Quantized weights against 8-bit activations (decode): integer multiply-adds, as
+/// llama.cpp's Q8 activations do, since decoding weights to f32 would be the bottleneck.
+fn matmulRowsInt(comptime T: type, out: []f32, out_stride: usize, a: quant.QuantActs, n_tokens: usize, w: Matrix, row_begin: usize, row_end: usize) void {
+    const cols = w.cols;
+    const units = cols / quant.unitElems(T);
+    const base: [*]align(1) const T = @ptrCast(w.data);
+    for (row_begin..row_end) |r| {
+        for (0..n_tokens) |n| {
+            out[n * out_stride + r] = quant.dotRowInt(T, base + r * units, a.q.ptr + n * cols, a.scale.ptr + n * cols / 32, a.sum.ptr + n * cols / 32, cols);
+        }
     }
 }
 
@@ -362,7 +380,7 @@ test "matmulRows matches a naive product for f32, f16 and bf16 at awkward widths
             var x: [n_tokens * 172]f32 = undefined;
             fillRandom(rng, &x);
             var out: [n_tokens * rows]f32 = undefined;
-            matmulRows(&out, rows, &x, n_tokens, w, 0, rows, &.{});
+            matmulRows(&out, rows, &x, n_tokens, w, 0, rows, &.{}, null);
             for (0..n_tokens) |n| for (0..rows) |r| {
                 const want = naiveDot(w, r, x[n * cols ..][0..cols]);
                 try testing.expectApproxEqAbs(want, out[n * rows + r], 1e-4);
@@ -399,12 +417,27 @@ test "matmulRows over quantized blocks matches element-wise decode" {
         var scratch: [tile_rows * cols]f32 = undefined;
         // Six tokens take the decode-once path; then two tokens take the in-place decode.
         inline for (.{ n_tokens, 2 }) |tokens| {
-            matmulRows(&out, rows, &x, tokens, w, 0, rows, &scratch);
+            matmulRows(&out, rows, &x, tokens, w, 0, rows, &scratch, null);
             for (0..tokens) |n| for (0..rows) |r| {
                 const want = naiveDot(w, r, x[n * cols ..][0..cols]);
                 try testing.expectApproxEqAbs(want, out[n * rows + r], 1e-3 * (1 + @abs(want)));
             };
         }
+        // Two tokens with 8-bit activations (where the type has an integer dot): the same
+        // as a plain dot over the quantized activations.
+        var q: [2 * cols]i16 = undefined;
+        var scale: [2 * cols / 32]f32 = undefined;
+        var sum: [2 * cols / 32]f32 = undefined;
+        const acts = quant.QuantActs{ .q = &q, .scale = &scale, .sum = &sum };
+        acts.quantize(&x, 2, cols);
+        var xq: [2 * cols]f32 = undefined;
+        for (&xq, q, 0..) |*v, qi, i| v.* = scale[i / 32] * @as(f32, @floatFromInt(qi));
+        matmulRows(&out, rows, &x, 2, w, 0, rows, &scratch, acts);
+        for (0..2) |n| for (0..rows) |r| {
+            const has_int = dtype == .q8_0 or dtype == .q4_0 or dtype == .q4_k;
+            const want = naiveDot(w, r, (if (has_int) xq[0..] else x[0..])[n * cols ..][0..cols]);
+            try testing.expectApproxEqAbs(want, out[n * rows + r], 1e-3 * (1 + @abs(want)));
+        };
     }
 }
 

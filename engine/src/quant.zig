@@ -177,6 +177,90 @@ pub fn dotRow(comptime T: type, w: [*]align(1) const T, x: [*]const f32, n: usiz
     return @reduce(.Add, acc) - @reduce(.Add, acc_min);
 }
 
+/// Activations quantized to 8 bits per 32-weight block, as llama.cpp's Q8 activations:
+/// x[i] ~ scale[i / 32] * q[i]. The values are kept as i16 so that the dot product is a
+/// multiply-add of 16-bit pairs (vpmaddwd), and `sum` is each block's sum of x (Q4_K's mins).
+pub const QuantActs = struct {
+    q: []i16, // (tokens, cols)
+    scale: []f32, // (tokens, cols / 32)
+    sum: []f32, // (tokens, cols / 32)
+
+    pub fn quantize(a: QuantActs, x: []const f32, n_tokens: usize, cols: usize) void {
+        assert(cols % 32 == 0);
+        assert(a.q.len >= n_tokens * cols);
+        assert(x.len >= n_tokens * cols);
+        for (0..n_tokens * cols / 32) |bi| {
+            const v: @Vector(32, f32) = x[bi * 32 ..][0..32].*;
+            const amax = @reduce(.Max, @abs(v));
+            const d = amax / 127.0;
+            const inv: @Vector(32, f32) = @splat(if (d == 0) 0 else 1.0 / d);
+            const q: @Vector(32, i16) = @intFromFloat(@round(v * inv));
+            a.q[bi * 32 ..][0..32].* = q;
+            a.scale[bi] = d;
+            a.sum[bi] = d * @as(f32, @floatFromInt(@reduce(.Add, @as(@Vector(32, i32), q))));
+        }
+    }
+};
+
+const even_lanes = [16]i32{ 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30 };
+const odd_lanes = [16]i32{ 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31 };
+
+/// Sixteen pair sums of 32 products w[i] * x[i]: the shape LLVM turns into vpmaddwd.
+inline fn pairDot(w: @Vector(32, i16), x: @Vector(32, i16)) @Vector(16, f32) {
+    const we: @Vector(16, i32) = @shuffle(i16, w, undefined, even_lanes);
+    const wo: @Vector(16, i32) = @shuffle(i16, w, undefined, odd_lanes);
+    const xe: @Vector(16, i32) = @shuffle(i16, x, undefined, even_lanes);
+    const xo: @Vector(16, i32) = @shuffle(i16, x, undefined, odd_lanes);
+    return @floatFromInt(we * xe + wo * xo);
+}
+
+/// Whether a type has an 8-bit-activation dot product (the rest decode to f32).
+pub fn hasIntDot(comptime T: type) bool {
+    return T == BlockQ8_0 or T == BlockQ4_0 or T == BlockQ4_K;
+}
+
+/// dot(w, x) for one quantized row against 8-bit activations `xq` (one token):
+/// integer products per 32 weights, scaled once per block.
+pub fn dotRowInt(comptime T: type, w: [*]align(1) const T, xq: [*]const i16, xscale: [*]const f32, xsum: [*]const f32, n: usize) f32 {
+    const elems = comptime unitElems(T);
+    assert(n % elems == 0);
+    var acc: @Vector(16, f32) = @splat(0);
+    var mins: f32 = 0;
+    for (0..n / elems) |bi| {
+        const b = &w[bi];
+        switch (T) {
+            BlockQ8_0 => {
+                const q: @Vector(32, i16) = @as(@Vector(32, i8), b.qs);
+                acc = @mulAdd(@Vector(16, f32), pairDot(q, xq[32 * bi ..][0..32].*), @splat(half(b.d) * xscale[bi]), acc);
+            },
+            BlockQ4_0 => {
+                const bytes: @Vector(16, u8) = b.qs;
+                const lo = bytes & @as(@Vector(16, u8), @splat(0xF));
+                const hi = bytes >> @splat(4);
+                const q = @as(@Vector(32, i16), std.simd.join(lo, hi)) - @as(@Vector(32, i16), @splat(8));
+                acc = @mulAdd(@Vector(16, f32), pairDot(q, xq[32 * bi ..][0..32].*), @splat(half(b.d) * xscale[bi]), acc);
+            },
+            BlockQ4_K => {
+                const d = half(b.d);
+                const dmin = half(b.dmin);
+                inline for (0..4) |g| {
+                    const bytes: @Vector(32, u8) = b.qs[32 * g ..][0..32].*;
+                    inline for (0..2) |sub| {
+                        const sm = scaleMinK4(2 * g + sub, &b.scales);
+                        const x_block = 8 * bi + 2 * g + sub; // 32-weight activation block
+                        const nib = if (sub == 0) bytes & @as(@Vector(32, u8), @splat(0xF)) else bytes >> @splat(4);
+                        const scale = d * @as(f32, @floatFromInt(sm[0])) * xscale[x_block];
+                        acc = @mulAdd(@Vector(16, f32), pairDot(nib, xq[32 * x_block ..][0..32].*), @splat(scale), acc);
+                        mins += dmin * @as(f32, @floatFromInt(sm[1])) * xsum[x_block];
+                    }
+                }
+            },
+            else => @compileError("no integer dot for this type"),
+        }
+    }
+    return @reduce(.Add, acc) - mins;
+}
+
 /// One weight, for the slow paths (embedding rows): the same decode, lane by lane.
 pub fn scalar(comptime T: type, p: [*]align(1) const T, i: usize) f32 {
     const lanes = 8;
@@ -259,4 +343,32 @@ test "Q6_K decodes low and high bits with the right scale" {
         want[128 * h + l + 96] = 0.125 * @as(f32, @floatFromInt(@as(i32, scl[is + 6]) * q4));
     };
     for (0..256) |e| try testing.expectApproxEqAbs(want[e], scalar(BlockQ6_K, p, e), 1e-5);
+}
+
+test "the 8-bit-activation dot equals a plain dot over quantized activations" {
+    var prng = std.Random.DefaultPrng.init(21);
+    const rng = prng.random();
+    const n = 512;
+    var x: [n]f32 = undefined;
+    for (&x) |*v| v.* = rng.floatNorm(f32);
+    var q: [n]i16 = undefined;
+    var scale: [n / 32]f32 = undefined;
+    var sum: [n / 32]f32 = undefined;
+    const acts = QuantActs{ .q = &q, .scale = &scale, .sum = &sum };
+    acts.quantize(&x, 1, n);
+    // The quantized activations stay close to x.
+    for (x, 0..) |v, i| try testing.expectApproxEqAbs(v, scale[i / 32] * @as(f32, @floatFromInt(q[i])), scale[i / 32] * 0.5 + 1e-6);
+    var storage: [(n / 32) * 34 + 64]u8 align(4) = undefined;
+    inline for (.{ BlockQ8_0, BlockQ4_0, BlockQ4_K }) |T| {
+        rng.bytes(&storage);
+        const blocks: [*]align(1) T = @ptrCast(&storage);
+        for (0..n / unitElems(T)) |bi| {
+            blocks[bi].d = f16Bits(rng.float(f32) * 0.01);
+            if (T == BlockQ4_K) blocks[bi].dmin = f16Bits(rng.float(f32) * 0.01);
+        }
+        var want: f64 = 0;
+        for (0..n) |i| want += @as(f64, scalar(T, blocks, i)) * scale[i / 32] * @as(f64, @floatFromInt(q[i]));
+        const got = dotRowInt(T, blocks, &q, &scale, &sum, n);
+        try testing.expectApproxEqAbs(@as(f32, @floatCast(want)), got, 1e-4 * (1 + @abs(@as(f32, @floatCast(want)))));
+    }
 }
