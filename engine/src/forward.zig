@@ -23,7 +23,7 @@ pub const Scratch = struct {
     gate_up: []f32, // (max_tokens, 2 * intermediate)
     h: []f32, // (max_tokens, intermediate)
     xs: []f32, // (max_seqs, hidden) final-normed rows that are sampled
-    scores: []f32, // (threads, max_position)
+    scores: []f32, // (threads, heads per KV head, max_position)
     probs: []f32, // (threads, vocab)
     order: []u32, // (threads, vocab)
     counts: []u32, // (threads, vocab) zero between uses
@@ -49,7 +49,7 @@ pub const Scratch = struct {
             .{ "gate_up", t * 2 * @as(usize, m.intermediate_size) },
             .{ "h", t * m.intermediate_size },
             .{ "xs", @as(usize, c.max_num_seqs) * m.hidden_size },
-            .{ "scores", threads * m.max_position },
+            .{ "scores", threads * m.max_position * (m.num_heads / m.num_kv_heads) },
             .{ "probs", threads * m.vocab_size },
             .{ "raw", threads * m.vocab_size },
         }) |field| @field(s, field[0]) = try allocator.alloc(f32, field[1]);
@@ -181,21 +181,25 @@ const AttentionCtx = struct {
         const group = m.num_heads / m.num_kv_heads;
         const k_cache = e.kvLayer(KV, e.k_cache, c.layer);
         const v_cache = e.kvLayer(KV, e.v_cache, c.layer);
-        const scores = e.scratch.scores[thread_index * m.max_position ..][0..m.max_position];
+        const scores_len = group * @as(usize, m.max_position);
+        const scores = e.scratch.scores[thread_index * scores_len ..][0..scores_len];
+        // One item per (token, KV head): the query heads of a group share their K/V reads.
         for (begin..end) |item| {
-            const t = item / m.num_heads;
-            const head = item % m.num_heads;
+            const t = item / m.num_kv_heads;
+            const kv_head = item % m.num_kv_heads;
             const seq = c.seq_of_token[t];
             const table = b.block_tables[seq * e.config.max_blocks_per_seq ..][0..e.config.max_blocks_per_seq];
             const context_len: usize = @as(usize, @intCast(b.positions[t])) + 1;
-            kernels.attendHead(
+            const heads = kv_head * group * head_dim;
+            kernels.attendGroup(
                 KV,
-                e.scratch.att[t * q_dim + head * head_dim ..][0..head_dim],
-                e.scratch.qkv[t * qkv_dim + head * head_dim ..][0..head_dim],
+                e.scratch.att[t * q_dim + heads ..][0 .. group * head_dim],
+                e.scratch.qkv[t * qkv_dim + heads ..][0 .. group * head_dim],
+                group,
                 k_cache,
                 v_cache,
                 kv_dim,
-                (head / group) * head_dim,
+                kv_head * head_dim,
                 table,
                 e.config.block_size,
                 context_len,
@@ -291,7 +295,7 @@ pub fn run(e: *Engine) void {
             }
         }
 
-        parallel(pool, n * m.num_heads, AttentionCtx{ .e = e, .layer = l, .seq_of_token = seq_of_token }, AttentionCtx.body);
+        parallel(pool, n * m.num_kv_heads, AttentionCtx{ .e = e, .layer = l, .seq_of_token = seq_of_token }, AttentionCtx.body);
         matmul(e, s.xb2, s.att, n, &.{layer.wo});
         for (s.x[0 .. n * hidden], s.xb2[0 .. n * hidden]) |*x, d| x.* += d;
 

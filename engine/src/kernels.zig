@@ -298,14 +298,16 @@ pub fn siluMul(gate: []f32, up: []const f32) void {
     for (gate, up) |*g, u| g.* = g.* / (1.0 + @exp(-g.*)) * u;
 }
 
-/// One query head attending over the first `context_len` positions of its sequence,
-/// whose K/V live in the paged cache.
-///   k_cache, v_cache: (num_blocks * block_size, kv_dim); kv_offset selects the KV head.
-///   scores: scratch, at least context_len.
-pub fn attendHead(
+/// The `group` query heads that share one KV head (grouped-query attention), attending
+/// over the first `context_len` positions of their sequence in the paged cache. Each K and
+/// V vector is read once for the whole group, block by block of the block table.
+///   q, out: (group, head_dim); k_cache, v_cache: (num_blocks * block_size, kv_dim), the KV
+///   head at kv_offset; scores: scratch, at least group * context_len.
+pub fn attendGroup(
     comptime KV: type,
     out: []f32,
     q: []const f32,
+    group: usize,
     k_cache: []const KV,
     v_cache: []const KV,
     kv_dim: usize,
@@ -315,25 +317,49 @@ pub fn attendHead(
     context_len: usize,
     scores: []f32,
 ) void {
-    const head_dim = q.len;
-    assert(out.len == head_dim);
+    assert(group >= 1);
+    const head_dim = q.len / group;
+    assert(q.len == group * head_dim);
+    assert(out.len == q.len);
     assert(context_len > 0);
-    assert(scores.len >= context_len);
+    assert(scores.len >= group * context_len);
     assert(block_table.len * block_size >= context_len);
     const scale = 1.0 / @sqrt(@as(f32, @floatFromInt(head_dim)));
-    for (0..context_len) |p| {
-        const slot = slotOf(block_table, block_size, p);
-        const k = k_cache[slot * kv_dim + kv_offset ..][0..head_dim];
-        scores[p] = dot(KV, k.ptr, q.ptr, head_dim) * scale;
+    //   scores: | head 0: positions 0 .. context_len | head 1: ... | ... group rows
+    var p: usize = 0;
+    var block_index: usize = 0;
+    while (p < context_len) : (block_index += 1) {
+        const first_slot = @as(usize, @intCast(block_table[block_index])) * block_size;
+        const in_block = @min(block_size, context_len - p);
+        for (0..in_block) |j| {
+            const k = k_cache[(first_slot + j) * kv_dim + kv_offset ..][0..head_dim];
+            for (0..group) |h| scores[h * context_len + p + j] = dot(KV, k.ptr, q.ptr + h * head_dim, head_dim) * scale;
+        }
+        p += in_block;
     }
-    softmax(scores[0..context_len]);
+    for (0..group) |h| softmax(scores[h * context_len ..][0..context_len]);
     @memset(out, 0);
-    for (0..context_len) |p| {
-        const slot = slotOf(block_table, block_size, p);
-        const v = v_cache[slot * kv_dim + kv_offset ..][0..head_dim];
-        const a = scores[p];
-        for (out, v) |*o, vv| o.* += a * @as(f32, @floatCast(vv));
+    p = 0;
+    block_index = 0;
+    while (p < context_len) : (block_index += 1) {
+        const first_slot = @as(usize, @intCast(block_table[block_index])) * block_size;
+        const in_block = @min(block_size, context_len - p);
+        for (0..in_block) |j| {
+            const v = v_cache[(first_slot + j) * kv_dim + kv_offset ..][0..head_dim];
+            for (0..group) |h| axpy(KV, out[h * head_dim ..][0..head_dim], scores[h * context_len + p + j], v.ptr);
+        }
+        p += in_block;
     }
+}
+
+/// out += a * v, with v widened from the cache's type.
+inline fn axpy(comptime KV: type, out: []f32, a: f32, v: [*]const KV) void {
+    const av: V = @splat(a);
+    var i: usize = 0;
+    while (i + vec_len <= out.len) : (i += vec_len) {
+        out[i..][0..vec_len].* = @mulAdd(V, av, loadVecN(vec_len, KV, v, i), out[i..][0..vec_len].*);
+    }
+    while (i < out.len) : (i += 1) out[i] += a * @as(f32, @floatCast(v[i]));
 }
 
 pub inline fn slotOf(block_table: []const i32, block_size: usize, position: usize) usize {
@@ -471,11 +497,12 @@ test "rope rotates the right pairs in both layouts" {
     try testing.expectApproxEqAbs(@as(f32, 30), a[0] * a[0] + a[1] * a[1] + a[2] * a[2] + a[3] * a[3], 1e-4);
 }
 
-test "attendHead over a scattered block table equals dense attention" {
+test "attendGroup over a scattered block table equals dense attention, per head, in f32 and f16" {
     var prng = std.Random.DefaultPrng.init(11);
     const rng = prng.random();
-    const head_dim = 8;
+    const head_dim = 24; // one 16-wide step and a scalar tail
     const kv_dim = 2 * head_dim; // two KV heads; use the second
+    const group = 3;
     const block_size = 4;
     const num_blocks = 6;
     const context_len = 10;
@@ -484,42 +511,44 @@ test "attendHead over a scattered block table equals dense attention" {
     fillRandom(rng, &k_cache);
     fillRandom(rng, &v_cache);
     const block_table = [_]i32{ 5, 0, 3 };
-    var q: [head_dim]f32 = undefined;
+    var q: [group * head_dim]f32 = undefined;
     fillRandom(rng, &q);
-    var scores: [16]f32 = undefined;
-    var out: [head_dim]f32 = undefined;
-    attendHead(f32, &out, &q, &k_cache, &v_cache, kv_dim, head_dim, &block_table, block_size, context_len, &scores);
+    var scores: [group * 16]f32 = undefined;
+    var out: [group * head_dim]f32 = undefined;
+    attendGroup(f32, &out, &q, group, &k_cache, &v_cache, kv_dim, head_dim, &block_table, block_size, context_len, &scores);
+
+    for (0..group) |h| {
+        var w: [context_len]f64 = undefined;
+        var max: f64 = -std.math.inf(f64);
+        for (0..context_len) |p| {
+            const slot: usize = @as(usize, @intCast(block_table[p / block_size])) * block_size + p % block_size;
+            var s: f64 = 0;
+            for (0..head_dim) |d| s += @as(f64, q[h * head_dim + d]) * k_cache[slot * kv_dim + head_dim + d];
+            w[p] = s / @sqrt(@as(f64, head_dim));
+            max = @max(max, w[p]);
+        }
+        var total: f64 = 0;
+        for (&w) |*x| {
+            x.* = @exp(x.* - max);
+            total += x.*;
+        }
+        for (0..head_dim) |d| {
+            var o: f64 = 0;
+            for (0..context_len) |p| {
+                const slot: usize = @as(usize, @intCast(block_table[p / block_size])) * block_size + p % block_size;
+                o += w[p] / total * v_cache[slot * kv_dim + head_dim + d];
+            }
+            try testing.expectApproxEqAbs(@as(f32, @floatCast(o)), out[h * head_dim + d], 1e-5);
+        }
+    }
     // The same over an f16 copy of the cache, within f16 rounding.
     var k16: [k_cache.len]f16 = undefined;
     var v16: [v_cache.len]f16 = undefined;
     for (&k16, k_cache) |*d, x| d.* = @floatCast(x);
     for (&v16, v_cache) |*d, x| d.* = @floatCast(x);
-    var out16: [head_dim]f32 = undefined;
-    attendHead(f16, &out16, &q, &k16, &v16, kv_dim, head_dim, &block_table, block_size, context_len, &scores);
+    var out16: [group * head_dim]f32 = undefined;
+    attendGroup(f16, &out16, &q, group, &k16, &v16, kv_dim, head_dim, &block_table, block_size, context_len, &scores);
     for (out, out16) |a, b| try testing.expectApproxEqAbs(a, b, 1e-2);
-
-    var w: [context_len]f64 = undefined;
-    var max: f64 = -std.math.inf(f64);
-    for (0..context_len) |p| {
-        const slot: usize = @as(usize, @intCast(block_table[p / block_size])) * block_size + p % block_size;
-        var s: f64 = 0;
-        for (0..head_dim) |d| s += @as(f64, q[d]) * k_cache[slot * kv_dim + head_dim + d];
-        w[p] = s / @sqrt(@as(f64, head_dim));
-        max = @max(max, w[p]);
-    }
-    var total: f64 = 0;
-    for (&w) |*x| {
-        x.* = @exp(x.* - max);
-        total += x.*;
-    }
-    for (0..head_dim) |d| {
-        var o: f64 = 0;
-        for (0..context_len) |p| {
-            const slot: usize = @as(usize, @intCast(block_table[p / block_size])) * block_size + p % block_size;
-            o += w[p] / total * v_cache[slot * kv_dim + head_dim + d];
-        }
-        try testing.expectApproxEqAbs(@as(f32, @floatCast(o)), out[d], 1e-5);
-    }
 }
 
 test "siluMul and softmax" {
