@@ -48,12 +48,9 @@ export class ModelRunner {
         historyCursor += req.tokenIds.length;
       }
       const biasOffset = biasCursor;
-      if (p.logitBias) {
-        for (const [id, value] of Object.entries(p.logitBias)) {
-          b.logitBiasIds[biasCursor] = Number(id);
-          b.logitBiasValues[biasCursor++] = value;
-        }
-      }
+      b.logitBiasIds.set(req.biasIds, biasCursor);
+      b.logitBiasValues.set(req.biasValues, biasCursor);
+      biasCursor += req.biasIds.length;
       // min_tokens: the tokens that would end the request are banned until it has that many.
       if (req.numOutputTokens < p.minTokens) {
         for (const id of [...(p.ignoreEos ? [] : this.eosTokenIds), ...p.stopTokenIds]) {

@@ -92,6 +92,9 @@ export class Request {
   firstTokenMs: number | null = null;
   lastTokenMs: number | null = null;
   numPreemptions = 0;
+  /** params.logitBias as the arrays each step copies into the batch (built once). */
+  readonly biasIds: Int32Array;
+  readonly biasValues: Float32Array;
 
   constructor(
     readonly id: string,
@@ -101,6 +104,9 @@ export class Request {
     readonly output: OutputText | null,
   ) {
     this.tokenIds = [...promptTokenIds];
+    const bias = Object.entries(params.logitBias ?? {});
+    this.biasIds = Int32Array.from(bias, ([id]) => Number(id));
+    this.biasValues = Float32Array.from(bias, ([, value]) => value);
   }
 
   get numTokens(): number {
