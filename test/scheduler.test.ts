@@ -32,7 +32,7 @@ class FakePool implements BlockPool {
 function setup(numBlocks: number, budget: number, maxNumSeqs = 8) {
   const pool = new FakePool(numBlocks);
   const kv = new KvCacheManager(pool, 4, numBlocks, 64, false);
-  const s = new Scheduler({ maxNumBatchedTokens: budget, maxNumSeqs, maxModelLen: 256, maxQueueLen: 16 }, kv);
+  const s = new Scheduler({ maxNumBatchedTokens: budget, maxNumSeqs, maxQueueLen: 16 }, kv);
   return { pool, kv, s };
 }
 

@@ -132,7 +132,7 @@ export class LLMEngine {
     );
     this.kv = new KvCacheManager(this.native, bs, numBlocks, maxBlocksPerSeq, options.enablePrefixCaching);
     this.scheduler = new Scheduler(
-      { maxNumBatchedTokens: options.maxNumBatchedTokens, maxNumSeqs: options.maxNumSeqs, maxModelLen, maxQueueLen: options.maxQueueLen },
+      { maxNumBatchedTokens: options.maxNumBatchedTokens, maxNumSeqs: options.maxNumSeqs, maxQueueLen: options.maxQueueLen },
       this.kv,
     );
     this.runner = new ModelRunner(this.native, bs, model.spec.eosTokenIds);

@@ -9,7 +9,6 @@ import { Request, RequestStatus } from "./request.ts";
 export interface SchedulerConfig {
   maxNumBatchedTokens: number;
   maxNumSeqs: number;
-  maxModelLen: number;
   maxQueueLen: number; // waiting requests beyond this are refused
 }
 
