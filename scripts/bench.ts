@@ -1,7 +1,8 @@
 #!/usr/bin/env bun
-// Offline single-sequence speed: prefill and decode tokens/s for a model path.
-//   bun run bench --model <path> [--prompt-tokens 128] [--decode-tokens 64] [--threads N] [--runs 3]
-// Fixed prompt ids (seeded), a warm-up run, then medians. One summary line at the end.
+// Offline engine speed for a model path, no HTTP:
+//   bun run bench --model <path> [--prompt-tokens 128,512] [--batch 1,8,16,32] [--decode-tokens 64] [--threads N] [--runs 3]
+// Prefill tok/s for each prompt length (one sequence), and aggregate decode tok/s with
+// 1, 8, ... sequences decoding together. Fixed prompts, a warm-up, medians. One summary line.
 import { availableParallelism, cpus } from "node:os";
 import { parseArgs } from "node:util";
 import { LLMEngine } from "../src/engine/llm_engine.ts";
@@ -10,62 +11,84 @@ import { DEFAULT_SAMPLING } from "../src/engine/request.ts";
 const { values } = parseArgs({
   options: {
     model: { type: "string" },
-    "prompt-tokens": { type: "string", default: "128" },
+    "prompt-tokens": { type: "string", default: "128,512" },
+    batch: { type: "string", default: "1" },
     "decode-tokens": { type: "string", default: "64" },
     threads: { type: "string", default: String(availableParallelism()) },
     runs: { type: "string", default: "3" },
   },
 });
 if (!values.model) {
-  console.error("usage: bun run bench --model <hf folder | file.gguf> [--prompt-tokens N] [--decode-tokens N] [--threads N] [--runs N]");
+  console.error("usage: bun run bench --model <hf folder | file.gguf> [--prompt-tokens 128,512] [--batch 1,8,16,32] [--decode-tokens 64] [--threads N] [--runs N]");
   process.exit(2);
 }
-const promptTokens = Number(values["prompt-tokens"]);
+const requestedLengths = values["prompt-tokens"]!.split(",").map(Number);
+const batches = values.batch!.split(",").map(Number);
 const decodeTokens = Number(values["decode-tokens"]);
 const threads = Number(values.threads);
 const runs = Number(values.runs);
 
 const engine = await LLMEngine.create(values.model, {
   threads,
-  maxNumSeqs: 1,
-  maxNumBatchedTokens: Math.max(promptTokens, 16),
+  maxNumSeqs: Math.max(...batches),
+  maxNumBatchedTokens: Math.max(...requestedLengths, 16),
   enablePrefixCaching: false, // every run computes its prompt
 });
+// A prompt must leave room for the one token it is timed to: at most max_model_len - 1.
+const promptLengths = requestedLengths.map((l) => Math.min(l, engine.maxModelLen - 1));
 const vocab = engine.model.spec.config.vocabSize;
-let state = 12345;
-const prompt = [engine.model.spec.bosTokenId ?? 1];
-while (prompt.length < promptTokens) {
-  state = (state * 1103515245 + 12345) % 2 ** 31;
-  prompt.push(259 + (state % Math.max(1, vocab - 259))); // past the special and byte tokens
-}
-
-async function timed(maxTokens: number): Promise<{ firstMs: number; restMs: number; n: number }> {
-  const t0 = performance.now();
-  let tFirst = 0;
-  let n = 0;
-  for await (const out of engine.addRequest(prompt, { ...DEFAULT_SAMPLING, temperature: 0, ignoreEos: true, maxTokens, seed: 0 })) {
-    if (out.error) throw new Error(out.error);
-    if (n === 0 && out.newTokenIds.length > 0) tFirst = performance.now();
-    n += out.newTokenIds.length;
+function prompt(length: number, salt: number): number[] {
+  let state = 12345 + salt;
+  const ids = [engine.model.spec.bosTokenId ?? 1];
+  while (ids.length < length) {
+    state = (state * 1103515245 + 12345) % 2 ** 31;
+    ids.push(259 + (state % Math.max(1, vocab - 259))); // past the special and byte tokens
   }
-  return { firstMs: tFirst - t0, restMs: performance.now() - tFirst, n };
+  return ids;
 }
-
+const greedy = { ...DEFAULT_SAMPLING, temperature: 0, ignoreEos: true, seed: 0 };
 const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
 
-await timed(4); // warm-up: page in the weights, spin up the threads
-const prefill: number[] = [];
-const decode: number[] = [];
-for (let r = 0; r < runs; r++) {
-  const p = await timed(1);
-  prefill.push(promptTokens / (p.firstMs / 1000));
-  const d = await timed(decodeTokens);
-  decode.push((d.n - 1) / (d.restMs / 1000));
+async function prefill(length: number): Promise<number> {
+  const t0 = performance.now();
+  for await (const _ of engine.addRequest(prompt(length, 0), { ...greedy, maxTokens: 1 }));
+  return length / ((performance.now() - t0) / 1000);
+}
+
+/** Aggregate decode tok/s of `n` sequences, timed from when all have their first token. */
+async function decode(n: number): Promise<number> {
+  let started = 0;
+  let tStart = 0;
+  let tokens = 0;
+  await Promise.all(
+    Array.from({ length: n }, async (_, i) => {
+      let first = true;
+      for await (const out of engine.addRequest(prompt(8, i + 1), { ...greedy, maxTokens: decodeTokens + 1 })) {
+        if (first) {
+          first = false;
+          if (++started === n) tStart = performance.now();
+          continue;
+        }
+        if (started === n) tokens += out.newTokenIds.length;
+      }
+    }),
+  );
+  return tokens / ((performance.now() - tStart) / 1000);
+}
+
+await prefill(Math.min(...promptLengths)); // warm-up: page in the weights, spin up the threads
+await decode(1);
+const parts: string[] = [];
+for (const length of promptLengths) {
+  const xs = [];
+  for (let r = 0; r < runs; r++) xs.push(await prefill(length));
+  parts.push(`prefill ${length} ${median(xs).toFixed(1)} tok/s`);
+}
+for (const n of batches) {
+  const xs = [];
+  for (let r = 0; r < runs; r++) xs.push(await decode(n));
+  parts.push(`decode x${n} ${median(xs).toFixed(1)} tok/s`);
 }
 const c = engine.model.spec.config;
-const cpu = cpus()[0]?.model ?? "unknown CPU";
 await engine.shutdown();
-console.log(
-  `${values.model} (${engine.model.spec.dtype}, ${c.numLayers}x${c.hiddenSize}) on ${cpu}, ${threads} threads: ` +
-    `prefill ${promptTokens} tokens ${median(prefill).toFixed(1)} tok/s, decode ${median(decode).toFixed(1)} tok/s (medians of ${runs})`,
-);
+console.log(`${values.model} (${engine.model.spec.dtype}, ${c.numLayers}x${c.hiddenSize}) on ${cpus()[0]?.model ?? "CPU"}, ${threads} threads, medians of ${runs}: ${parts.join(", ")}`);
