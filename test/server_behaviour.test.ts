@@ -72,6 +72,7 @@ describe("bad input", () => {
     ["logit_bias value out of range", "/v1/completions", cmp({ ...ok, logit_bias: { "5": 500 } }), 400],
     ["suffix is not supported", "/v1/completions", cmp({ ...ok, suffix: "end" }), 400],
     ["stream is a string", "/v1/completions", cmp({ ...ok, stream: "yes" }), 400],
+    ["stream_options without stream", "/v1/completions", cmp({ ...ok, stream_options: { include_usage: true } }), 400, /stream_options/],
     ["chat: empty messages", "/v1/chat/completions", cmp({ ...chat, messages: [] }), 400],
     ["chat: invalid role", "/v1/chat/completions", cmp({ ...chat, messages: [{ role: "wizard", content: "hi" }] }), 400],
     ["chat: missing content", "/v1/chat/completions", cmp({ ...chat, messages: [{ role: "user" }] }), 400],

@@ -90,8 +90,14 @@ export class OpenAIService {
     return (prompt as (string | number[])[]).map((p) => (typeof p === "string" ? this.tok.encode(p) : p));
   }
 
+  /** OpenAI refuses stream_options on a request that does not stream. */
+  private static checkStreamOptions(body: { stream?: boolean | null; stream_options?: unknown }): void {
+    if (body.stream_options && !body.stream) throw new ApiError(400, "stream_options is only allowed when stream is true.", "invalid_request_error", "stream_options");
+  }
+
   prepareCompletion(body: CompletionRequest): Prepared & { echo: boolean } {
     this.checkModel(body.model);
+    OpenAIService.checkStreamOptions(body);
     const prompts = this.promptIds(body.prompt);
     const params = this.params(body, body.max_tokens ?? 16, body.logprobs ?? null);
     for (const ids of prompts) this.engine.validate(ids, params);
@@ -124,6 +130,7 @@ export class OpenAIService {
 
   prepareChat(body: ChatCompletionRequest): Prepared {
     this.checkModel(body.model);
+    OpenAIService.checkStreamOptions(body);
     const promptIds = this.chatPromptIds(body.messages, body.add_generation_prompt ?? true);
     const logprobs = body.logprobs ? (body.top_logprobs ?? 0) : null;
     if (!body.logprobs && body.top_logprobs) throw new ApiError(400, "top_logprobs requires logprobs to be true", "invalid_request_error", "top_logprobs");
