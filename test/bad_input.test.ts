@@ -1,6 +1,6 @@
 // Bad input is refused with a clear message, never a crash: at load (in TypeScript
 // and again in the engine), per request, per step, and in the block pool.
-import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
 import { copyFileSync, cpSync, mkdtempSync, readFileSync, rmSync, truncateSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -12,6 +12,9 @@ import { ModelLoadError } from "../src/model/errors.ts";
 import { loadModel } from "../src/model/load.ts";
 import { resolveModel } from "../src/model/resolve.ts";
 import { makeWeights, TINY, writeGguf, writeHfModel, writeSafetensors } from "./helpers/random_llama.ts";
+
+// Model loads, servers and browsers take seconds on two cores; `bun test` alone defaults to 5 s.
+setDefaultTimeout(60_000);
 
 const dir = mkdtempSync(join(tmpdir(), "inferneo-bad-"));
 const weights = makeWeights(TINY, "f32");

@@ -1,7 +1,7 @@
 // Continuous batching must not change results: 8 prompts that arrive at different
 // times, share steps that mix prefill chunks with decode tokens, and hold scattered
 // KV blocks, give exactly the tokens each gives alone.
-import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -9,6 +9,9 @@ import { LLMEngine } from "../src/engine/llm_engine.ts";
 import type { ScheduledRequest } from "../src/engine/scheduler.ts";
 import { generate, GREEDY } from "./helpers/engine.ts";
 import { makeWeights, TINY, writeHfModel } from "./helpers/random_llama.ts";
+
+// Model loads, servers and browsers take seconds on two cores; `bun test` alone defaults to 5 s.
+setDefaultTimeout(60_000);
 
 const dir = mkdtempSync(join(tmpdir(), "inferneo-batch-"));
 let modelPath: string;

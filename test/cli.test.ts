@@ -1,10 +1,13 @@
 // `inferneo generate` as a user runs it: a subprocess, streamed text, a figures line,
 // and one-line errors with a non-zero exit.
-import { describe, expect, test } from "bun:test";
+import { describe, expect, setDefaultTimeout, test } from "bun:test";
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { goldens, SHARED, stories } from "./helpers/engine.ts";
+
+// Model loads, servers and browsers take seconds on two cores; `bun test` alone defaults to 5 s.
+setDefaultTimeout(60_000);
 
 const CLI = join(import.meta.dir, "..", "src", "cli.ts");
 

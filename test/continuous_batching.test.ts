@@ -1,6 +1,6 @@
 // The scheduler with the real engine: staggered traffic, preemption, prefix caching,
 // the sampling controls, and no KV block lost across hundreds of aborts.
-import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -9,6 +9,9 @@ import { QueueFullError } from "../src/engine/scheduler.ts";
 import { DEFAULT_SAMPLING } from "../src/engine/request.ts";
 import { generate, GREEDY } from "./helpers/engine.ts";
 import { makeWeights, TINY, writeHfModel, type RandomLlamaShape } from "./helpers/random_llama.ts";
+
+// Model loads, servers and browsers take seconds on two cores; `bun test` alone defaults to 5 s.
+setDefaultTimeout(60_000);
 
 const SHAPE: RandomLlamaShape = { ...TINY, ctx: 1024, seed: 7 };
 const dir = mkdtempSync(join(tmpdir(), "inferneo-cb-"));

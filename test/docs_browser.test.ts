@@ -1,12 +1,15 @@
 // /docs in a real browser: headless Chromium (Debian's package, driven by
 // playwright-core) loads Swagger UI from the server alone, sees the operations,
 // and executes GET /v1/models from the page. Skips where Chromium is absent.
-import { afterAll, beforeAll, expect, test } from "bun:test";
+import { afterAll, beforeAll, expect, setDefaultTimeout, test } from "bun:test";
 import { existsSync, mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { makeWeights, TINY, writeHfModel } from "./helpers/random_llama.ts";
 import { startTestServer, type TestServer } from "./helpers/server.ts";
+
+// Model loads, servers and browsers take seconds on two cores; `bun test` alone defaults to 5 s.
+setDefaultTimeout(60_000);
 
 const CHROMIUM = process.env.INFERNEO_CHROMIUM ?? "/usr/bin/chromium";
 const hasChromium = existsSync(CHROMIUM);

@@ -1,13 +1,16 @@
 // The step runs on the engine thread: timers on the event loop keep firing while
 // a long prefill computes. The same step run synchronously blocks them, which
 // shows the measurement can tell the difference.
-import { afterAll, beforeAll, expect, test } from "bun:test";
+import { afterAll, beforeAll, expect, setDefaultTimeout, test } from "bun:test";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { LLMEngine } from "../src/engine/llm_engine.ts";
 import { generate, nextTokenLogits } from "./helpers/engine.ts";
 import { makeWeights, writeHfModel, type RandomLlamaShape } from "./helpers/random_llama.ts";
+
+// Model loads, servers and browsers take seconds on two cores; `bun test` alone defaults to 5 s.
+setDefaultTimeout(60_000);
 
 const SHAPE: RandomLlamaShape = { dim: 512, layers: 4, heads: 8, kvHeads: 8, ffn: 1376, vocab: 512, ctx: 1024, ropeTheta: 10000, tied: true, std: 0.05, seed: 5 };
 const PROMPT = Array.from({ length: 768 }, (_, i) => 3 + ((i * 37) % 500));

@@ -1,9 +1,12 @@
 // The trained stories260K model against llama2.c's run.c: exact greedy tokens,
 // text, and the logits at the last prompt position, from the HF folder and the GGUF.
-import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
 import { readFileSync } from "node:fs";
 import { LLMEngine } from "../src/engine/llm_engine.ts";
 import { generate, goldens, nextTokenLogits, SHARED, stories } from "./helpers/engine.ts";
+
+// Model loads, servers and browsers take seconds on two cores; `bun test` alone defaults to 5 s.
+setDefaultTimeout(60_000);
 
 const formats = [
   ["hf", () => stories("hf")],

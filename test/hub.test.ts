@@ -1,7 +1,7 @@
 // A hub id resolves through the standard Hugging Face cache: downloaded once from
 // HF_ENDPOINT (here a loopback stand-in for the hub) into models--org--name/snapshots,
 // then found there offline.
-import { afterAll, expect, test } from "bun:test";
+import { afterAll, expect, setDefaultTimeout, test } from "bun:test";
 import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -9,6 +9,9 @@ import { LLMEngine } from "../src/engine/llm_engine.ts";
 import { cachedSnapshot, resolveModel } from "../src/model/resolve.ts";
 import { generate } from "./helpers/engine.ts";
 import { makeWeights, TINY, writeHfModel } from "./helpers/random_llama.ts";
+
+// Model loads, servers and browsers take seconds on two cores; `bun test` alone defaults to 5 s.
+setDefaultTimeout(60_000);
 
 const dir = mkdtempSync(join(tmpdir(), "inferneo-hub-"));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));

@@ -1,7 +1,7 @@
 // Random-weight Llamas the test writes itself (HF safetensors in f32/f16/bf16 and
 // GGUF in f32/f16, from the same weights) against a plain f64 reference forward pass:
 // the same greedy tokens, and logits within tolerance.
-import { afterAll, describe, expect, test } from "bun:test";
+import { afterAll, describe, expect, setDefaultTimeout, test } from "bun:test";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -10,6 +10,9 @@ import { generate, nextTokenLogits } from "./helpers/engine.ts";
 import type { QuantType } from "../src/model/quantize.ts";
 import { GQA, makeWeights, quantizedWeights, TINY, writeGguf, writeHfModel, type RandomLlamaShape, type WeightDType } from "./helpers/random_llama.ts";
 import { argmaxAndGap, RefLlama } from "./helpers/ref_llama.ts";
+
+// Model loads, servers and browsers take seconds on two cores; `bun test` alone defaults to 5 s.
+setDefaultTimeout(60_000);
 
 const dir = mkdtempSync(join(tmpdir(), "inferneo-random-"));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));

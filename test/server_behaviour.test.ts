@@ -1,12 +1,15 @@
 // The server under hostile input, disconnects, overload, keys, rate limits and
 // shutdown, on a random model the test writes (needs nothing outside the repo).
-import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { ConfigError, parseServeArgs, serveConfig } from "../src/server/serve.ts";
 import { makeWeights, TINY, writeHfModel } from "./helpers/random_llama.ts";
 import { postJson, settled, startTestServer, type TestServer } from "./helpers/server.ts";
+
+// Model loads, servers and browsers take seconds on two cores; `bun test` alone defaults to 5 s.
+setDefaultTimeout(60_000);
 
 const dir = mkdtempSync(join(tmpdir(), "inferneo-server-"));
 const SHAPE = { ...TINY, ctx: 512 };

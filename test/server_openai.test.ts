@@ -1,13 +1,16 @@
 // The server as its users meet it, on stories260K: the official `openai` package,
 // the TypeScript and Python InferneoClients, requests-based scripts, curl-style
 // calls, and the WebSocket. Greedy output equals run.c's golden tokens.
-import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
 import { spawnSync } from "node:child_process";
 import { join } from "node:path";
 import OpenAI from "openai";
 import { InferneoClient } from "../src/client/index.ts";
 import { goldens, SHARED, stories } from "./helpers/engine.ts";
 import { settled, startTestServer, type TestServer } from "./helpers/server.ts";
+
+// Model loads, servers and browsers take seconds on two cores; `bun test` alone defaults to 5 s.
+setDefaultTimeout(60_000);
 
 const MODEL = "stories";
 

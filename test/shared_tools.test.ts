@@ -1,13 +1,16 @@
 // Models made by the shared generator (make_random_llama.py) against the shared
 // numpy reference (ref_llama_numpy.py): the same greedy tokens from the HF folder
 // and from the GGUF. Skips where ../shared or python3 with numpy is absent.
-import { afterAll, describe, expect, test } from "bun:test";
+import { afterAll, describe, expect, setDefaultTimeout, test } from "bun:test";
 import { spawnSync } from "node:child_process";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { LLMEngine } from "../src/engine/llm_engine.ts";
 import { generate, SHARED } from "./helpers/engine.ts";
+
+// Model loads, servers and browsers take seconds on two cores; `bun test` alone defaults to 5 s.
+setDefaultTimeout(60_000);
 
 const hasNumpy = spawnSync("python3", ["-c", "import numpy"], { stdio: "ignore" }).status === 0;
 if (SHARED !== null && !hasNumpy) console.warn("skipped: python3 with numpy is not available for the shared reference tools");
