@@ -240,6 +240,70 @@ const SampleCtx = struct {
     }
 };
 
+/// The per-token work between matmuls, split over tokens: norms, RoPE and the KV write,
+/// residual adds, SwiGLU. Each phase reads and writes only its own tokens' rows.
+const TokenCtx = struct {
+    e: *Engine,
+    layer: usize,
+    phase: enum { attn_norm, rope_kv, residual_ffn_norm, silu, residual },
+
+    fn body(c: TokenCtx, _: usize, begin: usize, end: usize) void {
+        const e = c.e;
+        const m = e.model;
+        const s = &e.scratch;
+        const layer = e.weights.layers[c.layer];
+        const hidden: usize = m.hidden_size;
+        for (begin..end) |t| {
+            const x = s.x[t * hidden ..][0..hidden];
+            switch (c.phase) {
+                .attn_norm => kernels.rmsnorm(s.xb[t * hidden ..][0..hidden], x, layer.attn_norm, m.rms_norm_eps),
+                .rope_kv => ropeAndStore(e, c.layer, t),
+                .residual_ffn_norm => {
+                    for (x, s.xb2[t * hidden ..][0..hidden]) |*v, d| v.* += d;
+                    kernels.rmsnorm(s.xb[t * hidden ..][0..hidden], x, layer.ffn_norm, m.rms_norm_eps);
+                },
+                .silu => {
+                    const ffn: usize = m.intermediate_size;
+                    const gate_up = s.gate_up[t * 2 * ffn ..][0 .. 2 * ffn];
+                    const h = s.h[t * ffn ..][0..ffn];
+                    @memcpy(h, gate_up[0..ffn]);
+                    kernels.siluMul(h, gate_up[ffn..]);
+                },
+                .residual => for (x, s.xb2[t * hidden ..][0..hidden]) |*v, d| {
+                    v.* += d;
+                },
+            }
+        }
+    }
+};
+
+/// RoPE on token t's q and k heads, then its K and V into the cache at its slot.
+fn ropeAndStore(e: *Engine, l: usize, t: usize) void {
+    const m = e.model;
+    const b = e.batch;
+    const head_dim: usize = m.head_dim;
+    const half = head_dim / 2;
+    const q_dim = @as(usize, m.num_heads) * head_dim;
+    const kv_dim = @as(usize, m.num_kv_heads) * head_dim;
+    const qkv_dim = q_dim + 2 * kv_dim;
+    const interleaved = m.rope_interleaved != 0;
+    const pos: usize = @intCast(b.positions[t]);
+    const cos = e.rope_cos[pos * half ..][0..half];
+    const sin = e.rope_sin[pos * half ..][0..half];
+    const row = e.scratch.qkv[t * qkv_dim ..][0..qkv_dim];
+    for (0..m.num_heads) |h| kernels.rope(row[h * head_dim ..][0..head_dim], cos, sin, interleaved);
+    for (0..m.num_kv_heads) |h| kernels.rope(row[q_dim + h * head_dim ..][0..head_dim], cos, sin, interleaved);
+    const slot: usize = @intCast(b.slot_mapping[t]);
+    switch (e.kv_dtype) {
+        inline .f32, .f16 => |dt| {
+            const KV = KvType(dt);
+            storeKv(KV, e.kvLayer(KV, e.k_cache, l)[slot * kv_dim ..][0..kv_dim], row[q_dim..][0..kv_dim]);
+            storeKv(KV, e.kvLayer(KV, e.v_cache, l)[slot * kv_dim ..][0..kv_dim], row[q_dim + kv_dim ..][0..kv_dim]);
+        },
+        else => unreachable,
+    }
+}
+
 fn storeKv(comptime KV: type, dst: []KV, src: []const f32) void {
     if (KV == f32) @memcpy(dst, src) else for (dst, src) |*d, x| d.* = @floatCast(x);
 }
@@ -251,13 +315,6 @@ pub fn run(e: *Engine) void {
     const pool = &e.threads;
     const n: usize = b.num_tokens;
     const hidden: usize = m.hidden_size;
-    const head_dim: usize = m.head_dim;
-    const half = head_dim / 2;
-    const q_dim = @as(usize, m.num_heads) * head_dim;
-    const kv_dim = @as(usize, m.num_kv_heads) * head_dim;
-    const qkv_dim = q_dim + 2 * kv_dim;
-    const ffn: usize = m.intermediate_size;
-    const interleaved = m.rope_interleaved != 0;
 
     const seq_of_token = s.seq_of_token[0..n];
     for (0..b.num_seqs) |seq| {
@@ -273,42 +330,16 @@ pub fn run(e: *Engine) void {
     }
 
     for (e.weights.layers, 0..) |layer, l| {
-        for (0..n) |t| kernels.rmsnorm(s.xb[t * hidden ..][0..hidden], s.x[t * hidden ..][0..hidden], layer.attn_norm, m.rms_norm_eps);
+        parallel(pool, n, TokenCtx{ .e = e, .layer = l, .phase = .attn_norm }, TokenCtx.body);
         matmul(e, s.qkv, s.xb, n, &.{ layer.wq, layer.wk, layer.wv });
-
-        // RoPE on q and k, then K/V into the cache at each token's slot.
-        for (0..n) |t| {
-            const pos: usize = @intCast(b.positions[t]);
-            const cos = e.rope_cos[pos * half ..][0..half];
-            const sin = e.rope_sin[pos * half ..][0..half];
-            const row = s.qkv[t * qkv_dim ..][0..qkv_dim];
-            for (0..m.num_heads) |h| kernels.rope(row[h * head_dim ..][0..head_dim], cos, sin, interleaved);
-            for (0..m.num_kv_heads) |h| kernels.rope(row[q_dim + h * head_dim ..][0..head_dim], cos, sin, interleaved);
-            const slot: usize = @intCast(b.slot_mapping[t]);
-            switch (e.kv_dtype) {
-                inline .f32, .f16 => |dt| {
-                    const KV = KvType(dt);
-                    storeKv(KV, e.kvLayer(KV, e.k_cache, l)[slot * kv_dim ..][0..kv_dim], row[q_dim..][0..kv_dim]);
-                    storeKv(KV, e.kvLayer(KV, e.v_cache, l)[slot * kv_dim ..][0..kv_dim], row[q_dim + kv_dim ..][0..kv_dim]);
-                },
-                else => unreachable,
-            }
-        }
-
+        parallel(pool, n, TokenCtx{ .e = e, .layer = l, .phase = .rope_kv }, TokenCtx.body);
         parallel(pool, n * m.num_kv_heads, AttentionCtx{ .e = e, .layer = l, .seq_of_token = seq_of_token }, AttentionCtx.body);
         matmul(e, s.xb2, s.att, n, &.{layer.wo});
-        for (s.x[0 .. n * hidden], s.xb2[0 .. n * hidden]) |*x, d| x.* += d;
-
-        for (0..n) |t| kernels.rmsnorm(s.xb[t * hidden ..][0..hidden], s.x[t * hidden ..][0..hidden], layer.ffn_norm, m.rms_norm_eps);
+        parallel(pool, n, TokenCtx{ .e = e, .layer = l, .phase = .residual_ffn_norm }, TokenCtx.body);
         matmul(e, s.gate_up, s.xb, n, &.{ layer.w_gate, layer.w_up });
-        for (0..n) |t| {
-            const gate_up = s.gate_up[t * 2 * ffn ..][0 .. 2 * ffn];
-            const h = s.h[t * ffn ..][0..ffn];
-            @memcpy(h, gate_up[0..ffn]);
-            kernels.siluMul(h, gate_up[ffn..]);
-        }
+        parallel(pool, n, TokenCtx{ .e = e, .layer = l, .phase = .silu }, TokenCtx.body);
         matmul(e, s.xb2, s.h, n, &.{layer.w_down});
-        for (s.x[0 .. n * hidden], s.xb2[0 .. n * hidden]) |*x, d| x.* += d;
+        parallel(pool, n, TokenCtx{ .e = e, .layer = l, .phase = .residual }, TokenCtx.body);
     }
 
     // Only the rows that are sampled go through the final norm and the LM head.

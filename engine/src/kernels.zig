@@ -259,7 +259,13 @@ pub fn rmsnorm(out: []f32, x: []const f32, weight: Matrix, eps: f32) void {
     ss /= @floatFromInt(x.len);
     ss += eps;
     const scale = 1.0 / @sqrt(ss);
-    for (out, x, 0..) |*o, v, i| o.* = weight.get(0, i) * (scale * v);
+    switch (weight.dtype) {
+        inline .f32, .f16, .bf16, .q8_0, .q4_0, .q4_k, .q6_k => |t| {
+            const w: [*]align(1) const StorageType(t) = @ptrCast(weight.data);
+            for (out, x, 0..) |*o, v, i| o.* = loadScalar(StorageType(t), w, i) * (scale * v);
+        },
+        _ => unreachable,
+    }
 }
 
 /// Rotates one head vector in place by the precomputed (cos, sin) of its position.
