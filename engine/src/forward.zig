@@ -265,9 +265,7 @@ const TokenCtx = struct {
                 .silu => {
                     const ffn: usize = m.intermediate_size;
                     const gate_up = s.gate_up[t * 2 * ffn ..][0 .. 2 * ffn];
-                    const h = s.h[t * ffn ..][0..ffn];
-                    @memcpy(h, gate_up[0..ffn]);
-                    kernels.siluMul(h, gate_up[ffn..]);
+                    kernels.siluMul(s.h[t * ffn ..][0..ffn], gate_up[0..ffn], gate_up[ffn..]);
                 },
                 .residual => for (x, s.xb2[t * hidden ..][0..hidden]) |*v, d| {
                     v.* += d;

@@ -298,10 +298,11 @@ pub fn softmax(x: []f32) void {
     for (x) |*v| v.* /= sum;
 }
 
-/// gate = silu(gate) * up, elementwise.
-pub fn siluMul(gate: []f32, up: []const f32) void {
+/// out = silu(gate) * up, elementwise.
+pub fn siluMul(out: []f32, gate: []const f32, up: []const f32) void {
     assert(gate.len == up.len);
-    for (gate, up) |*g, u| g.* = g.* / (1.0 + @exp(-g.*)) * u;
+    assert(out.len == gate.len);
+    for (out, gate, up) |*o, g, u| o.* = g / (1.0 + @exp(-g)) * u;
 }
 
 /// The `group` query heads that share one KV head (grouped-query attention), attending
@@ -558,8 +559,8 @@ test "attendGroup over a scattered block table equals dense attention, per head,
 }
 
 test "siluMul and softmax" {
-    var g = [_]f32{ -1, 0, 2 };
-    siluMul(&g, &[_]f32{ 2, 3, 0.5 });
+    var g: [3]f32 = undefined;
+    siluMul(&g, &[_]f32{ -1, 0, 2 }, &[_]f32{ 2, 3, 0.5 });
     try testing.expectApproxEqAbs(@as(f32, -1.0 / (1.0 + @exp(@as(f32, 1.0))) * 2), g[0], 1e-6);
     try testing.expectEqual(@as(f32, 0), g[1]);
     try testing.expectApproxEqAbs(@as(f32, 2.0 / (1.0 + @exp(@as(f32, -2.0))) * 0.5), g[2], 1e-6);
