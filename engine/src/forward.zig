@@ -29,7 +29,7 @@ pub const Scratch = struct {
     counts: []u32, // (threads, vocab) zero between uses
     raw: []f32, // (threads, vocab)
     seq_of_token: []u32, // (max_tokens) which sequence of the batch each token belongs to
-    decoded: []f32, // (threads, tile_rows * widest) quantized rows decoded to f32
+    decoded: []f32, // (threads, 16 * widest) quantized rows decoded to f32
     acts_q: []i16, // (3, widest) activations quantized to 8 bits, for decode against quantized weights
     acts_scale: []f32, // (3, widest / 32)
     acts_sum: []f32, // (3, widest / 32)
@@ -72,8 +72,9 @@ pub const Scratch = struct {
         return @max(@max(m.hidden_size, m.intermediate_size), m.num_heads * m.head_dim);
     }
 
+    /// Quantized rows decoded to f32 per pass: 16 rows (four tiles) share each block of x.
     pub fn decodedPerThread(m: abi.ModelConfig) usize {
-        return kernels.tile_rows * widest(m);
+        return 4 * kernels.tile_rows * widest(m);
     }
 
     pub fn deinit(s: *Scratch, allocator: std.mem.Allocator) void {

@@ -98,7 +98,7 @@ pub inline fn dot(comptime T: type, w: [*]align(1) const T, x: [*]const f32, n: 
 /// out[n, r] = x[n, :] . w[r, :] for r in [row_begin, row_end), every n < n_tokens.
 /// out: (n_tokens, out_stride), x: (n_tokens, w.cols). Each weight row is read once
 /// for all tokens, so a batch of sequences shares one pass over the weights.
-/// scratch: at least tile_rows * w.cols floats, for quantized weights shared by several
+/// scratch: at least decoded_rows_min * w.cols floats (more rows decode more at a time), for quantized weights shared by several
 /// tokens (each row tile is decoded once into it, then multiplied as f32).
 /// acts: x quantized to 8 bits (when few tokens meet quantized weights), else null.
 pub fn matmulRows(out: []f32, out_stride: usize, x: []const f32, n_tokens: usize, w: Matrix, row_begin: usize, row_end: usize, scratch: []f32, acts: ?quant.QuantActs) void {
@@ -134,11 +134,14 @@ fn matmulRowsInt(comptime T: type, out: []f32, out_stride: usize, a: quant.Quant
 fn matmulRowsDecoded(comptime T: type, out: []f32, out_stride: usize, x: []const f32, n_tokens: usize, w: Matrix, row_begin: usize, row_end: usize, scratch: []f32) void {
     const cols = w.cols;
     const units = cols / quant.unitElems(T);
-    assert(scratch.len >= tile_rows * cols);
+    assert(scratch.len >= decoded_rows_min * cols);
+    // As many rows as the scratch holds (whole tiles): the token blocks of x are then
+    // reused by several row tiles while they sit in L2.
+    const rows_per_pass = @max(tile_rows, scratch.len / cols / tile_rows * tile_rows);
     const base: [*]align(1) const T = @ptrCast(w.data);
     var r = row_begin;
     while (r < row_end) {
-        const n_rows = @min(tile_rows, row_end - r);
+        const n_rows = @min(rows_per_pass, row_end - r);
         for (0..n_rows) |i| {
             const row = base + (r + i) * units;
             const dst = scratch[i * cols ..][0..cols];
@@ -199,6 +202,7 @@ fn matmulRowsTyped(comptime T: type, out: []f32, out_stride: usize, x: []const f
 }
 
 pub const tile_rows = 4;
+pub const decoded_rows_min = tile_rows;
 const tile_tokens = 4;
 const block_bytes = 128 * 1024; // of activations per token block: a share of a 1 MiB L2
 
