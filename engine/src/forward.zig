@@ -325,7 +325,7 @@ pub fn run(e: *Engine) void {
     // x = token embeddings
     for (0..n) |t| {
         const row: usize = @intCast(b.token_ids[t]);
-        for (s.x[t * hidden ..][0..hidden], 0..) |*v, c| v.* = e.weights.token_embd.get(row, c);
+        e.weights.token_embd.readRow(s.x[t * hidden ..][0..hidden], row);
     }
 
     for (e.weights.layers, 0..) |layer, l| {

@@ -20,7 +20,21 @@ pub const Matrix = struct {
         return m.cols / m.dtype.blockElems().? * m.dtype.blockBytes().?;
     }
 
-    /// Element (row, col) widened to f32: for the slow paths (embedding lookup, tests).
+    /// Row `row` widened to f32 (the embedding lookup): the type is picked once, not per element.
+    pub fn readRow(m: Matrix, out: []f32, row: usize) void {
+        assert(row < m.rows);
+        assert(out.len == m.cols);
+        const row_ptr = m.data + row * m.rowBytes();
+        switch (m.dtype) {
+            inline .f32, .f16, .bf16, .q8_0, .q4_0, .q4_k, .q6_k => |t| {
+                const p: [*]align(1) const StorageType(t) = @ptrCast(row_ptr);
+                for (out, 0..) |*o, c| o.* = loadScalar(StorageType(t), p, c);
+            },
+            _ => unreachable,
+        }
+    }
+
+    /// Element (row, col) widened to f32: for tests and one-off reads.
     pub fn get(m: Matrix, row: usize, col: usize) f32 {
         assert(row < m.rows);
         assert(col < m.cols);

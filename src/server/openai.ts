@@ -67,9 +67,7 @@ export class OpenAIService {
   }
 
   private params(body: CompletionRequest | ChatCompletionRequest | BatchCompletionRequest, maxTokens: number | null, logprobs: number | null): SamplingParams {
-    const p = samplingFromSnake({ ...body, max_tokens: maxTokens ?? undefined, logprobs } as never, { ...DEFAULT_SAMPLING, maxTokens: maxTokens ?? 16 });
-    if (body.top_k === 0) p.topK = 0;
-    return p;
+    return samplingFromSnake({ ...body, max_tokens: maxTokens ?? undefined, logprobs } as never, { ...DEFAULT_SAMPLING, maxTokens: maxTokens ?? 16 });
   }
 
   private jobs(prompts: number[][], params: SamplingParams, n: number): Job[] {
