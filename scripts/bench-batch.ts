@@ -8,6 +8,7 @@ import { availableParallelism, cpus } from "node:os";
 import { parseArgs } from "node:util";
 import { LLMEngine } from "../src/engine/llm_engine.ts";
 import { DEFAULT_SAMPLING } from "../src/engine/request.ts";
+import { syntheticPrompt } from "./synthetic.ts";
 
 const { values } = parseArgs({
   options: {
@@ -34,15 +35,7 @@ const engine = await LLMEngine.create(values.model, {
   enablePrefixCaching: false, // every request computes its own prompt
 });
 const vocab = engine.model.spec.config.vocabSize;
-function prompt(i: number): number[] {
-  let state = 1000 + i;
-  const ids = [1];
-  while (ids.length < promptTokens) {
-    state = (state * 1103515245 + 12345) % 2 ** 31;
-    ids.push(259 + (state % Math.max(1, vocab - 259)));
-  }
-  return ids;
-}
+const prompt = (i: number) => syntheticPrompt(promptTokens, vocab, 1000 + i);
 
 const pct = (xs: number[], p: number) => {
   const s = [...xs].sort((a, b) => a - b);

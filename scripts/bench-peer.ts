@@ -13,6 +13,7 @@ import { parseArgs } from "node:util";
 import { LLMEngine } from "../src/engine/llm_engine.ts";
 import { Role } from "../src/ffi/native.ts";
 import { DEFAULT_SAMPLING } from "../src/engine/request.ts";
+import { syntheticPrompt } from "./synthetic.ts";
 
 const { values } = parseArgs({
   options: {
@@ -60,12 +61,7 @@ function peer(): Run {
 
 const engine = await LLMEngine.create(model, { threads, maxNumSeqs: 1, maxNumBatchedTokens: promptTokens, enablePrefixCaching: false });
 const vocab = engine.model.spec.config.vocabSize;
-let state = 12345;
-const prompt = [1];
-while (prompt.length < promptTokens) {
-  state = (state * 1103515245 + 12345) % 2 ** 31;
-  prompt.push(259 + (state % Math.max(1, vocab - 259)));
-}
+const prompt = syntheticPrompt(promptTokens, vocab, 12345);
 async function ours(): Promise<Run> {
   let t0 = performance.now();
   for await (const _ of engine.addRequest(prompt, { ...DEFAULT_SAMPLING, temperature: 0, maxTokens: 1 }));

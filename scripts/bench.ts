@@ -7,6 +7,7 @@ import { availableParallelism, cpus } from "node:os";
 import { parseArgs } from "node:util";
 import { LLMEngine } from "../src/engine/llm_engine.ts";
 import { DEFAULT_SAMPLING } from "../src/engine/request.ts";
+import { syntheticPrompt } from "./synthetic.ts";
 
 const { values } = parseArgs({
   options: {
@@ -37,15 +38,7 @@ const engine = await LLMEngine.create(values.model, {
 // A prompt must leave room for the one token it is timed to: at most max_model_len - 1.
 const promptLengths = requestedLengths.map((l) => Math.min(l, engine.maxModelLen - 1));
 const vocab = engine.model.spec.config.vocabSize;
-function prompt(length: number, salt: number): number[] {
-  let state = 12345 + salt;
-  const ids = [engine.model.spec.bosTokenId ?? 1];
-  while (ids.length < length) {
-    state = (state * 1103515245 + 12345) % 2 ** 31;
-    ids.push(259 + (state % Math.max(1, vocab - 259))); // past the special and byte tokens
-  }
-  return ids;
-}
+const prompt = (length: number, salt: number) => syntheticPrompt(length, vocab, 12345 + salt, engine.model.spec.bosTokenId ?? 1);
 const greedy = { ...DEFAULT_SAMPLING, temperature: 0, ignoreEos: true, seed: 0 };
 const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
 
