@@ -5,7 +5,13 @@
 const std = @import("std");
 
 pub fn build(b: *std.Build) void {
-    const target = b.standardTargetOptions(.{});
+    // Zig's host detection leaves out LLVM's `evex512` on AVX-512 machines, which caps
+    // vectors (and vpdpbusd) at 256 bits; give it back where the CPU has AVX-512.
+    var query = b.standardTargetOptionsQueryOnly(.{});
+    const detected = b.resolveTargetQuery(query).result;
+    if (detected.cpu.arch == .x86_64 and std.Target.x86.featureSetHas(detected.cpu.features, .avx512f))
+        query.cpu_features_add.addFeature(@intFromEnum(std.Target.x86.Feature.evex512));
+    const target = b.resolveTargetQuery(query);
     const optimize = b.standardOptimizeOption(.{});
 
     const lib = b.addSharedLibrary(.{

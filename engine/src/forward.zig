@@ -8,6 +8,7 @@ const assert = std.debug.assert;
 const abi = @import("abi.zig");
 const kernels = @import("kernels.zig");
 const quant = @import("quant.zig");
+const qgemm = @import("qgemm.zig");
 const sampler = @import("sampler.zig");
 const Matrix = kernels.Matrix;
 const Engine = @import("engine.zig").Engine;
@@ -29,10 +30,10 @@ pub const Scratch = struct {
     counts: []u32, // (threads, vocab) zero between uses
     raw: []f32, // (threads, vocab)
     seq_of_token: []u32, // (max_tokens) which sequence of the batch each token belongs to
-    decoded: []f32, // (threads, 16 * widest) quantized rows decoded to f32
-    acts_q: []i16, // (3, widest) activations quantized to 8 bits, for decode against quantized weights
-    acts_scale: []f32, // (3, widest / 32)
-    acts_sum: []f32, // (3, widest / 32)
+    decoded: []f32, // (threads, 16 * widest) quantized rows decoded to f32, or packed for the integer GEMM
+    acts_q: []i8, // (max_tokens, widest) activations quantized to 8 bits, for quantized weights
+    acts_scale: []f32, // (max_tokens, widest / 32)
+    acts_sum: []f32, // (max_tokens, widest / 32)
 
     pub fn init(allocator: std.mem.Allocator, m: abi.ModelConfig, c: abi.EngineConfig) !Scratch {
         const t: usize = c.max_num_batched_tokens;
@@ -59,21 +60,20 @@ pub const Scratch = struct {
         s.seq_of_token = try allocator.alloc(u32, t);
         s.decoded = try allocator.alloc(f32, threads * decodedPerThread(m));
         const w = std.mem.alignForward(usize, widest(m), 32);
-        s.acts_q = try allocator.alloc(i16, acts_tokens_max * w);
-        s.acts_scale = try allocator.alloc(f32, acts_tokens_max * w / 32);
-        s.acts_sum = try allocator.alloc(f32, acts_tokens_max * w / 32);
+        s.acts_q = try allocator.alloc(i8, t * w);
+        s.acts_scale = try allocator.alloc(f32, t * w / 32);
+        s.acts_sum = try allocator.alloc(f32, t * w / 32);
         return s;
     }
-
-    /// Below four tokens a matmul reads weights once per token: the 8-bit activation path.
-    pub const acts_tokens_max = 3;
 
     fn widest(m: abi.ModelConfig) usize {
         return @max(@max(m.hidden_size, m.intermediate_size), m.num_heads * m.head_dim);
     }
 
     /// Quantized rows decoded to f32 per pass: 16 rows (four tiles) share each block of x.
+    /// The same space holds three 16-row groups packed for the integer GEMM.
     pub fn decodedPerThread(m: abi.ModelConfig) usize {
+        comptime assert(4 * kernels.tile_rows * @sizeOf(f32) * 32 >= 3 * qgemm.groupBytes(32));
         return 4 * kernels.tile_rows * widest(m);
     }
 
@@ -132,6 +132,17 @@ const MatmulCtx = struct {
     }
 };
 
+/// Tokens [begin, end) of x quantized to 8 bits.
+const QuantizeCtx = struct {
+    acts: quant.QuantActs,
+    x: []const f32,
+    cols: usize,
+
+    fn body(c: QuantizeCtx, _: usize, begin: usize, end: usize) void {
+        c.acts.quantize(c.x, begin, end, c.cols);
+    }
+};
+
 fn matmul(e: *Engine, out: []f32, x: []const f32, n_tokens: usize, ws: []const Matrix) void {
     var total_rows: usize = 0;
     var int_dot = false;
@@ -139,11 +150,12 @@ fn matmul(e: *Engine, out: []f32, x: []const f32, n_tokens: usize, ws: []const M
         total_rows += w.rows;
         int_dot = int_dot or w.dtype == .q8_0 or w.dtype == .q4_0 or w.dtype == .q4_k;
     }
-    // Few tokens against quantized weights: quantize the activations once for every row.
+    // Quantized weights: quantize the activations once for every row (llama.cpp's Q8
+    // activations); the weights then meet them in integer products.
     const cols = ws[0].cols;
-    const acts: ?quant.QuantActs = if (int_dot and n_tokens <= Scratch.acts_tokens_max and cols % 32 == 0) blk: {
+    const acts: ?quant.QuantActs = if (int_dot and cols % 32 == 0) blk: {
         const a = quant.QuantActs{ .q = e.scratch.acts_q, .scale = e.scratch.acts_scale, .sum = e.scratch.acts_sum };
-        a.quantize(x, n_tokens, cols);
+        parallel(&e.threads, n_tokens, QuantizeCtx{ .acts = a, .x = x, .cols = cols }, QuantizeCtx.body);
         break :blk a;
     } else null;
     const ctx = MatmulCtx{
@@ -156,7 +168,9 @@ fn matmul(e: *Engine, out: []f32, x: []const f32, n_tokens: usize, ws: []const M
         .decoded = e.scratch.decoded,
         .decoded_per_thread = Scratch.decodedPerThread(e.model),
     };
-    parallelAligned(&e.threads, total_rows, kernels.tile_rows, ctx, MatmulCtx.body);
+    // The integer GEMM packs rows in groups of 16: chunks of whole groups.
+    const alignment: usize = if (acts != null and n_tokens >= 4) 16 else kernels.tile_rows;
+    parallelAligned(&e.threads, total_rows, alignment, ctx, MatmulCtx.body);
 }
 
 const AttentionCtx = struct {

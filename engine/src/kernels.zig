@@ -5,6 +5,7 @@ const std = @import("std");
 const assert = std.debug.assert;
 const DType = @import("abi.zig").DType;
 const quant = @import("quant.zig");
+const qgemm = @import("qgemm.zig");
 
 pub const vec_len = 16;
 const V = @Vector(vec_len, f32);
@@ -112,26 +113,31 @@ pub inline fn dot(comptime T: type, w: [*]align(1) const T, x: [*]const f32, n: 
 /// out[n, r] = x[n, :] . w[r, :] for r in [row_begin, row_end), every n < n_tokens.
 /// out: (n_tokens, out_stride), x: (n_tokens, w.cols). Each weight row is read once
 /// for all tokens, so a batch of sequences shares one pass over the weights.
-/// scratch: at least decoded_rows_min * w.cols floats (more rows decode more at a time), for quantized weights shared by several
-/// tokens (each row tile is decoded once into it, then multiplied as f32).
-/// acts: x quantized to 8 bits (when few tokens meet quantized weights), else null.
+/// scratch: at least decoded_rows_min * w.cols floats, and qgemm.groupBytes(w.cols) bytes
+/// (more lets a pass hold more rows), for quantized weights shared by several tokens.
+/// acts: x quantized to 8 bits, for quantized weights with an integer product, else null.
 pub fn matmulRows(out: []f32, out_stride: usize, x: []const f32, n_tokens: usize, w: Matrix, row_begin: usize, row_end: usize, scratch: []f32, acts: ?quant.QuantActs) void {
     switch (w.dtype) {
         inline .f32, .f16, .bf16 => |t| matmulRowsTyped(StorageType(t), out, out_stride, x, n_tokens, w, row_begin, row_end),
         inline .q8_0, .q4_0, .q4_k, .q6_k => |t| {
             const T = StorageType(t);
+            if (comptime quant.hasIntDot(T)) if (acts) |a| {
+                if (n_tokens >= tile_tokens) {
+                    qgemm.matmulRows(T, out, out_stride, a, n_tokens, w.data, w.cols, row_begin, row_end, std.mem.sliceAsBytes(scratch));
+                } else matmulRowsInt(T, out, out_stride, a, n_tokens, w, row_begin, row_end);
+                return;
+            };
             if (n_tokens >= tile_tokens) {
                 matmulRowsDecoded(T, out, out_stride, x, n_tokens, w, row_begin, row_end, scratch);
-            } else if (comptime quant.hasIntDot(T)) {
-                if (acts) |a| matmulRowsInt(T, out, out_stride, a, n_tokens, w, row_begin, row_end) else matmulRowsTyped(T, out, out_stride, x, n_tokens, w, row_begin, row_end);
             } else matmulRowsTyped(T, out, out_stride, x, n_tokens, w, row_begin, row_end);
         },
         _ => unreachable, // refused at load
     }
 }
 
-/// Quantized weights against 8-bit activations (decode): integer multiply-adds, as
-/// llama.cpp's Q8 activations do, since decoding weights to f32 would be the bottleneck.
+/// Quantized weights against 8-bit activations, a token or few (decode): integer
+/// multiply-adds straight from the stored blocks, as llama.cpp's Q8 activations do,
+/// since decoding weights to f32 would be the bottleneck.
 fn matmulRowsInt(comptime T: type, out: []f32, out_stride: usize, a: quant.QuantActs, n_tokens: usize, w: Matrix, row_begin: usize, row_end: usize) void {
     const cols = w.cols;
     const units = cols / quant.unitElems(T);
@@ -474,21 +480,25 @@ test "matmulRows over quantized blocks matches element-wise decode" {
                 try testing.expectApproxEqAbs(want, out[n * rows + r], 1e-3 * (1 + @abs(want)));
             };
         }
-        // Two tokens with 8-bit activations (where the type has an integer dot): the same
-        // as a plain dot over the quantized activations.
-        var q: [2 * cols]i16 = undefined;
-        var scale: [2 * cols / 32]f32 = undefined;
-        var sum: [2 * cols / 32]f32 = undefined;
+        // With 8-bit activations (where the type has an integer product): two tokens take
+        // the per-row dot, six the packed GEMM; both equal a plain dot over the quantized
+        // activations.
+        var q: [n_tokens * cols]i8 = undefined;
+        var scale: [n_tokens * cols / 32]f32 = undefined;
+        var sum: [n_tokens * cols / 32]f32 = undefined;
         const acts = quant.QuantActs{ .q = &q, .scale = &scale, .sum = &sum };
-        acts.quantize(&x, 2, cols);
-        var xq: [2 * cols]f32 = undefined;
+        acts.quantize(&x, 0, n_tokens, cols);
+        var xq: [n_tokens * cols]f32 = undefined;
         for (&xq, q, 0..) |*v, qi, i| v.* = scale[i / 32] * @as(f32, @floatFromInt(qi));
-        matmulRows(&out, rows, &x, 2, w, 0, rows, &scratch, acts);
-        for (0..2) |n| for (0..rows) |r| {
-            const has_int = dtype == .q8_0 or dtype == .q4_0 or dtype == .q4_k;
-            const want = naiveDot(w, r, (if (has_int) xq[0..] else x[0..])[n * cols ..][0..cols]);
-            try testing.expectApproxEqAbs(want, out[n * rows + r], 1e-3 * (1 + @abs(want)));
-        };
+        var wide_scratch: [16 * cols]f32 = undefined;
+        inline for (.{ 2, n_tokens }) |tokens| {
+            matmulRows(&out, rows, &x, tokens, w, 0, rows, &wide_scratch, acts);
+            for (0..tokens) |n| for (0..rows) |r| {
+                const has_int = dtype == .q8_0 or dtype == .q4_0 or dtype == .q4_k;
+                const want = naiveDot(w, r, (if (has_int) xq[0..] else x[0..])[n * cols ..][0..cols]);
+                try testing.expectApproxEqAbs(want, out[n * rows + r], 1e-3 * (1 + @abs(want)));
+            };
+        }
     }
 }
 

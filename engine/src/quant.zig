@@ -4,6 +4,7 @@
 
 const std = @import("std");
 const assert = std.debug.assert;
+const qgemm = @import("qgemm.zig");
 
 /// Q8_0: 32 weights = d (f16) * q (i8).
 pub const BlockQ8_0 = extern struct { d: u16, qs: [32]i8 };
@@ -39,12 +40,12 @@ pub fn unitElems(comptime T: type) usize {
     };
 }
 
-inline fn half(bits: u16) f32 {
+pub inline fn half(bits: u16) f32 {
     return @floatCast(@as(f16, @bitCast(bits)));
 }
 
 /// The 6-bit scale and min of sub-block j (0..7) of a Q4_K block.
-fn scaleMinK4(j: usize, q: *const [12]u8) [2]u8 {
+pub fn scaleMinK4(j: usize, q: *const [12]u8) [2]u8 {
     if (j < 4) return .{ q[j] & 63, q[j + 4] & 63 };
     return .{ (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4) };
 }
@@ -178,23 +179,24 @@ pub fn dotRow(comptime T: type, w: [*]align(1) const T, x: [*]const f32, n: usiz
 }
 
 /// Activations quantized to 8 bits per 32-weight block, as llama.cpp's Q8 activations:
-/// x[i] ~ scale[i / 32] * q[i]. The values are kept as i16 so that the dot product is a
-/// multiply-add of 16-bit pairs (vpmaddwd), and `sum` is each block's sum of x (Q4_K's mins).
+/// x[i] ~ scale[i / 32] * q[i], and `sum` is each block's scale * sum of q (it meets
+/// the weights' offsets: Q4_K's mins, the unsigned bias of the packed integer products).
 pub const QuantActs = struct {
-    q: []i16, // (tokens, cols)
+    q: []i8, // (tokens, cols)
     scale: []f32, // (tokens, cols / 32)
     sum: []f32, // (tokens, cols / 32)
 
-    pub fn quantize(a: QuantActs, x: []const f32, n_tokens: usize, cols: usize) void {
+    /// Tokens [begin, end) of x (tokens, cols).
+    pub fn quantize(a: QuantActs, x: []const f32, begin: usize, end: usize, cols: usize) void {
         assert(cols % 32 == 0);
-        assert(a.q.len >= n_tokens * cols);
-        assert(x.len >= n_tokens * cols);
-        for (0..n_tokens * cols / 32) |bi| {
+        assert(a.q.len >= end * cols);
+        assert(x.len >= end * cols);
+        for (begin * cols / 32..end * cols / 32) |bi| {
             const v: @Vector(32, f32) = x[bi * 32 ..][0..32].*;
             const amax = @reduce(.Max, @abs(v));
             const d = amax / 127.0;
             const inv: @Vector(32, f32) = @splat(if (d == 0) 0 else 1.0 / d);
-            const q: @Vector(32, i16) = @intFromFloat(@round(v * inv));
+            const q: @Vector(32, i8) = @intFromFloat(@round(v * inv));
             a.q[bi * 32 ..][0..32].* = q;
             // Kept at f16 precision, as llama.cpp's Q8_0 activation blocks store it.
             a.scale[bi] = @floatCast(@as(f16, @floatCast(d)));
@@ -203,43 +205,40 @@ pub const QuantActs = struct {
     }
 };
 
-const even_lanes = [16]i32{ 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30 };
-const odd_lanes = [16]i32{ 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31 };
-
-/// Sixteen pair sums of 32 products w[i] * x[i]: the shape LLVM turns into vpmaddwd.
-inline fn pairDot(w: @Vector(32, i16), x: @Vector(32, i16)) @Vector(16, f32) {
-    const we: @Vector(16, i32) = @shuffle(i16, w, undefined, even_lanes);
-    const wo: @Vector(16, i32) = @shuffle(i16, w, undefined, odd_lanes);
-    const xe: @Vector(16, i32) = @shuffle(i16, x, undefined, even_lanes);
-    const xo: @Vector(16, i32) = @shuffle(i16, x, undefined, odd_lanes);
-    return @floatFromInt(we * xe + wo * xo);
-}
-
 /// Whether a type has an 8-bit-activation dot product (the rest decode to f32).
 pub fn hasIntDot(comptime T: type) bool {
     return T == BlockQ8_0 or T == BlockQ4_0 or T == BlockQ4_K;
 }
 
+/// Eight sums of four products u * q over 32 weights (vpdpbusd where the CPU has it).
+inline fn dot32(u: @Vector(32, u8), q: [*]const i8) @Vector(8, f32) {
+    return @floatFromInt(qgemm.dpbusd(8, @splat(0), u, q[0..32].*));
+}
+
 /// dot(w, x) for one quantized row against 8-bit activations `xq` (one token):
-/// integer products per 32 weights, scaled once per block.
-pub fn dotRowInt(comptime T: type, w: [*]align(1) const T, xq: [*]const i16, xscale: [*]const f32, xsum: [*]const f32, n: usize) f32 {
+/// integer products per 32 weights, scaled once per block. The weights enter the
+/// products as unsigned bytes (Q8_0 biased by 128, Q4_0's nibbles without their 8),
+/// and the bias comes back out through the block's sum of activations.
+pub fn dotRowInt(comptime T: type, w: [*]align(1) const T, xq: [*]const i8, xscale: [*]const f32, xsum: [*]const f32, n: usize) f32 {
     const elems = comptime unitElems(T);
     assert(n % elems == 0);
-    var acc: @Vector(16, f32) = @splat(0);
-    var mins: f32 = 0;
+    var acc: @Vector(8, f32) = @splat(0);
+    var offsets: f32 = 0; // sum over blocks of offset * (scale * sum q)
     for (0..n / elems) |bi| {
         const b = &w[bi];
         switch (T) {
             BlockQ8_0 => {
-                const q: @Vector(32, i16) = @as(@Vector(32, i8), b.qs);
-                acc = @mulAdd(@Vector(16, f32), pairDot(q, xq[32 * bi ..][0..32].*), @splat(half(b.d) * xscale[bi]), acc);
+                const d = half(b.d);
+                const u = @as(@Vector(32, u8), @bitCast(@as(@Vector(32, i8), b.qs))) ^ @as(@Vector(32, u8), @splat(0x80));
+                acc = @mulAdd(@Vector(8, f32), dot32(u, xq + 32 * bi), @splat(d * xscale[bi]), acc);
+                offsets += 128 * d * xsum[bi];
             },
             BlockQ4_0 => {
+                const d = half(b.d);
                 const bytes: @Vector(16, u8) = b.qs;
-                const lo = bytes & @as(@Vector(16, u8), @splat(0xF));
-                const hi = bytes >> @splat(4);
-                const q = @as(@Vector(32, i16), std.simd.join(lo, hi)) - @as(@Vector(32, i16), @splat(8));
-                acc = @mulAdd(@Vector(16, f32), pairDot(q, xq[32 * bi ..][0..32].*), @splat(half(b.d) * xscale[bi]), acc);
+                const u = std.simd.join(bytes & @as(@Vector(16, u8), @splat(0xF)), bytes >> @splat(4));
+                acc = @mulAdd(@Vector(8, f32), dot32(u, xq + 32 * bi), @splat(d * xscale[bi]), acc);
+                offsets += 8 * d * xsum[bi];
             },
             BlockQ4_K => {
                 const d = half(b.d);
@@ -251,15 +250,15 @@ pub fn dotRowInt(comptime T: type, w: [*]align(1) const T, xq: [*]const i16, xsc
                         const x_block = 8 * bi + 2 * g + sub; // 32-weight activation block
                         const nib = if (sub == 0) bytes & @as(@Vector(32, u8), @splat(0xF)) else bytes >> @splat(4);
                         const scale = d * @as(f32, @floatFromInt(sm[0])) * xscale[x_block];
-                        acc = @mulAdd(@Vector(16, f32), pairDot(nib, xq[32 * x_block ..][0..32].*), @splat(scale), acc);
-                        mins += dmin * @as(f32, @floatFromInt(sm[1])) * xsum[x_block];
+                        acc = @mulAdd(@Vector(8, f32), dot32(nib, xq + 32 * x_block), @splat(scale), acc);
+                        offsets += dmin * @as(f32, @floatFromInt(sm[1])) * xsum[x_block];
                     }
                 }
             },
             else => @compileError("no integer dot for this type"),
         }
     }
-    return @reduce(.Add, acc) - mins;
+    return @reduce(.Add, acc) - offsets;
 }
 
 /// One weight, for the slow paths (embedding rows): the same decode, lane by lane.
@@ -352,11 +351,11 @@ test "the 8-bit-activation dot equals a plain dot over quantized activations" {
     const n = 512;
     var x: [n]f32 = undefined;
     for (&x) |*v| v.* = rng.floatNorm(f32);
-    var q: [n]i16 = undefined;
+    var q: [n]i8 = undefined;
     var scale: [n / 32]f32 = undefined;
     var sum: [n / 32]f32 = undefined;
     const acts = QuantActs{ .q = &q, .scale = &scale, .sum = &sum };
-    acts.quantize(&x, 1, n);
+    acts.quantize(&x, 0, 1, n);
     // The quantized activations stay within half a step of x (plus the f16 rounding of the step).
     for (x, 0..) |v, i| try testing.expectApproxEqAbs(v, scale[i / 32] * @as(f32, @floatFromInt(q[i])), scale[i / 32] * (0.5 + 127.0 / 2048.0) + 1e-6);
     var storage: [(n / 32) * 34 + 64]u8 align(4) = undefined;

@@ -199,4 +199,5 @@ test {
     _ = @import("sampler.zig");
     _ = @import("thread_pool.zig");
     _ = @import("quant.zig");
+    _ = @import("qgemm.zig");
 }

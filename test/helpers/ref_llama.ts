@@ -1,6 +1,24 @@
 // A plain reference forward pass in f64, HF layout, one token at a time with a
 // dense KV cache: the simplest correct Llama, for checking the engine.
+import { fromF16Bits, toF16Bits } from "../../src/model/f16.ts";
 import type { RandomLlamaShape, RefTensor } from "./random_llama.ts";
+
+/**
+ * x as llama.cpp's Q8 activations hold it: per 32 values, q = round(x / d) with
+ * d = max|x| / 127, and the value d (rounded to f16) * q.
+ */
+export function quantizeActivations(x: Float64Array): Float64Array {
+  const out = new Float64Array(x.length);
+  for (let b = 0; b < x.length; b += 32) {
+    let amax = 0;
+    for (let i = b; i < b + 32; i++) amax = Math.max(amax, Math.abs(Math.fround(x[i])));
+    const d = Math.fround(amax / 127);
+    const inv = d === 0 ? 0 : Math.fround(1 / d);
+    const stored = fromF16Bits(toF16Bits(d));
+    for (let i = b; i < b + 32; i++) out[i] = stored * Math.round(Math.fround(Math.fround(x[i]) * inv));
+  }
+  return out;
+}
 
 export class RefLlama {
   private readonly w = new Map<string, Float64Array>();
@@ -8,9 +26,11 @@ export class RefLlama {
   private readonly vCache: Float64Array[][] = [];
   private readonly hd: number;
 
+  /** q8Activations: every matmul's input goes through quantizeActivations first (quantized weights with integer products). */
   constructor(
     private readonly s: RandomLlamaShape,
     weights: RefTensor[],
+    private readonly q8Activations = false,
   ) {
     for (const t of weights) this.w.set(t.name, t.data);
     this.hd = s.dim / s.heads;
@@ -26,7 +46,8 @@ export class RefLlama {
     return t;
   }
 
-  private matvec(w: Float64Array, x: Float64Array, rows: number): Float64Array {
+  private matvec(w: Float64Array, input: Float64Array, rows: number): Float64Array {
+    const x = this.q8Activations ? quantizeActivations(input) : input;
     const cols = x.length;
     const out = new Float64Array(rows);
     for (let r = 0; r < rows; r++) {
