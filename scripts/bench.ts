@@ -1,6 +1,6 @@
 #!/usr/bin/env bun
 // Offline engine speed for a model path, no HTTP:
-//   bun run bench --model <path> [--prompt-tokens 128,512] [--batch 1,8,16,32] [--decode-tokens 64] [--threads N] [--runs 3]
+//   bun run bench --model <path> [--prompt-tokens 128,512] [--batch 1,8,16,32] [--decode-tokens 64] [--threads N] [--runs 3] [--dtype auto|bfloat16]
 // Prefill tok/s for each prompt length (one sequence), and aggregate decode tok/s with
 // 1, 8, ... sequences decoding together. Fixed prompts, a warm-up, medians. One summary line.
 import { availableParallelism, cpus } from "node:os";
@@ -17,6 +17,7 @@ const { values } = parseArgs({
     "decode-tokens": { type: "string", default: "64" },
     threads: { type: "string", default: String(availableParallelism()) },
     runs: { type: "string", default: "3" },
+    dtype: { type: "string", default: "auto" },
   },
 });
 if (!values.model) {
@@ -34,6 +35,7 @@ const engine = await LLMEngine.create(values.model, {
   maxNumSeqs: Math.max(...batches),
   maxNumBatchedTokens: Math.max(...requestedLengths, 16),
   enablePrefixCaching: false, // every run computes its prompt
+  computeDtype: values.dtype === "bfloat16" || values.dtype === "bf16" ? "bf16" : "f32",
 });
 // A prompt must leave room for the one token it is timed to: at most max_model_len - 1.
 const promptLengths = requestedLengths.map((l) => Math.min(l, engine.maxModelLen - 1));

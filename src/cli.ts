@@ -5,7 +5,7 @@ import { createWriteStream } from "node:fs";
 import { parseArgs } from "node:util";
 import { readPromptsFile, runOffline } from "./engine/offline.ts";
 import { EngineError } from "./ffi/native.ts";
-import { DEFAULT_ENGINE_OPTIONS, InvalidRequestError, LLMEngine, type EngineOptions } from "./engine/llm_engine.ts";
+import { computeDtypeOf, DEFAULT_ENGINE_OPTIONS, InvalidRequestError, LLMEngine, type EngineOptions } from "./engine/llm_engine.ts";
 import { DEFAULT_SAMPLING, type SamplingParams } from "./engine/request.ts";
 import { ModelLoadError } from "./model/errors.ts";
 import type { QuantType } from "./model/quantize.ts";
@@ -31,6 +31,8 @@ engine options:
   --max-model-len N     context length (default: the model's)
   --max-num-batched-tokens N, --max-num-seqs N, --block-size N, --num-gpu-blocks-override N
   --kv-cache-dtype auto|f32|f16  (auto = f32)
+  --dtype auto|float32|bfloat16  (auto = f32 products, exact; bfloat16: bf16 products for
+                        float weights shared by several tokens, faster prefill and batches)
 `;
 
 class UsageError extends Error {}
@@ -58,6 +60,7 @@ const ENGINE_FLAGS = {
   "block-size": { type: "string" },
   "num-gpu-blocks-override": { type: "string" },
   "kv-cache-dtype": { type: "string" },
+  dtype: { type: "string" },
   help: { type: "boolean", short: "h" },
 } as const;
 
@@ -77,6 +80,12 @@ function engineOptions(v: Record<string, string | boolean | undefined>): Partial
   if (kv !== undefined) {
     if (kv !== "auto" && kv !== "f32" && kv !== "f16") throw new UsageError(`--kv-cache-dtype must be auto, f32 or f16, got '${kv}'`);
     opts.kvCacheDtype = kv === "f16" ? "f16" : "f32";
+  }
+  const dtype = s("dtype");
+  if (dtype !== undefined) {
+    const d = computeDtypeOf(dtype);
+    if (!d) throw new UsageError(`--dtype must be auto, float32 or bfloat16, got '${dtype}'`);
+    opts.computeDtype = d;
   }
   return opts;
 }

@@ -127,7 +127,7 @@ describe("model loading refuses", () => {
 
   test("the engine itself refuses a wrong shape and a truncated file that slipped past TypeScript", async () => {
     const spec = specFromHfFolder(good);
-    const config = { numBlocks: 8, blockSizeTokens: 16, maxNumBatchedTokens: 64, maxNumSeqs: 2, maxBlocksPerSeq: 16, numThreads: 1, kvCacheDtype: DType.F32 };
+    const config = { numBlocks: 8, blockSizeTokens: 16, maxNumBatchedTokens: 64, maxNumSeqs: 2, maxBlocksPerSeq: 16, numThreads: 1, kvCacheDtype: DType.F32, computeDtype: DType.F32 };
     const badShape = spec.tensors.map((t) => (t.name.endsWith("layers.1.self_attn.k_proj.weight") ? { ...t, rows: t.rows * 2, sizeBytes: t.sizeBytes * 2 } : t));
     expect(() => new NativeEngine(spec.config, config, spec.files, badShape)).toThrow(/shape mismatch: tensor attn_k \(layer 1\) has shape \(64, 64\); the config needs \(32, 64\)/);
     const pastEnd = spec.tensors.map((t) => (t.name === "model.norm.weight" ? { ...t, offset: t.offset + 10_000_000 } : t));

@@ -281,6 +281,9 @@ describe("configuration", () => {
     expect(serveConfig(parseServeArgs(["--model", "m"], { INFERNEO_API_KEY: "from-env" })).server.apiKeys).toEqual(["from-env"]);
     expect(serveConfig(parseServeArgs(["--model", "m", "--kv-cache-dtype", "f16"], {})).engine.kvCacheDtype).toBe("f16");
     expect(() => serveConfig(parseServeArgs(["--model", "m", "--kv-cache-dtype", "int4"], {}))).toThrow(/kv_cache_dtype must be auto, f32 or f16/);
+    expect(serveConfig(parseServeArgs(["--model", "m", "--dtype", "bfloat16"], {})).engine.computeDtype).toBe("bf16");
+    expect(serveConfig(parseServeArgs(["--model", "m", "--dtype", "auto"], {})).engine.computeDtype).toBe("f32");
+    expect(() => serveConfig(parseServeArgs(["--model", "m", "--dtype", "float16"], {}))).toThrow(/dtype must be auto, float32 or bfloat16/);
   });
 
   test("SIGTERM drains: new requests get 503, the ones in flight finish, exit code 0", async () => {

@@ -21,7 +21,7 @@ extern "C" {
 #endif
 
 /* Bumped on any change to a struct layout or a function signature. */
-#define IFN_ABI_VERSION 3
+#define IFN_ABI_VERSION 4
 
 /* Most alternatives a sampled row reports with its log-probability. */
 #define IFN_TOP_LOGPROBS_MAX 20
@@ -99,6 +99,9 @@ typedef struct ifn_engine_config {
     uint32_t max_blocks_per_seq;     /* width of a block-table row */
     uint32_t num_threads;            /* compute threads, the engine thread included */
     uint32_t kv_cache_dtype;         /* IFN_DTYPE_F32 or IFN_DTYPE_F16 */
+    uint32_t compute_dtype;          /* IFN_DTYPE_F32: float weights in f32 products (exact);
+                                        IFN_DTYPE_BF16: bf16 products where four or more tokens
+                                        share a float weight (prefill, batched decode) */
 } ifn_engine_config;
 
 /*

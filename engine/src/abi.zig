@@ -1,7 +1,7 @@
 //! Mirrors of the `extern struct`s and enums in engine/include/inferneo.h.
 //! Field order and types must match the header exactly.
 
-pub const abi_version: i32 = 3;
+pub const abi_version: i32 = 4;
 pub const top_logprobs_max = 20;
 pub const logit_bias_max = 1024;
 
@@ -100,6 +100,7 @@ pub const EngineConfig = extern struct {
     max_blocks_per_seq: u32,
     num_threads: u32,
     kv_cache_dtype: u32, // DType.f32 or DType.f16
+    compute_dtype: u32, // DType.f32 or DType.bf16 (float weights shared by several tokens)
 };
 
 pub const SamplingParams = extern struct {
@@ -154,7 +155,7 @@ comptime {
     const std = @import("std");
     std.debug.assert(@sizeOf(ModelConfig) == 48);
     std.debug.assert(@sizeOf(Tensor) == 48);
-    std.debug.assert(@sizeOf(EngineConfig) == 28);
+    std.debug.assert(@sizeOf(EngineConfig) == 32);
     std.debug.assert(@sizeOf(SamplingParams) == 72);
     std.debug.assert(@sizeOf(Batch) == 16 + 11 * 8 + 8 + 5 * 8);
 }

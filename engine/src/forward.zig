@@ -9,6 +9,7 @@ const abi = @import("abi.zig");
 const kernels = @import("kernels.zig");
 const quant = @import("quant.zig");
 const qgemm = @import("qgemm.zig");
+const bgemm = @import("bgemm.zig");
 const sampler = @import("sampler.zig");
 const Matrix = kernels.Matrix;
 const Engine = @import("engine.zig").Engine;
@@ -34,6 +35,7 @@ pub const Scratch = struct {
     acts_q: []i8, // (max_tokens, widest) activations quantized to 8 bits, for quantized weights
     acts_scale: []f32, // (max_tokens, widest / 32)
     acts_sum: []f32, // (max_tokens, widest / 32)
+    acts_bf16: []u16, // (max_tokens, widest) activations in bf16, for bf16 compute (else empty)
 
     pub fn init(allocator: std.mem.Allocator, m: abi.ModelConfig, c: abi.EngineConfig) !Scratch {
         const t: usize = c.max_num_batched_tokens;
@@ -63,6 +65,7 @@ pub const Scratch = struct {
         s.acts_q = try allocator.alloc(i8, t * w);
         s.acts_scale = try allocator.alloc(f32, t * w / 32);
         s.acts_sum = try allocator.alloc(f32, t * w / 32);
+        s.acts_bf16 = try allocator.alloc(u16, if (c.compute_dtype == @intFromEnum(abi.DType.bf16)) t * w else 0);
         return s;
     }
 
@@ -74,6 +77,7 @@ pub const Scratch = struct {
     /// The same space holds three 16-row groups packed for the integer GEMM.
     pub fn decodedPerThread(m: abi.ModelConfig) usize {
         comptime assert(4 * kernels.tile_rows * @sizeOf(f32) * 32 >= 3 * qgemm.groupBytes(32));
+        comptime assert(4 * kernels.tile_rows * @sizeOf(f32) * 32 >= 2 * bgemm.groupBytes(32));
         return 4 * kernels.tile_rows * widest(m);
     }
 
@@ -86,6 +90,7 @@ pub const Scratch = struct {
         allocator.free(s.acts_q);
         allocator.free(s.acts_scale);
         allocator.free(s.acts_sum);
+        allocator.free(s.acts_bf16);
     }
 };
 
@@ -118,7 +123,7 @@ const MatmulCtx = struct {
     ws: []const Matrix,
     decoded: []f32, // (threads, decoded_per_thread)
     decoded_per_thread: usize,
-    acts: ?quant.QuantActs,
+    acts: kernels.Acts,
 
     fn body(c: MatmulCtx, thread_index: usize, begin: usize, end: usize) void {
         const scratch = c.decoded[thread_index * c.decoded_per_thread ..][0..c.decoded_per_thread];
@@ -132,32 +137,38 @@ const MatmulCtx = struct {
     }
 };
 
-/// Tokens [begin, end) of x quantized to 8 bits.
-const QuantizeCtx = struct {
-    acts: quant.QuantActs,
+/// Tokens [begin, end) of x quantized to 8 bits, or rounded to bf16.
+const ConvertCtx = struct {
+    acts: kernels.Acts,
     x: []const f32,
     cols: usize,
 
-    fn body(c: QuantizeCtx, _: usize, begin: usize, end: usize) void {
-        c.acts.quantize(c.x, begin, end, c.cols);
+    fn body(c: ConvertCtx, _: usize, begin: usize, end: usize) void {
+        if (c.acts.q8) |a| a.quantize(c.x, begin, end, c.cols);
+        if (c.acts.bf16) |a| bgemm.convertActs(@constCast(a), c.x, begin, end, c.cols);
     }
 };
 
 fn matmul(e: *Engine, out: []f32, x: []const f32, n_tokens: usize, ws: []const Matrix) void {
     var total_rows: usize = 0;
     var int_dot = false;
+    var float_weights = false;
     for (ws) |w| {
         total_rows += w.rows;
         int_dot = int_dot or w.dtype == .q8_0 or w.dtype == .q4_0 or w.dtype == .q4_k;
+        float_weights = float_weights or w.dtype == .f32 or w.dtype == .f16 or w.dtype == .bf16;
     }
-    // Quantized weights: quantize the activations once for every row (llama.cpp's Q8
-    // activations); the weights then meet them in integer products.
+    // The input converted once for every row: quantized to 8 bits for quantized weights
+    // (llama.cpp's Q8 activations, met in integer products), rounded to bf16 for float
+    // weights shared by several tokens when bf16 compute is on.
     const cols = ws[0].cols;
-    const acts: ?quant.QuantActs = if (int_dot and cols % 32 == 0) blk: {
-        const a = quant.QuantActs{ .q = e.scratch.acts_q, .scale = e.scratch.acts_scale, .sum = e.scratch.acts_sum };
-        parallel(&e.threads, n_tokens, QuantizeCtx{ .acts = a, .x = x, .cols = cols }, QuantizeCtx.body);
-        break :blk a;
-    } else null;
+    var acts = kernels.Acts{};
+    if (int_dot and cols % 32 == 0)
+        acts.q8 = .{ .q = e.scratch.acts_q, .scale = e.scratch.acts_scale, .sum = e.scratch.acts_sum };
+    if (float_weights and e.scratch.acts_bf16.len > 0 and n_tokens >= 4 and cols % 16 == 0)
+        acts.bf16 = e.scratch.acts_bf16;
+    if (acts.q8 != null or acts.bf16 != null)
+        parallel(&e.threads, n_tokens, ConvertCtx{ .acts = acts, .x = x, .cols = cols }, ConvertCtx.body);
     const ctx = MatmulCtx{
         .acts = acts,
         .out = out,
@@ -169,7 +180,7 @@ fn matmul(e: *Engine, out: []f32, x: []const f32, n_tokens: usize, ws: []const M
         .decoded_per_thread = Scratch.decodedPerThread(e.model),
     };
     // The integer GEMM packs rows in groups of 16: chunks of whole groups.
-    const alignment: usize = if (acts != null and n_tokens >= 4) 16 else kernels.tile_rows;
+    const alignment: usize = if ((acts.q8 != null or acts.bf16 != null) and n_tokens >= 4) 16 else kernels.tile_rows;
     parallelAligned(&e.threads, total_rows, alignment, ctx, MatmulCtx.body);
 }
 

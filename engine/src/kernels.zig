@@ -6,6 +6,7 @@ const assert = std.debug.assert;
 const DType = @import("abi.zig").DType;
 const quant = @import("quant.zig");
 const qgemm = @import("qgemm.zig");
+const bgemm = @import("bgemm.zig");
 
 pub const vec_len = 16;
 const V = @Vector(vec_len, f32);
@@ -115,13 +116,18 @@ pub inline fn dot(comptime T: type, w: [*]align(1) const T, x: [*]const f32, n: 
 /// for all tokens, so a batch of sequences shares one pass over the weights.
 /// scratch: at least decoded_rows_min * w.cols floats, and qgemm.groupBytes(w.cols) bytes
 /// (more lets a pass hold more rows), for quantized weights shared by several tokens.
-/// acts: x quantized to 8 bits, for quantized weights with an integer product, else null.
-pub fn matmulRows(out: []f32, out_stride: usize, x: []const f32, n_tokens: usize, w: Matrix, row_begin: usize, row_end: usize, scratch: []f32, acts: ?quant.QuantActs) void {
+/// acts: x in the forms the weights' fast paths take, where the caller made them.
+pub fn matmulRows(out: []f32, out_stride: usize, x: []const f32, n_tokens: usize, w: Matrix, row_begin: usize, row_end: usize, scratch: []f32, acts: Acts) void {
     switch (w.dtype) {
-        inline .f32, .f16, .bf16 => |t| matmulRowsTyped(StorageType(t), out, out_stride, x, n_tokens, w, row_begin, row_end),
+        inline .f32, .f16, .bf16 => |t| {
+            if (acts.bf16) |a| if (n_tokens >= tile_tokens and w.cols % 16 == 0) {
+                return bgemm.matmulRows(StorageType(t), out, out_stride, a, n_tokens, w.data, w.cols, row_begin, row_end, std.mem.sliceAsBytes(scratch));
+            };
+            matmulRowsTyped(StorageType(t), out, out_stride, x, n_tokens, w, row_begin, row_end);
+        },
         inline .q8_0, .q4_0, .q4_k, .q6_k => |t| {
             const T = StorageType(t);
-            if (comptime quant.hasIntDot(T)) if (acts) |a| {
+            if (comptime quant.hasIntDot(T)) if (acts.q8) |a| {
                 if (n_tokens >= tile_tokens) {
                     qgemm.matmulRows(T, out, out_stride, a, n_tokens, w.data, w.cols, row_begin, row_end, std.mem.sliceAsBytes(scratch));
                 } else matmulRowsInt(T, out, out_stride, a, n_tokens, w, row_begin, row_end);
@@ -134,6 +140,14 @@ pub fn matmulRows(out: []f32, out_stride: usize, x: []const f32, n_tokens: usize
         _ => unreachable, // refused at load
     }
 }
+
+/// A matmul's input in the forms its weights' fast paths take (null where not made).
+pub const Acts = struct {
+    /// Quantized to 8 bits: for Q8_0, Q4_0 and Q4_K weights.
+    q8: ?quant.QuantActs = null,
+    /// Rounded to bf16 (tokens, cols): float weights in bf16 products, when asked for.
+    bf16: ?[]const u16 = null,
+};
 
 /// Quantized weights against 8-bit activations, a token or few (decode): integer
 /// multiply-adds straight from the stored blocks, as llama.cpp's Q8 activations do,
@@ -437,7 +451,7 @@ test "matmulRows matches a naive product for f32, f16 and bf16 at awkward widths
             var x: [n_tokens * 172]f32 = undefined;
             fillRandom(rng, &x);
             var out: [n_tokens * rows]f32 = undefined;
-            matmulRows(&out, rows, &x, n_tokens, w, 0, rows, &.{}, null);
+            matmulRows(&out, rows, &x, n_tokens, w, 0, rows, &.{}, .{});
             for (0..n_tokens) |n| for (0..rows) |r| {
                 const want = naiveDot(w, r, x[n * cols ..][0..cols]);
                 try testing.expectApproxEqAbs(want, out[n * rows + r], 1e-4);
@@ -474,7 +488,7 @@ test "matmulRows over quantized blocks matches element-wise decode" {
         var scratch: [tile_rows * cols]f32 = undefined;
         // Six tokens take the decode-once path; then two tokens take the in-place decode.
         inline for (.{ n_tokens, 2 }) |tokens| {
-            matmulRows(&out, rows, &x, tokens, w, 0, rows, &scratch, null);
+            matmulRows(&out, rows, &x, tokens, w, 0, rows, &scratch, .{});
             for (0..tokens) |n| for (0..rows) |r| {
                 const want = naiveDot(w, r, x[n * cols ..][0..cols]);
                 try testing.expectApproxEqAbs(want, out[n * rows + r], 1e-3 * (1 + @abs(want)));
@@ -492,7 +506,7 @@ test "matmulRows over quantized blocks matches element-wise decode" {
         for (&xq, q, 0..) |*v, qi, i| v.* = scale[i / 32] * @as(f32, @floatFromInt(qi));
         var wide_scratch: [16 * cols]f32 = undefined;
         inline for (.{ 2, n_tokens }) |tokens| {
-            matmulRows(&out, rows, &x, tokens, w, 0, rows, &wide_scratch, acts);
+            matmulRows(&out, rows, &x, tokens, w, 0, rows, &wide_scratch, .{ .q8 = acts });
             for (0..tokens) |n| for (0..rows) |r| {
                 const has_int = dtype == .q8_0 or dtype == .q4_0 or dtype == .q4_k;
                 const want = naiveDot(w, r, (if (has_int) xq[0..] else x[0..])[n * cols ..][0..cols]);

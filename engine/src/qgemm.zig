@@ -152,8 +152,25 @@ inline fn broadcast4(p: [*]const i8) @Vector(64, i8) {
     return @bitCast(@as(I16, @splat(word)));
 }
 
+/// Pulls the next pass's weight rows toward L2 a line at a time while this pass computes,
+/// so that packing them reads cache, not memory (a batch of decodes is otherwise as
+/// memory-bound in its packing as one decode, and compute-bound after it).
+const Prefetcher = struct {
+    next: usize,
+    end: usize,
+
+    inline fn step(p: *Prefetcher) void {
+        inline for (0..2) |_| {
+            if (p.next < p.end) {
+                @prefetch(@as([*]const u8, @ptrFromInt(p.next)), .{ .locality = 2 });
+                p.next += 64;
+            }
+        }
+    }
+};
+
 /// The 16 rows of group g against tokens first..first + nt: out[t] holds the 16 sums of token t.
-inline fn tile(comptime nt: usize, g: Group, blocks: usize, acts: quant.QuantActs, cols: usize, first: usize) [nt]F16 {
+inline fn tile(comptime nt: usize, g: Group, blocks: usize, acts: quant.QuantActs, cols: usize, first: usize, prefetcher: *Prefetcher) [nt]F16 {
     var acc: [nt]F16 = .{@as(F16, @splat(0))} ** nt;
     var xq: [nt][*]const i8 = undefined;
     var xblock: [nt]usize = undefined;
@@ -162,6 +179,7 @@ inline fn tile(comptime nt: usize, g: Group, blocks: usize, acts: quant.QuantAct
         xblock[t] = (first + t) * (cols / 32);
     }
     for (0..blocks) |b| {
+        prefetcher.step();
         var isum: [nt]I16 = .{@as(I16, @splat(0))} ** nt;
         inline for (0..8) |k| {
             const w: @Vector(64, u8) = g.quads[(8 * b + k) * quad_bytes ..][0..64].*;
@@ -190,6 +208,7 @@ pub fn matmulRows(comptime T: type, out: []f32, out_stride: usize, acts: quant.Q
     const groups_per_pass = scratch.len / groupBytes(cols);
     assert(groups_per_pass >= 1);
     const base: [*]align(1) const T = @ptrCast(w_data);
+    const row_bytes = units * @sizeOf(T);
     var r = row_begin;
     while (r < row_end) {
         const pass_first = r;
@@ -199,11 +218,13 @@ pub fn matmulRows(comptime T: type, out: []f32, out_stride: usize, acts: quant.Q
             pack(T, Group.at(scratch, groups, blocks), base, units, r, n, blocks);
             r += n;
         }
+        const next_end = @min(row_end, r + groups_per_pass * group_rows);
+        var prefetcher = Prefetcher{ .next = @intFromPtr(w_data) + r * row_bytes, .end = @intFromPtr(w_data) + next_end * row_bytes };
         var first: usize = 0;
         while (first < n_tokens) : (first += tokens_per_tile) {
             switch (@min(tokens_per_tile, n_tokens - first)) {
                 inline 1...tokens_per_tile => |nt| for (0..groups) |gi| {
-                    const sums = tile(nt, Group.at(scratch, gi, blocks), blocks, acts, cols, first);
+                    const sums = tile(nt, Group.at(scratch, gi, blocks), blocks, acts, cols, first, &prefetcher);
                     const row0 = pass_first + gi * group_rows;
                     const n_rows = @min(group_rows, r - row0);
                     inline for (0..nt) |t| {

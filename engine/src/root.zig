@@ -52,6 +52,8 @@ fn checkEngineConfig(c: abi.EngineConfig) abi.Status {
     if (c.num_threads == 0 or c.num_threads > 256) return errors.fail(.invalid_argument, "num_threads {d} not in [1, 256]", .{c.num_threads});
     if (c.kv_cache_dtype != @intFromEnum(abi.DType.f32) and c.kv_cache_dtype != @intFromEnum(abi.DType.f16))
         return errors.fail(.unsupported, "KV cache dtype {d}: f32 (0) and f16 (1) are supported", .{c.kv_cache_dtype});
+    if (c.compute_dtype != @intFromEnum(abi.DType.f32) and c.compute_dtype != @intFromEnum(abi.DType.bf16))
+        return errors.fail(.unsupported, "compute dtype {d}: f32 (0) and bf16 (30) are supported", .{c.compute_dtype});
     return .ok;
 }
 
@@ -200,4 +202,5 @@ test {
     _ = @import("thread_pool.zig");
     _ = @import("quant.zig");
     _ = @import("qgemm.zig");
+    _ = @import("bgemm.zig");
 }

@@ -23,8 +23,18 @@ export interface EngineOptions {
   kvCacheMemoryBytes: number; // pool budget when no override
   enablePrefixCaching: boolean;
   kvCacheDtype: "f32" | "f16"; // f16 halves KV memory; f32 keeps results exact
+  // Float weights shared by four or more tokens (prefill, batched decode): f32 products
+  // (exact) or bf16 ones (twice the rate where the CPU has AVX-512 BF16; vLLM's CPU default).
+  computeDtype: "f32" | "bf16";
   threads: number;
   servedModelName?: string;
+}
+
+/** vLLM's --dtype names (and short ones) to the compute dtype ("auto" keeps f32 products); null if unknown. */
+export function computeDtypeOf(v: string): "f32" | "bf16" | null {
+  if (["auto", "float32", "float", "f32"].includes(v)) return "f32";
+  if (["bfloat16", "bf16"].includes(v)) return "bf16";
+  return null;
 }
 
 export const DEFAULT_ENGINE_OPTIONS: EngineOptions = {
@@ -35,6 +45,7 @@ export const DEFAULT_ENGINE_OPTIONS: EngineOptions = {
   kvCacheMemoryBytes: 2 * 1024 ** 3,
   enablePrefixCaching: true,
   kvCacheDtype: "f32",
+  computeDtype: "f32",
   threads: availableParallelism(),
 };
 
@@ -126,6 +137,7 @@ export class LLMEngine {
         maxBlocksPerSeq,
         numThreads: options.threads,
         kvCacheDtype: options.kvCacheDtype === "f16" ? DType.F16 : DType.F32,
+        computeDtype: options.computeDtype === "bf16" ? DType.BF16 : DType.F32,
       },
       model.spec.files,
       model.spec.tensors,

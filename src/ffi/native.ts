@@ -4,7 +4,7 @@ import { dlopen, FFIType, JSCallback, ptr, read, toArrayBuffer, type Pointer } f
 import { existsSync } from "node:fs";
 import { join } from "node:path";
 
-export const ABI_VERSION = 3;
+export const ABI_VERSION = 4;
 export const TOP_LOGPROBS_MAX = 20;
 export const LOGIT_BIAS_MAX = 1024;
 
@@ -64,6 +64,7 @@ export interface NativeEngineConfig {
   maxBlocksPerSeq: number;
   numThreads: number;
   kvCacheDtype: typeof DType.F32 | typeof DType.F16;
+  computeDtype: typeof DType.F32 | typeof DType.BF16;
 }
 
 /** Mirrors ifn_tensor: where one tensor's bytes are. */
@@ -246,9 +247,9 @@ export class NativeEngine {
     m.setUint32(40, model.ropeInterleaved ? 1 : 0, true);
     m.setUint32(44, model.tieWordEmbeddings ? 1 : 0, true);
 
-    const configBuf = new ArrayBuffer(28);
+    const configBuf = new ArrayBuffer(32);
     const c = new DataView(configBuf);
-    [config.numBlocks, config.blockSizeTokens, config.maxNumBatchedTokens, config.maxNumSeqs, config.maxBlocksPerSeq, config.numThreads, config.kvCacheDtype].forEach(
+    [config.numBlocks, config.blockSizeTokens, config.maxNumBatchedTokens, config.maxNumSeqs, config.maxBlocksPerSeq, config.numThreads, config.kvCacheDtype, config.computeDtype].forEach(
       (v, i) => c.setUint32(i * 4, v, true),
     );
 

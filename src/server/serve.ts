@@ -4,7 +4,7 @@ import { readFileSync } from "node:fs";
 import { availableParallelism, cpus } from "node:os";
 import { parseArgs } from "node:util";
 import YAML from "yaml";
-import { DEFAULT_ENGINE_OPTIONS, LLMEngine, type EngineOptions } from "../engine/llm_engine.ts";
+import { computeDtypeOf, DEFAULT_ENGINE_OPTIONS, LLMEngine, type EngineOptions } from "../engine/llm_engine.ts";
 import { loadModel } from "../model/load.ts";
 import { parseRateLimit } from "./auth.ts";
 import { createApp, DEFAULT_SERVER_OPTIONS, ServerState, VERSION, type ServerOptions } from "./app.ts";
@@ -25,6 +25,7 @@ const FLAGS = {
   num_gpu_blocks_override: "int",
   kv_cache_memory: "bytes",
   kv_cache_dtype: "string",
+  dtype: "string",
   gpu_memory_utilization: "float",
   tensor_parallel_size: "int",
   enable_prefix_caching: "bool",
@@ -45,6 +46,8 @@ export const SERVE_USAGE = `usage: inferneo serve --model <hf folder | file.gguf
   --max-model-len N  --max-num-batched-tokens N  --max-num-seqs N  --max-queue-len N
   --block-size N  --num-gpu-blocks-override N  --kv-cache-memory 2GiB  --threads N
   --kv-cache-dtype auto|f32|f16 (default auto = f32: exact; f16 halves the pool's bytes)
+  --dtype auto|float32|bfloat16 (default auto = f32 products, exact; bfloat16 multiplies
+      float weights in bf16 where several tokens share them: faster prefill and batches)
   --enable-prefix-caching / --no-enable-prefix-caching (default on)
   --api-key KEY (repeatable; or INFERNEO_API_KEY)  --protect-metrics
   --rate-limit 60/min  --rate-limit-tokens N (per minute, per key)
@@ -172,6 +175,11 @@ export function serveConfig(v: Values): ServeConfig {
     const d = v.kv_cache_dtype === "auto" ? "f32" : v.kv_cache_dtype;
     if (d !== "f32" && d !== "f16") throw new ConfigError(`kv_cache_dtype must be auto, f32 or f16, got '${String(v.kv_cache_dtype)}'`);
     engine.kvCacheDtype = d;
+  }
+  if (v.dtype !== undefined) {
+    const d = computeDtypeOf(String(v.dtype));
+    if (!d) throw new ConfigError(`dtype must be auto, float32 or bfloat16, got '${String(v.dtype)}'`);
+    engine.computeDtype = d;
   }
   set("enablePrefixCaching", v.enable_prefix_caching);
   set("threads", v.threads);
