@@ -2,7 +2,7 @@
 // Inferneo against llama.cpp on the same GGUF, the same threads, in the same run,
 // alternating: prefill (pp) and single-stream decode (tg) tok/s and their ratios,
 // plus the memory-bandwidth roofline for decode.
-//   bun scripts/bench-peer.ts --model model.gguf [--threads 2] [--prompt-tokens 512] [--decode-tokens 128] [--runs 3]
+//   bun scripts/bench-peer.ts --model model.gguf [--threads 2] [--prompt-tokens 512] [--decode-tokens 128] [--runs 3] [--dtype auto|bfloat16]
 // llama.cpp comes from the npm package node-llama-cpp@3.21.1 (its prebuilt CPU build),
 // installed on first use into .bench/peer (ignored by git), not a project dependency.
 import { spawnSync } from "node:child_process";
@@ -22,6 +22,7 @@ const { values } = parseArgs({
     "prompt-tokens": { type: "string", default: "512" },
     "decode-tokens": { type: "string", default: "128" },
     runs: { type: "string", default: "3" },
+    dtype: { type: "string", default: "auto" },
   },
 });
 if (!values.model?.endsWith(".gguf")) {
@@ -59,7 +60,13 @@ function peer(): Run {
   return JSON.parse(line);
 }
 
-const engine = await LLMEngine.create(model, { threads, maxNumSeqs: 1, maxNumBatchedTokens: promptTokens, enablePrefixCaching: false });
+const engine = await LLMEngine.create(model, {
+  threads,
+  maxNumSeqs: 1,
+  maxNumBatchedTokens: promptTokens,
+  enablePrefixCaching: false,
+  computeDtype: values.dtype === "bfloat16" || values.dtype === "bf16" ? "bf16" : "f32",
+});
 const vocab = engine.model.spec.config.vocabSize;
 const prompt = syntheticPrompt(promptTokens, vocab, 12345);
 async function ours(): Promise<Run> {

@@ -3,7 +3,7 @@
 // OpenAI-compatible server on loopback, at a request rate, under a concurrency cap.
 //   bun scripts/bench-serve.ts --base-url http://127.0.0.1:8000 --model M [--num-prompts 64]
 //       [--max-concurrency 8] [--request-rate inf] [--input-len 64] [--output-len 128] [--seed 0]
-// Or let it start the server itself: --serve <model path> [--threads N] (stopped at the end).
+// Or let it start the server itself: --serve <model path> [--threads N] [--dtype bfloat16] (stopped at the end).
 // Fixed-seed random prompts (token ids); EOS ignored so every request yields --output-len.
 import { parseArgs } from "node:util";
 import { parseSse } from "../src/client/index.ts";
@@ -13,6 +13,7 @@ const { values } = parseArgs({
     "base-url": { type: "string" },
     serve: { type: "string" },
     threads: { type: "string" },
+    dtype: { type: "string" },
     model: { type: "string" },
     "num-prompts": { type: "string", default: "64" },
     "max-concurrency": { type: "string", default: "8" },
@@ -29,6 +30,7 @@ if (values.serve) {
   const { parseServeArgs, serveConfig, startServer } = await import("../src/server/serve.ts");
   const args = ["--model", values.serve, "--port", "0", "--served-model-name", values.model ?? "bench", "--max-num-seqs", String(Math.max(8, Number(values["max-concurrency"])))];
   if (values.threads) args.push("--threads", values.threads);
+  if (values.dtype) args.push("--dtype", values.dtype);
   const s = await startServer(serveConfig(parseServeArgs(args, {})), () => {});
   baseUrl = s.url;
   stopServer = () => s.stop("done");
