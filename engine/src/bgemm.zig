@@ -11,6 +11,7 @@
 const std = @import("std");
 const builtin = @import("builtin");
 const assert = std.debug.assert;
+const Prefetcher = @import("qgemm.zig").Prefetcher;
 
 fn hasX86(comptime feature: std.Target.x86.Feature) bool {
     return builtin.cpu.arch == .x86_64 and std.Target.x86.featureSetHas(builtin.cpu.features, feature);
@@ -121,11 +122,12 @@ fn pack(comptime T: type, dst: [*]u8, base: [*]align(1) const T, cols: usize, fi
 
 /// ng groups (consecutive in scratch) against tokens first..first + nt: out[g][t] holds
 /// the 16 sums of group g for token t. ng * nt independent sums hide the instruction's latency.
-inline fn tile(comptime ng: usize, comptime nt: usize, groups: [*]const u8, group_bytes: usize, cols: usize, acts: []const u16, first: usize) [ng][nt]F16 {
+inline fn tile(comptime ng: usize, comptime nt: usize, groups: [*]const u8, group_bytes: usize, cols: usize, acts: []const u16, first: usize, prefetcher: *Prefetcher) [ng][nt]F16 {
     var acc: [ng][nt]F16 = .{.{@as(F16, @splat(0))} ** nt} ** ng;
     var x: [nt][*]align(1) const u32 = undefined;
     inline for (0..nt) |t| x[t] = @ptrCast(acts[(first + t) * cols ..].ptr);
     for (0..cols / 2) |p| {
+        if (p % 8 == 0) prefetcher.step();
         var w: [ng]U16 = undefined;
         inline for (0..ng) |g| w[g] = @bitCast(groups[g * group_bytes + p * pair_bytes ..][0..pair_bytes].*);
         inline for (0..nt) |t| {
@@ -155,6 +157,9 @@ pub fn matmulRows(comptime T: type, out: []f32, out_stride: usize, acts: []const
             pack(T, scratch[groups * group_bytes ..].ptr, base, cols, r, n);
             r += n;
         }
+        // The next pass's rows toward L2 while this one computes (see qgemm's Prefetcher).
+        const next_end = @min(row_end, r + groups_per_pass * group_rows);
+        var prefetcher = Prefetcher{ .next = @intFromPtr(w_data) + r * cols * @sizeOf(T), .end = @intFromPtr(w_data) + next_end * cols * @sizeOf(T) };
         var first: usize = 0;
         while (first < n_tokens) : (first += tokens_per_tile) {
             switch (@min(tokens_per_tile, n_tokens - first)) {
@@ -162,10 +167,10 @@ pub fn matmulRows(comptime T: type, out: []f32, out_stride: usize, acts: []const
                     var gi: usize = 0;
                     while (gi < groups) {
                         if (gi + 2 <= groups) {
-                            store(2, nt, tile(2, nt, scratch[gi * group_bytes ..].ptr, group_bytes, cols, acts, first), out, out_stride, first, pass_first + gi * group_rows, r);
+                            store(2, nt, tile(2, nt, scratch[gi * group_bytes ..].ptr, group_bytes, cols, acts, first, &prefetcher), out, out_stride, first, pass_first + gi * group_rows, r);
                             gi += 2;
                         } else {
-                            store(1, nt, tile(1, nt, scratch[gi * group_bytes ..].ptr, group_bytes, cols, acts, first), out, out_stride, first, pass_first + gi * group_rows, r);
+                            store(1, nt, tile(1, nt, scratch[gi * group_bytes ..].ptr, group_bytes, cols, acts, first, &prefetcher), out, out_stride, first, pass_first + gi * group_rows, r);
                             gi += 1;
                         }
                     }

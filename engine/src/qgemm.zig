@@ -155,11 +155,11 @@ inline fn broadcast4(p: [*]const i8) @Vector(64, i8) {
 /// Pulls the next pass's weight rows toward L2 a line at a time while this pass computes,
 /// so that packing them reads cache, not memory (a batch of decodes is otherwise as
 /// memory-bound in its packing as one decode, and compute-bound after it).
-const Prefetcher = struct {
+pub const Prefetcher = struct {
     next: usize,
     end: usize,
 
-    inline fn step(p: *Prefetcher) void {
+    pub inline fn step(p: *Prefetcher) void {
         inline for (0..2) |_| {
             if (p.next < p.end) {
                 @prefetch(@as([*]const u8, @ptrFromInt(p.next)), .{ .locality = 2 });
