@@ -253,7 +253,7 @@ export async function startServer(config: ServeConfig, log: (line: string) => vo
   state.ready(engine, config.server.servedModelName);
   const c = engine.model.spec.config;
   const kvBytes = engine.native.kvCacheBytes;
-  log(`model: ${config.server.servedModelName} (${c.numLayers} layers, hidden ${c.hiddenSize}, ${c.numHeads} heads / ${c.numKvHeads} KV heads, vocab ${c.vocabSize}), weights ${engine.model.spec.dtype}`);
+  log(`model: ${config.server.servedModelName} (${c.numLayers} layers, hidden ${c.hiddenSize}, ${c.numHeads} heads / ${c.numKvHeads} KV heads, vocab ${c.vocabSize}), weights ${engine.model.spec.dtype}, products ${engine.options.computeDtype === "bf16" ? "bf16 (--dtype bfloat16)" : "f32"}`);
   log(`device: CPU (${cpus()[0]?.model ?? "unknown"}), ${engine.options.threads} of ${availableParallelism()} threads`);
   log(`KV cache: ${engine.numBlocks} blocks x ${engine.options.blockSizeTokens} tokens = ${engine.numBlocks * engine.options.blockSizeTokens} tokens, ${(kvBytes / 2 ** 20).toFixed(1)} MiB ${engine.options.kvCacheDtype}; max model len ${engine.maxModelLen}; prefix caching ${engine.options.enablePrefixCaching ? "on" : "off"}`);
   log(`ready: ${url}/v1  docs: ${url}/docs${config.server.apiKeys.length > 0 ? "  (API key required)" : ""}`);
