@@ -9,13 +9,11 @@
 //! a token land in one vector.
 
 const std = @import("std");
-const builtin = @import("builtin");
 const assert = std.debug.assert;
-const Prefetcher = @import("qgemm.zig").Prefetcher;
-
-fn hasX86(comptime feature: std.Target.x86.Feature) bool {
-    return builtin.cpu.arch == .x86_64 and std.Target.x86.featureSetHas(builtin.cpu.features, feature);
-}
+const qgemm = @import("qgemm.zig");
+const Prefetcher = qgemm.Prefetcher;
+const hasX86 = qgemm.hasX86;
+const store = qgemm.store;
 
 pub const has_bf16 = hasX86(.avx512bf16) and hasX86(.avx512vl);
 const has_bf16_512 = has_bf16 and hasX86(.evex512);
@@ -36,7 +34,7 @@ pub inline fn dpbf16(acc: F16, a: U16, b: U16) F16 {
     if (comptime has_bf16) {
         var halves: [2]@Vector(8, f32) = undefined;
         inline for (0..2) |h| {
-            const mask = comptime lanes(8, 8 * h);
+            const mask = qgemm.lanes(8, 8 * h, 1);
             const acc_h: @Vector(8, f32) = @shuffle(f32, acc, undefined, mask);
             const a_h: @Vector(8, u32) = @shuffle(u32, a, undefined, mask);
             const b_h: @Vector(8, u32) = @shuffle(u32, b, undefined, mask);
@@ -60,12 +58,6 @@ pub fn dpbf16Naive(acc: F16, a: U16, b: U16) F16 {
     const a_hi: F16 = @bitCast(a & ~lo_mask);
     const b_hi: F16 = @bitCast(b & ~lo_mask);
     return @mulAdd(F16, a_hi, b_hi, @mulAdd(F16, a_lo, b_lo, acc));
-}
-
-fn lanes(comptime n: usize, comptime start: usize) [n]i32 {
-    var mask: [n]i32 = undefined;
-    for (&mask, 0..) |*m, i| m.* = @intCast(start + i);
-    return mask;
 }
 
 /// f32 to bf16, rounding to nearest even (NaNs are not produced by the model's math).
@@ -176,23 +168,6 @@ pub fn matmulRows(comptime T: type, out: []f32, out_stride: usize, acts: []const
                     }
                 },
                 else => unreachable,
-            }
-        }
-    }
-}
-
-/// Group g's sums for token t go to out[first + t, row0 + 16g ..], rows before row_end only.
-inline fn store(comptime ng: usize, comptime nt: usize, sums: [ng][nt]F16, out: []f32, out_stride: usize, first: usize, row0: usize, row_end: usize) void {
-    inline for (0..ng) |g| {
-        const rows_at = row0 + g * group_rows;
-        const n_rows = @min(group_rows, row_end - rows_at);
-        inline for (0..nt) |t| {
-            const dst = out[(first + t) * out_stride + rows_at ..];
-            if (n_rows == group_rows) {
-                dst[0..group_rows].* = sums[g][t];
-            } else {
-                const v: [group_rows]f32 = sums[g][t];
-                @memcpy(dst[0..n_rows], v[0..n_rows]);
             }
         }
     }

@@ -139,13 +139,14 @@ const MatmulCtx = struct {
 
 /// Tokens [begin, end) of x quantized to 8 bits, or rounded to bf16.
 const ConvertCtx = struct {
-    acts: kernels.Acts,
+    q8: ?quant.QuantActs,
+    bf16: ?[]u16,
     x: []const f32,
     cols: usize,
 
     fn body(c: ConvertCtx, _: usize, begin: usize, end: usize) void {
-        if (c.acts.q8) |a| a.quantize(c.x, begin, end, c.cols);
-        if (c.acts.bf16) |a| bgemm.convertActs(@constCast(a), c.x, begin, end, c.cols);
+        if (c.q8) |a| a.quantize(c.x, begin, end, c.cols);
+        if (c.bf16) |a| bgemm.convertActs(a, c.x, begin, end, c.cols);
     }
 };
 
@@ -162,13 +163,18 @@ fn matmul(e: *Engine, out: []f32, x: []const f32, n_tokens: usize, ws: []const M
     // (llama.cpp's Q8 activations, met in integer products), rounded to bf16 for float
     // weights shared by several tokens when bf16 compute is on.
     const cols = ws[0].cols;
-    var acts = kernels.Acts{};
-    if (int_dot and cols % 32 == 0)
-        acts.q8 = .{ .q = e.scratch.acts_q, .scale = e.scratch.acts_scale, .sum = e.scratch.acts_sum };
-    if (float_weights and e.scratch.acts_bf16.len > 0 and n_tokens >= 4 and cols % 16 == 0)
-        acts.bf16 = e.scratch.acts_bf16;
-    if (acts.q8 != null or acts.bf16 != null)
-        parallel(&e.threads, n_tokens, ConvertCtx{ .acts = acts, .x = x, .cols = cols }, ConvertCtx.body);
+    const shared = n_tokens >= kernels.tile_tokens; // several tokens meet each weight tile
+    const convert = ConvertCtx{
+        .q8 = if (int_dot and cols % 32 == 0) .{ .q = e.scratch.acts_q, .scale = e.scratch.acts_scale, .sum = e.scratch.acts_sum } else null,
+        .bf16 = if (float_weights and e.scratch.acts_bf16.len > 0 and shared and cols % 16 == 0) e.scratch.acts_bf16 else null,
+        .x = x,
+        .cols = cols,
+    };
+    // A decode step's token or few are converted here: waking the pool would cost more.
+    if (convert.q8 != null or convert.bf16 != null) {
+        if (shared) parallel(&e.threads, n_tokens, convert, ConvertCtx.body) else convert.body(0, 0, n_tokens);
+    }
+    const acts = kernels.Acts{ .q8 = convert.q8, .bf16 = convert.bf16 };
     const ctx = MatmulCtx{
         .acts = acts,
         .out = out,
@@ -179,8 +185,8 @@ fn matmul(e: *Engine, out: []f32, x: []const f32, n_tokens: usize, ws: []const M
         .decoded = e.scratch.decoded,
         .decoded_per_thread = Scratch.decodedPerThread(e.model),
     };
-    // The integer GEMM packs rows in groups of 16: chunks of whole groups.
-    const alignment: usize = if ((acts.q8 != null or acts.bf16 != null) and n_tokens >= 4) 16 else kernels.tile_rows;
+    // The packed GEMMs take rows in groups of 16: chunks of whole groups.
+    const alignment: usize = if ((acts.q8 != null or acts.bf16 != null) and shared) 16 else kernels.tile_rows;
     parallelAligned(&e.threads, total_rows, alignment, ctx, MatmulCtx.body);
 }
 

@@ -237,7 +237,7 @@ fn matmulRowsTyped(comptime T: type, out: []f32, out_stride: usize, x: []const f
 
 pub const tile_rows = 4;
 pub const decoded_rows_min = tile_rows;
-const tile_tokens = 4;
+pub const tile_tokens = 4;
 const block_bytes = 128 * 1024; // of activations per token block: a share of a 1 MiB L2
 
 /// sums[i][j] = w_i . x_j for 4 consecutive weight rows (stride `units`) and 4 tokens (stride cols).

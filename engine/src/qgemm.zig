@@ -14,7 +14,7 @@ const builtin = @import("builtin");
 const assert = std.debug.assert;
 const quant = @import("quant.zig");
 
-fn hasX86(comptime feature: std.Target.x86.Feature) bool {
+pub fn hasX86(comptime feature: std.Target.x86.Feature) bool {
     return builtin.cpu.arch == .x86_64 and std.Target.x86.featureSetHas(builtin.cpu.features, feature);
 }
 
@@ -45,7 +45,7 @@ inline fn halfOf(v: @Vector(16, i32), comptime h: usize) @Vector(8, i32) {
 }
 
 /// Shuffle mask start, start + step, ... (n lanes).
-fn lanes(comptime n: usize, comptime start: usize, comptime step: usize) [n]i32 {
+pub fn lanes(comptime n: usize, comptime start: usize, comptime step: usize) [n]i32 {
     @setEvalBranchQuota(100_000);
     var mask: [n]i32 = undefined;
     for (&mask, 0..) |*m, i| m.* = @intCast(start + step * i);
@@ -225,19 +225,26 @@ pub fn matmulRows(comptime T: type, out: []f32, out_stride: usize, acts: quant.Q
             switch (@min(tokens_per_tile, n_tokens - first)) {
                 inline 1...tokens_per_tile => |nt| for (0..groups) |gi| {
                     const sums = tile(nt, Group.at(scratch, gi, blocks), blocks, acts, cols, first, &prefetcher);
-                    const row0 = pass_first + gi * group_rows;
-                    const n_rows = @min(group_rows, r - row0);
-                    inline for (0..nt) |t| {
-                        const dst = out[(first + t) * out_stride + row0 ..];
-                        if (n_rows == group_rows) {
-                            dst[0..group_rows].* = sums[t];
-                        } else {
-                            const v: [group_rows]f32 = sums[t];
-                            @memcpy(dst[0..n_rows], v[0..n_rows]);
-                        }
-                    }
+                    store(1, nt, .{sums}, out, out_stride, first, pass_first + gi * group_rows, r);
                 },
                 else => unreachable,
+            }
+        }
+    }
+}
+
+/// Group g's 16 sums for token t go to out[first + t, row0 + 16g ..], rows before row_end only.
+pub inline fn store(comptime ng: usize, comptime nt: usize, sums: [ng][nt]F16, out: []f32, out_stride: usize, first: usize, row0: usize, row_end: usize) void {
+    inline for (0..ng) |g| {
+        const rows_at = row0 + g * group_rows;
+        const n_rows = @min(group_rows, row_end - rows_at);
+        inline for (0..nt) |t| {
+            const dst = out[(first + t) * out_stride + rows_at ..];
+            if (n_rows == group_rows) {
+                dst[0..group_rows].* = sums[g][t];
+            } else {
+                const v: [group_rows]f32 = sums[g][t];
+                @memcpy(dst[0..n_rows], v[0..n_rows]);
             }
         }
     }
