@@ -8,7 +8,6 @@ const assert = std.debug.assert;
 const abi = @import("abi.zig");
 const kernels = @import("kernels.zig");
 const quant = @import("quant.zig");
-const qgemm = @import("qgemm.zig");
 const bgemm = @import("bgemm.zig");
 const sampler = @import("sampler.zig");
 const Matrix = kernels.Matrix;
@@ -31,7 +30,7 @@ pub const Scratch = struct {
     counts: []u32, // (threads, vocab) zero between uses
     raw: []f32, // (threads, vocab)
     seq_of_token: []u32, // (max_tokens) which sequence of the batch each token belongs to
-    decoded: []f32, // (threads, 16 * widest) quantized rows decoded to f32, or packed for the integer GEMM
+    decoded: []f32, // (threads, 16 * widest) quantized rows decoded to f32, or float rows packed for bf16 products
     acts_q: []i8, // (max_tokens, widest) activations quantized to 8 bits, for quantized weights
     acts_scale: []f32, // (max_tokens, widest / 32)
     acts_sum: []f32, // (max_tokens, widest / 32)
@@ -74,9 +73,8 @@ pub const Scratch = struct {
     }
 
     /// Quantized rows decoded to f32 per pass: 16 rows (four tiles) share each block of x.
-    /// The same space holds three 16-row groups packed for the integer GEMM.
+    /// The same space holds two 16-row groups packed for the bf16 products.
     pub fn decodedPerThread(m: abi.ModelConfig) usize {
-        comptime assert(4 * kernels.tile_rows * @sizeOf(f32) * 32 >= 3 * qgemm.groupBytes(32));
         comptime assert(4 * kernels.tile_rows * @sizeOf(f32) * 32 >= 2 * bgemm.groupBytes(32));
         return 4 * kernels.tile_rows * widest(m);
     }
@@ -186,7 +184,7 @@ fn matmul(e: *Engine, out: []f32, x: []const f32, n_tokens: usize, ws: []const M
         .decoded_per_thread = Scratch.decodedPerThread(e.model),
     };
     // The packed GEMMs take rows in groups of 16: chunks of whole groups.
-    const alignment: usize = if ((acts.q8 != null or acts.bf16 != null) and shared) 16 else kernels.tile_rows;
+    const alignment: usize = if (acts.q8 != null or acts.bf16 != null) 16 else kernels.tile_rows;
     parallelAligned(&e.threads, total_rows, alignment, ctx, MatmulCtx.body);
 }
 

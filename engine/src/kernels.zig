@@ -11,14 +11,17 @@ const bgemm = @import("bgemm.zig");
 pub const vec_len = 16;
 const V = @Vector(vec_len, f32);
 
-/// A 2-D weight matrix in its stored dtype: (rows, cols), row-major, not necessarily aligned.
+/// A 2-D weight matrix in its stored dtype: (rows, cols), row-major, not necessarily
+/// aligned; or, `repacked`, Q8_0/Q4_0/Q4_K repacked for the integer products (qgemm.pack).
 pub const Matrix = struct {
     dtype: DType,
     data: [*]const u8,
     rows: usize,
     cols: usize,
+    repacked: bool = false,
 
     pub fn rowBytes(m: Matrix) usize {
+        assert(!m.repacked);
         return m.cols / m.dtype.blockElems().? * m.dtype.blockBytes().?;
     }
 
@@ -26,6 +29,10 @@ pub const Matrix = struct {
     pub fn readRow(m: Matrix, out: []f32, row: usize) void {
         assert(row < m.rows);
         assert(out.len == m.cols);
+        if (m.repacked) return switch (m.dtype) {
+            inline .q8_0, .q4_0, .q4_k => |t| qgemm.unpackRow(StorageType(t), out, m.data, m.cols, row),
+            else => unreachable,
+        };
         const row_ptr = m.data + row * m.rowBytes();
         switch (m.dtype) {
             inline .f32, .f16, .bf16, .q8_0, .q4_0, .q4_k, .q6_k => |t| {
@@ -40,6 +47,10 @@ pub const Matrix = struct {
     pub fn get(m: Matrix, row: usize, col: usize) f32 {
         assert(row < m.rows);
         assert(col < m.cols);
+        if (m.repacked) return switch (m.dtype) {
+            inline .q8_0, .q4_0, .q4_k => |t| qgemm.weightAt(StorageType(t), m.data, m.cols, row, col),
+            else => unreachable,
+        };
         const row_ptr = m.data + row * m.rowBytes();
         return switch (m.dtype) {
             inline .f32, .f16, .bf16, .q8_0, .q4_0, .q4_k, .q6_k => |t| loadScalar(StorageType(t), @ptrCast(row_ptr), col),
@@ -114,8 +125,9 @@ pub inline fn dot(comptime T: type, w: [*]align(1) const T, x: [*]const f32, n: 
 /// out[n, r] = x[n, :] . w[r, :] for r in [row_begin, row_end), every n < n_tokens.
 /// out: (n_tokens, out_stride), x: (n_tokens, w.cols). Each weight row is read once
 /// for all tokens, so a batch of sequences shares one pass over the weights.
-/// scratch: at least decoded_rows_min * w.cols floats, and qgemm.groupBytes(w.cols) bytes
-/// (more lets a pass hold more rows), for quantized weights shared by several tokens.
+/// scratch: at least decoded_rows_min * w.cols floats (more lets a pass hold more rows),
+/// for unpacked quantized weights shared by several tokens, and bgemm.groupBytes(w.cols)
+/// bytes for bf16 products.
 /// acts: x in the forms the weights' fast paths take, where the caller made them.
 pub fn matmulRows(out: []f32, out_stride: usize, x: []const f32, n_tokens: usize, w: Matrix, row_begin: usize, row_end: usize, scratch: []f32, acts: Acts) void {
     switch (w.dtype) {
@@ -127,11 +139,9 @@ pub fn matmulRows(out: []f32, out_stride: usize, x: []const f32, n_tokens: usize
         },
         inline .q8_0, .q4_0, .q4_k, .q6_k => |t| {
             const T = StorageType(t);
-            if (comptime quant.hasIntDot(T)) if (acts.q8) |a| {
-                if (n_tokens >= tile_tokens) {
-                    qgemm.matmulRows(T, out, out_stride, a, n_tokens, w.data, w.cols, row_begin, row_end, std.mem.sliceAsBytes(scratch));
-                } else matmulRowsInt(T, out, out_stride, a, n_tokens, w, row_begin, row_end);
-                return;
+            if (comptime qgemm.packs(T)) if (w.repacked) {
+                // Packed weights are multiplied in integers only: the caller quantized x.
+                return qgemm.matmulRows(T, out, out_stride, acts.q8.?, n_tokens, w.data, w.cols, row_begin, row_end);
             };
             if (n_tokens >= tile_tokens) {
                 matmulRowsDecoded(T, out, out_stride, x, n_tokens, w, row_begin, row_end, scratch);
@@ -143,25 +153,11 @@ pub fn matmulRows(out: []f32, out_stride: usize, x: []const f32, n_tokens: usize
 
 /// A matmul's input in the forms its weights' fast paths take (null where not made).
 pub const Acts = struct {
-    /// Quantized to 8 bits: for Q8_0, Q4_0 and Q4_K weights.
+    /// Quantized to 8 bits: for packed (Q8_0, Q4_0, Q4_K) weights, which need it.
     q8: ?quant.QuantActs = null,
     /// Rounded to bf16 (tokens, cols): float weights in bf16 products, when asked for.
     bf16: ?[]const u16 = null,
 };
-
-/// Quantized weights against 8-bit activations, a token or few (decode): integer
-/// multiply-adds straight from the stored blocks, as llama.cpp's Q8 activations do,
-/// since decoding weights to f32 would be the bottleneck.
-fn matmulRowsInt(comptime T: type, out: []f32, out_stride: usize, a: quant.QuantActs, n_tokens: usize, w: Matrix, row_begin: usize, row_end: usize) void {
-    const cols = w.cols;
-    const units = cols / quant.unitElems(T);
-    const base: [*]align(1) const T = @ptrCast(w.data);
-    for (row_begin..row_end) |r| {
-        for (0..n_tokens) |n| {
-            out[n * out_stride + r] = quant.dotRowInt(T, base + r * units, a.q.ptr + n * cols, a.scale.ptr + n * cols / 32, a.sum.ptr + n * cols / 32, cols);
-        }
-    }
-}
 
 /// Quantized weights and several tokens: decoding a weight costs more than multiplying
 /// it, so each tile of rows is decoded once into f32 and then shared by every token.
@@ -494,9 +490,9 @@ test "matmulRows over quantized blocks matches element-wise decode" {
                 try testing.expectApproxEqAbs(want, out[n * rows + r], 1e-3 * (1 + @abs(want)));
             };
         }
-        // With 8-bit activations (where the type has an integer product): two tokens take
-        // the per-row dot, six the packed GEMM; both equal a plain dot over the quantized
-        // activations.
+        // Packed for the integer products (where the type has them), with 8-bit
+        // activations: two tokens and six equal a plain dot over the quantized activations.
+        if (comptime !qgemm.packs(StorageType(dtype))) continue;
         var q: [n_tokens * cols]i8 = undefined;
         var scale: [n_tokens * cols / 32]f32 = undefined;
         var sum: [n_tokens * cols / 32]f32 = undefined;
@@ -504,13 +500,15 @@ test "matmulRows over quantized blocks matches element-wise decode" {
         acts.quantize(&x, 0, n_tokens, cols);
         var xq: [n_tokens * cols]f32 = undefined;
         for (&xq, q, 0..) |*v, qi, i| v.* = scale[i / 32] * @as(f32, @floatFromInt(qi));
-        var wide_scratch: [16 * cols]f32 = undefined;
+        var packed_store: [qgemm.packedBytes(StorageType(dtype), rows, cols)]u8 align(64) = undefined;
+        qgemm.pack(StorageType(dtype), &packed_store, w.data, rows, cols);
+        const wp = Matrix{ .dtype = dtype, .data = &packed_store, .rows = rows, .cols = cols, .repacked = true };
         inline for (.{ 2, n_tokens }) |tokens| {
-            matmulRows(&out, rows, &x, tokens, w, 0, rows, &wide_scratch, .{ .q8 = acts });
+            matmulRows(&out, rows, &x, tokens, wp, 0, rows, &.{}, .{ .q8 = acts });
             for (0..tokens) |n| for (0..rows) |r| {
-                const has_int = dtype == .q8_0 or dtype == .q4_0 or dtype == .q4_k;
-                const want = naiveDot(w, r, (if (has_int) xq[0..] else x[0..])[n * cols ..][0..cols]);
+                const want = naiveDot(w, r, xq[n * cols ..][0..cols]);
                 try testing.expectApproxEqAbs(want, out[n * rows + r], 1e-3 * (1 + @abs(want)));
+                try testing.expectEqual(w.get(r, n), wp.get(r, n));
             };
         }
     }

@@ -1,13 +1,15 @@
-//! Integer matrix products for quantized weights against 8-bit activations: the
-//! prefill and batched-decode path for Q8_0, Q4_0 and Q4_K (llama.cpp's Q8
-//! activations, computed with VNNI's vpdpbusd where the CPU has it).
+//! Integer matrix products for quantized weights against 8-bit activations (llama.cpp's
+//! Q8 activations, computed with VNNI's vpdpbusd where the CPU has it): every product
+//! with Q8_0, Q4_0 and Q4_K weights, from one token to a whole prefill.
 //!
-//! A pass repacks up to a scratch-full of 16-row groups once, then every token of the
-//! step runs over them. In a group, each 32-weight block holds eight 64-byte "quads":
-//! quad k has row r's weights 4k..4k+3 at bytes 4r..4r+3, as unsigned bytes u, with
-//! per-row scale s and offset o such that w = s * u + o. One vpdpbusd then multiplies
-//! 16 rows by four weights of one token (its four activation bytes broadcast), so the
-//! 16 outputs of a token land in one vector and nothing needs a horizontal sum.
+//! The weights are repacked once, at load, into 16-row groups. In a group each 32-weight
+//! block is a run of 64-byte vectors of "quads": quad k holds row r's weights 4k..4k+3 at
+//! bytes 4r..4r+3, as unsigned bytes u with a per-row scale s and offset o such that
+//! w = s * u + o (Q4 types keep two quads per vector, in the low and high nibbles, so the
+//! packed matrix is as small as the file's). One vpdpbusd then multiplies 16 rows by four
+//! weights of one token (its four activation bytes broadcast), so the 16 outputs of a
+//! token land in one vector and nothing needs a horizontal sum, and a group is read as
+//! one stream.
 
 const std = @import("std");
 const builtin = @import("builtin");
@@ -60,91 +62,152 @@ pub fn dpbusdNaive(comptime n: usize, acc: @Vector(n, i32), u: @Vector(4 * n, u8
     return sum;
 }
 
-const group_rows = 16;
-const quad_bytes = 4 * group_rows;
-const block_packed_bytes = 8 * quad_bytes + 2 * group_rows * @sizeOf(f32); // quads, s, o
+pub const group_rows = 16;
+const vec_bytes = 64; // one zmm: 16 rows x 4 bytes
 
-/// Bytes of scratch one 16-row group of a `cols`-wide matrix takes.
-pub fn groupBytes(cols: usize) usize {
-    return cols / 32 * block_packed_bytes;
+/// Whether a quantized type is repacked at load for the integer products.
+pub fn packs(comptime T: type) bool {
+    return T == quant.BlockQ8_0 or T == quant.BlockQ4_0 or T == quant.BlockQ4_K;
+}
+
+/// 64-byte vectors of weights per 32-weight block: one per quad, or one per two quads of nibbles.
+fn vectorsPerBlock(comptime T: type) usize {
+    return if (T == quant.BlockQ8_0) 8 else 4;
+}
+
+/// Bytes of one packed 16-row group of a `cols`-wide matrix: the weight vectors of every
+/// block, then the scales (f16 per row and block; Q4_K: 6-bit scale and min per row and
+/// block, then f16 d and dmin per row and super-block), rounded up to 64 bytes.
+pub fn groupBytes(comptime T: type, cols: usize) usize {
+    const blocks = cols / 32;
+    const scales = if (T == quant.BlockQ4_K) blocks * 2 * group_rows + cols / 256 * 2 * group_rows * 2 else blocks * group_rows * 2;
+    return std.mem.alignForward(usize, blocks * vectorsPerBlock(T) * vec_bytes + scales, vec_bytes);
+}
+
+/// Bytes of a (rows, cols) matrix packed.
+pub fn packedBytes(comptime T: type, rows: usize, cols: usize) usize {
+    return (std.math.divCeil(usize, rows, group_rows) catch unreachable) * groupBytes(T, cols);
+}
+
+/// Rows [first, first + n) of w (n <= 16) packed into one group at dst; rows past n are zeros.
+/// The quads of the Q4 types share bytes: vector j of a block holds quad j in its low
+/// nibbles and quad j + 4 in its high ones (Q4_0's own byte order).
+fn packGroup(comptime T: type, dst: []u8, base: [*]align(1) const T, units: usize, first: usize, n: usize, cols: usize) void {
+    const blocks = cols / 32;
+    const vecs = vectorsPerBlock(T);
+    @memset(dst, 0);
+    const scales = dst[blocks * vecs * vec_bytes ..];
+    for (0..n) |r| {
+        const row = base + (first + r) * units;
+        for (0..blocks) |b| {
+            var u: [32]u8 = undefined;
+            switch (T) {
+                quant.BlockQ8_0 => {
+                    const blk = &row[b];
+                    for (&u, blk.qs) |*x, q| x.* = @as(u8, @bitCast(q)) ^ 0x80;
+                    std.mem.writeInt(u16, scales[2 * (group_rows * b + r) ..][0..2], blk.d, .little);
+                },
+                quant.BlockQ4_0 => {
+                    const blk = &row[b];
+                    for (0..16) |i| {
+                        u[i] = blk.qs[i] & 0xF;
+                        u[i + 16] = blk.qs[i] >> 4;
+                    }
+                    std.mem.writeInt(u16, scales[2 * (group_rows * b + r) ..][0..2], blk.d, .little);
+                },
+                quant.BlockQ4_K => {
+                    const blk = &row[b / 8];
+                    const sub = b % 8;
+                    for (0..32) |i| {
+                        const byte = blk.qs[32 * (sub / 2) + i];
+                        u[i] = if (sub % 2 == 0) byte & 0xF else byte >> 4;
+                    }
+                    const sm = quant.scaleMinK4(sub, &blk.scales);
+                    scales[group_rows * b + r] = sm[0];
+                    scales[group_rows * (blocks + b) + r] = sm[1];
+                    const dd = scales[2 * group_rows * blocks ..];
+                    const sb = b / 8;
+                    std.mem.writeInt(u16, dd[2 * (2 * group_rows * sb + r) ..][0..2], blk.d, .little);
+                    std.mem.writeInt(u16, dd[2 * (2 * group_rows * sb + group_rows + r) ..][0..2], blk.dmin, .little);
+                },
+                else => @compileError("not packed"),
+            }
+            for (0..32) |i| {
+                const k = i / 4; // quad
+                if (vecs == 8) {
+                    dst[(vecs * b + k) * vec_bytes + 4 * r + i % 4] = u[i];
+                } else {
+                    dst[(vecs * b + k % 4) * vec_bytes + 4 * r + i % 4] |= u[i] << @as(u3, if (k < 4) 0 else 4);
+                }
+            }
+        }
+    }
+}
+
+/// Packs a whole (rows, cols) matrix into dst (packedBytes long).
+pub fn pack(comptime T: type, dst: []u8, w_data: [*]const u8, rows: usize, cols: usize) void {
+    const gb = groupBytes(T, cols);
+    assert(dst.len >= packedBytes(T, rows, cols));
+    const base: [*]align(1) const T = @ptrCast(w_data);
+    const units = cols / quant.unitElems(T);
+    var g: usize = 0;
+    while (g * group_rows < rows) : (g += 1) {
+        packGroup(T, dst[g * gb ..][0..gb], base, units, g * group_rows, @min(group_rows, rows - g * group_rows), cols);
+    }
+}
+
+/// Per-row scale s and offset o of block b in a packed group (w = s * u + o), 16 rows at once.
+inline fn blockScales(comptime T: type, scales: [*]const u8, blocks: usize, b: usize) struct { s: F16, o: F16 } {
+    switch (T) {
+        quant.BlockQ8_0, quant.BlockQ4_0 => {
+            const h: @Vector(16, f16) = @bitCast(scales[32 * b ..][0..32].*);
+            const d: F16 = @floatCast(h);
+            return .{ .s = d, .o = d * @as(F16, @splat(if (T == quant.BlockQ8_0) -128 else -8)) };
+        },
+        quant.BlockQ4_K => {
+            const sc: @Vector(16, u8) = scales[group_rows * b ..][0..16].*;
+            const m: @Vector(16, u8) = scales[group_rows * (blocks + b) ..][0..16].*;
+            const dd = scales + 2 * group_rows * blocks + 64 * (b / 8);
+            const d: F16 = @floatCast(@as(@Vector(16, f16), @bitCast(dd[0..32].*)));
+            const dmin: F16 = @floatCast(@as(@Vector(16, f16), @bitCast(dd[32..64].*)));
+            // d * sc and dmin * m are exact in f32 (11 + 6 significant bits).
+            return .{ .s = d * @as(F16, @floatFromInt(sc)), .o = -(dmin * @as(F16, @floatFromInt(m))) };
+        },
+        else => @compileError("not packed"),
+    }
+}
+
+/// Row `row` of a packed matrix widened to f32 (the embedding lookup).
+pub fn unpackRow(comptime T: type, out: []f32, data: [*]const u8, cols: usize, row: usize) void {
+    const blocks = cols / 32;
+    const g = data + row / group_rows * groupBytes(T, cols);
+    const r = row % group_rows;
+    for (0..blocks) |b| {
+        const sc = blockScales(T, g + blocks * vectorsPerBlock(T) * vec_bytes, blocks, b);
+        for (0..32) |i| out[32 * b + i] = sc.s[r] * @as(f32, @floatFromInt(unpackedByte(T, g, b, r, i))) + sc.o[r];
+    }
+}
+
+/// Weight (row, col) of a packed matrix: for tests and one-off reads.
+pub fn weightAt(comptime T: type, data: [*]const u8, cols: usize, row: usize, col: usize) f32 {
+    const blocks = cols / 32;
+    const g = data + row / group_rows * groupBytes(T, cols);
+    const r = row % group_rows;
+    const sc = blockScales(T, g + blocks * vectorsPerBlock(T) * vec_bytes, blocks, col / 32);
+    return sc.s[r] * @as(f32, @floatFromInt(unpackedByte(T, g, col / 32, r, col % 32))) + sc.o[r];
+}
+
+/// u of weight i of block b, row r, in the packed group at g.
+inline fn unpackedByte(comptime T: type, g: [*]const u8, b: usize, r: usize, i: usize) u8 {
+    const vecs = vectorsPerBlock(T);
+    const k = i / 4; // quad
+    if (vecs == 8) return g[(vecs * b + k) * vec_bytes + 4 * r + i % 4];
+    const byte = g[(vecs * b + k % 4) * vec_bytes + 4 * r + i % 4];
+    return if (k < 4) byte & 0xF else byte >> 4;
 }
 
 const F16 = @Vector(16, f32);
 const I16 = @Vector(16, i32);
-
-/// One packed group in scratch: `blocks` blocks of quads, then s, then o (16 floats per block each).
-const Group = struct {
-    quads: [*]u8,
-    s: [*]align(1) f32,
-    o: [*]align(1) f32,
-
-    fn at(scratch: []u8, index: usize, blocks: usize) Group {
-        const base = scratch[index * blocks * block_packed_bytes ..].ptr;
-        const quads_len = blocks * 8 * quad_bytes;
-        return .{
-            .quads = base,
-            .s = @ptrCast(base + quads_len),
-            .o = @ptrCast(base + quads_len + blocks * group_rows * @sizeOf(f32)),
-        };
-    }
-};
-
-/// Row `row` of a quantized matrix, block `b` (32 weights) as w = s * u + o.
-inline fn unpackBlock(comptime T: type, row: [*]align(1) const T, b: usize) struct { u: @Vector(32, u8), s: f32, o: f32 } {
-    switch (T) {
-        quant.BlockQ8_0 => {
-            const blk = &row[b];
-            const d = quant.half(blk.d);
-            const q: @Vector(32, u8) = @bitCast(@as(@Vector(32, i8), blk.qs));
-            return .{ .u = q ^ @as(@Vector(32, u8), @splat(0x80)), .s = d, .o = -128 * d };
-        },
-        quant.BlockQ4_0 => {
-            const blk = &row[b];
-            const d = quant.half(blk.d);
-            const bytes: @Vector(16, u8) = blk.qs;
-            return .{ .u = std.simd.join(bytes & @as(@Vector(16, u8), @splat(0xF)), bytes >> @splat(4)), .s = d, .o = -8 * d };
-        },
-        quant.BlockQ4_K => {
-            const blk = &row[b / 8];
-            const sub = b % 8;
-            const g = sub / 2;
-            const bytes: @Vector(32, u8) = blk.qs[32 * g ..][0..32].*;
-            const sm = quant.scaleMinK4(sub, &blk.scales);
-            const u = if (sub % 2 == 0) bytes & @as(@Vector(32, u8), @splat(0xF)) else bytes >> @splat(4);
-            return .{
-                .u = u,
-                .s = quant.half(blk.d) * @as(f32, @floatFromInt(sm[0])),
-                .o = -quant.half(blk.dmin) * @as(f32, @floatFromInt(sm[1])),
-            };
-        },
-        else => @compileError("no integer GEMM for this type"),
-    }
-}
-
-/// Rows [first, first + n) of w (n <= 16) into group `g`; rows past n are zeros.
-fn pack(comptime T: type, g: Group, base: [*]align(1) const T, units: usize, first: usize, n: usize, blocks: usize) void {
-    for (0..group_rows) |r| {
-        if (r >= n) {
-            for (0..blocks) |b| {
-                inline for (0..8) |k| g.quads[(8 * b + k) * quad_bytes + 4 * r ..][0..4].* = .{ 0, 0, 0, 0 };
-                g.s[group_rows * b + r] = 0;
-                g.o[group_rows * b + r] = 0;
-            }
-            continue;
-        }
-        const row = base + (first + r) * units;
-        for (0..blocks) |b| {
-            const blk = unpackBlock(T, row, b);
-            const words: @Vector(8, u32) = @bitCast(blk.u);
-            inline for (0..8) |k| {
-                const dst: *align(1) u32 = @ptrCast(g.quads + (8 * b + k) * quad_bytes + 4 * r);
-                dst.* = words[k];
-            }
-            g.s[group_rows * b + r] = blk.s;
-            g.o[group_rows * b + r] = blk.o;
-        }
-    }
-}
 
 /// Four activation bytes of a token broadcast to every lane.
 inline fn broadcast4(p: [*]const i8) @Vector(64, i8) {
@@ -153,8 +216,8 @@ inline fn broadcast4(p: [*]const i8) @Vector(64, i8) {
 }
 
 /// Pulls the next pass's weight rows toward L2 a line at a time while this pass computes,
-/// so that packing them reads cache, not memory (a batch of decodes is otherwise as
-/// memory-bound in its packing as one decode, and compute-bound after it).
+/// so that they are read from cache, not memory, when their turn comes (a batch of
+/// decodes is otherwise memory-bound while it reads a pass, and compute-bound after it).
 pub const Prefetcher = struct {
     next: usize,
     end: usize,
@@ -169,8 +232,10 @@ pub const Prefetcher = struct {
     }
 };
 
-/// The 16 rows of group g against tokens first..first + nt: out[t] holds the 16 sums of token t.
-inline fn tile(comptime nt: usize, g: Group, blocks: usize, acts: quant.QuantActs, cols: usize, first: usize, prefetcher: *Prefetcher) [nt]F16 {
+/// The 16 rows of the packed group at g against tokens first..first + nt: out[t] holds the 16 sums of token t.
+inline fn tile(comptime T: type, comptime nt: usize, g: [*]const u8, blocks: usize, acts: quant.QuantActs, cols: usize, first: usize, prefetcher: *Prefetcher) [nt]F16 {
+    const vecs = comptime vectorsPerBlock(T);
+    const scales = g + blocks * vecs * vec_bytes;
     var acc: [nt]F16 = .{@as(F16, @splat(0))} ** nt;
     var xq: [nt][*]const i8 = undefined;
     var xblock: [nt]usize = undefined;
@@ -180,56 +245,77 @@ inline fn tile(comptime nt: usize, g: Group, blocks: usize, acts: quant.QuantAct
     }
     for (0..blocks) |b| {
         prefetcher.step();
-        var isum: [nt]I16 = .{@as(I16, @splat(0))} ** nt;
-        inline for (0..8) |k| {
-            const w: @Vector(64, u8) = g.quads[(8 * b + k) * quad_bytes ..][0..64].*;
-            inline for (0..nt) |t| isum[t] = dpbusd(16, isum[t], w, broadcast4(xq[t] + 32 * b + 4 * k));
+        // Two chains per token, so that one token's products need not wait on each other.
+        var isum: [nt][2]I16 = .{.{ @as(I16, @splat(0)), @as(I16, @splat(0)) }} ** nt;
+        const wb = g + b * vecs * vec_bytes;
+        if (vecs == 8) {
+            inline for (0..8) |k| {
+                const w: @Vector(64, u8) = wb[k * vec_bytes ..][0..vec_bytes].*;
+                inline for (0..nt) |t| isum[t][k % 2] = dpbusd(16, isum[t][k % 2], w, broadcast4(xq[t] + 32 * b + 4 * k));
+            }
+        } else {
+            inline for (0..4) |j| {
+                const v: @Vector(64, u8) = wb[j * vec_bytes ..][0..vec_bytes].*;
+                const lo = v & @as(@Vector(64, u8), @splat(0xF));
+                const hi = v >> @splat(4);
+                inline for (0..nt) |t| {
+                    isum[t][0] = dpbusd(16, isum[t][0], lo, broadcast4(xq[t] + 32 * b + 4 * j));
+                    isum[t][1] = dpbusd(16, isum[t][1], hi, broadcast4(xq[t] + 32 * b + 16 + 4 * j));
+                }
+            }
         }
-        const s: F16 = g.s[group_rows * b ..][0..group_rows].*;
-        const o: F16 = g.o[group_rows * b ..][0..group_rows].*;
+        const sc = blockScales(T, scales, blocks, b);
         inline for (0..nt) |t| {
             // sum_k w x = sum_k (s u + o) * d q = s * d * sum(u q) + o * (d * sum q)
-            const scaled = @as(F16, @floatFromInt(isum[t])) * @as(F16, @splat(acts.scale[xblock[t] + b]));
-            acc[t] = @mulAdd(F16, scaled, s, acc[t]);
-            acc[t] = @mulAdd(F16, o, @splat(acts.sum[xblock[t] + b]), acc[t]);
+            const isum_t = isum[t][0] + isum[t][1];
+            const scaled = @as(F16, @floatFromInt(isum_t)) * @as(F16, @splat(acts.scale[xblock[t] + b]));
+            acc[t] = @mulAdd(F16, scaled, sc.s, acc[t]);
+            acc[t] = @mulAdd(F16, sc.o, @splat(acts.sum[xblock[t] + b]), acc[t]);
         }
     }
     return acc;
 }
 
 const tokens_per_tile = 4;
+/// Packed bytes a pass covers while several token tiles run over them (well inside L2).
+const pass_bytes = 256 * 1024;
 
 /// out[n, r] = w[r] . x[n] for r in [row_begin, row_end) and every token n < n_tokens,
-/// with x given as 8-bit activations. scratch holds at least one packed group (groupBytes).
-pub fn matmulRows(comptime T: type, out: []f32, out_stride: usize, acts: quant.QuantActs, n_tokens: usize, w_data: [*]const u8, cols: usize, row_begin: usize, row_end: usize, scratch: []u8) void {
-    assert(cols % quant.unitElems(T) == 0);
+/// w packed (pack) and x given as 8-bit activations. A range that starts or ends inside
+/// a group computes the whole group and stores only its own rows.
+pub fn matmulRows(comptime T: type, out: []f32, out_stride: usize, acts: quant.QuantActs, n_tokens: usize, data: [*]const u8, cols: usize, row_begin: usize, row_end: usize) void {
+    assert(cols % 32 == 0);
     const blocks = cols / 32;
-    const units = cols / quant.unitElems(T);
-    const groups_per_pass = scratch.len / groupBytes(cols);
-    assert(groups_per_pass >= 1);
-    const base: [*]align(1) const T = @ptrCast(w_data);
-    const row_bytes = units * @sizeOf(T);
-    var r = row_begin;
-    while (r < row_end) {
-        const pass_first = r;
-        var groups: usize = 0;
-        while (groups < groups_per_pass and r < row_end) : (groups += 1) {
-            const n = @min(group_rows, row_end - r);
-            pack(T, Group.at(scratch, groups, blocks), base, units, r, n, blocks);
-            r += n;
-        }
-        const next_end = @min(row_end, r + groups_per_pass * group_rows);
-        var prefetcher = Prefetcher{ .next = @intFromPtr(w_data) + r * row_bytes, .end = @intFromPtr(w_data) + next_end * row_bytes };
+    const gb = groupBytes(T, cols);
+    const g_begin = row_begin / group_rows;
+    const g_end = std.math.divCeil(usize, row_end, group_rows) catch unreachable;
+    const groups_per_pass = if (n_tokens < tokens_per_tile) g_end - g_begin else @max(1, pass_bytes / gb);
+    var g0 = g_begin;
+    while (g0 < g_end) {
+        const g1 = @min(g_end, g0 + groups_per_pass);
+        var prefetcher = Prefetcher{ .next = @intFromPtr(data + g1 * gb), .end = @intFromPtr(data + @min(g_end, g1 + groups_per_pass) * gb) };
+        if (n_tokens < tokens_per_tile) prefetcher.end = prefetcher.next; // one pass: streamed
         var first: usize = 0;
         while (first < n_tokens) : (first += tokens_per_tile) {
             switch (@min(tokens_per_tile, n_tokens - first)) {
-                inline 1...tokens_per_tile => |nt| for (0..groups) |gi| {
-                    const sums = tile(nt, Group.at(scratch, gi, blocks), blocks, acts, cols, first, &prefetcher);
-                    store(1, nt, .{sums}, out, out_stride, first, pass_first + gi * group_rows, r);
+                inline 1...tokens_per_tile => |nt| for (g0..g1) |g| {
+                    const sums = tile(T, nt, data + g * gb, blocks, acts, cols, first, &prefetcher);
+                    const lo = @max(row_begin, g * group_rows);
+                    const hi = @min(row_end, g * group_rows + group_rows);
+                    inline for (0..nt) |t| {
+                        const dst = out[(first + t) * out_stride ..];
+                        if (hi - lo == group_rows) {
+                            dst[lo..][0..group_rows].* = sums[t];
+                        } else {
+                            const v: [group_rows]f32 = sums[t];
+                            @memcpy(dst[lo..hi], v[lo - g * group_rows .. hi - g * group_rows]);
+                        }
+                    }
                 },
                 else => unreachable,
             }
         }
+        g0 = g1;
     }
 }
 
@@ -277,12 +363,14 @@ test "vpdpbusd equals the widened multiply-add, for every byte sign" {
     }
 }
 
-test "integer GEMM equals a plain sum over decoded weights and quantized activations" {
+test "integer GEMM over packed weights equals a plain sum over decoded weights and quantized activations" {
     const Matrix = @import("kernels.zig").Matrix;
+    const allocator = testing.allocator;
     var prng = std.Random.DefaultPrng.init(17);
     const rng = prng.random();
     const cols = 512;
-    const rows = 37; // two full groups and a partial one
+    // 61 groups, the last partial: more than one pass of pass_bytes for every type.
+    const rows = 16 * 60 + 5;
     const max_tokens = 7; // a full tile of four and a remainder of three
     var x: [max_tokens * cols]f32 = undefined;
     for (&x) |*v| v.* = rng.floatNorm(f32);
@@ -291,24 +379,35 @@ test "integer GEMM equals a plain sum over decoded weights and quantized activat
     var sum: [max_tokens * cols / 32]f32 = undefined;
     const acts = quant.QuantActs{ .q = &q, .scale = &scale, .sum = &sum };
     acts.quantize(&x, 0, max_tokens, cols);
-    var storage: [rows * (cols / 32) * 34]u8 align(4) = undefined;
-    var scratch: [2 * groupBytes(cols)]u8 = undefined; // two groups per pass: the third takes a second pass
+    const storage = try allocator.alignedAlloc(u8, 4, rows * (cols / 32) * 34);
+    defer allocator.free(storage);
+    const out = try allocator.alloc(f32, max_tokens * (rows + 3));
+    defer allocator.free(out);
+    var row: [cols]f32 = undefined;
     inline for (.{ .{ quant.BlockQ8_0, .q8_0 }, .{ quant.BlockQ4_0, .q4_0 }, .{ quant.BlockQ4_K, .q4_k } }) |case| {
         const T = case[0];
-        rng.bytes(&storage);
-        const blocks: [*]align(1) T = @ptrCast(&storage);
+        rng.bytes(storage);
+        const blocks: [*]align(1) T = @ptrCast(storage.ptr);
         const units = cols / quant.unitElems(T);
         for (0..rows * units) |bi| {
             blocks[bi].d = @bitCast(@as(f16, @floatCast(rng.float(f32) * 0.01)));
             if (T == quant.BlockQ4_K) blocks[bi].dmin = @bitCast(@as(f16, @floatCast(rng.float(f32) * 0.01)));
         }
-        const w = Matrix{ .dtype = case[1], .data = &storage, .rows = rows, .cols = cols };
-        for ([_]usize{ 1, 4, 7 }) |n_tokens| {
+        const w = Matrix{ .dtype = case[1], .data = storage.ptr, .rows = rows, .cols = cols };
+        try testing.expect(packedBytes(T, rows, cols) > pass_bytes);
+        const packed_w = try allocator.alloc(u8, packedBytes(T, rows, cols));
+        defer allocator.free(packed_w);
+        pack(T, packed_w, storage.ptr, rows, cols);
+        // Every row unpacks to its decoded weights, exactly.
+        for (0..rows) |r| {
+            unpackRow(T, &row, packed_w.ptr, cols, r);
+            for (row, 0..) |v, k| try testing.expectEqual(w.get(r, k), v);
+        }
+        for ([_]usize{ 1, 2, 4, 7 }) |n_tokens| {
             const stride = rows + 3;
-            var out: [max_tokens * (rows + 3)]f32 = undefined;
-            @memset(&out, std.math.nan(f32));
-            // Rows 2..37: the row range need not start at a group boundary.
-            matmulRows(T, &out, stride, acts, n_tokens, &storage, cols, 2, rows, &scratch);
+            @memset(out, std.math.nan(f32));
+            // Rows 2..rows: the row range need not start at a group boundary.
+            matmulRows(T, out, stride, acts, n_tokens, packed_w.ptr, cols, 2, rows);
             for (0..n_tokens) |n| {
                 for (0..rows) |r| {
                     const got = out[n * stride + r];

@@ -4,7 +4,6 @@
 
 const std = @import("std");
 const assert = std.debug.assert;
-const qgemm = @import("qgemm.zig");
 
 /// Q8_0: 32 weights = d (f16) * q (i8).
 pub const BlockQ8_0 = extern struct { d: u16, qs: [32]i8 };
@@ -205,62 +204,6 @@ pub const QuantActs = struct {
     }
 };
 
-/// Whether a type has an 8-bit-activation dot product (the rest decode to f32).
-pub fn hasIntDot(comptime T: type) bool {
-    return T == BlockQ8_0 or T == BlockQ4_0 or T == BlockQ4_K;
-}
-
-/// Eight sums of four products u * q over 32 weights (vpdpbusd where the CPU has it).
-inline fn dot32(u: @Vector(32, u8), q: [*]const i8) @Vector(8, f32) {
-    return @floatFromInt(qgemm.dpbusd(8, @splat(0), u, q[0..32].*));
-}
-
-/// dot(w, x) for one quantized row against 8-bit activations `xq` (one token):
-/// integer products per 32 weights, scaled once per block. The weights enter the
-/// products as unsigned bytes (Q8_0 biased by 128, Q4_0's nibbles without their 8),
-/// and the bias comes back out through the block's sum of activations.
-pub fn dotRowInt(comptime T: type, w: [*]align(1) const T, xq: [*]const i8, xscale: [*]const f32, xsum: [*]const f32, n: usize) f32 {
-    const elems = comptime unitElems(T);
-    assert(n % elems == 0);
-    var acc: @Vector(8, f32) = @splat(0);
-    var offsets: f32 = 0; // sum over blocks of offset * (scale * sum q)
-    for (0..n / elems) |bi| {
-        const b = &w[bi];
-        switch (T) {
-            BlockQ8_0 => {
-                const d = half(b.d);
-                const u = @as(@Vector(32, u8), @bitCast(@as(@Vector(32, i8), b.qs))) ^ @as(@Vector(32, u8), @splat(0x80));
-                acc = @mulAdd(@Vector(8, f32), dot32(u, xq + 32 * bi), @splat(d * xscale[bi]), acc);
-                offsets += 128 * d * xsum[bi];
-            },
-            BlockQ4_0 => {
-                const d = half(b.d);
-                const bytes: @Vector(16, u8) = b.qs;
-                const u = std.simd.join(bytes & @as(@Vector(16, u8), @splat(0xF)), bytes >> @splat(4));
-                acc = @mulAdd(@Vector(8, f32), dot32(u, xq + 32 * bi), @splat(d * xscale[bi]), acc);
-                offsets += 8 * d * xsum[bi];
-            },
-            BlockQ4_K => {
-                const d = half(b.d);
-                const dmin = half(b.dmin);
-                inline for (0..4) |g| {
-                    const bytes: @Vector(32, u8) = b.qs[32 * g ..][0..32].*;
-                    inline for (0..2) |sub| {
-                        const sm = scaleMinK4(2 * g + sub, &b.scales);
-                        const x_block = 8 * bi + 2 * g + sub; // 32-weight activation block
-                        const nib = if (sub == 0) bytes & @as(@Vector(32, u8), @splat(0xF)) else bytes >> @splat(4);
-                        const scale = d * @as(f32, @floatFromInt(sm[0])) * xscale[x_block];
-                        acc = @mulAdd(@Vector(8, f32), dot32(nib, xq + 32 * x_block), @splat(scale), acc);
-                        offsets += dmin * @as(f32, @floatFromInt(sm[1])) * xsum[x_block];
-                    }
-                }
-            },
-            else => @compileError("no integer dot for this type"),
-        }
-    }
-    return @reduce(.Add, acc) - offsets;
-}
-
 /// One weight, for the slow paths (embedding rows): the same decode, lane by lane.
 pub fn scalar(comptime T: type, p: [*]align(1) const T, i: usize) f32 {
     const lanes = 8;
@@ -343,37 +286,4 @@ test "Q6_K decodes low and high bits with the right scale" {
         want[128 * h + l + 96] = 0.125 * @as(f32, @floatFromInt(@as(i32, scl[is + 6]) * q4));
     };
     for (0..256) |e| try testing.expectApproxEqAbs(want[e], scalar(BlockQ6_K, p, e), 1e-5);
-}
-
-test "the 8-bit-activation dot equals a plain dot over quantized activations" {
-    var prng = std.Random.DefaultPrng.init(21);
-    const rng = prng.random();
-    const n = 512;
-    var x: [n]f32 = undefined;
-    for (&x) |*v| v.* = rng.floatNorm(f32);
-    var q: [n]i8 = undefined;
-    var scale: [n / 32]f32 = undefined;
-    var sum: [n / 32]f32 = undefined;
-    const acts = QuantActs{ .q = &q, .scale = &scale, .sum = &sum };
-    acts.quantize(&x, 0, 1, n);
-    // The quantized activations stay within half a step of x (plus the f16 rounding of the step).
-    for (x, 0..) |v, i| try testing.expectApproxEqAbs(v, scale[i / 32] * @as(f32, @floatFromInt(q[i])), scale[i / 32] * (0.5 + 127.0 / 2048.0) + 1e-6);
-    var storage: [(n / 32) * 34 + 64]u8 align(4) = undefined;
-    inline for (.{ BlockQ8_0, BlockQ4_0, BlockQ4_K }) |T| {
-        rng.bytes(&storage);
-        const blocks: [*]align(1) T = @ptrCast(&storage);
-        for (0..n / unitElems(T)) |bi| {
-            blocks[bi].d = f16Bits(rng.float(f32) * 0.01);
-            if (T == BlockQ4_K) blocks[bi].dmin = f16Bits(rng.float(f32) * 0.01);
-        }
-        var want: f64 = 0;
-        var magnitude: f64 = 0; // terms cancel (Q4_K's mins): f32 error scales with their size
-        for (0..n) |i| {
-            const term = @as(f64, scalar(T, blocks, i)) * scale[i / 32] * @as(f64, @floatFromInt(q[i]));
-            want += term;
-            magnitude += @abs(term);
-        }
-        const got = dotRowInt(T, blocks, &q, &scale, &sum, n);
-        try testing.expectApproxEqAbs(@as(f32, @floatCast(want)), got, @as(f32, @floatCast(1e-5 * magnitude + 1e-5)));
-    }
 }

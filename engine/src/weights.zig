@@ -1,13 +1,17 @@
 //! The model's weights: files mapped read-only, and a view per tensor placed by
-//! the manifest TypeScript sends. Nothing is copied; f16 and bf16 weights are
-//! computed in place (widened to f32 inside the dot product), which halves the
-//! bytes a decode step reads compared with widening at load.
+//! the manifest TypeScript sends. Float weights are computed in place (f16 and bf16
+//! widened to f32 inside the dot product), which halves the bytes a decode step reads
+//! compared with widening at load. Q8_0, Q4_0 and Q4_K matrices are repacked once into
+//! the integer products' layout (qgemm.pack, the same size as the file's blocks), and
+//! their pages of the mapping are dropped, so the process holds each weight once.
 
 const std = @import("std");
 const assert = std.debug.assert;
 const abi = @import("abi.zig");
 const errors = @import("errors.zig");
-const Matrix = @import("kernels.zig").Matrix;
+const kernels = @import("kernels.zig");
+const Matrix = kernels.Matrix;
+const qgemm = @import("qgemm.zig");
 
 pub const files_max = 256;
 pub const layers_max = 512;
@@ -26,6 +30,7 @@ pub const Layer = struct {
 
 pub const Weights = struct {
     maps: [][]align(std.mem.page_size) const u8,
+    packed_buffers: [][]align(std.mem.page_size) u8,
     token_embd: Matrix, // (vocab, hidden)
     layers: []Layer,
     output_norm: Matrix, // (1, hidden)
@@ -34,6 +39,8 @@ pub const Weights = struct {
     pub fn deinit(w: *Weights, allocator: std.mem.Allocator) void {
         for (w.maps) |m| std.posix.munmap(m);
         allocator.free(w.maps);
+        for (w.packed_buffers) |b| std.heap.page_allocator.free(b);
+        allocator.free(w.packed_buffers);
         allocator.free(w.layers);
         w.* = undefined;
     }
@@ -117,13 +124,60 @@ pub fn load(
         status.* = errors.fail(.invalid_argument, "missing tensor output (lm_head) and the config does not tie word embeddings", .{});
         return error.LoadFailed;
     };
-    return .{
+    var w = Weights{
         .maps = maps,
+        .packed_buffers = &.{},
         .token_embd = token_embd,
         .layers = layers,
         .output_norm = try need(slots, 2, .output_norm, 0, status),
         .output = output,
     };
+    try packAll(allocator, &w);
+    return w;
+}
+
+/// Repacks every Q8_0, Q4_0 and Q4_K matrix for the integer products (a tied output
+/// shares the embedding's), then drops the mapped pages they were read from.
+fn packAll(allocator: std.mem.Allocator, w: *Weights) !void {
+    var all = std.ArrayList(*Matrix).init(allocator);
+    defer all.deinit();
+    try all.append(&w.token_embd);
+    for (w.layers) |*l| {
+        inline for (.{ "wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down" }) |name| try all.append(&@field(l, name));
+    }
+    try all.append(&w.output);
+    var buffers = std.ArrayList([]align(std.mem.page_size) u8).init(allocator);
+    errdefer {
+        for (buffers.items) |b| std.heap.page_allocator.free(b);
+        buffers.deinit();
+    }
+    for (all.items, 0..) |m, i| {
+        if (i == all.items.len - 1 and m.data == w.token_embd.data and w.token_embd.repacked) {
+            m.* = w.token_embd;
+            continue;
+        }
+        switch (m.dtype) {
+            inline .q8_0, .q4_0, .q4_k => |t| {
+                const T = kernels.StorageType(t);
+                const buffer = try std.heap.page_allocator.alignedAlloc(u8, std.mem.page_size, qgemm.packedBytes(T, m.rows, m.cols));
+                try buffers.append(buffer);
+                qgemm.pack(T, buffer, m.data, m.rows, m.cols);
+                dropPages(m.data, m.rows * m.rowBytes());
+                m.* = .{ .dtype = m.dtype, .data = buffer.ptr, .rows = m.rows, .cols = m.cols, .repacked = true };
+            },
+            else => {},
+        }
+    }
+    w.packed_buffers = try buffers.toOwnedSlice();
+}
+
+/// Releases the whole pages of a mapped range (they are read again from the file if touched).
+fn dropPages(data: [*]const u8, len: usize) void {
+    const begin = std.mem.alignForward(usize, @intFromPtr(data), std.mem.page_size);
+    const end = std.mem.alignBackward(usize, @intFromPtr(data) + len, std.mem.page_size);
+    if (end <= begin) return;
+    const pages: [*]align(std.mem.page_size) u8 = @ptrFromInt(begin);
+    std.posix.madvise(pages, end - begin, std.posix.MADV.DONTNEED) catch {};
 }
 
 fn mapFile(path: [:0]const u8) ![]align(std.mem.page_size) const u8 {
