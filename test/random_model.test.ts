@@ -38,8 +38,10 @@ const cases: { name: string; shape: RandomLlamaShape; dtype: WeightDType | Quant
   { name: "GQA, Q4_K (GGUF)", shape: GQA, dtype: "q4_k", format: "gguf" },
   { name: "GQA, Q6_K (GGUF)", shape: GQA, dtype: "q6_k", format: "gguf" },
   { name: "GQA f32 (HF) with an f16 KV cache", shape: GQA, dtype: "f32", format: "hf", kvCacheDtype: "f16" },
-  // bf16 products (--dtype bfloat16) in the 9-token prefill; decode steps stay f32.
+  // bf16 products (--dtype bfloat16): weights repacked to bf16 at load, every step in bf16.
   { name: "GQA f16 (GGUF) with bf16 compute", shape: GQA, dtype: "f16", format: "gguf", computeDtype: "bf16" },
+  // Tied: the packed output matrix is also the embedding the tokens are read from.
+  { name: "tiny bf16 (HF, tied) with bf16 compute", shape: TINY, dtype: "bf16", format: "hf", computeDtype: "bf16" },
 ];
 const QUANT_TYPES: readonly string[] = ["q8_0", "q4_0", "q4_k", "q6_k"];
 

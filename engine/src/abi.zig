@@ -100,7 +100,7 @@ pub const EngineConfig = extern struct {
     max_blocks_per_seq: u32,
     num_threads: u32,
     kv_cache_dtype: u32, // DType.f32 or DType.f16
-    compute_dtype: u32, // DType.f32 or DType.bf16 (float weights shared by several tokens)
+    compute_dtype: u32, // DType.f32 or DType.bf16 (float weights repacked to bf16 at load, every product in bf16)
 };
 
 pub const SamplingParams = extern struct {

@@ -1,19 +1,20 @@
-//! bf16 matrix products for float weights (f32, f16, bf16) shared by several tokens,
-//! when the engine is asked for bf16 compute (`--dtype bfloat16`, as vLLM's CPU backend
-//! runs f16 models): weights and activations rounded to bf16, products summed in f32
-//! by AVX-512 BF16's vdpbf16ps, twice the multiply-adds per instruction of f32 FMA.
+//! bf16 matrix products for float weights (f32, f16, bf16), when the engine is asked
+//! for bf16 compute (`--dtype bfloat16`, as vLLM's CPU backend runs f16 models):
+//! weights and activations rounded to bf16, products summed in f32 by AVX-512 BF16's
+//! vdpbf16ps, twice the multiply-adds per instruction of f32 FMA.
 //!
-//! The layout mirrors qgemm's: a pass repacks 16-row groups once; in a group, "pair" p
-//! holds row r's weights 2p and 2p+1 at bytes 4r..4r+3, so one vdpbf16ps multiplies
-//! 16 rows by two weights of a token (its two activations broadcast) and the 16 sums of
-//! a token land in one vector.
+//! The weights are repacked once, at load, into 16-row groups (qgemm's layout, in pairs):
+//! "pair" p of a group holds row r's weights 2p and 2p+1 at bytes 4r..4r+3, so one
+//! vdpbf16ps multiplies 16 rows by two weights of a token (its two activations
+//! broadcast) and the 16 sums of a token land in one vector. A packed matrix is two
+//! bytes a weight: an f16 model's size, half an f32 model's.
 
 const std = @import("std");
 const assert = std.debug.assert;
 const qgemm = @import("qgemm.zig");
 const Prefetcher = qgemm.Prefetcher;
 const hasX86 = qgemm.hasX86;
-const store = qgemm.store;
+const storeGroup = qgemm.storeGroup;
 
 pub const has_bf16 = hasX86(.avx512bf16) and hasX86(.avx512vl);
 const has_bf16_512 = has_bf16 and hasX86(.evex512);
@@ -74,12 +75,17 @@ pub fn convertActs(out: []u16, x: []const f32, begin: usize, end: usize, cols: u
     while (i < end * cols) : (i += 16) out[i..][0..16].* = toBf16(16, x[i..][0..16].*);
 }
 
-const group_rows = 16;
+const group_rows = qgemm.group_rows;
 const pair_bytes = 4 * group_rows;
 
-/// Bytes of scratch one 16-row group of a `cols`-wide matrix takes.
+/// Bytes of one packed 16-row group of a `cols`-wide matrix.
 pub fn groupBytes(cols: usize) usize {
     return cols / 2 * pair_bytes;
+}
+
+/// Bytes of a (rows, cols) matrix packed.
+pub fn packedBytes(rows: usize, cols: usize) usize {
+    return (std.math.divCeil(usize, rows, group_rows) catch unreachable) * groupBytes(cols);
 }
 
 /// 16 consecutive weights of row `row` from element k, as bf16.
@@ -93,27 +99,39 @@ inline fn load16(comptime T: type, row: [*]align(1) const T, k: usize) @Vector(1
     };
 }
 
-/// Rows [first, first + n) of w (n <= 16) into the group at `dst`; rows past n are zeros.
-fn pack(comptime T: type, dst: [*]u8, base: [*]align(1) const T, cols: usize, first: usize, n: usize) void {
-    for (0..group_rows) |r| {
-        if (r >= n) {
-            for (0..cols / 2) |p| dst[p * pair_bytes + 4 * r ..][0..4].* = .{ 0, 0, 0, 0 };
-            continue;
-        }
-        const row = base + (first + r) * cols;
+/// Packs a whole (rows, cols) matrix of T (f32, f16 or bf16 as u16) into dst (packedBytes long).
+pub fn pack(comptime T: type, dst: []u8, w_data: [*]const u8, rows: usize, cols: usize) void {
+    assert(cols % 16 == 0);
+    assert(dst.len >= packedBytes(rows, cols));
+    @memset(dst, 0); // rows past the last pad the last group
+    const base: [*]align(1) const T = @ptrCast(w_data);
+    for (0..rows) |row| {
+        const group = dst[row / group_rows * groupBytes(cols) ..].ptr;
+        const r = row % group_rows;
         var k: usize = 0;
         while (k < cols) : (k += 16) {
-            const words: @Vector(8, u32) = @bitCast(load16(T, row, k));
+            const words: @Vector(8, u32) = @bitCast(load16(T, base + row * cols, k));
             inline for (0..8) |j| {
-                const word: *align(1) u32 = @ptrCast(dst + (k / 2 + j) * pair_bytes + 4 * r);
+                const word: *align(1) u32 = @ptrCast(group + (k / 2 + j) * pair_bytes + 4 * r);
                 word.* = words[j];
             }
         }
     }
 }
 
-/// ng groups (consecutive in scratch) against tokens first..first + nt: out[g][t] holds
-/// the 16 sums of group g for token t. ng * nt independent sums hide the instruction's latency.
+/// Weight (row, col) of a packed matrix: for tests and one-off reads.
+pub fn weightAt(data: [*]const u8, cols: usize, row: usize, col: usize) f32 {
+    const at = data + row / group_rows * groupBytes(cols) + col / 2 * pair_bytes + 4 * (row % group_rows) + 2 * (col % 2);
+    return @bitCast(@as(u32, std.mem.readInt(u16, at[0..2], .little)) << 16);
+}
+
+/// Row `row` of a packed matrix widened to f32 (the embedding lookup).
+pub fn unpackRow(out: []f32, data: [*]const u8, cols: usize, row: usize) void {
+    for (out, 0..) |*o, k| o.* = weightAt(data, cols, row, k);
+}
+
+/// ng groups (consecutive) against tokens first..first + nt: out[g][t] holds the 16 sums
+/// of group g for token t. ng * nt independent sums hide the instruction's latency.
 inline fn tile(comptime ng: usize, comptime nt: usize, groups: [*]const u8, group_bytes: usize, cols: usize, acts: []const u16, first: usize, prefetcher: *Prefetcher) [ng][nt]F16 {
     var acc: [ng][nt]F16 = .{.{@as(F16, @splat(0))} ** nt} ** ng;
     var x: [nt][*]align(1) const u32 = undefined;
@@ -131,45 +149,43 @@ inline fn tile(comptime ng: usize, comptime nt: usize, groups: [*]const u8, grou
 }
 
 const tokens_per_tile = 6;
+/// Packed bytes a pass covers while several token tiles run over them (well inside L2).
+const pass_bytes = 256 * 1024;
 
 /// out[n, r] = w[r] . x[n] in bf16 products, for r in [row_begin, row_end) and every
-/// token n < n_tokens; acts is x in bf16 (tokens, cols). scratch holds at least one group.
-pub fn matmulRows(comptime T: type, out: []f32, out_stride: usize, acts: []const u16, n_tokens: usize, w_data: [*]const u8, cols: usize, row_begin: usize, row_end: usize, scratch: []u8) void {
+/// token n < n_tokens; w packed (pack), acts is x in bf16 (tokens, cols).
+pub fn matmulRows(out: []f32, out_stride: usize, acts: []const u16, n_tokens: usize, data: [*]const u8, cols: usize, row_begin: usize, row_end: usize) void {
     assert(cols % 16 == 0);
-    const group_bytes = groupBytes(cols);
-    const groups_per_pass = scratch.len / group_bytes;
-    assert(groups_per_pass >= 1);
-    const base: [*]align(1) const T = @ptrCast(w_data);
-    var r = row_begin;
-    while (r < row_end) {
-        const pass_first = r;
-        var groups: usize = 0;
-        while (groups < groups_per_pass and r < row_end) : (groups += 1) {
-            const n = @min(group_rows, row_end - r);
-            pack(T, scratch[groups * group_bytes ..].ptr, base, cols, r, n);
-            r += n;
-        }
+    const gb = groupBytes(cols);
+    const g_begin = row_begin / group_rows;
+    const g_end = std.math.divCeil(usize, row_end, group_rows) catch unreachable;
+    const single_pass = n_tokens <= tokens_per_tile;
+    const groups_per_pass = if (single_pass) g_end - g_begin else @max(2, pass_bytes / gb);
+    var g0 = g_begin;
+    while (g0 < g_end) {
+        const g1 = @min(g_end, g0 + groups_per_pass);
         // The next pass's rows toward L2 while this one computes (see qgemm's Prefetcher).
-        const next_end = @min(row_end, r + groups_per_pass * group_rows);
-        var prefetcher = Prefetcher{ .next = @intFromPtr(w_data) + r * cols * @sizeOf(T), .end = @intFromPtr(w_data) + next_end * cols * @sizeOf(T) };
+        var prefetcher = Prefetcher{ .next = @intFromPtr(data + g1 * gb), .end = @intFromPtr(data + @min(g_end, g1 + groups_per_pass) * gb) };
+        if (single_pass) prefetcher.end = prefetcher.next; // one pass: streamed
         var first: usize = 0;
         while (first < n_tokens) : (first += tokens_per_tile) {
             switch (@min(tokens_per_tile, n_tokens - first)) {
                 inline 1...tokens_per_tile => |nt| {
-                    var gi: usize = 0;
-                    while (gi < groups) {
-                        if (gi + 2 <= groups) {
-                            store(2, nt, tile(2, nt, scratch[gi * group_bytes ..].ptr, group_bytes, cols, acts, first, &prefetcher), out, out_stride, first, pass_first + gi * group_rows, r);
-                            gi += 2;
-                        } else {
-                            store(1, nt, tile(1, nt, scratch[gi * group_bytes ..].ptr, group_bytes, cols, acts, first, &prefetcher), out, out_stride, first, pass_first + gi * group_rows, r);
-                            gi += 1;
-                        }
+                    // Fewer tokens, more groups at once: enough independent sums either way.
+                    const ng = if (nt <= 2) 4 else 2;
+                    var g = g0;
+                    while (g + ng <= g1) : (g += ng) {
+                        const sums = tile(ng, nt, data + g * gb, gb, cols, acts, first, &prefetcher);
+                        inline for (0..ng) |i| storeGroup(nt, sums[i], out, out_stride, first, g + i, row_begin, row_end);
+                    }
+                    while (g < g1) : (g += 1) {
+                        storeGroup(nt, tile(1, nt, data + g * gb, gb, cols, acts, first, &prefetcher)[0], out, out_stride, first, g, row_begin, row_end);
                     }
                 },
                 else => unreachable,
             }
         }
+        g0 = g1;
     }
 }
 
@@ -214,8 +230,8 @@ test "bf16 GEMM equals a plain sum over bf16-rounded weights and activations" {
     var prng = std.Random.DefaultPrng.init(23);
     const rng = prng.random();
     const cols = 96;
-    const rows = 37;
-    const max_tokens = 7;
+    const rows = 16 * 4 + 5; // four full groups (one tile of four at few tokens) and a partial one
+    const max_tokens = 13; // two tiles of six tokens and one left
     var x: [max_tokens * cols]f32 = undefined;
     for (&x) |*v| v.* = rng.floatNorm(f32);
     var acts: [max_tokens * cols]u16 = undefined;
@@ -224,14 +240,19 @@ test "bf16 GEMM equals a plain sum over bf16-rounded weights and activations" {
     for (&w32) |*v| v.* = rng.floatNorm(f32) * 0.1;
     var w16: [rows * cols]f16 = undefined;
     for (&w16, w32) |*h, v| h.* = @floatCast(v);
-    var scratch: [2 * groupBytes(cols)]u8 = undefined; // two groups per pass: the third takes a second pass
+    var packed_w: [packedBytes(rows, cols)]u8 align(64) = undefined;
     inline for (.{ f32, f16 }) |T| {
         const w: []const T = if (T == f32) &w32 else &w16;
-        for ([_]usize{ 1, 4, 7 }) |n_tokens| {
+        pack(T, &packed_w, @ptrCast(w.ptr), rows, cols);
+        for (0..rows) |r| for (0..cols) |k| {
+            const wk = toBf16(1, @as(@Vector(1, f32), @splat(@as(f32, @floatCast(w[r * cols + k])))))[0];
+            try testing.expectEqual(@as(f32, @floatCast(bf16Value(wk))), weightAt(&packed_w, cols, r, k));
+        };
+        for ([_]usize{ 1, 2, 4, 7, 13 }) |n_tokens| {
             const stride = rows + 3;
             var out: [max_tokens * (rows + 3)]f32 = undefined;
             @memset(&out, std.math.nan(f32));
-            matmulRows(T, &out, stride, &acts, n_tokens, @ptrCast(w.ptr), cols, 2, rows, &scratch);
+            matmulRows(&out, stride, &acts, n_tokens, &packed_w, cols, 2, rows);
             for (0..n_tokens) |n| {
                 for (0..rows) |r| {
                     const got = out[n * stride + r];

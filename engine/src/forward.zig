@@ -30,7 +30,7 @@ pub const Scratch = struct {
     counts: []u32, // (threads, vocab) zero between uses
     raw: []f32, // (threads, vocab)
     seq_of_token: []u32, // (max_tokens) which sequence of the batch each token belongs to
-    decoded: []f32, // (threads, 16 * widest) quantized rows decoded to f32, or float rows packed for bf16 products
+    decoded: []f32, // (threads, 16 * widest) quantized rows (Q6_K) decoded to f32
     acts_q: []i8, // (max_tokens, widest) activations quantized to 8 bits, for quantized weights
     acts_scale: []f32, // (max_tokens, widest / 32)
     acts_sum: []f32, // (max_tokens, widest / 32)
@@ -72,10 +72,8 @@ pub const Scratch = struct {
         return @max(@max(m.hidden_size, m.intermediate_size), m.num_heads * m.head_dim);
     }
 
-    /// Quantized rows decoded to f32 per pass: 16 rows (four tiles) share each block of x.
-    /// The same space holds two 16-row groups packed for the bf16 products.
+    /// Quantized rows decoded to f32 per pass (Q6_K): 16 rows (four tiles) share each block of x.
     pub fn decodedPerThread(m: abi.ModelConfig) usize {
-        comptime assert(4 * kernels.tile_rows * @sizeOf(f32) * 32 >= 2 * bgemm.groupBytes(32));
         return 4 * kernels.tile_rows * widest(m);
     }
 
@@ -151,20 +149,21 @@ const ConvertCtx = struct {
 fn matmul(e: *Engine, out: []f32, x: []const f32, n_tokens: usize, ws: []const Matrix) void {
     var total_rows: usize = 0;
     var int_dot = false;
-    var float_weights = false;
+    var bf16_products = false;
     for (ws) |w| {
         total_rows += w.rows;
-        int_dot = int_dot or w.dtype == .q8_0 or w.dtype == .q4_0 or w.dtype == .q4_k;
-        float_weights = float_weights or w.dtype == .f32 or w.dtype == .f16 or w.dtype == .bf16;
+        const float = w.dtype == .f32 or w.dtype == .f16 or w.dtype == .bf16;
+        int_dot = int_dot or (w.repacked and !float);
+        bf16_products = bf16_products or (w.repacked and float);
     }
-    // The input converted once for every row: quantized to 8 bits for quantized weights
-    // (llama.cpp's Q8 activations, met in integer products), rounded to bf16 for float
-    // weights shared by several tokens when bf16 compute is on.
+    // The input converted once for every row: quantized to 8 bits for packed quantized
+    // weights (llama.cpp's Q8 activations, met in integer products), rounded to bf16 for
+    // float weights packed for bf16 products.
     const cols = ws[0].cols;
     const shared = n_tokens >= kernels.tile_tokens; // several tokens meet each weight tile
     const convert = ConvertCtx{
-        .q8 = if (int_dot and cols % 32 == 0) .{ .q = e.scratch.acts_q, .scale = e.scratch.acts_scale, .sum = e.scratch.acts_sum } else null,
-        .bf16 = if (float_weights and e.scratch.acts_bf16.len > 0 and shared and cols % 16 == 0) e.scratch.acts_bf16 else null,
+        .q8 = if (int_dot) .{ .q = e.scratch.acts_q, .scale = e.scratch.acts_scale, .sum = e.scratch.acts_sum } else null,
+        .bf16 = if (bf16_products) e.scratch.acts_bf16 else null,
         .x = x,
         .cols = cols,
     };

@@ -12,7 +12,8 @@ pub const vec_len = 16;
 const V = @Vector(vec_len, f32);
 
 /// A 2-D weight matrix in its stored dtype: (rows, cols), row-major, not necessarily
-/// aligned; or, `repacked`, Q8_0/Q4_0/Q4_K repacked for the integer products (qgemm.pack).
+/// aligned; or, `repacked`, Q8_0/Q4_0/Q4_K repacked for the integer products (qgemm.pack)
+/// or float weights repacked in bf16 for bf16 products (bgemm.pack).
 pub const Matrix = struct {
     dtype: DType,
     data: [*]const u8,
@@ -31,6 +32,7 @@ pub const Matrix = struct {
         assert(out.len == m.cols);
         if (m.repacked) return switch (m.dtype) {
             inline .q8_0, .q4_0, .q4_k => |t| qgemm.unpackRow(StorageType(t), out, m.data, m.cols, row),
+            .f32, .f16, .bf16 => bgemm.unpackRow(out, m.data, m.cols, row),
             else => unreachable,
         };
         const row_ptr = m.data + row * m.rowBytes();
@@ -49,6 +51,7 @@ pub const Matrix = struct {
         assert(col < m.cols);
         if (m.repacked) return switch (m.dtype) {
             inline .q8_0, .q4_0, .q4_k => |t| qgemm.weightAt(StorageType(t), m.data, m.cols, row, col),
+            .f32, .f16, .bf16 => bgemm.weightAt(m.data, m.cols, row, col),
             else => unreachable,
         };
         const row_ptr = m.data + row * m.rowBytes();
@@ -126,15 +129,13 @@ pub inline fn dot(comptime T: type, w: [*]align(1) const T, x: [*]const f32, n: 
 /// out: (n_tokens, out_stride), x: (n_tokens, w.cols). Each weight row is read once
 /// for all tokens, so a batch of sequences shares one pass over the weights.
 /// scratch: at least decoded_rows_min * w.cols floats (more lets a pass hold more rows),
-/// for unpacked quantized weights shared by several tokens, and bgemm.groupBytes(w.cols)
-/// bytes for bf16 products.
+/// for unpacked quantized weights shared by several tokens.
 /// acts: x in the forms the weights' fast paths take, where the caller made them.
 pub fn matmulRows(out: []f32, out_stride: usize, x: []const f32, n_tokens: usize, w: Matrix, row_begin: usize, row_end: usize, scratch: []f32, acts: Acts) void {
     switch (w.dtype) {
         inline .f32, .f16, .bf16 => |t| {
-            if (acts.bf16) |a| if (n_tokens >= tile_tokens and w.cols % 16 == 0) {
-                return bgemm.matmulRows(StorageType(t), out, out_stride, a, n_tokens, w.data, w.cols, row_begin, row_end, std.mem.sliceAsBytes(scratch));
-            };
+            // Packed for bf16 products: the caller rounded x to bf16.
+            if (w.repacked) return bgemm.matmulRows(out, out_stride, acts.bf16.?, n_tokens, w.data, w.cols, row_begin, row_end);
             matmulRowsTyped(StorageType(t), out, out_stride, x, n_tokens, w, row_begin, row_end);
         },
         inline .q8_0, .q4_0, .q4_k, .q6_k => |t| {
@@ -155,7 +156,7 @@ pub fn matmulRows(out: []f32, out_stride: usize, x: []const f32, n_tokens: usize
 pub const Acts = struct {
     /// Quantized to 8 bits: for packed (Q8_0, Q4_0, Q4_K) weights, which need it.
     q8: ?quant.QuantActs = null,
-    /// Rounded to bf16 (tokens, cols): float weights in bf16 products, when asked for.
+    /// Rounded to bf16 (tokens, cols): for packed float weights (bf16 products), which need it.
     bf16: ?[]const u16 = null,
 };
 

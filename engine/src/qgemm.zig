@@ -299,18 +299,7 @@ pub fn matmulRows(comptime T: type, out: []f32, out_stride: usize, acts: quant.Q
         while (first < n_tokens) : (first += tokens_per_tile) {
             switch (@min(tokens_per_tile, n_tokens - first)) {
                 inline 1...tokens_per_tile => |nt| for (g0..g1) |g| {
-                    const sums = tile(T, nt, data + g * gb, blocks, acts, cols, first, &prefetcher);
-                    const lo = @max(row_begin, g * group_rows);
-                    const hi = @min(row_end, g * group_rows + group_rows);
-                    inline for (0..nt) |t| {
-                        const dst = out[(first + t) * out_stride ..];
-                        if (hi - lo == group_rows) {
-                            dst[lo..][0..group_rows].* = sums[t];
-                        } else {
-                            const v: [group_rows]f32 = sums[t];
-                            @memcpy(dst[lo..hi], v[lo - g * group_rows .. hi - g * group_rows]);
-                        }
-                    }
+                    storeGroup(nt, tile(T, nt, data + g * gb, blocks, acts, cols, first, &prefetcher), out, out_stride, first, g, row_begin, row_end);
                 },
                 else => unreachable,
             }
@@ -319,19 +308,17 @@ pub fn matmulRows(comptime T: type, out: []f32, out_stride: usize, acts: quant.Q
     }
 }
 
-/// Group g's 16 sums for token t go to out[first + t, row0 + 16g ..], rows before row_end only.
-pub inline fn store(comptime ng: usize, comptime nt: usize, sums: [ng][nt]F16, out: []f32, out_stride: usize, first: usize, row0: usize, row_end: usize) void {
-    inline for (0..ng) |g| {
-        const rows_at = row0 + g * group_rows;
-        const n_rows = @min(group_rows, row_end - rows_at);
-        inline for (0..nt) |t| {
-            const dst = out[(first + t) * out_stride + rows_at ..];
-            if (n_rows == group_rows) {
-                dst[0..group_rows].* = sums[g][t];
-            } else {
-                const v: [group_rows]f32 = sums[g][t];
-                @memcpy(dst[0..n_rows], v[0..n_rows]);
-            }
+/// Group g's 16 sums for token t go to out[first + t, 16g ..], rows in [row_begin, row_end) only.
+pub inline fn storeGroup(comptime nt: usize, sums: [nt]F16, out: []f32, out_stride: usize, first: usize, g: usize, row_begin: usize, row_end: usize) void {
+    const lo = @max(row_begin, g * group_rows);
+    const hi = @min(row_end, g * group_rows + group_rows);
+    inline for (0..nt) |t| {
+        const dst = out[(first + t) * out_stride ..];
+        if (hi - lo == group_rows) {
+            dst[lo..][0..group_rows].* = sums[t];
+        } else {
+            const v: [group_rows]f32 = sums[t];
+            @memcpy(dst[lo..hi], v[lo - g * group_rows .. hi - g * group_rows]);
         }
     }
 }

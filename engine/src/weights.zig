@@ -12,6 +12,7 @@ const errors = @import("errors.zig");
 const kernels = @import("kernels.zig");
 const Matrix = kernels.Matrix;
 const qgemm = @import("qgemm.zig");
+const bgemm = @import("bgemm.zig");
 
 pub const files_max = 256;
 pub const layers_max = 512;
@@ -48,13 +49,15 @@ pub const Weights = struct {
 
 pub const LoadError = error{LoadFailed};
 
-/// Maps the files and checks every tensor against the config. On failure the
+/// Maps the files, checks every tensor against the config and repacks the matrices the
+/// packed products take (see packAll). On failure the
 /// thread-local error message names the tensor and the problem, and `status` says its kind.
 pub fn load(
     allocator: std.mem.Allocator,
     config: abi.ModelConfig,
     paths: []const [:0]const u8,
     tensors: []const abi.Tensor,
+    bf16_products: bool,
     status: *abi.Status,
 ) !Weights {
     if (paths.len == 0 or paths.len > files_max) {
@@ -132,42 +135,50 @@ pub fn load(
         .output_norm = try need(slots, 2, .output_norm, 0, status),
         .output = output,
     };
-    try packAll(allocator, &w);
+    try packAll(allocator, &w, bf16_products);
     return w;
 }
 
-/// Repacks every Q8_0, Q4_0 and Q4_K matrix for the integer products (a tied output
-/// shares the embedding's), then drops the mapped pages they were read from.
-fn packAll(allocator: std.mem.Allocator, w: *Weights) !void {
+/// Repacks every Q8_0, Q4_0 and Q4_K matrix for the integer products and, with
+/// `bf16_products`, every float matrix (but an untied embedding, read a row at a time)
+/// for bf16 products; a tied output shares the embedding's. Then drops the mapped pages
+/// they were read from.
+fn packAll(allocator: std.mem.Allocator, w: *Weights, bf16_products: bool) !void {
     var all = std.ArrayList(*Matrix).init(allocator);
     defer all.deinit();
+    const tied = w.output.data == w.token_embd.data;
     try all.append(&w.token_embd);
     for (w.layers) |*l| {
         inline for (.{ "wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down" }) |name| try all.append(&@field(l, name));
     }
-    try all.append(&w.output);
+    if (!tied) try all.append(&w.output);
     var buffers = std.ArrayList([]align(std.mem.page_size) u8).init(allocator);
     errdefer {
         for (buffers.items) |b| std.heap.page_allocator.free(b);
         buffers.deinit();
     }
-    for (all.items, 0..) |m, i| {
-        if (i == all.items.len - 1 and m.data == w.token_embd.data and w.token_embd.repacked) {
-            m.* = w.token_embd;
-            continue;
-        }
+    for (all.items) |m| {
+        const source = m.*;
         switch (m.dtype) {
             inline .q8_0, .q4_0, .q4_k => |t| {
                 const T = kernels.StorageType(t);
                 const buffer = try std.heap.page_allocator.alignedAlloc(u8, std.mem.page_size, qgemm.packedBytes(T, m.rows, m.cols));
                 try buffers.append(buffer);
                 qgemm.pack(T, buffer, m.data, m.rows, m.cols);
-                dropPages(m.data, m.rows * m.rowBytes());
                 m.* = .{ .dtype = m.dtype, .data = buffer.ptr, .rows = m.rows, .cols = m.cols, .repacked = true };
             },
-            else => {},
+            inline .f32, .f16, .bf16 => |t| {
+                if (!bf16_products or m.cols % 16 != 0 or (m == &w.token_embd and !tied)) continue;
+                const buffer = try std.heap.page_allocator.alignedAlloc(u8, std.mem.page_size, bgemm.packedBytes(m.rows, m.cols));
+                try buffers.append(buffer);
+                bgemm.pack(kernels.StorageType(t), buffer, m.data, m.rows, m.cols);
+                m.* = .{ .dtype = m.dtype, .data = buffer.ptr, .rows = m.rows, .cols = m.cols, .repacked = true };
+            },
+            else => continue,
         }
+        dropPages(source.data, source.rows * source.rowBytes());
     }
+    if (tied) w.output = w.token_embd;
     w.packed_buffers = try buffers.toOwnedSlice();
 }
 
