@@ -373,35 +373,97 @@ pub fn attendGroup(
     while (p < context_len) : (block_index += 1) {
         const first_slot = @as(usize, @intCast(block_table[block_index])) * block_size;
         const in_block = @min(block_size, context_len - p);
-        for (0..in_block) |j| {
-            const k = k_cache[(first_slot + j) * kv_dim + kv_offset ..][0..head_dim];
-            for (0..group) |h| scores[h * context_len + p + j] = dot(KV, k.ptr, q.ptr + h * head_dim, head_dim) * scale;
+        var j: usize = 0;
+        // 16 positions at a time where the block has 16 more slots (past the context they
+        // hold stale values, computed and dropped): no horizontal sum per position.
+        while (j < in_block and j + vec_len <= block_size) : (j += vec_len) {
+            const k = k_cache[(first_slot + j) * kv_dim + kv_offset ..].ptr;
+            const n = @min(vec_len, in_block - j);
+            for (0..group) |h| {
+                const sv: [vec_len]f32 = scores16(KV, k, kv_dim, q[h * head_dim ..][0..head_dim]) * @as(V, @splat(scale));
+                @memcpy(scores[h * context_len + p + j ..][0..n], sv[0..n]);
+            }
+        }
+        for (@min(j, in_block)..in_block) |jj| {
+            const k = k_cache[(first_slot + jj) * kv_dim + kv_offset ..][0..head_dim];
+            for (0..group) |h| scores[h * context_len + p + jj] = dot(KV, k.ptr, q.ptr + h * head_dim, head_dim) * scale;
         }
         p += in_block;
     }
     for (0..group) |h| softmax(scores[h * context_len ..][0..context_len]);
-    @memset(out, 0);
-    p = 0;
-    block_index = 0;
-    while (p < context_len) : (block_index += 1) {
-        const first_slot = @as(usize, @intCast(block_table[block_index])) * block_size;
-        const in_block = @min(block_size, context_len - p);
-        for (0..in_block) |j| {
-            const v = v_cache[(first_slot + j) * kv_dim + kv_offset ..][0..head_dim];
-            for (0..group) |h| axpy(KV, out[h * head_dim ..][0..head_dim], scores[h * context_len + p + j], v.ptr);
+    // out[h] = sum over positions of score * v, 64 dimensions at a time held in registers.
+    for (0..group) |h| {
+        const o = out[h * head_dim ..][0..head_dim];
+        const sh = scores[h * context_len ..][0..context_len];
+        var d: usize = 0;
+        while (d + 4 * vec_len <= head_dim) : (d += 4 * vec_len) weighted(4, KV, o, sh, v_cache, kv_dim, kv_offset + d, block_table, block_size, d);
+        while (d + vec_len <= head_dim) : (d += vec_len) weighted(1, KV, o, sh, v_cache, kv_dim, kv_offset + d, block_table, block_size, d);
+        while (d < head_dim) : (d += 1) {
+            var acc: f32 = 0;
+            for (0..context_len) |pos| acc += sh[pos] * @as(f32, @floatCast(v_cache[slotOf(block_table, block_size, pos) * kv_dim + kv_offset + d]));
+            o[d] = acc;
         }
-        p += in_block;
     }
 }
 
-/// out += a * v, with v widened from the cache's type.
-inline fn axpy(comptime KV: type, out: []f32, a: f32, v: [*]const KV) void {
-    const av: V = @splat(a);
-    var i: usize = 0;
-    while (i + vec_len <= out.len) : (i += vec_len) {
-        out[i..][0..vec_len].* = @mulAdd(V, av, loadVecN(vec_len, KV, v, i), out[i..][0..vec_len].*);
+/// q . k for 16 consecutive slots from k (stride kv_dim): lane i is slot i's dot.
+inline fn scores16(comptime KV: type, k: [*]const KV, kv_dim: usize, q: []const f32) V {
+    var acc: [vec_len]V = .{@as(V, @splat(0))} ** vec_len;
+    var d: usize = 0;
+    while (d + vec_len <= q.len) : (d += vec_len) {
+        const qv: V = q[d..][0..vec_len].*;
+        inline for (0..vec_len) |i| acc[i] = @mulAdd(V, loadVecN(vec_len, KV, k + i * kv_dim, d), qv, acc[i]);
     }
-    while (i < out.len) : (i += 1) out[i] += a * @as(f32, @floatCast(v[i]));
+    // Sum each accumulator's lanes, all 16 at once: pairs of vectors fold their halves
+    // together, so 16 partials per slot become 8, 4, 2, then one per lane.
+    inline for (0..4) |level| {
+        inline for (0..vec_len >> (level + 1)) |i| acc[i] = foldHalves(vec_len >> level, acc[2 * i], acc[2 * i + 1]);
+    }
+    var result = acc[0];
+    if (d < q.len) {
+        var tail: [vec_len]f32 = undefined;
+        for (0..vec_len) |i| {
+            var t: f32 = 0;
+            for (d..q.len) |dd| t += q[dd] * @as(f32, @floatCast(k[i * kv_dim + dd]));
+            tail[i] = t;
+        }
+        result += @as(V, tail);
+    }
+    return result;
+}
+
+/// x and y hold 16 / w slots each, w partial sums per slot (slot i at lanes w*i ..);
+/// the result holds their 32 / w slots in order, w / 2 partial sums each.
+inline fn foldHalves(comptime w: usize, x: V, y: V) V {
+    return @shuffle(f32, x, y, halfMask(w, 0)) + @shuffle(f32, x, y, halfMask(w, w / 2));
+}
+
+fn halfMask(comptime w: usize, comptime offset: usize) [vec_len]i32 {
+    var mask: [vec_len]i32 = undefined;
+    const slots = vec_len / w;
+    for (0..slots) |i| for (0..w / 2) |j| {
+        mask[i * (w / 2) + j] = @intCast(i * w + offset + j);
+        mask[(slots + i) * (w / 2) + j] = ~@as(i32, @intCast(i * w + offset + j));
+    };
+    return mask;
+}
+
+/// out[d0 .. d0 + 16 nv] = sum over positions of scores[pos] * v[pos][d ..], the sums in registers.
+inline fn weighted(comptime nv: usize, comptime KV: type, out: []f32, scores: []const f32, v_cache: []const KV, kv_dim: usize, v_offset: usize, block_table: []const i32, block_size: usize, d0: usize) void {
+    var acc: [nv]V = .{@as(V, @splat(0))} ** nv;
+    var p: usize = 0;
+    var block_index: usize = 0;
+    while (p < scores.len) : (block_index += 1) {
+        const first_slot = @as(usize, @intCast(block_table[block_index])) * block_size;
+        const in_block = @min(block_size, scores.len - p);
+        for (0..in_block) |j| {
+            const v = v_cache[(first_slot + j) * kv_dim + v_offset ..].ptr;
+            const a: V = @splat(scores[p + j]);
+            inline for (0..nv) |i| acc[i] = @mulAdd(V, a, loadVecN(vec_len, KV, v, i * vec_len), acc[i]);
+        }
+        p += in_block;
+    }
+    inline for (0..nv) |i| out[d0 + i * vec_len ..][0..vec_len].* = acc[i];
 }
 
 pub inline fn slotOf(block_table: []const i32, block_size: usize, position: usize) usize {
@@ -546,57 +608,71 @@ test "rope rotates the right pairs in both layouts" {
 }
 
 test "attendGroup over a scattered block table equals dense attention, per head, in f32 and f16" {
+    const allocator = testing.allocator;
     var prng = std.Random.DefaultPrng.init(11);
     const rng = prng.random();
-    const head_dim = 24; // one 16-wide step and a scalar tail
-    const kv_dim = 2 * head_dim; // two KV heads; use the second
-    const group = 3;
-    const block_size = 4;
-    const num_blocks = 6;
-    const context_len = 10;
-    var k_cache: [num_blocks * block_size * kv_dim]f32 = undefined;
-    var v_cache: [num_blocks * block_size * kv_dim]f32 = undefined;
-    fillRandom(rng, &k_cache);
-    fillRandom(rng, &v_cache);
-    const block_table = [_]i32{ 5, 0, 3 };
-    var q: [group * head_dim]f32 = undefined;
-    fillRandom(rng, &q);
-    var scores: [group * 16]f32 = undefined;
-    var out: [group * head_dim]f32 = undefined;
-    attendGroup(f32, &out, &q, group, &k_cache, &v_cache, kv_dim, head_dim, &block_table, block_size, context_len, &scores);
+    // (head_dim, block_size, context_len): a 16-wide step and a scalar tail in blocks of
+    // four (one position at a time); then blocks of 16 (16 positions at a time, the last
+    // block partial) with 64 + 16 dimensions, and 64 + 8 (a tail in both sums).
+    const configs = [_][3]usize{ .{ 24, 4, 10 }, .{ 80, 16, 37 }, .{ 72, 16, 40 } };
+    for (configs) |config| {
+        const head_dim, const block_size, const context_len = config;
+        const kv_dim = 2 * head_dim; // two KV heads; use the second
+        const group = 3;
+        const num_blocks = 6;
+        const k_cache = try allocator.alloc(f32, num_blocks * block_size * kv_dim);
+        defer allocator.free(k_cache);
+        const v_cache = try allocator.alloc(f32, num_blocks * block_size * kv_dim);
+        defer allocator.free(v_cache);
+        fillRandom(rng, k_cache);
+        fillRandom(rng, v_cache);
+        const block_table = [_]i32{ 5, 0, 3 };
+        const q = try allocator.alloc(f32, group * head_dim);
+        defer allocator.free(q);
+        fillRandom(rng, q);
+        const scores = try allocator.alloc(f32, group * context_len);
+        defer allocator.free(scores);
+        const out = try allocator.alloc(f32, group * head_dim);
+        defer allocator.free(out);
+        attendGroup(f32, out, q, group, k_cache, v_cache, kv_dim, head_dim, &block_table, block_size, context_len, scores);
 
-    for (0..group) |h| {
-        var w: [context_len]f64 = undefined;
-        var max: f64 = -std.math.inf(f64);
-        for (0..context_len) |p| {
-            const slot: usize = @as(usize, @intCast(block_table[p / block_size])) * block_size + p % block_size;
-            var s: f64 = 0;
-            for (0..head_dim) |d| s += @as(f64, q[h * head_dim + d]) * k_cache[slot * kv_dim + head_dim + d];
-            w[p] = s / @sqrt(@as(f64, head_dim));
-            max = @max(max, w[p]);
-        }
-        var total: f64 = 0;
-        for (&w) |*x| {
-            x.* = @exp(x.* - max);
-            total += x.*;
-        }
-        for (0..head_dim) |d| {
-            var o: f64 = 0;
+        for (0..group) |h| {
+            const w = try allocator.alloc(f64, context_len);
+            defer allocator.free(w);
+            var max: f64 = -std.math.inf(f64);
             for (0..context_len) |p| {
                 const slot: usize = @as(usize, @intCast(block_table[p / block_size])) * block_size + p % block_size;
-                o += w[p] / total * v_cache[slot * kv_dim + head_dim + d];
+                var sum: f64 = 0;
+                for (0..head_dim) |d| sum += @as(f64, q[h * head_dim + d]) * k_cache[slot * kv_dim + head_dim + d];
+                w[p] = sum / @sqrt(@as(f64, @floatFromInt(head_dim)));
+                max = @max(max, w[p]);
             }
-            try testing.expectApproxEqAbs(@as(f32, @floatCast(o)), out[h * head_dim + d], 1e-5);
+            var total: f64 = 0;
+            for (w) |*x| {
+                x.* = @exp(x.* - max);
+                total += x.*;
+            }
+            for (0..head_dim) |d| {
+                var o: f64 = 0;
+                for (0..context_len) |p| {
+                    const slot: usize = @as(usize, @intCast(block_table[p / block_size])) * block_size + p % block_size;
+                    o += w[p] / total * v_cache[slot * kv_dim + head_dim + d];
+                }
+                try testing.expectApproxEqAbs(@as(f32, @floatCast(o)), out[h * head_dim + d], 1e-5);
+            }
         }
+        // The same over an f16 copy of the cache, within f16 rounding.
+        const k16 = try allocator.alloc(f16, k_cache.len);
+        defer allocator.free(k16);
+        const v16 = try allocator.alloc(f16, v_cache.len);
+        defer allocator.free(v16);
+        for (k16, k_cache) |*d, x| d.* = @floatCast(x);
+        for (v16, v_cache) |*d, x| d.* = @floatCast(x);
+        const out16 = try allocator.alloc(f32, group * head_dim);
+        defer allocator.free(out16);
+        attendGroup(f16, out16, q, group, k16, v16, kv_dim, head_dim, &block_table, block_size, context_len, scores);
+        for (out, out16) |a, b| try testing.expectApproxEqAbs(a, b, 1e-2);
     }
-    // The same over an f16 copy of the cache, within f16 rounding.
-    var k16: [k_cache.len]f16 = undefined;
-    var v16: [v_cache.len]f16 = undefined;
-    for (&k16, k_cache) |*d, x| d.* = @floatCast(x);
-    for (&v16, v_cache) |*d, x| d.* = @floatCast(x);
-    var out16: [group * head_dim]f32 = undefined;
-    attendGroup(f16, &out16, &q, group, &k16, &v16, kv_dim, head_dim, &block_table, block_size, context_len, &scores);
-    for (out, out16) |a, b| try testing.expectApproxEqAbs(a, b, 1e-2);
 }
 
 test "siluMul and softmax" {
