@@ -33,4 +33,15 @@ pub fn build(b: *std.Build) void {
     const run_tests = b.addRunArtifact(tests);
     const test_step = b.step("test", "Run the engine's unit tests (kernels against naive versions, block pool, sampler, threads)");
     test_step.dependOn(&run_tests.step);
+
+    // One-token products against a plain read of memory, on one thread: see bench_kernels.zig.
+    const bench = b.addExecutable(.{
+        .name = "bench-kernels",
+        .root_source_file = b.path("engine/src/bench_kernels.zig"),
+        .target = target,
+        .optimize = .ReleaseFast,
+    });
+    const run_bench = b.addRunArtifact(bench);
+    const bench_step = b.step("bench-kernels", "Time one-token packed products against a plain read of memory (one thread)");
+    bench_step.dependOn(&run_bench.step);
 }

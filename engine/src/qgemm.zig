@@ -232,11 +232,17 @@ pub const Prefetcher = struct {
     }
 };
 
-/// The 16 rows of the packed group at g against tokens first..first + nt: out[t] holds the 16 sums of token t.
-inline fn tile(comptime T: type, comptime nt: usize, g: [*]const u8, blocks: usize, acts: quant.QuantActs, cols: usize, first: usize, prefetcher: *Prefetcher) [nt]F16 {
+/// ng consecutive packed groups from g (each group_bytes) against tokens first..first + nt:
+/// out[i][t] holds the 16 sums of group i for token t. Several groups at once give a
+/// decode's token several independent sums and the memory system several streams.
+inline fn tile(comptime T: type, comptime ng: usize, comptime nt: usize, g: [*]const u8, group_bytes: usize, blocks: usize, acts: quant.QuantActs, cols: usize, first: usize, prefetcher: *Prefetcher) [ng][nt]F16 {
     const vecs = comptime vectorsPerBlock(T);
-    const scales = g + blocks * vecs * vec_bytes;
-    var acc: [nt]F16 = .{@as(F16, @splat(0))} ** nt;
+    const k_quant = T == quant.BlockQ4_K;
+    var acc: [ng][nt]F16 = .{.{@as(F16, @splat(0))} ** nt} ** ng;
+    // Q4_K: sums over a super-block's eight blocks of sc * (d_x * isum) and of m * (d_x * sum q),
+    // scaled by the super-block's d and dmin once at its end.
+    var acc_sc: [ng][nt]F16 = .{.{@as(F16, @splat(0))} ** nt} ** ng;
+    var acc_m: [ng][nt]F16 = .{.{@as(F16, @splat(0))} ** nt} ** ng;
     var xq: [nt][*]const i8 = undefined;
     var xblock: [nt]usize = undefined;
     inline for (0..nt) |t| {
@@ -245,38 +251,75 @@ inline fn tile(comptime T: type, comptime nt: usize, g: [*]const u8, blocks: usi
     }
     for (0..blocks) |b| {
         prefetcher.step();
-        // Two chains per token, so that one token's products need not wait on each other.
-        var isum: [nt][2]I16 = .{.{ @as(I16, @splat(0)), @as(I16, @splat(0)) }} ** nt;
-        const wb = g + b * vecs * vec_bytes;
-        if (vecs == 8) {
-            inline for (0..8) |k| {
-                const w: @Vector(64, u8) = wb[k * vec_bytes ..][0..vec_bytes].*;
-                inline for (0..nt) |t| isum[t][k % 2] = dpbusd(16, isum[t][k % 2], w, broadcast4(xq[t] + 32 * b + 4 * k));
+        var xscale: [nt]F16 = undefined;
+        var xoffset: [nt]F16 = undefined; // Q8_0, Q4_0: o / s * (d_x * sum q); Q4_K: d_x * sum q
+        inline for (0..nt) |t| {
+            xscale[t] = @splat(acts.scale[xblock[t] + b]);
+            const bias: f32 = switch (T) {
+                quant.BlockQ8_0 => -128,
+                quant.BlockQ4_0 => -8,
+                else => 1,
+            };
+            xoffset[t] = @splat(bias * acts.sum[xblock[t] + b]);
+        }
+        inline for (0..ng) |gi| {
+            const group = g + gi * group_bytes;
+            const wb = group + b * vecs * vec_bytes;
+            if (nt < tokens_per_tile) {
+                // A decode streams the weights: ask for them well ahead of use.
+                inline for (0..vecs) |line| @prefetch(wb + stream_ahead + line * vec_bytes, .{ .locality = 3 });
             }
-        } else {
-            inline for (0..4) |j| {
-                const v: @Vector(64, u8) = wb[j * vec_bytes ..][0..vec_bytes].*;
-                const lo = v & @as(@Vector(64, u8), @splat(0xF));
-                const hi = v >> @splat(4);
-                inline for (0..nt) |t| {
-                    isum[t][0] = dpbusd(16, isum[t][0], lo, broadcast4(xq[t] + 32 * b + 4 * j));
-                    isum[t][1] = dpbusd(16, isum[t][1], hi, broadcast4(xq[t] + 32 * b + 16 + 4 * j));
+            var isum: [nt]I16 = .{@as(I16, @splat(0))} ** nt;
+            if (vecs == 8) {
+                inline for (0..8) |k| {
+                    const w: @Vector(64, u8) = wb[k * vec_bytes ..][0..vec_bytes].*;
+                    inline for (0..nt) |t| isum[t] = dpbusd(16, isum[t], w, broadcast4(xq[t] + 32 * b + 4 * k));
+                }
+            } else {
+                inline for (0..4) |j| {
+                    const v: @Vector(64, u8) = wb[j * vec_bytes ..][0..vec_bytes].*;
+                    const lo = v & @as(@Vector(64, u8), @splat(0xF));
+                    const hi = v >> @splat(4);
+                    inline for (0..nt) |t| {
+                        isum[t] = dpbusd(16, isum[t], lo, broadcast4(xq[t] + 32 * b + 4 * j));
+                        isum[t] = dpbusd(16, isum[t], hi, broadcast4(xq[t] + 32 * b + 16 + 4 * j));
+                    }
                 }
             }
-        }
-        const sc = blockScales(T, scales, blocks, b);
-        inline for (0..nt) |t| {
-            // sum_k w x = sum_k (s u + o) * d q = s * d * sum(u q) + o * (d * sum q)
-            const isum_t = isum[t][0] + isum[t][1];
-            const scaled = @as(F16, @floatFromInt(isum_t)) * @as(F16, @splat(acts.scale[xblock[t] + b]));
-            acc[t] = @mulAdd(F16, scaled, sc.s, acc[t]);
-            acc[t] = @mulAdd(F16, sc.o, @splat(acts.sum[xblock[t] + b]), acc[t]);
+            const scales = group + blocks * vecs * vec_bytes;
+            if (k_quant) {
+                const sc: F16 = @floatFromInt(@as(@Vector(16, u8), scales[group_rows * b ..][0..16].*));
+                const m: F16 = @floatFromInt(@as(@Vector(16, u8), scales[group_rows * (blocks + b) ..][0..16].*));
+                inline for (0..nt) |t| {
+                    acc_sc[gi][t] = @mulAdd(F16, @as(F16, @floatFromInt(isum[t])) * xscale[t], sc, acc_sc[gi][t]);
+                    acc_m[gi][t] = @mulAdd(F16, xoffset[t], m, acc_m[gi][t]);
+                }
+                if (b % 8 == 7) {
+                    const dd = scales + 2 * group_rows * blocks + 64 * (b / 8);
+                    const d: F16 = @floatCast(@as(@Vector(16, f16), @bitCast(dd[0..32].*)));
+                    const dmin: F16 = @floatCast(@as(@Vector(16, f16), @bitCast(dd[32..64].*)));
+                    inline for (0..nt) |t| {
+                        acc[gi][t] = @mulAdd(F16, d, acc_sc[gi][t], acc[gi][t]);
+                        acc[gi][t] = @mulAdd(F16, -dmin, acc_m[gi][t], acc[gi][t]);
+                        acc_sc[gi][t] = @splat(0);
+                        acc_m[gi][t] = @splat(0);
+                    }
+                }
+            } else {
+                // w = s * (u + bias), so sum_k w x = s * (d_x * sum(u q) + bias * d_x * sum q).
+                const s_row: F16 = @floatCast(@as(@Vector(16, f16), @bitCast(scales[32 * b ..][0..32].*)));
+                inline for (0..nt) |t| {
+                    acc[gi][t] = @mulAdd(F16, s_row, @mulAdd(F16, @floatFromInt(isum[t]), xscale[t], xoffset[t]), acc[gi][t]);
+                }
+            }
         }
     }
     return acc;
 }
 
 const tokens_per_tile = 4;
+/// How far ahead a streaming pass (a decode's token or few) prefetches its weights.
+const stream_ahead = 2048;
 /// Packed bytes a pass covers while several token tiles run over them (well inside L2).
 const pass_bytes = 256 * 1024;
 
@@ -298,8 +341,17 @@ pub fn matmulRows(comptime T: type, out: []f32, out_stride: usize, acts: quant.Q
         var first: usize = 0;
         while (first < n_tokens) : (first += tokens_per_tile) {
             switch (@min(tokens_per_tile, n_tokens - first)) {
-                inline 1...tokens_per_tile => |nt| for (g0..g1) |g| {
-                    storeGroup(nt, tile(T, nt, data + g * gb, blocks, acts, cols, first, &prefetcher), out, out_stride, first, g, row_begin, row_end);
+                inline 1...tokens_per_tile => |nt| {
+                    // Fewer tokens, more groups at once: enough independent sums either way.
+                    const ng = if (nt <= 2) 4 / nt else 1;
+                    var g = g0;
+                    while (g + ng <= g1) : (g += ng) {
+                        const sums = tile(T, ng, nt, data + g * gb, gb, blocks, acts, cols, first, &prefetcher);
+                        inline for (0..ng) |i| storeGroup(nt, sums[i], out, out_stride, first, g + i, row_begin, row_end);
+                    }
+                    while (g < g1) : (g += 1) {
+                        storeGroup(nt, tile(T, 1, nt, data + g * gb, gb, blocks, acts, cols, first, &prefetcher)[0], out, out_stride, first, g, row_begin, row_end);
+                    }
                 },
                 else => unreachable,
             }

@@ -162,14 +162,14 @@ fn packAll(allocator: std.mem.Allocator, w: *Weights, bf16_products: bool) !void
         switch (m.dtype) {
             inline .q8_0, .q4_0, .q4_k => |t| {
                 const T = kernels.StorageType(t);
-                const buffer = try std.heap.page_allocator.alignedAlloc(u8, std.mem.page_size, qgemm.packedBytes(T, m.rows, m.cols));
+                const buffer = try allocPacked(qgemm.packedBytes(T, m.rows, m.cols));
                 try buffers.append(buffer);
                 qgemm.pack(T, buffer, m.data, m.rows, m.cols);
                 m.* = .{ .dtype = m.dtype, .data = buffer.ptr, .rows = m.rows, .cols = m.cols, .repacked = true };
             },
             inline .f32, .f16, .bf16 => |t| {
                 if (!bf16_products or m.cols % 16 != 0 or (m == &w.token_embd and !tied)) continue;
-                const buffer = try std.heap.page_allocator.alignedAlloc(u8, std.mem.page_size, bgemm.packedBytes(m.rows, m.cols));
+                const buffer = try allocPacked(bgemm.packedBytes(m.rows, m.cols));
                 try buffers.append(buffer);
                 bgemm.pack(kernels.StorageType(t), buffer, m.data, m.rows, m.cols);
                 m.* = .{ .dtype = m.dtype, .data = buffer.ptr, .rows = m.rows, .cols = m.cols, .repacked = true };
@@ -180,6 +180,14 @@ fn packAll(allocator: std.mem.Allocator, w: *Weights, bf16_products: bool) !void
     }
     if (tied) w.output = w.token_embd;
     w.packed_buffers = try buffers.toOwnedSlice();
+}
+
+/// Memory for a packed matrix, in huge pages where the kernel gives them: a decode step
+/// streams every weight, and 4 KiB pages cost TLB misses and stall the prefetchers.
+fn allocPacked(len: usize) ![]align(std.mem.page_size) u8 {
+    const buffer = try std.heap.page_allocator.alignedAlloc(u8, std.mem.page_size, len);
+    std.posix.madvise(buffer.ptr, buffer.len, std.posix.MADV.HUGEPAGE) catch {};
+    return buffer;
 }
 
 /// Releases the whole pages of a mapped range (they are read again from the file if touched).
