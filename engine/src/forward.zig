@@ -104,8 +104,9 @@ fn parallelAligned(pool: *ThreadPool, n_items: usize, alignment: usize, ctx: any
             body(c.*, thread_index, begin, end);
         }
     };
-    // Several chunks per thread so that a slow core does not hold the others up.
-    const grain = std.mem.alignForward(usize, @max(1, n_items / (pool.numThreads() * 4)), alignment);
+    // The pool hands out shrinking shares of what is left, down to this grain: threads
+    // finish within a small chunk of each other.
+    const grain = std.mem.alignForward(usize, @max(1, n_items / (pool.numThreads() * 16)), alignment);
     pool.run(.{ .func = Wrapper.call, .ctx = &ctx, .n_items = n_items, .grain = grain });
 }
 

@@ -13,7 +13,8 @@ const AtomicU32 = std.atomic.Value(u32);
 pub const threads_max = 256;
 const spin_count_max = 20_000;
 
-/// Calls `func(ctx, thread_index, begin, end)` over chunks of [0, n_items).
+/// Calls `func(ctx, thread_index, begin, end)` over chunks of [0, n_items): multiples of
+/// `grain` items, but the last.
 pub const Job = struct {
     func: *const fn (ctx: *const anyopaque, thread_index: usize, begin: usize, end: usize) void,
     ctx: *const anyopaque,
@@ -87,12 +88,21 @@ pub const ThreadPool = struct {
         }
     }
 
+    /// Guided chunks: a share of what is left (a multiple of the grain, at least one), so
+    /// that threads start on large chunks and end within a grain of each other.
     fn work(pool: *ThreadPool, thread_index: usize) void {
         const job = pool.job;
-        while (true) {
-            const begin = pool.next_item.fetchAdd(job.grain, .monotonic);
-            if (begin >= job.n_items) break;
-            job.func(job.ctx, thread_index, begin, @min(begin + job.grain, job.n_items));
+        const share = 2 * pool.numThreads();
+        var begin = pool.next_item.load(.monotonic);
+        while (begin < job.n_items) {
+            const size = @max(job.grain, (job.n_items - begin) / share / job.grain * job.grain);
+            const end = @min(begin + size, job.n_items);
+            if (pool.next_item.cmpxchgWeak(begin, end, .monotonic, .monotonic)) |seen| {
+                begin = seen;
+                continue;
+            }
+            job.func(job.ctx, thread_index, begin, end);
+            begin = pool.next_item.load(.monotonic);
         }
     }
 
