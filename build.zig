@@ -42,6 +42,7 @@ pub fn build(b: *std.Build) void {
         .optimize = .ReleaseFast,
     });
     const run_bench = b.addRunArtifact(bench);
+    if (b.args) |args| run_bench.addArgs(args);
     const bench_step = b.step("bench-kernels", "Time one-token packed products against a plain read of memory (one thread)");
     bench_step.dependOn(&run_bench.step);
 }

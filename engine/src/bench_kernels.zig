@@ -1,7 +1,9 @@
 //! Kernel streaming benchmark: how close one-token products come to reading memory.
-//! `zig build bench-kernels` (ReleaseFast). On one thread, alternating in one run, it
-//! times a plain vector sum over a buffer (the read bandwidth) and each packed product
-//! over a matrix of about the same bytes, and prints GB/s and the ratio to the read.
+//! `zig build bench-kernels [-- threads]` (ReleaseFast; default 1 thread). Alternating in one
+//! run, it times a plain vector sum over a buffer (the read bandwidth) and each packed
+//! product over a matrix of about the same bytes, each thread on its own half, and prints
+//! GB/s, the ratio to the read, and the kernel's rate on a matrix that stays in L2 (what
+//! it does when memory is not the limit).
 
 const std = @import("std");
 const quant = @import("quant.zig");
@@ -10,6 +12,7 @@ const bgemm = @import("bgemm.zig");
 
 const target_bytes = 512 * 1024 * 1024;
 const cols = 2048;
+const reps = 5;
 
 fn readSum(buf: []const u8) f32 {
     const V = @Vector(16, f32);
@@ -22,13 +25,37 @@ fn readSum(buf: []const u8) f32 {
     return @reduce(.Add, acc[0] + acc[1] + acc[2] + acc[3]);
 }
 
-fn seconds(timer: *std.time.Timer) f64 {
-    return @as(f64, @floatFromInt(timer.lap())) / 1e9;
+const Inputs = struct {
+    acts: quant.QuantActs,
+    xb: []const u16,
+};
+
+/// One thread's share: rows [begin, end) of the product, or its slice of the read.
+fn product(comptime T: type, out: []f32, in: Inputs, data: [*]const u8, rows: usize, begin: usize, end: usize) void {
+    if (T == u16) {
+        bgemm.matmulRows(out, rows, in.xb, 1, data, cols, begin, end);
+    } else qgemm.matmulRows(T, out, rows, in.acts, 1, data, cols, begin, end);
+}
+
+fn readShare(buf: []const u8, sink: *f32) void {
+    sink.* = readSum(buf);
+}
+
+/// Seconds for `threads` threads to each run `func` on their share.
+fn timed(threads: usize, comptime func: anytype, args_of: anytype) !f64 {
+    var timer = try std.time.Timer.start();
+    var handles: [16]std.Thread = undefined;
+    for (1..threads) |t| handles[t] = try std.Thread.spawn(.{}, func, args_of.at(t));
+    @call(.auto, func, args_of.at(0));
+    for (1..threads) |t| handles[t].join();
+    return @as(f64, @floatFromInt(timer.read())) / 1e9;
 }
 
 pub fn main() !void {
     const allocator = std.heap.page_allocator;
-    const reps = 5;
+    var args = std.process.args();
+    _ = args.next();
+    const threads: usize = if (args.next()) |a| try std.fmt.parseInt(usize, a, 10) else 1;
     var x: [cols]f32 = undefined;
     var prng = std.Random.DefaultPrng.init(1);
     for (&x) |*v| v.* = prng.random().floatNorm(f32);
@@ -39,36 +66,74 @@ pub fn main() !void {
     acts.quantize(&x, 0, 1, cols);
     var xb: [cols]u16 = undefined;
     bgemm.convertActs(&xb, &x, 0, 1, cols);
+    const in = Inputs{ .acts = acts, .xb = &xb };
 
     const plain = try allocator.alloc(u8, target_bytes);
     @memset(plain, 1);
-    var out: []f32 = undefined;
-    var timer = try std.time.Timer.start();
     const stdout = std.io.getStdOut().writer();
+    var sinks: [16]f32 = .{0} ** 16;
     inline for (.{ .{ "q4_0", quant.BlockQ4_0 }, .{ "q8_0", quant.BlockQ8_0 }, .{ "q4_k", quant.BlockQ4_K }, .{ "bf16", u16 } }) |case| {
         const T = case[1];
         const group_bytes = if (T == u16) bgemm.groupBytes(cols) else qgemm.groupBytes(T, cols);
-        const rows = target_bytes / group_bytes * 16;
-        const bytes = rows / 16 * group_bytes;
+        const groups = target_bytes / group_bytes;
+        const rows = groups * 16;
+        const bytes = groups * group_bytes;
         const packed_w = try allocator.alloc(u8, bytes);
         defer allocator.free(packed_w);
         prng.random().bytes(packed_w);
-        out = try allocator.alloc(f32, rows);
+        const out = try allocator.alloc(f32, rows);
         defer allocator.free(out);
+
+        const Shares = struct {
+            out: []f32,
+            in: Inputs,
+            data: [*]const u8,
+            rows: usize,
+            first_group: usize, // the in-L2 run uses groups [0, n_groups) for every thread
+            n_groups: usize,
+            threads: usize,
+            plain: []const u8,
+            sinks: *[16]f32,
+            fn at(s: @This(), t: usize) struct { []f32, Inputs, [*]const u8, usize, usize, usize } {
+                const per = s.n_groups / s.threads;
+                const begin = s.first_group + t * per;
+                const end = if (t == s.threads - 1) s.first_group + s.n_groups else begin + per;
+                return .{ s.out, s.in, s.data, s.rows, begin * 16, end * 16 };
+            }
+        };
+        const ReadShares = struct {
+            plain: []const u8,
+            threads: usize,
+            sinks: *[16]f32,
+            fn at(s: @This(), t: usize) struct { []const u8, *f32 } {
+                const per = s.plain.len / s.threads / 64 * 64;
+                const end = if (t == s.threads - 1) s.plain.len else (t + 1) * per;
+                return .{ s.plain[t * per .. end], &s.sinks[t] };
+            }
+        };
+        const shares = Shares{ .out = out, .in = in, .data = packed_w.ptr, .rows = rows, .first_group = 0, .n_groups = groups, .threads = threads, .plain = plain[0..bytes], .sinks = &sinks };
+        const func = struct {
+            fn run(o: []f32, i: Inputs, d: [*]const u8, r: usize, b: usize, e: usize) void {
+                product(T, o, i, d, r, b, e);
+            }
+        }.run;
         var best_read: f64 = 1e9;
         var best_kernel: f64 = 1e9;
-        var sink: f32 = 0;
         for (0..reps) |_| {
-            _ = seconds(&timer);
-            sink += readSum(plain[0..bytes]);
-            best_read = @min(best_read, seconds(&timer));
-            if (T == u16) {
-                bgemm.matmulRows(out, rows, &xb, 1, packed_w.ptr, cols, 0, rows);
-            } else qgemm.matmulRows(T, out, rows, acts, 1, packed_w.ptr, cols, 0, rows);
-            best_kernel = @min(best_kernel, seconds(&timer));
-            sink += out[rows / 2];
+            best_read = @min(best_read, try timed(threads, readShare, ReadShares{ .plain = plain[0..bytes], .threads = threads, .sinks = &sinks }));
+            best_kernel = @min(best_kernel, try timed(threads, func, shares));
+        }
+        // In L2: each thread runs 256 KiB of groups over and over (its own copy of the work).
+        const small_groups = 256 * 1024 / group_bytes;
+        const small_reps = groups / small_groups / threads;
+        var cached: f64 = 1e9;
+        for (0..2) |_| {
+            var timer = try std.time.Timer.start();
+            for (0..small_reps) |_| product(T, out, in, packed_w.ptr, rows, 0, small_groups * 16);
+            cached = @min(cached, @as(f64, @floatFromInt(timer.read())) / 1e9);
         }
         const gb = @as(f64, @floatFromInt(bytes)) / 1e9;
-        try stdout.print("{s}: one token over {d} MB: {d:.1} GB/s; read {d:.1} GB/s; ratio {d:.2} (1 thread, best of {d}){s}\n", .{ case[0], bytes / 1_000_000, gb / best_kernel, gb / best_read, best_read / best_kernel, reps, if (sink == 12345) " " else "" });
+        const gb_cached = @as(f64, @floatFromInt(small_reps * small_groups * group_bytes)) / 1e9;
+        try stdout.print("{s}: one token over {d} MB, {d} thread(s): {d:.1} GB/s; read {d:.1} GB/s; ratio {d:.2}; in L2 {d:.1} GB/s a thread (best of {d}){s}\n", .{ case[0], bytes / 1_000_000, threads, gb / best_kernel, gb / best_read, best_read / best_kernel, gb_cached / cached, reps, if (sinks[0] == 12345 or out[0] == 12345) " " else "" });
     }
 }
