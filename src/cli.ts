@@ -31,8 +31,8 @@ engine options:
   --max-model-len N     context length (default: the model's)
   --max-num-batched-tokens N, --max-num-seqs N, --block-size N, --num-gpu-blocks-override N
   --kv-cache-dtype auto|f32|f16  (auto = f32)
-  --dtype auto|float32|bfloat16  (auto = f32 products, exact; bfloat16: bf16 products for
-                        float weights shared by several tokens, faster prefill and batches)
+  --dtype auto|float32|bfloat16  (auto = f32 products, exact; bfloat16: float weights
+                        repacked to bf16 at load, bf16 products, faster prefill and batches)
 `;
 
 class UsageError extends Error {}

@@ -23,8 +23,8 @@ export interface EngineOptions {
   kvCacheMemoryBytes: number; // pool budget when no override
   enablePrefixCaching: boolean;
   kvCacheDtype: "f32" | "f16"; // f16 halves KV memory; f32 keeps results exact
-  // Float weights shared by four or more tokens (prefill, batched decode): f32 products
-  // (exact) or bf16 ones (twice the rate where the CPU has AVX-512 BF16; vLLM's CPU default).
+  // Float weights: f32 products (exact), or repacked to bf16 at load and multiplied in bf16
+  // (twice the rate where the CPU has AVX-512 BF16; vLLM's CPU default for f16 models).
   computeDtype: "f32" | "bf16";
   threads: number;
   servedModelName?: string;

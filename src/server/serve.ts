@@ -46,8 +46,8 @@ export const SERVE_USAGE = `usage: inferneo serve --model <hf folder | file.gguf
   --max-model-len N  --max-num-batched-tokens N  --max-num-seqs N  --max-queue-len N
   --block-size N  --num-gpu-blocks-override N  --kv-cache-memory 2GiB  --threads N
   --kv-cache-dtype auto|f32|f16 (default auto = f32: exact; f16 halves the pool's bytes)
-  --dtype auto|float32|bfloat16 (default auto = f32 products, exact; bfloat16 multiplies
-      float weights in bf16 where several tokens share them: faster prefill and batches)
+  --dtype auto|float32|bfloat16 (default auto = f32 products, exact; bfloat16 repacks
+      float weights to bf16 at load and multiplies in bf16: faster prefill and batches)
   --enable-prefix-caching / --no-enable-prefix-caching (default on)
   --api-key KEY (repeatable; or INFERNEO_API_KEY)  --protect-metrics
   --rate-limit 60/min  --rate-limit-tokens N (per minute, per key)
