@@ -1,8 +1,10 @@
 #!/usr/bin/env bun
 // Inferneo against llama.cpp on the same GGUF, the same threads, in the same run,
-// alternating: prefill (pp) and single-stream decode (tg) tok/s and their ratios,
-// plus the memory-bandwidth roofline for decode.
-//   bun scripts/bench-peer.ts --model model.gguf [--threads 2] [--prompt-tokens 512] [--decode-tokens 128] [--runs 3] [--dtype auto|bfloat16]
+// alternating: prefill (pp), single-stream decode (tg) and batched decode (--batch
+// sequences at once, 4-token prompts; llama.cpp through node-llama-cpp's batched
+// evaluation) tok/s and their ratios, plus the memory-bandwidth roofline for decode.
+//   bun scripts/bench-peer.ts --model model.gguf [--threads 2] [--prompt-tokens 512] [--decode-tokens 128]
+//       [--batch 16 (0: none)] [--runs 3] [--dtype auto|bfloat16]
 // llama.cpp comes from the npm package node-llama-cpp@3.21.1 (its prebuilt CPU build),
 // installed on first use into .bench/peer (ignored by git), not a project dependency.
 import { spawnSync } from "node:child_process";
@@ -22,6 +24,7 @@ const { values } = parseArgs({
     "prompt-tokens": { type: "string", default: "512" },
     "decode-tokens": { type: "string", default: "128" },
     runs: { type: "string", default: "3" },
+    batch: { type: "string", default: "16" },
     dtype: { type: "string", default: "auto" },
   },
 });
@@ -34,6 +37,7 @@ const threads = Number(values.threads);
 const promptTokens = Number(values["prompt-tokens"]);
 const decodeTokens = Number(values["decode-tokens"]);
 const runs = Number(values.runs);
+const batch = Number(values.batch);
 const root = join(import.meta.dir, "..");
 const peerDir = join(root, ".bench", "peer");
 
@@ -50,11 +54,12 @@ copyFileSync(join(root, "scripts", "peer-llama.mjs"), join(peerDir, "peer-llama.
 interface Run {
   prefill_tok_s: number;
   decode_tok_s: number;
+  batch_tok_s: number; // aggregate over `batch` sequences decoding at once (0: not run)
   tokens: number[]; // the first greedy tokens after BOS
 }
 
 function peer(): Run {
-  const r = spawnSync("node", [join(peerDir, "peer-llama.mjs"), model, String(threads), String(promptTokens), String(decodeTokens)], { encoding: "utf8", cwd: peerDir });
+  const r = spawnSync("node", [join(peerDir, "peer-llama.mjs"), model, String(threads), String(promptTokens), String(decodeTokens), String(batch)], { encoding: "utf8", cwd: peerDir });
   const line = r.stdout.trim().split("\n").pop() ?? "";
   if (r.status !== 0 || !line.startsWith("{")) throw new Error(`llama.cpp run failed: ${r.stderr.slice(-2000)}`);
   return JSON.parse(line);
@@ -62,8 +67,8 @@ function peer(): Run {
 
 const engine = await LLMEngine.create(model, {
   threads,
-  maxNumSeqs: 1,
-  maxNumBatchedTokens: promptTokens,
+  maxNumSeqs: Math.max(1, batch),
+  maxNumBatchedTokens: Math.max(promptTokens, 4 * batch),
   enablePrefixCaching: false,
   computeDtype: values.dtype === "bfloat16" || values.dtype === "bf16" ? "bf16" : "f32",
 });
@@ -81,7 +86,20 @@ async function ours(): Promise<Run> {
     n += out.newTokenIds.length;
     tokens.push(...out.newTokenIds);
   }
-  return { prefill_tok_s: prefill, decode_tok_s: (n - 1) / ((performance.now() - t0) / 1000), tokens: tokens.slice(0, 16) };
+  const decode = (n - 1) / ((performance.now() - t0) / 1000);
+  let batchTokS = 0;
+  if (batch > 0) {
+    // The same as the peer: `batch` 4-token prompts, decodeTokens each, all at once.
+    t0 = performance.now();
+    let total = 0;
+    await Promise.all(
+      Array.from({ length: batch }, async (_, i) => {
+        for await (const out of engine.addRequest([1, 300 + i, 400 + i, 500 + i], { ...DEFAULT_SAMPLING, temperature: 0, ignoreEos: true, maxTokens: decodeTokens })) total += out.newTokenIds.length;
+      }),
+    );
+    batchTokS = total / ((performance.now() - t0) / 1000);
+  }
+  return { prefill_tok_s: prefill, decode_tok_s: decode, batch_tok_s: batchTokS, tokens: tokens.slice(0, 16) };
 }
 
 // Memory read bandwidth with the same threads: the roofline for a decode step that reads
@@ -121,8 +139,8 @@ for (let r = 0; r < runs; r++) {
 }
 await engine.shutdown();
 const med = (xs: number[]) => [...xs].sort((x, y) => x - y)[Math.floor(xs.length / 2)];
-const us = { pp: med(a.map((x) => x.prefill_tok_s)), tg: med(a.map((x) => x.decode_tok_s)) };
-const them = { pp: med(b.map((x) => x.prefill_tok_s)), tg: med(b.map((x) => x.decode_tok_s)) };
+const us = { pp: med(a.map((x) => x.prefill_tok_s)), tg: med(a.map((x) => x.decode_tok_s)), batch: med(a.map((x) => x.batch_tok_s)) };
+const them = { pp: med(b.map((x) => x.prefill_tok_s)), tg: med(b.map((x) => x.decode_tok_s)), batch: med(b.map((x) => x.batch_tok_s)) };
 // Greedy agreement after BOS: a check that both read the same weights the same way
 // (llama.cpp quantizes activations and keeps an f16 KV cache, so a near-tie may differ).
 let agree = 0;
@@ -136,6 +154,7 @@ console.log(
   `${values.model} on ${cpus()[0]?.model ?? "CPU"}, ${threads} threads, medians of ${runs}: ` +
     `pp${promptTokens} inferneo ${us.pp.toFixed(1)} vs llama.cpp ${them.pp.toFixed(1)} tok/s (${(us.pp / them.pp).toFixed(2)}x); ` +
     `tg${decodeTokens} inferneo ${us.tg.toFixed(1)} vs llama.cpp ${them.tg.toFixed(1)} tok/s (${(us.tg / them.tg).toFixed(2)}x); ` +
+    (batch > 0 ? `batched x${batch} inferneo ${us.batch.toFixed(1)} vs llama.cpp ${them.batch.toFixed(1)} tok/s (${(us.batch / them.batch).toFixed(2)}x); ` : "") +
     `bandwidth ${bw.toFixed(1)} GB/s (${how}), ${(weightBytes / 1e6).toFixed(0)} MB read per token, decode roofline ${roofline.toFixed(1)} tok/s (inferneo at ${((100 * us.tg) / roofline).toFixed(0)}%); ` +
     `greedy tokens agree for the first ${agree} of 16`,
 );
