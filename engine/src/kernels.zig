@@ -321,23 +321,60 @@ pub fn rope(head: []f32, cos: []const f32, sin: []const f32, interleaved: bool) 
     }
 }
 
+/// exp of 16 lanes at once (Cephes' expf: x = n ln 2 + r, |r| <= ln 2 / 2, a degree-6
+/// polynomial for e^r, then 2^n in the exponent bits), within 2 ulp of the true value.
+/// Below -87.3 (where f32 goes denormal) it gives 0, so exp(-inf) = 0; above 88.3 it
+/// saturates at e^88.3 (3e38), not inf.
+pub inline fn expVec(x: V) V {
+    const hi: V = @splat(88.3);
+    const lo: V = @splat(-87.3);
+    const xc = @max(@min(x, hi), lo);
+    const n = @round(xc * @as(V, @splat(1.44269504088896341)));
+    var r = @mulAdd(V, n, @splat(-0.693359375), xc);
+    r = @mulAdd(V, n, @splat(2.12194440e-4), r);
+    var p: V = @splat(1.9875691500e-4);
+    inline for (.{ 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1 }) |c| p = @mulAdd(V, p, r, @splat(c));
+    const y = @mulAdd(V, p * r, r, r + @as(V, @splat(1)));
+    const scale: V = @bitCast((@as(@Vector(vec_len, i32), @intFromFloat(n)) + @as(@Vector(vec_len, i32), @splat(127))) << @splat(23));
+    return @select(f32, x < lo, @as(V, @splat(0)), y * scale);
+}
+
+/// exp of one value through expVec (tails of vector loops: the same rounding).
+pub inline fn expScalar(x: f32) f32 {
+    return expVec(@splat(x))[0];
+}
+
 pub fn softmax(x: []f32) void {
     assert(x.len > 0);
     var max = x[0];
     for (x[1..]) |v| max = @max(max, v);
     var sum: f32 = 0;
-    for (x) |*v| {
-        v.* = @exp(v.* - max);
+    var i: usize = 0;
+    while (i + vec_len <= x.len) : (i += vec_len) {
+        const e = expVec(@as(V, x[i..][0..vec_len].*) - @as(V, @splat(max)));
+        x[i..][0..vec_len].* = e;
+        sum += @reduce(.Add, e);
+    }
+    for (x[i..]) |*v| {
+        v.* = expScalar(v.* - max);
         sum += v.*;
     }
-    for (x) |*v| v.* /= sum;
+    const inv: V = @splat(1 / sum);
+    i = 0;
+    while (i + vec_len <= x.len) : (i += vec_len) x[i..][0..vec_len].* = @as(V, x[i..][0..vec_len].*) * inv;
+    for (x[i..]) |*v| v.* *= inv[0];
 }
 
 /// out = silu(gate) * up, elementwise.
 pub fn siluMul(out: []f32, gate: []const f32, up: []const f32) void {
     assert(gate.len == up.len);
     assert(out.len == gate.len);
-    for (out, gate, up) |*o, g, u| o.* = g / (1.0 + @exp(-g)) * u;
+    var i: usize = 0;
+    while (i + vec_len <= out.len) : (i += vec_len) {
+        const g: V = gate[i..][0..vec_len].*;
+        out[i..][0..vec_len].* = g / (@as(V, @splat(1)) + expVec(-g)) * @as(V, up[i..][0..vec_len].*);
+    }
+    for (out[i..], gate[i..], up[i..]) |*o, g, u| o.* = g / (1.0 + expScalar(-g)) * u;
 }
 
 /// The `group` query heads that share one KV head (grouped-query attention), attending
@@ -673,6 +710,26 @@ test "attendGroup over a scattered block table equals dense attention, per head,
         attendGroup(f16, out16, q, group, k16, v16, kv_dim, head_dim, &block_table, block_size, context_len, scores);
         for (out, out16) |a, b| try testing.expectApproxEqAbs(a, b, 1e-2);
     }
+}
+
+test "expVec is within 2 ulp of exp, and 0 at -inf" {
+    var prng = std.Random.DefaultPrng.init(13);
+    const rng = prng.random();
+    for (0..2000) |_| {
+        var xs: [vec_len]f32 = undefined;
+        for (&xs) |*x| x.* = (rng.float(f32) * 2 - 1) * 87;
+        const got: [vec_len]f32 = expVec(xs);
+        for (xs, got) |x, g| {
+            const want = @exp(@as(f64, x));
+            try testing.expectApproxEqRel(want, @as(f64, g), 2.5e-7);
+        }
+    }
+    const edges: [vec_len]f32 = expVec(.{ -std.math.inf(f32), -100, -87.4, 0, 1, -1, 88, 100, 0.5, -0.5, 2, 3, 4, 5, 6, 7 });
+    try testing.expectEqual(@as(f32, 0), edges[0]);
+    try testing.expectEqual(@as(f32, 0), edges[1]);
+    try testing.expectEqual(@as(f32, 0), edges[2]);
+    try testing.expectEqual(@as(f32, 1), edges[3]);
+    try testing.expect(std.math.isFinite(edges[7]) and edges[7] > 1e38);
 }
 
 test "siluMul and softmax" {

@@ -5,6 +5,7 @@
 const std = @import("std");
 const assert = std.debug.assert;
 const SamplingParams = @import("abi.zig").SamplingParams;
+const kernels = @import("kernels.zig");
 
 pub const Sample = struct { token_id: u32, logprob: f32 };
 
@@ -49,11 +50,7 @@ pub fn argmax(logits: []const f32) u32 {
 
 /// log softmax(logits)[token]: the model's own log-probability, before any filter.
 pub fn logprobOf(logits: []const f32, token: u32) f32 {
-    var max = logits[0];
-    for (logits[1..]) |v| max = @max(max, v);
-    var sum: f64 = 0;
-    for (logits) |v| sum += @exp(@as(f64, v - max));
-    return @floatCast(@as(f64, logits[token] - max) - @log(sum));
+    return @floatCast(@as(f64, logits[token]) - logSumExp(logits));
 }
 
 /// Samples one token from `logits`, which it may change (bias, penalties). Writes the
@@ -83,11 +80,18 @@ pub fn sample(logits: []f32, row: Row, scratch: Scratch, top_ids: []i32, top_log
     return .{ .token_id = token, .logprob = @floatCast(@as(f64, raw_logit) - log_z) };
 }
 
+/// log sum exp(logits): exps in f32 vectors (kernels.expVec), summed in f64.
 fn logSumExp(logits: []const f32) f64 {
+    const V = @Vector(kernels.vec_len, f32);
     var max = logits[0];
     for (logits[1..]) |v| max = @max(max, v);
-    var sum: f64 = 0;
-    for (logits) |v| sum += @exp(@as(f64, v - max));
+    var acc: @Vector(kernels.vec_len, f64) = @splat(0);
+    var i: usize = 0;
+    while (i + kernels.vec_len <= logits.len) : (i += kernels.vec_len) {
+        acc += @floatCast(kernels.expVec(@as(V, logits[i..][0..kernels.vec_len].*) - @as(V, @splat(max))));
+    }
+    var sum = @reduce(.Add, acc);
+    for (logits[i..]) |v| sum += kernels.expScalar(v - max);
     return @as(f64, max) + @log(sum);
 }
 
@@ -145,8 +149,15 @@ fn sampleRandom(logits: []const f32, params: SamplingParams, scratch: Scratch) u
     for (logits[1..]) |v| max = @max(max, v);
     const inv_t = 1.0 / params.temperature;
     var total: f32 = 0;
-    for (probs, logits) |*p, l| {
-        p.* = @exp((l - max) * inv_t);
+    const V = @Vector(kernels.vec_len, f32);
+    var at: usize = 0;
+    while (at + kernels.vec_len <= n) : (at += kernels.vec_len) {
+        const e = kernels.expVec((@as(V, logits[at..][0..kernels.vec_len].*) - @as(V, @splat(max))) * @as(V, @splat(inv_t)));
+        probs[at..][0..kernels.vec_len].* = e;
+        total += @reduce(.Add, e);
+    }
+    for (probs[at..], logits[at..]) |*p, l| {
+        p.* = kernels.expScalar((l - max) * inv_t);
         total += p.*;
     }
     const filtered = params.top_k > 0 or params.top_p < 1;
