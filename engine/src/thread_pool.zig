@@ -3,7 +3,9 @@
 //! One dispatcher thread (the engine thread) calls `run`; it works alongside
 //! the pool's workers and returns when every item is done. Workers spin briefly
 //! between jobs (a step is many back-to-back jobs) and then sleep on a futex,
-//! so an idle engine costs no CPU. No thread is created after `init`.
+//! so an idle engine costs no CPU. A futex is woken only when someone sleeps on it:
+//! a step is ~100 jobs, and a wake system call per job costs microseconds in a VM.
+//! No thread is created after `init`.
 
 const std = @import("std");
 const assert = std.debug.assert;
@@ -26,6 +28,9 @@ pub const ThreadPool = struct {
     workers: []std.Thread,
     generation: AtomicU32 = AtomicU32.init(0),
     workers_busy: AtomicU32 = AtomicU32.init(0),
+    /// Workers asleep on `generation`, and whether the dispatcher sleeps on `workers_busy`.
+    sleepers: AtomicU32 = AtomicU32.init(0),
+    dispatcher_asleep: AtomicU32 = AtomicU32.init(0),
     next_item: std.atomic.Value(usize) = std.atomic.Value(usize).init(0),
     stop: std.atomic.Value(bool) = std.atomic.Value(bool).init(false),
     job: Job = undefined,
@@ -74,8 +79,10 @@ pub const ThreadPool = struct {
         pool.job = job;
         pool.next_item.store(0, .monotonic);
         pool.workers_busy.store(@intCast(pool.workers.len), .monotonic);
-        _ = pool.generation.fetchAdd(1, .release);
-        Futex.wake(&pool.generation, threads_max);
+        // seq_cst on both sides (here and in workerMain): either the worker sees the new
+        // generation before it sleeps, or this load sees it counted as a sleeper.
+        _ = pool.generation.fetchAdd(1, .seq_cst);
+        if (pool.sleepers.load(.seq_cst) > 0) Futex.wake(&pool.generation, threads_max);
         pool.work(0);
         var spins: u32 = 0;
         while (true) {
@@ -84,7 +91,11 @@ pub const ThreadPool = struct {
             if (spins < spin_count_max) {
                 spins += 1;
                 std.atomic.spinLoopHint();
-            } else Futex.wait(&pool.workers_busy, busy);
+            } else {
+                pool.dispatcher_asleep.store(1, .seq_cst);
+                Futex.wait(&pool.workers_busy, busy);
+                pool.dispatcher_asleep.store(0, .seq_cst);
+            }
         }
     }
 
@@ -114,12 +125,17 @@ pub const ThreadPool = struct {
                 if (spins < spin_count_max) {
                     spins += 1;
                     std.atomic.spinLoopHint();
-                } else Futex.wait(&pool.generation, seen);
+                } else {
+                    _ = pool.sleepers.fetchAdd(1, .seq_cst);
+                    // Futex.wait returns at once if the generation moved since `seen`.
+                    if (pool.generation.load(.seq_cst) == seen) Futex.wait(&pool.generation, seen);
+                    _ = pool.sleepers.fetchSub(1, .seq_cst);
+                }
             }
             seen = pool.generation.load(.acquire);
             if (pool.stop.load(.acquire)) return;
             pool.work(thread_index);
-            if (pool.workers_busy.fetchSub(1, .acq_rel) == 1) Futex.wake(&pool.workers_busy, 1);
+            if (pool.workers_busy.fetchSub(1, .seq_cst) == 1 and pool.dispatcher_asleep.load(.seq_cst) != 0) Futex.wake(&pool.workers_busy, 1);
         }
     }
 };
