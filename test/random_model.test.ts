@@ -61,9 +61,9 @@ describe("random-weight models against the reference forward pass", () => {
       const refWeights = quantized ? quantizedWeights(weights, c.dtype as QuantType) : weights;
       const engine = await LLMEngine.create(path, { threads: 2, maxNumSeqs: 4, kvCacheDtype: c.kvCacheDtype ?? "f32", computeDtype: c.computeDtype ?? "f32" });
       // An f16 cache rounds K and V: logits move by about 1e-3 of their scale, not 1e-5.
-      // Q8_0, Q4_0 and Q4_K weights meet 8-bit activations (as llama.cpp's do), and so does
+      // Q8_0, Q4_0, Q4_K and Q6_K weights meet 8-bit activations (as llama.cpp's do), and so does
       // the reference, so quantized models are held to f32's tolerance too.
-      const intProducts = quantized && c.dtype !== "q6_k";
+      const intProducts = quantized;
       // bf16 keeps 8 significant bits of each weight and activation: logits move by a few 1e-2.
       const logitTolerance = c.computeDtype === "bf16" ? 1e-1 : c.kvCacheDtype === "f16" ? 5e-3 : 1e-4;
       try {

@@ -62,7 +62,8 @@ pub fn main() !void {
     var q: [cols]i8 = undefined;
     var scale: [cols / 32]f32 = undefined;
     var sum: [cols / 32]f32 = undefined;
-    const acts = quant.QuantActs{ .q = &q, .scale = &scale, .sum = &sum };
+    var sum_lo: [cols / 32]f32 = undefined;
+    const acts = quant.QuantActs{ .q = &q, .scale = &scale, .sum = &sum, .sum_lo = &sum_lo };
     acts.quantize(&x, 0, 1, cols);
     var xb: [cols]u16 = undefined;
     bgemm.convertActs(&xb, &x, 0, 1, cols);
@@ -72,7 +73,7 @@ pub fn main() !void {
     @memset(plain, 1);
     const stdout = std.io.getStdOut().writer();
     var sinks: [16]f32 = .{0} ** 16;
-    inline for (.{ .{ "q4_0", quant.BlockQ4_0 }, .{ "q8_0", quant.BlockQ8_0 }, .{ "q4_k", quant.BlockQ4_K }, .{ "bf16", u16 } }) |case| {
+    inline for (.{ .{ "q4_0", quant.BlockQ4_0 }, .{ "q8_0", quant.BlockQ8_0 }, .{ "q4_k", quant.BlockQ4_K }, .{ "q6_k", quant.BlockQ6_K }, .{ "bf16", u16 } }) |case| {
         const T = case[1];
         const group_bytes = if (T == u16) bgemm.groupBytes(cols) else qgemm.groupBytes(T, cols);
         const groups = target_bytes / group_bytes;

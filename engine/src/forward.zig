@@ -34,6 +34,7 @@ pub const Scratch = struct {
     acts_q: []i8, // (max_tokens, widest) activations quantized to 8 bits, for quantized weights
     acts_scale: []f32, // (max_tokens, widest / 32)
     acts_sum: []f32, // (max_tokens, widest / 32)
+    acts_sum_lo: []f32, // (max_tokens, widest / 32)
     acts_bf16: []u16, // (max_tokens, widest) activations in bf16, for bf16 compute (else empty)
 
     pub fn init(allocator: std.mem.Allocator, m: abi.ModelConfig, c: abi.EngineConfig) !Scratch {
@@ -64,6 +65,7 @@ pub const Scratch = struct {
         s.acts_q = try allocator.alloc(i8, t * w);
         s.acts_scale = try allocator.alloc(f32, t * w / 32);
         s.acts_sum = try allocator.alloc(f32, t * w / 32);
+        s.acts_sum_lo = try allocator.alloc(f32, t * w / 32);
         s.acts_bf16 = try allocator.alloc(u16, if (c.compute_dtype == @intFromEnum(abi.DType.bf16)) t * w else 0);
         return s;
     }
@@ -86,6 +88,7 @@ pub const Scratch = struct {
         allocator.free(s.acts_q);
         allocator.free(s.acts_scale);
         allocator.free(s.acts_sum);
+        allocator.free(s.acts_sum_lo);
         allocator.free(s.acts_bf16);
     }
 };
@@ -163,7 +166,7 @@ fn matmul(e: *Engine, out: []f32, x: []const f32, n_tokens: usize, ws: []const M
     const cols = ws[0].cols;
     const shared = n_tokens >= kernels.tile_tokens; // several tokens meet each weight tile
     const convert = ConvertCtx{
-        .q8 = if (int_dot) .{ .q = e.scratch.acts_q, .scale = e.scratch.acts_scale, .sum = e.scratch.acts_sum } else null,
+        .q8 = if (int_dot) .{ .q = e.scratch.acts_q, .scale = e.scratch.acts_scale, .sum = e.scratch.acts_sum, .sum_lo = e.scratch.acts_sum_lo } else null,
         .bf16 = if (bf16_products) e.scratch.acts_bf16 else null,
         .x = x,
         .cols = cols,

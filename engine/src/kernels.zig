@@ -12,7 +12,7 @@ pub const vec_len = 16;
 const V = @Vector(vec_len, f32);
 
 /// A 2-D weight matrix in its stored dtype: (rows, cols), row-major, not necessarily
-/// aligned; or, `repacked`, Q8_0/Q4_0/Q4_K repacked for the integer products (qgemm.pack)
+/// aligned; or, `repacked`, Q8_0/Q4_0/Q4_K/Q6_K repacked for the integer products (qgemm.pack)
 /// or float weights repacked in bf16 for bf16 products (bgemm.pack).
 pub const Matrix = struct {
     dtype: DType,
@@ -31,7 +31,7 @@ pub const Matrix = struct {
         assert(row < m.rows);
         assert(out.len == m.cols);
         if (m.repacked) return switch (m.dtype) {
-            inline .q8_0, .q4_0, .q4_k => |t| qgemm.unpackRow(StorageType(t), out, m.data, m.cols, row),
+            inline .q8_0, .q4_0, .q4_k, .q6_k => |t| qgemm.unpackRow(StorageType(t), out, m.data, m.cols, row),
             .f32, .f16, .bf16 => bgemm.unpackRow(out, m.data, m.cols, row),
             else => unreachable,
         };
@@ -50,7 +50,7 @@ pub const Matrix = struct {
         assert(row < m.rows);
         assert(col < m.cols);
         if (m.repacked) return switch (m.dtype) {
-            inline .q8_0, .q4_0, .q4_k => |t| qgemm.weightAt(StorageType(t), m.data, m.cols, row, col),
+            inline .q8_0, .q4_0, .q4_k, .q6_k => |t| qgemm.weightAt(StorageType(t), m.data, m.cols, row, col),
             .f32, .f16, .bf16 => bgemm.weightAt(m.data, m.cols, row, col),
             else => unreachable,
         };
@@ -154,7 +154,7 @@ pub fn matmulRows(out: []f32, out_stride: usize, x: []const f32, n_tokens: usize
 
 /// A matmul's input in the forms its weights' fast paths take (null where not made).
 pub const Acts = struct {
-    /// Quantized to 8 bits: for packed (Q8_0, Q4_0, Q4_K) weights, which need it.
+    /// Quantized to 8 bits: for packed (Q8_0, Q4_0, Q4_K, Q6_K) weights, which need it.
     q8: ?quant.QuantActs = null,
     /// Rounded to bf16 (tokens, cols): for packed float weights (bf16 products), which need it.
     bf16: ?[]const u16 = null,
@@ -596,7 +596,8 @@ test "matmulRows over quantized blocks matches element-wise decode" {
         var q: [n_tokens * cols]i8 = undefined;
         var scale: [n_tokens * cols / 32]f32 = undefined;
         var sum: [n_tokens * cols / 32]f32 = undefined;
-        const acts = quant.QuantActs{ .q = &q, .scale = &scale, .sum = &sum };
+        var sum_lo: [n_tokens * cols / 32]f32 = undefined;
+        const acts = quant.QuantActs{ .q = &q, .scale = &scale, .sum = &sum, .sum_lo = &sum_lo };
         acts.quantize(&x, 0, n_tokens, cols);
         var xq: [n_tokens * cols]f32 = undefined;
         for (&xq, q, 0..) |*v, qi, i| v.* = scale[i / 32] * @as(f32, @floatFromInt(qi));

@@ -1,12 +1,13 @@
 //! Integer matrix products for quantized weights against 8-bit activations (llama.cpp's
 //! Q8 activations, computed with VNNI's vpdpbusd where the CPU has it): every product
-//! with Q8_0, Q4_0 and Q4_K weights, from one token to a whole prefill.
+//! with Q8_0, Q4_0, Q4_K and Q6_K weights, from one token to a whole prefill.
 //!
 //! The weights are repacked once, at load, into 16-row groups. In a group each 32-weight
 //! block is a run of 64-byte vectors of "quads": quad k holds row r's weights 4k..4k+3 at
 //! bytes 4r..4r+3, as unsigned bytes u with a per-row scale s and offset o such that
-//! w = s * u + o (Q4 types keep two quads per vector, in the low and high nibbles, so the
-//! packed matrix is as small as the file's). One vpdpbusd then multiplies 16 rows by four
+//! w = s * u + o (Q4 types keep two quads per vector, in the low and high nibbles, and
+//! Q6_K adds two vectors of their top bits, so a packed matrix is as small as the file's,
+//! give or take its scales' layout). One vpdpbusd then multiplies 16 rows by four
 //! weights of one token (its four activation bytes broadcast), so the 16 outputs of a
 //! token land in one vector and nothing needs a horizontal sum, and a group is read as
 //! one stream.
@@ -67,12 +68,18 @@ const vec_bytes = 64; // one zmm: 16 rows x 4 bytes
 
 /// Whether a quantized type is repacked at load for the integer products.
 pub fn packs(comptime T: type) bool {
-    return T == quant.BlockQ8_0 or T == quant.BlockQ4_0 or T == quant.BlockQ4_K;
+    return T == quant.BlockQ8_0 or T == quant.BlockQ4_0 or T == quant.BlockQ4_K or T == quant.BlockQ6_K;
 }
 
-/// 64-byte vectors of weights per 32-weight block: one per quad, or one per two quads of nibbles.
+/// 64-byte vectors of weights per 32-weight block: one per quad (Q8_0), one per two quads
+/// of nibbles (Q4 types), or, for Q6_K, four of nibbles (the low four bits of each
+/// weight) and two of 2-bit fields (the top two bits of quads 0..3, then of quads 4..7).
 fn vectorsPerBlock(comptime T: type) usize {
-    return if (T == quant.BlockQ8_0) 8 else 4;
+    return switch (T) {
+        quant.BlockQ8_0 => 8,
+        quant.BlockQ6_K => 6,
+        else => 4,
+    };
 }
 
 /// Bytes of one packed 16-row group of a `cols`-wide matrix: the weight vectors of every
@@ -80,7 +87,13 @@ fn vectorsPerBlock(comptime T: type) usize {
 /// block, then f16 d and dmin per row and super-block), rounded up to 64 bytes.
 pub fn groupBytes(comptime T: type, cols: usize) usize {
     const blocks = cols / 32;
-    const scales = if (T == quant.BlockQ4_K) blocks * 2 * group_rows + cols / 256 * 2 * group_rows * 2 else blocks * group_rows * 2;
+    const scales = switch (T) {
+        // 6-bit scale and min per row and block; f16 d and dmin per row and super-block.
+        quant.BlockQ4_K => blocks * 2 * group_rows + cols / 256 * 2 * group_rows * 2,
+        // i8 scale per row and 16-weight half block; f16 d per row and super-block.
+        quant.BlockQ6_K => blocks * 2 * group_rows + cols / 256 * group_rows * 2,
+        else => blocks * group_rows * 2,
+    };
     return std.mem.alignForward(usize, blocks * vectorsPerBlock(T) * vec_bytes + scales, vec_bytes);
 }
 
@@ -115,6 +128,21 @@ fn packGroup(comptime T: type, dst: []u8, base: [*]align(1) const T, units: usiz
                     }
                     std.mem.writeInt(u16, scales[2 * (group_rows * b + r) ..][0..2], blk.d, .little);
                 },
+                quant.BlockQ6_K => {
+                    const blk = &row[b / 8];
+                    const h = b % 8 / 4; // half of the super-block
+                    const k = b % 4; // quarter of the half
+                    for (0..32) |l| {
+                        const low = blk.ql[64 * h + l + 32 * (k % 2)];
+                        const nib = if (k < 2) low & 0xF else low >> 4;
+                        const top = (blk.qh[32 * h + l] >> @intCast(2 * k)) & 3;
+                        u[l] = nib | top << 4;
+                    }
+                    scales[group_rows * 2 * b + r] = @bitCast(blk.scales[8 * h + 2 * k]);
+                    scales[group_rows * (2 * b + 1) + r] = @bitCast(blk.scales[8 * h + 2 * k + 1]);
+                    const dd = scales[2 * group_rows * blocks ..];
+                    std.mem.writeInt(u16, dd[2 * (group_rows * (b / 8) + r) ..][0..2], blk.d, .little);
+                },
                 quant.BlockQ4_K => {
                     const blk = &row[b / 8];
                     const sub = b % 8;
@@ -137,7 +165,8 @@ fn packGroup(comptime T: type, dst: []u8, base: [*]align(1) const T, units: usiz
                 if (vecs == 8) {
                     dst[(vecs * b + k) * vec_bytes + 4 * r + i % 4] = u[i];
                 } else {
-                    dst[(vecs * b + k % 4) * vec_bytes + 4 * r + i % 4] |= u[i] << @as(u3, if (k < 4) 0 else 4);
+                    dst[(vecs * b + k % 4) * vec_bytes + 4 * r + i % 4] |= (u[i] & 0xF) << @as(u3, if (k < 4) 0 else 4);
+                    if (vecs == 6) dst[(vecs * b + 4 + k / 4) * vec_bytes + 4 * r + i % 4] |= (u[i] >> 4) << @intCast(2 * (k % 4));
                 }
             }
         }
@@ -179,13 +208,7 @@ inline fn blockScales(comptime T: type, scales: [*]const u8, blocks: usize, b: u
 
 /// Row `row` of a packed matrix widened to f32 (the embedding lookup).
 pub fn unpackRow(comptime T: type, out: []f32, data: [*]const u8, cols: usize, row: usize) void {
-    const blocks = cols / 32;
-    const g = data + row / group_rows * groupBytes(T, cols);
-    const r = row % group_rows;
-    for (0..blocks) |b| {
-        const sc = blockScales(T, g + blocks * vectorsPerBlock(T) * vec_bytes, blocks, b);
-        for (0..32) |i| out[32 * b + i] = sc.s[r] * @as(f32, @floatFromInt(unpackedByte(T, g, b, r, i))) + sc.o[r];
-    }
+    for (out, 0..) |*o, c| o.* = weightAt(T, data, cols, row, c);
 }
 
 /// Weight (row, col) of a packed matrix: for tests and one-off reads.
@@ -193,8 +216,16 @@ pub fn weightAt(comptime T: type, data: [*]const u8, cols: usize, row: usize, co
     const blocks = cols / 32;
     const g = data + row / group_rows * groupBytes(T, cols);
     const r = row % group_rows;
-    const sc = blockScales(T, g + blocks * vectorsPerBlock(T) * vec_bytes, blocks, col / 32);
-    return sc.s[r] * @as(f32, @floatFromInt(unpackedByte(T, g, col / 32, r, col % 32))) + sc.o[r];
+    const b = col / 32;
+    const scales = g + blocks * vectorsPerBlock(T) * vec_bytes;
+    const u: f32 = @floatFromInt(unpackedByte(T, g, b, r, col % 32));
+    if (T == quant.BlockQ6_K) {
+        const sc: i8 = @bitCast(scales[group_rows * (2 * b + col % 32 / 16) + r]);
+        const d: f32 = @floatCast(@as(f16, @bitCast(std.mem.readInt(u16, scales[2 * group_rows * blocks + 2 * (group_rows * (b / 8) + r) ..][0..2], .little))));
+        return d * @as(f32, @floatFromInt(sc)) * (u - 32);
+    }
+    const sc = blockScales(T, scales, blocks, b);
+    return sc.s[r] * u + sc.o[r];
 }
 
 /// u of weight i of block b, row r, in the packed group at g.
@@ -203,11 +234,20 @@ inline fn unpackedByte(comptime T: type, g: [*]const u8, b: usize, r: usize, i: 
     const k = i / 4; // quad
     if (vecs == 8) return g[(vecs * b + k) * vec_bytes + 4 * r + i % 4];
     const byte = g[(vecs * b + k % 4) * vec_bytes + 4 * r + i % 4];
-    return if (k < 4) byte & 0xF else byte >> 4;
+    const low = if (k < 4) byte & 0xF else byte >> 4;
+    if (vecs == 4) return low;
+    const top = (g[(vecs * b + 4 + k / 4) * vec_bytes + 4 * r + i % 4] >> @intCast(2 * (k % 4))) & 3;
+    return low | top << 4;
 }
 
 const F16 = @Vector(16, f32);
 const I16 = @Vector(16, i32);
+
+/// Bits 2j..2j+1 of each byte of `tops` moved to bits 4..5 (Q6_K: the top bits of quad j).
+inline fn topBits(tops: @Vector(64, u8), comptime j: usize) @Vector(64, u8) {
+    const moved = if (j < 2) tops << @splat(4 - 2 * j) else tops >> @splat(2 * j - 4);
+    return moved & @as(@Vector(64, u8), @splat(0x30));
+}
 
 /// Four activation bytes of a token broadcast to every lane.
 inline fn broadcast4(p: [*]const i8) @Vector(64, i8) {
@@ -252,15 +292,23 @@ inline fn tile(comptime T: type, comptime ng: usize, comptime nt: usize, g: [*]c
     for (0..blocks) |b| {
         prefetcher.step();
         var xscale: [nt]F16 = undefined;
-        var xoffset: [nt]F16 = undefined; // Q8_0, Q4_0: o / s * (d_x * sum q); Q4_K: d_x * sum q
+        // Q8_0, Q4_0: o / s * (d_x * sum q); Q4_K: d_x * sum q; Q6_K: -32 d_x * sum q over
+        // the block's first 16 weights (xoffset) and its last 16 (xoffset_hi).
+        var xoffset: [nt]F16 = undefined;
+        var xoffset_hi: [nt]F16 = undefined;
         inline for (0..nt) |t| {
             xscale[t] = @splat(acts.scale[xblock[t] + b]);
             const bias: f32 = switch (T) {
                 quant.BlockQ8_0 => -128,
                 quant.BlockQ4_0 => -8,
+                quant.BlockQ6_K => -32,
                 else => 1,
             };
-            xoffset[t] = @splat(bias * acts.sum[xblock[t] + b]);
+            if (T == quant.BlockQ6_K) {
+                const lo = acts.sum_lo[xblock[t] + b];
+                xoffset[t] = @splat(bias * lo);
+                xoffset_hi[t] = @splat(bias * (acts.sum[xblock[t] + b] - lo));
+            } else xoffset[t] = @splat(bias * acts.sum[xblock[t] + b]);
         }
         inline for (0..ng) |gi| {
             const group = g + gi * group_bytes;
@@ -270,10 +318,23 @@ inline fn tile(comptime T: type, comptime ng: usize, comptime nt: usize, g: [*]c
                 inline for (0..vecs) |line| @prefetch(wb + stream_ahead + line * vec_bytes, .{ .locality = 3 });
             }
             var isum: [nt]I16 = .{@as(I16, @splat(0))} ** nt;
+            var isum_hi: [nt]I16 = .{@as(I16, @splat(0))} ** nt; // Q6_K: the block's last 16 weights
             if (vecs == 8) {
                 inline for (0..8) |k| {
                     const w: @Vector(64, u8) = wb[k * vec_bytes ..][0..vec_bytes].*;
                     inline for (0..nt) |t| isum[t] = dpbusd(16, isum[t], w, broadcast4(xq[t] + 32 * b + 4 * k));
+                }
+            } else if (vecs == 6) {
+                const tops_lo: @Vector(64, u8) = wb[4 * vec_bytes ..][0..vec_bytes].*;
+                const tops_hi: @Vector(64, u8) = wb[5 * vec_bytes ..][0..vec_bytes].*;
+                inline for (0..4) |j| {
+                    const v: @Vector(64, u8) = wb[j * vec_bytes ..][0..vec_bytes].*;
+                    const lo = (v & @as(@Vector(64, u8), @splat(0xF))) | topBits(tops_lo, j);
+                    const hi = (v >> @splat(4)) | topBits(tops_hi, j);
+                    inline for (0..nt) |t| {
+                        isum[t] = dpbusd(16, isum[t], lo, broadcast4(xq[t] + 32 * b + 4 * j));
+                        isum_hi[t] = dpbusd(16, isum_hi[t], hi, broadcast4(xq[t] + 32 * b + 16 + 4 * j));
+                    }
                 }
             } else {
                 inline for (0..4) |j| {
@@ -287,7 +348,24 @@ inline fn tile(comptime T: type, comptime ng: usize, comptime nt: usize, g: [*]c
                 }
             }
             const scales = group + blocks * vecs * vec_bytes;
-            if (k_quant) {
+            if (T == quant.BlockQ6_K) {
+                // w = d * sc * (u - 32), sc per 16 weights: the super-block's d comes at its end.
+                const sc_lo: F16 = @floatFromInt(@as(@Vector(16, i8), @bitCast(scales[group_rows * 2 * b ..][0..16].*)));
+                const sc_hi: F16 = @floatFromInt(@as(@Vector(16, i8), @bitCast(scales[group_rows * (2 * b + 1) ..][0..16].*)));
+                inline for (0..nt) |t| {
+                    const t_lo = @mulAdd(F16, @floatFromInt(isum[t]), xscale[t], xoffset[t]);
+                    const t_hi = @mulAdd(F16, @floatFromInt(isum_hi[t]), xscale[t], xoffset_hi[t]);
+                    acc_sc[gi][t] = @mulAdd(F16, sc_hi, t_hi, @mulAdd(F16, sc_lo, t_lo, acc_sc[gi][t]));
+                }
+                if (b % 8 == 7) {
+                    const dd = scales + 2 * group_rows * blocks + 32 * (b / 8);
+                    const d: F16 = @floatCast(@as(@Vector(16, f16), @bitCast(dd[0..32].*)));
+                    inline for (0..nt) |t| {
+                        acc[gi][t] = @mulAdd(F16, d, acc_sc[gi][t], acc[gi][t]);
+                        acc_sc[gi][t] = @splat(0);
+                    }
+                }
+            } else if (k_quant) {
                 const sc: F16 = @floatFromInt(@as(@Vector(16, u8), scales[group_rows * b ..][0..16].*));
                 const m: F16 = @floatFromInt(@as(@Vector(16, u8), scales[group_rows * (blocks + b) ..][0..16].*));
                 inline for (0..nt) |t| {
@@ -416,14 +494,15 @@ test "integer GEMM over packed weights equals a plain sum over decoded weights a
     var q: [max_tokens * cols]i8 = undefined;
     var scale: [max_tokens * cols / 32]f32 = undefined;
     var sum: [max_tokens * cols / 32]f32 = undefined;
-    const acts = quant.QuantActs{ .q = &q, .scale = &scale, .sum = &sum };
+    var sum_lo: [max_tokens * cols / 32]f32 = undefined;
+    const acts = quant.QuantActs{ .q = &q, .scale = &scale, .sum = &sum, .sum_lo = &sum_lo };
     acts.quantize(&x, 0, max_tokens, cols);
-    const storage = try allocator.alignedAlloc(u8, 4, rows * (cols / 32) * 34);
+    const storage = try allocator.alignedAlloc(u8, 4, rows * (cols / 32) * 34); // Q8_0, the largest
     defer allocator.free(storage);
     const out = try allocator.alloc(f32, max_tokens * (rows + 3));
     defer allocator.free(out);
     var row: [cols]f32 = undefined;
-    inline for (.{ .{ quant.BlockQ8_0, .q8_0 }, .{ quant.BlockQ4_0, .q4_0 }, .{ quant.BlockQ4_K, .q4_k } }) |case| {
+    inline for (.{ .{ quant.BlockQ8_0, .q8_0 }, .{ quant.BlockQ4_0, .q4_0 }, .{ quant.BlockQ4_K, .q4_k }, .{ quant.BlockQ6_K, .q6_k } }) |case| {
         const T = case[0];
         rng.bytes(storage);
         const blocks: [*]align(1) T = @ptrCast(storage.ptr);
@@ -432,6 +511,7 @@ test "integer GEMM over packed weights equals a plain sum over decoded weights a
             blocks[bi].d = @bitCast(@as(f16, @floatCast(rng.float(f32) * 0.01)));
             if (T == quant.BlockQ4_K) blocks[bi].dmin = @bitCast(@as(f16, @floatCast(rng.float(f32) * 0.01)));
         }
+        // Q6_K's scales are signed bytes: the random ones include negatives.
         const w = Matrix{ .dtype = case[1], .data = storage.ptr, .rows = rows, .cols = cols };
         try testing.expect(packedBytes(T, rows, cols) > pass_bytes);
         const packed_w = try allocator.alloc(u8, packedBytes(T, rows, cols));

@@ -184,6 +184,7 @@ pub const QuantActs = struct {
     q: []i8, // (tokens, cols)
     scale: []f32, // (tokens, cols / 32)
     sum: []f32, // (tokens, cols / 32)
+    sum_lo: []f32, // (tokens, cols / 32) the same over each block's first 16 (Q6_K's sub-blocks)
 
     /// Tokens [begin, end) of x (tokens, cols).
     pub fn quantize(a: QuantActs, x: []const f32, begin: usize, end: usize, cols: usize) void {
@@ -200,6 +201,8 @@ pub const QuantActs = struct {
             // Kept at f16 precision, as llama.cpp's Q8_0 activation blocks store it.
             a.scale[bi] = @floatCast(@as(f16, @floatCast(d)));
             a.sum[bi] = a.scale[bi] * @as(f32, @floatFromInt(@reduce(.Add, @as(@Vector(32, i32), q))));
+            const first: @Vector(16, i8) = a.q[bi * 32 ..][0..16].*;
+            a.sum_lo[bi] = a.scale[bi] * @as(f32, @floatFromInt(@reduce(.Add, @as(@Vector(16, i32), first))));
         }
     }
 };

@@ -1,7 +1,7 @@
 //! The model's weights: files mapped read-only, and a view per tensor placed by
 //! the manifest TypeScript sends. Float weights are computed in place (f16 and bf16
 //! widened to f32 inside the dot product), which halves the bytes a decode step reads
-//! compared with widening at load. Q8_0, Q4_0 and Q4_K matrices are repacked once into
+//! compared with widening at load. Q8_0, Q4_0, Q4_K and Q6_K matrices are repacked once into
 //! the integer products' layout (qgemm.pack, the same size as the file's blocks), and
 //! their pages of the mapping are dropped, so the process holds each weight once.
 
@@ -139,7 +139,7 @@ pub fn load(
     return w;
 }
 
-/// Repacks every Q8_0, Q4_0 and Q4_K matrix for the integer products and, with
+/// Repacks every Q8_0, Q4_0, Q4_K and Q6_K matrix for the integer products and, with
 /// `bf16_products`, every float matrix (but an untied embedding, read a row at a time)
 /// for bf16 products; a tied output shares the embedding's. Then drops the mapped pages
 /// they were read from.
@@ -160,7 +160,7 @@ fn packAll(allocator: std.mem.Allocator, w: *Weights, bf16_products: bool) !void
     for (all.items) |m| {
         const source = m.*;
         switch (m.dtype) {
-            inline .q8_0, .q4_0, .q4_k => |t| {
+            inline .q8_0, .q4_0, .q4_k, .q6_k => |t| {
                 const T = kernels.StorageType(t);
                 const buffer = try allocPacked(qgemm.packedBytes(T, m.rows, m.cols));
                 try buffers.append(buffer);
