@@ -30,7 +30,6 @@ pub const Scratch = struct {
     counts: []u32, // (threads, vocab) zero between uses
     raw: []f32, // (threads, vocab)
     seq_of_token: []u32, // (max_tokens) which sequence of the batch each token belongs to
-    decoded: []f32, // (threads, 16 * widest) quantized rows (Q6_K) decoded to f32
     acts_q: []i8, // (max_tokens, widest) activations quantized to 8 bits, for quantized weights
     acts_scale: []f32, // (max_tokens, widest / 32)
     acts_sum: []f32, // (max_tokens, widest / 32)
@@ -60,7 +59,6 @@ pub const Scratch = struct {
         s.counts = try allocator.alloc(u32, threads * m.vocab_size);
         @memset(s.counts, 0);
         s.seq_of_token = try allocator.alloc(u32, t);
-        s.decoded = try allocator.alloc(f32, threads * decodedPerThread(m));
         const w = std.mem.alignForward(usize, widest(m), 32);
         s.acts_q = try allocator.alloc(i8, t * w);
         s.acts_scale = try allocator.alloc(f32, t * w / 32);
@@ -74,17 +72,11 @@ pub const Scratch = struct {
         return @max(@max(m.hidden_size, m.intermediate_size), m.num_heads * m.head_dim);
     }
 
-    /// Quantized rows decoded to f32 per pass (Q6_K): 16 rows (four tiles) share each block of x.
-    pub fn decodedPerThread(m: abi.ModelConfig) usize {
-        return 4 * kernels.tile_rows * widest(m);
-    }
-
     pub fn deinit(s: *Scratch, allocator: std.mem.Allocator) void {
         inline for (.{ "x", "xb", "xb2", "qkv", "att", "gate_up", "h", "xs", "scores", "probs", "raw" }) |name| allocator.free(@field(s, name));
         allocator.free(s.order);
         allocator.free(s.counts);
         allocator.free(s.seq_of_token);
-        allocator.free(s.decoded);
         allocator.free(s.acts_q);
         allocator.free(s.acts_scale);
         allocator.free(s.acts_sum);
@@ -121,17 +113,14 @@ const MatmulCtx = struct {
     x: []const f32,
     n_tokens: usize,
     ws: []const Matrix,
-    decoded: []f32, // (threads, decoded_per_thread)
-    decoded_per_thread: usize,
     acts: kernels.Acts,
 
-    fn body(c: MatmulCtx, thread_index: usize, begin: usize, end: usize) void {
-        const scratch = c.decoded[thread_index * c.decoded_per_thread ..][0..c.decoded_per_thread];
+    fn body(c: MatmulCtx, _: usize, begin: usize, end: usize) void {
         var offset: usize = 0;
         for (c.ws) |w| {
             const lo = @max(begin, offset);
             const hi = @min(end, offset + w.rows);
-            if (lo < hi) kernels.matmulRows(c.out[offset..], c.out_stride, c.x, c.n_tokens, w, lo - offset, hi - offset, scratch, c.acts);
+            if (lo < hi) kernels.matmulRows(c.out[offset..], c.out_stride, c.x, c.n_tokens, w, lo - offset, hi - offset, c.acts);
             offset += w.rows;
         }
     }
@@ -183,8 +172,6 @@ fn matmul(e: *Engine, out: []f32, x: []const f32, n_tokens: usize, ws: []const M
         .x = x,
         .n_tokens = n_tokens,
         .ws = ws,
-        .decoded = e.scratch.decoded,
-        .decoded_per_thread = Scratch.decodedPerThread(e.model),
     };
     // The packed GEMMs take rows in groups of 16: chunks of whole groups.
     const alignment: usize = if (acts.q8 != null or acts.bf16 != null) 16 else kernels.tile_rows;

@@ -108,7 +108,6 @@ inline fn loadScalar(comptime T: type, p: [*]align(1) const T, i: usize) f32 {
 
 /// dot(w[0..n], x[0..n]) with w in its stored type (u16 means bf16).
 pub inline fn dot(comptime T: type, w: [*]align(1) const T, x: [*]const f32, n: usize) f32 {
-    if (comptime quant.isBlock(T)) return quant.dotRow(T, w, x, n);
     var acc0: V = @splat(0);
     var acc1: V = @splat(0);
     var i: usize = 0;
@@ -128,25 +127,19 @@ pub inline fn dot(comptime T: type, w: [*]align(1) const T, x: [*]const f32, n: 
 /// out[n, r] = x[n, :] . w[r, :] for r in [row_begin, row_end), every n < n_tokens.
 /// out: (n_tokens, out_stride), x: (n_tokens, w.cols). Each weight row is read once
 /// for all tokens, so a batch of sequences shares one pass over the weights.
-/// scratch: at least decoded_rows_min * w.cols floats (more lets a pass hold more rows),
-/// for unpacked quantized weights shared by several tokens.
-/// acts: x in the forms the weights' fast paths take, where the caller made them.
-pub fn matmulRows(out: []f32, out_stride: usize, x: []const f32, n_tokens: usize, w: Matrix, row_begin: usize, row_end: usize, scratch: []f32, acts: Acts) void {
+/// acts: x in the forms packed weights take, where the caller made them.
+pub fn matmulRows(out: []f32, out_stride: usize, x: []const f32, n_tokens: usize, w: Matrix, row_begin: usize, row_end: usize, acts: Acts) void {
     switch (w.dtype) {
         inline .f32, .f16, .bf16 => |t| {
             // Packed for bf16 products: the caller rounded x to bf16.
             if (w.repacked) return bgemm.matmulRows(out, out_stride, acts.bf16.?, n_tokens, w.data, w.cols, row_begin, row_end);
             matmulRowsTyped(StorageType(t), out, out_stride, x, n_tokens, w, row_begin, row_end);
         },
+        // Quantized weights are always packed (at load) and multiplied in integers: the
+        // caller quantized x.
         inline .q8_0, .q4_0, .q4_k, .q6_k => |t| {
-            const T = StorageType(t);
-            if (comptime qgemm.packs(T)) if (w.repacked) {
-                // Packed weights are multiplied in integers only: the caller quantized x.
-                return qgemm.matmulRows(T, out, out_stride, acts.q8.?, n_tokens, w.data, w.cols, row_begin, row_end);
-            };
-            if (n_tokens >= tile_tokens) {
-                matmulRowsDecoded(T, out, out_stride, x, n_tokens, w, row_begin, row_end, scratch);
-            } else matmulRowsTyped(T, out, out_stride, x, n_tokens, w, row_begin, row_end);
+            assert(w.repacked);
+            qgemm.matmulRows(StorageType(t), out, out_stride, acts.q8.?, n_tokens, w.data, w.cols, row_begin, row_end);
         },
         _ => unreachable, // refused at load
     }
@@ -160,39 +153,14 @@ pub const Acts = struct {
     bf16: ?[]const u16 = null,
 };
 
-/// Quantized weights and several tokens: decoding a weight costs more than multiplying
-/// it, so each tile of rows is decoded once into f32 and then shared by every token.
-fn matmulRowsDecoded(comptime T: type, out: []f32, out_stride: usize, x: []const f32, n_tokens: usize, w: Matrix, row_begin: usize, row_end: usize, scratch: []f32) void {
-    const cols = w.cols;
-    const units = cols / quant.unitElems(T);
-    assert(scratch.len >= decoded_rows_min * cols);
-    // As many rows as the scratch holds (whole tiles): the token blocks of x are then
-    // reused by several row tiles while they sit in L2.
-    const rows_per_pass = @max(tile_rows, scratch.len / cols / tile_rows * tile_rows);
-    const base: [*]align(1) const T = @ptrCast(w.data);
-    var r = row_begin;
-    while (r < row_end) {
-        const n_rows = @min(rows_per_pass, row_end - r);
-        for (0..n_rows) |i| {
-            const row = base + (r + i) * units;
-            const dst = scratch[i * cols ..][0..cols];
-            var k: usize = 0;
-            while (k < cols) : (k += 16) dst[k..][0..16].* = loadVecN(16, T, row, k);
-        }
-        const decoded = Matrix{ .dtype = .f32, .data = @ptrCast(scratch.ptr), .rows = n_rows, .cols = cols };
-        matmulRowsTyped(f32, out[r..], out_stride, x, n_tokens, decoded, 0, n_rows);
-        r += n_rows;
-    }
-}
-
 fn matmulRowsTyped(comptime T: type, out: []f32, out_stride: usize, x: []const f32, n_tokens: usize, w: Matrix, row_begin: usize, row_end: usize) void {
     assert(row_end <= w.rows);
     assert(x.len >= n_tokens * w.cols);
     assert(out.len >= (n_tokens - 1) * out_stride + row_end or n_tokens == 0);
+    comptime assert(!quant.isBlock(T)); // quantized weights take qgemm
     const base: [*]align(1) const T = @ptrCast(w.data);
     const cols = w.cols;
-    // A row is `units` storage units: weights, or blocks of weights for quantized types.
-    const units = cols / quant.unitElems(T);
+    const units = cols;
     var r = row_begin;
     // Tiles of 4 weight rows x 4 tokens: 8 vector loads feed 16 FMAs, and each weight
     // vector is widened once for four tokens. Used when there are tokens to share it
@@ -233,7 +201,6 @@ fn matmulRowsTyped(comptime T: type, out: []f32, out_stride: usize, x: []const f
 }
 
 pub const tile_rows = 4;
-pub const decoded_rows_min = tile_rows;
 pub const tile_tokens = 4;
 const block_bytes = 128 * 1024; // of activations per token block: a share of a 1 MiB L2
 
@@ -547,7 +514,7 @@ test "matmulRows matches a naive product for f32, f16 and bf16 at awkward widths
             var x: [n_tokens * 172]f32 = undefined;
             fillRandom(rng, &x);
             var out: [n_tokens * rows]f32 = undefined;
-            matmulRows(&out, rows, &x, n_tokens, w, 0, rows, &.{}, .{});
+            matmulRows(&out, rows, &x, n_tokens, w, 0, rows, .{});
             for (0..n_tokens) |n| for (0..rows) |r| {
                 const want = naiveDot(w, r, x[n * cols ..][0..cols]);
                 try testing.expectApproxEqAbs(want, out[n * rows + r], 1e-4);
@@ -556,7 +523,7 @@ test "matmulRows matches a naive product for f32, f16 and bf16 at awkward widths
     }
 }
 
-test "matmulRows over quantized blocks matches element-wise decode" {
+test "matmulRows over packed quantized weights equals a plain dot over decoded weights and quantized activations" {
     var prng = std.Random.DefaultPrng.init(3);
     const rng = prng.random();
     const rows = 9;
@@ -581,18 +548,7 @@ test "matmulRows over quantized blocks matches element-wise decode" {
             for (at) |a| std.mem.writeInt(u16, bytes[off + a ..][0..2], @bitCast(@as(f16, @floatCast(rng.float(f32) * 0.01))), .little);
         }
         var out: [n_tokens * rows]f32 = undefined;
-        var scratch: [tile_rows * cols]f32 = undefined;
-        // Six tokens take the decode-once path; then two tokens take the in-place decode.
-        inline for (.{ n_tokens, 2 }) |tokens| {
-            matmulRows(&out, rows, &x, tokens, w, 0, rows, &scratch, .{});
-            for (0..tokens) |n| for (0..rows) |r| {
-                const want = naiveDot(w, r, x[n * cols ..][0..cols]);
-                try testing.expectApproxEqAbs(want, out[n * rows + r], 1e-3 * (1 + @abs(want)));
-            };
-        }
-        // Packed for the integer products (where the type has them), with 8-bit
-        // activations: two tokens and six equal a plain dot over the quantized activations.
-        if (comptime !qgemm.packs(StorageType(dtype))) continue;
+        // Two tokens (decode) and six (a tile of four and two), with 8-bit activations.
         var q: [n_tokens * cols]i8 = undefined;
         var scale: [n_tokens * cols / 32]f32 = undefined;
         var sum: [n_tokens * cols / 32]f32 = undefined;
@@ -605,7 +561,7 @@ test "matmulRows over quantized blocks matches element-wise decode" {
         qgemm.pack(StorageType(dtype), &packed_store, w.data, rows, cols);
         const wp = Matrix{ .dtype = dtype, .data = &packed_store, .rows = rows, .cols = cols, .repacked = true };
         inline for (.{ 2, n_tokens }) |tokens| {
-            matmulRows(&out, rows, &x, tokens, wp, 0, rows, &.{}, .{ .q8 = acts });
+            matmulRows(&out, rows, &x, tokens, wp, 0, rows, .{ .q8 = acts });
             for (0..tokens) |n| for (0..rows) |r| {
                 const want = naiveDot(w, r, xq[n * cols ..][0..cols]);
                 try testing.expectApproxEqAbs(want, out[n * rows + r], 1e-3 * (1 + @abs(want)));
