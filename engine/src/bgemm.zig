@@ -101,11 +101,16 @@ inline fn load16(comptime T: type, row: [*]align(1) const T, k: usize) @Vector(1
 
 /// Packs a whole (rows, cols) matrix of T (f32, f16 or bf16 as u16) into dst (packedBytes long).
 pub fn pack(comptime T: type, dst: []u8, w_data: [*]const u8, rows: usize, cols: usize) void {
+    packGroups(T, dst, w_data, rows, cols, 0, std.math.divCeil(usize, rows, group_rows) catch unreachable);
+}
+
+/// Groups [g_begin, g_end) of pack's output (several threads may each take a range).
+pub fn packGroups(comptime T: type, dst: []u8, w_data: [*]const u8, rows: usize, cols: usize, g_begin: usize, g_end: usize) void {
     assert(cols % 16 == 0);
     assert(dst.len >= packedBytes(rows, cols));
-    @memset(dst, 0); // rows past the last pad the last group
+    @memset(dst[g_begin * groupBytes(cols) .. g_end * groupBytes(cols)], 0); // rows past the last pad the last group
     const base: [*]align(1) const T = @ptrCast(w_data);
-    for (0..rows) |row| {
+    for (g_begin * group_rows..@min(rows, g_end * group_rows)) |row| {
         const group = dst[row / group_rows * groupBytes(cols) ..].ptr;
         const r = row % group_rows;
         var k: usize = 0;

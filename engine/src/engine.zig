@@ -87,7 +87,7 @@ pub const Engine = struct {
         e.allocator = allocator;
         e.model = model;
         e.config = config;
-        e.weights = try weights_mod.load(allocator, model, paths, tensors, config.compute_dtype == @intFromEnum(abi.DType.bf16), status);
+        e.weights = try weights_mod.load(allocator, model, paths, tensors, config.compute_dtype == @intFromEnum(abi.DType.bf16), config.num_threads, status);
         errdefer e.weights.deinit(allocator);
         e.pool = try BlockPool.init(allocator, config.num_blocks);
         errdefer e.pool.deinit(allocator);

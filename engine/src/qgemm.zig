@@ -175,12 +175,16 @@ fn packGroup(comptime T: type, dst: []u8, base: [*]align(1) const T, units: usiz
 
 /// Packs a whole (rows, cols) matrix into dst (packedBytes long).
 pub fn pack(comptime T: type, dst: []u8, w_data: [*]const u8, rows: usize, cols: usize) void {
+    packGroups(T, dst, w_data, rows, cols, 0, std.math.divCeil(usize, rows, group_rows) catch unreachable);
+}
+
+/// Groups [g_begin, g_end) of pack's output (several threads may each take a range).
+pub fn packGroups(comptime T: type, dst: []u8, w_data: [*]const u8, rows: usize, cols: usize, g_begin: usize, g_end: usize) void {
     const gb = groupBytes(T, cols);
     assert(dst.len >= packedBytes(T, rows, cols));
     const base: [*]align(1) const T = @ptrCast(w_data);
     const units = cols / quant.unitElems(T);
-    var g: usize = 0;
-    while (g * group_rows < rows) : (g += 1) {
+    for (g_begin..g_end) |g| {
         packGroup(T, dst[g * gb ..][0..gb], base, units, g * group_rows, @min(group_rows, rows - g * group_rows), cols);
     }
 }

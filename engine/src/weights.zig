@@ -58,6 +58,7 @@ pub fn load(
     paths: []const [:0]const u8,
     tensors: []const abi.Tensor,
     bf16_products: bool,
+    threads: usize,
     status: *abi.Status,
 ) !Weights {
     if (paths.len == 0 or paths.len > files_max) {
@@ -135,15 +136,15 @@ pub fn load(
         .output_norm = try need(slots, 2, .output_norm, 0, status),
         .output = output,
     };
-    try packAll(allocator, &w, bf16_products);
+    try packAll(allocator, &w, bf16_products, threads);
     return w;
 }
 
 /// Repacks every Q8_0, Q4_0, Q4_K and Q6_K matrix for the integer products and, with
 /// `bf16_products`, every float matrix (but an untied embedding, read a row at a time)
-/// for bf16 products; a tied output shares the embedding's. Then drops the mapped pages
-/// they were read from.
-fn packAll(allocator: std.mem.Allocator, w: *Weights, bf16_products: bool) !void {
+/// for bf16 products; a tied output shares the embedding's. `threads` threads pack
+/// ranges of 16-row groups and drop the mapped pages they read as they go.
+fn packAll(allocator: std.mem.Allocator, w: *Weights, bf16_products: bool, threads: usize) !void {
     var all = std.ArrayList(*Matrix).init(allocator);
     defer all.deinit();
     const tied = w.output.data == w.token_embd.data;
@@ -152,34 +153,69 @@ fn packAll(allocator: std.mem.Allocator, w: *Weights, bf16_products: bool) !void
         inline for (.{ "wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down" }) |name| try all.append(&@field(l, name));
     }
     if (!tied) try all.append(&w.output);
+
+    // Which matrices, into what: buffers are made here, filled by the workers below.
+    var jobs = std.ArrayList(PackJob).init(allocator);
+    defer jobs.deinit();
     var buffers = std.ArrayList([]align(std.mem.page_size) u8).init(allocator);
     errdefer {
         for (buffers.items) |b| std.heap.page_allocator.free(b);
         buffers.deinit();
     }
+    var sources = std.ArrayList(Matrix).init(allocator);
+    defer sources.deinit();
     for (all.items) |m| {
-        const source = m.*;
-        switch (m.dtype) {
-            inline .q8_0, .q4_0, .q4_k, .q6_k => |t| {
-                const T = kernels.StorageType(t);
-                const buffer = try allocPacked(qgemm.packedBytes(T, m.rows, m.cols));
-                try buffers.append(buffer);
-                qgemm.pack(T, buffer, m.data, m.rows, m.cols);
-                m.* = .{ .dtype = m.dtype, .data = buffer.ptr, .rows = m.rows, .cols = m.cols, .repacked = true };
-            },
-            inline .f32, .f16, .bf16 => |t| {
-                if (!bf16_products or m.cols % 16 != 0 or (m == &w.token_embd and !tied)) continue;
-                const buffer = try allocPacked(bgemm.packedBytes(m.rows, m.cols));
-                try buffers.append(buffer);
-                bgemm.pack(kernels.StorageType(t), buffer, m.data, m.rows, m.cols);
-                m.* = .{ .dtype = m.dtype, .data = buffer.ptr, .rows = m.rows, .cols = m.cols, .repacked = true };
-            },
+        const float = m.dtype == .f32 or m.dtype == .f16 or m.dtype == .bf16;
+        if (float and (!bf16_products or m.cols % 16 != 0 or (m == &w.token_embd and !tied))) continue;
+        const bytes = switch (m.dtype) {
+            inline .q8_0, .q4_0, .q4_k, .q6_k => |t| qgemm.packedBytes(kernels.StorageType(t), m.rows, m.cols),
+            .f32, .f16, .bf16 => bgemm.packedBytes(m.rows, m.cols),
             else => continue,
-        }
-        dropPages(source.data, source.rows * source.rowBytes());
+        };
+        const buffer = try allocPacked(bytes);
+        try buffers.append(buffer);
+        try sources.append(m.*);
+        const groups = std.math.divCeil(usize, m.rows, qgemm.group_rows) catch unreachable;
+        const chunk = 256; // groups a job: a big matrix is shared between threads
+        var g: usize = 0;
+        while (g < groups) : (g += chunk) try jobs.append(.{ .source = m.*, .dst = buffer, .g_begin = g, .g_end = @min(groups, g + chunk) });
+        m.* = .{ .dtype = m.dtype, .data = buffer.ptr, .rows = m.rows, .cols = m.cols, .repacked = true };
     }
+
+    var next = std.atomic.Value(usize).init(0);
+    var helpers: [64]std.Thread = undefined;
+    var spawned: usize = 0;
+    while (spawned + 1 < @min(threads, helpers.len)) : (spawned += 1) {
+        helpers[spawned] = std.Thread.spawn(.{}, packWorker, .{ jobs.items, &next }) catch break;
+    }
+    packWorker(jobs.items, &next);
+    for (helpers[0..spawned]) |t| t.join();
+    // Pages that straddled two jobs are dropped now that both are done.
+    for (sources.items) |m| dropPages(m.data, m.rows * m.rowBytes());
     if (tied) w.output = w.token_embd;
     w.packed_buffers = try buffers.toOwnedSlice();
+}
+
+/// 16-row groups [g_begin, g_end) of one matrix to pack.
+const PackJob = struct { source: Matrix, dst: []u8, g_begin: usize, g_end: usize };
+
+fn packWorker(jobs: []const PackJob, next: *std.atomic.Value(usize)) void {
+    while (true) {
+        const i = next.fetchAdd(1, .monotonic);
+        if (i >= jobs.len) return;
+        const j = jobs[i];
+        const m = j.source;
+        switch (m.dtype) {
+            inline .q8_0, .q4_0, .q4_k, .q6_k => |t| qgemm.packGroups(kernels.StorageType(t), j.dst, m.data, m.rows, m.cols, j.g_begin, j.g_end),
+            inline .f32, .f16, .bf16 => |t| bgemm.packGroups(kernels.StorageType(t), j.dst, m.data, m.rows, m.cols, j.g_begin, j.g_end),
+            else => unreachable,
+        }
+        // The rows this job read, as far as whole pages go.
+        const row_bytes = m.rowBytes();
+        const first = j.g_begin * qgemm.group_rows;
+        const end = @min(m.rows, j.g_end * qgemm.group_rows);
+        dropPages(m.data + first * row_bytes, (end - first) * row_bytes);
+    }
 }
 
 /// Memory for a packed matrix, in huge pages where the kernel gives them: a decode step
