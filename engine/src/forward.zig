@@ -143,11 +143,12 @@ fn matmul(e: *Engine, out: []f32, x: []const f32, n_tokens: usize, ws: []const M
     var total_rows: usize = 0;
     var int_dot = false;
     var bf16_products = false;
+    var packed_weights = false;
     for (ws) |w| {
         total_rows += w.rows;
-        const float = w.dtype == .f32 or w.dtype == .f16 or w.dtype == .bf16;
-        int_dot = int_dot or (w.repacked and !float);
-        bf16_products = bf16_products or (w.repacked and float);
+        int_dot = int_dot or w.layout == .int_groups;
+        bf16_products = bf16_products or w.layout == .bf16_groups;
+        packed_weights = packed_weights or w.layout != .plain;
     }
     // The input converted once for every row: quantized to 8 bits for packed quantized
     // weights (llama.cpp's Q8 activations, met in integer products), rounded to bf16 for
@@ -174,7 +175,7 @@ fn matmul(e: *Engine, out: []f32, x: []const f32, n_tokens: usize, ws: []const M
         .ws = ws,
     };
     // The packed GEMMs take rows in groups of 16: chunks of whole groups.
-    const alignment: usize = if (acts.q8 != null or acts.bf16 != null) 16 else kernels.tile_rows;
+    const alignment: usize = if (packed_weights) 16 else kernels.tile_rows;
     parallelAligned(&e.threads, total_rows, alignment, ctx, MatmulCtx.body);
 }
 

@@ -7,22 +7,32 @@ const DType = @import("abi.zig").DType;
 const quant = @import("quant.zig");
 const qgemm = @import("qgemm.zig");
 const bgemm = @import("bgemm.zig");
+const fgemm = @import("fgemm.zig");
 
 pub const vec_len = 16;
 const V = @Vector(vec_len, f32);
 
 /// A 2-D weight matrix in its stored dtype: (rows, cols), row-major, not necessarily
-/// aligned; or, `repacked`, Q8_0/Q4_0/Q4_K/Q6_K repacked for the integer products (qgemm.pack)
-/// or float weights repacked in bf16 for bf16 products (bgemm.pack).
+/// aligned (`plain`), or packed at load into 16-row groups (see Layout).
 pub const Matrix = struct {
     dtype: DType,
     data: [*]const u8,
     rows: usize,
     cols: usize,
-    repacked: bool = false,
+    layout: Layout = .plain,
+
+    pub const Layout = enum {
+        plain,
+        /// Q8_0/Q4_0/Q4_K/Q6_K for the integer products (qgemm.pack).
+        int_groups,
+        /// Float weights rounded to bf16 pairs for bf16 products (bgemm.pack).
+        bf16_groups,
+        /// Float weights in their own type, column by column, for f32 products (fgemm.pack).
+        float_groups,
+    };
 
     pub fn rowBytes(m: Matrix) usize {
-        assert(!m.repacked);
+        assert(m.layout == .plain);
         return m.cols / m.dtype.blockElems().? * m.dtype.blockBytes().?;
     }
 
@@ -30,11 +40,18 @@ pub const Matrix = struct {
     pub fn readRow(m: Matrix, out: []f32, row: usize) void {
         assert(row < m.rows);
         assert(out.len == m.cols);
-        if (m.repacked) return switch (m.dtype) {
-            inline .q8_0, .q4_0, .q4_k, .q6_k => |t| qgemm.unpackRow(StorageType(t), out, m.data, m.cols, row),
-            .f32, .f16, .bf16 => bgemm.unpackRow(out, m.data, m.cols, row),
-            else => unreachable,
-        };
+        switch (m.layout) {
+            .plain => {},
+            .int_groups => return switch (m.dtype) {
+                inline .q8_0, .q4_0, .q4_k, .q6_k => |t| qgemm.unpackRow(StorageType(t), out, m.data, m.cols, row),
+                else => unreachable,
+            },
+            .bf16_groups => return bgemm.unpackRow(out, m.data, m.cols, row),
+            .float_groups => return switch (m.dtype) {
+                inline .f32, .f16, .bf16 => |t| fgemm.unpackRow(StorageType(t), out, m.data, m.cols, row),
+                else => unreachable,
+            },
+        }
         const row_ptr = m.data + row * m.rowBytes();
         switch (m.dtype) {
             inline .f32, .f16, .bf16, .q8_0, .q4_0, .q4_k, .q6_k => |t| {
@@ -49,11 +66,18 @@ pub const Matrix = struct {
     pub fn get(m: Matrix, row: usize, col: usize) f32 {
         assert(row < m.rows);
         assert(col < m.cols);
-        if (m.repacked) return switch (m.dtype) {
-            inline .q8_0, .q4_0, .q4_k, .q6_k => |t| qgemm.weightAt(StorageType(t), m.data, m.cols, row, col),
-            .f32, .f16, .bf16 => bgemm.weightAt(m.data, m.cols, row, col),
-            else => unreachable,
-        };
+        switch (m.layout) {
+            .plain => {},
+            .int_groups => return switch (m.dtype) {
+                inline .q8_0, .q4_0, .q4_k, .q6_k => |t| qgemm.weightAt(StorageType(t), m.data, m.cols, row, col),
+                else => unreachable,
+            },
+            .bf16_groups => return bgemm.weightAt(m.data, m.cols, row, col),
+            .float_groups => return switch (m.dtype) {
+                inline .f32, .f16, .bf16 => |t| fgemm.weightAt(StorageType(t), m.data, m.cols, row, col),
+                else => unreachable,
+            },
+        }
         const row_ptr = m.data + row * m.rowBytes();
         return switch (m.dtype) {
             inline .f32, .f16, .bf16, .q8_0, .q4_0, .q4_k, .q6_k => |t| loadScalar(StorageType(t), @ptrCast(row_ptr), col),
@@ -130,15 +154,17 @@ pub inline fn dot(comptime T: type, w: [*]align(1) const T, x: [*]const f32, n: 
 /// acts: x in the forms packed weights take, where the caller made them.
 pub fn matmulRows(out: []f32, out_stride: usize, x: []const f32, n_tokens: usize, w: Matrix, row_begin: usize, row_end: usize, acts: Acts) void {
     switch (w.dtype) {
-        inline .f32, .f16, .bf16 => |t| {
-            // Packed for bf16 products: the caller rounded x to bf16.
-            if (w.repacked) return bgemm.matmulRows(out, out_stride, acts.bf16.?, n_tokens, w.data, w.cols, row_begin, row_end);
-            matmulRowsTyped(StorageType(t), out, out_stride, x, n_tokens, w, row_begin, row_end);
+        inline .f32, .f16, .bf16 => |t| switch (w.layout) {
+            .float_groups => fgemm.matmulRows(StorageType(t), out, out_stride, x, n_tokens, w.data, w.cols, row_begin, row_end),
+            // bf16 products: the caller rounded x to bf16.
+            .bf16_groups => bgemm.matmulRows(out, out_stride, acts.bf16.?, n_tokens, w.data, w.cols, row_begin, row_end),
+            .plain => matmulRowsTyped(StorageType(t), out, out_stride, x, n_tokens, w, row_begin, row_end),
+            .int_groups => unreachable,
         },
         // Quantized weights are always packed (at load) and multiplied in integers: the
         // caller quantized x.
         inline .q8_0, .q4_0, .q4_k, .q6_k => |t| {
-            assert(w.repacked);
+            assert(w.layout == .int_groups);
             qgemm.matmulRows(StorageType(t), out, out_stride, acts.q8.?, n_tokens, w.data, w.cols, row_begin, row_end);
         },
         _ => unreachable, // refused at load
@@ -559,7 +585,7 @@ test "matmulRows over packed quantized weights equals a plain dot over decoded w
         for (&xq, q, 0..) |*v, qi, i| v.* = scale[i / 32] * @as(f32, @floatFromInt(qi));
         var packed_store: [qgemm.packedBytes(StorageType(dtype), rows, cols)]u8 align(64) = undefined;
         qgemm.pack(StorageType(dtype), &packed_store, w.data, rows, cols);
-        const wp = Matrix{ .dtype = dtype, .data = &packed_store, .rows = rows, .cols = cols, .repacked = true };
+        const wp = Matrix{ .dtype = dtype, .data = &packed_store, .rows = rows, .cols = cols, .layout = .int_groups };
         inline for (.{ 2, n_tokens }) |tokens| {
             matmulRows(&out, rows, &x, tokens, wp, 0, rows, .{ .q8 = acts });
             for (0..tokens) |n| for (0..rows) |r| {

@@ -202,5 +202,6 @@ test {
     _ = @import("thread_pool.zig");
     _ = @import("quant.zig");
     _ = @import("qgemm.zig");
+    _ = @import("fgemm.zig");
     _ = @import("bgemm.zig");
 }

@@ -1,9 +1,10 @@
 //! The model's weights: files mapped read-only, and a view per tensor placed by
-//! the manifest TypeScript sends. Float weights are computed in place (f16 and bf16
-//! widened to f32 inside the dot product), which halves the bytes a decode step reads
-//! compared with widening at load. Q8_0, Q4_0, Q4_K and Q6_K matrices are repacked once into
-//! the integer products' layout (qgemm.pack, the same size as the file's blocks), and
-//! their pages of the mapping are dropped, so the process holds each weight once.
+//! the manifest TypeScript sends. Every matrix is then repacked once into 16-row groups
+//! for its products (see packAll): quantized ones for the integer products (qgemm),
+//! float ones in their own type (fgemm: f16 and bf16 are widened inside the product, so
+//! a decode step reads the file's bytes) or, with bf16 compute, in bf16 (bgemm). Packed
+//! matrices are the file's size, and the mapping's pages are dropped as they are packed,
+//! so the process holds each weight once.
 
 const std = @import("std");
 const assert = std.debug.assert;
@@ -13,6 +14,7 @@ const kernels = @import("kernels.zig");
 const Matrix = kernels.Matrix;
 const qgemm = @import("qgemm.zig");
 const bgemm = @import("bgemm.zig");
+const fgemm = @import("fgemm.zig");
 
 pub const files_max = 256;
 pub const layers_max = 512;
@@ -140,9 +142,10 @@ pub fn load(
     return w;
 }
 
-/// Repacks every Q8_0, Q4_0, Q4_K and Q6_K matrix for the integer products and, with
-/// `bf16_products`, every float matrix (but an untied embedding, read a row at a time)
-/// for bf16 products; a tied output shares the embedding's. `threads` threads pack
+/// Repacks every Q8_0, Q4_0, Q4_K and Q6_K matrix for the integer products, and every
+/// float matrix (but an untied embedding, read a row at a time) for bf16 products with
+/// `bf16_products`, else in its own type for f32 products; a tied output shares the
+/// embedding's. `threads` threads pack
 /// ranges of 16-row groups and drop the mapped pages they read as they go.
 fn packAll(allocator: std.mem.Allocator, w: *Weights, bf16_products: bool, threads: usize) !void {
     var all = std.ArrayList(*Matrix).init(allocator);
@@ -166,10 +169,11 @@ fn packAll(allocator: std.mem.Allocator, w: *Weights, bf16_products: bool, threa
     defer sources.deinit();
     for (all.items) |m| {
         const float = m.dtype == .f32 or m.dtype == .f16 or m.dtype == .bf16;
-        if (float and (!bf16_products or m.cols % 16 != 0 or (m == &w.token_embd and !tied))) continue;
+        if (float and (m.cols % 16 != 0 or (m == &w.token_embd and !tied))) continue;
+        const layout: Matrix.Layout = if (!float) .int_groups else if (bf16_products) .bf16_groups else .float_groups;
         const bytes = switch (m.dtype) {
             inline .q8_0, .q4_0, .q4_k, .q6_k => |t| qgemm.packedBytes(kernels.StorageType(t), m.rows, m.cols),
-            .f32, .f16, .bf16 => bgemm.packedBytes(m.rows, m.cols),
+            inline .f32, .f16, .bf16 => |t| if (bf16_products) bgemm.packedBytes(m.rows, m.cols) else fgemm.packedBytes(kernels.StorageType(t), m.rows, m.cols),
             else => continue,
         };
         const buffer = try allocPacked(bytes);
@@ -178,8 +182,8 @@ fn packAll(allocator: std.mem.Allocator, w: *Weights, bf16_products: bool, threa
         const groups = std.math.divCeil(usize, m.rows, qgemm.group_rows) catch unreachable;
         const chunk = 256; // groups a job: a big matrix is shared between threads
         var g: usize = 0;
-        while (g < groups) : (g += chunk) try jobs.append(.{ .source = m.*, .dst = buffer, .g_begin = g, .g_end = @min(groups, g + chunk) });
-        m.* = .{ .dtype = m.dtype, .data = buffer.ptr, .rows = m.rows, .cols = m.cols, .repacked = true };
+        while (g < groups) : (g += chunk) try jobs.append(.{ .source = m.*, .layout = layout, .dst = buffer, .g_begin = g, .g_end = @min(groups, g + chunk) });
+        m.* = .{ .dtype = m.dtype, .data = buffer.ptr, .rows = m.rows, .cols = m.cols, .layout = layout };
     }
 
     var next = std.atomic.Value(usize).init(0);
@@ -197,7 +201,7 @@ fn packAll(allocator: std.mem.Allocator, w: *Weights, bf16_products: bool, threa
 }
 
 /// 16-row groups [g_begin, g_end) of one matrix to pack.
-const PackJob = struct { source: Matrix, dst: []u8, g_begin: usize, g_end: usize };
+const PackJob = struct { source: Matrix, layout: Matrix.Layout, dst: []u8, g_begin: usize, g_end: usize };
 
 fn packWorker(jobs: []const PackJob, next: *std.atomic.Value(usize)) void {
     while (true) {
@@ -207,7 +211,10 @@ fn packWorker(jobs: []const PackJob, next: *std.atomic.Value(usize)) void {
         const m = j.source;
         switch (m.dtype) {
             inline .q8_0, .q4_0, .q4_k, .q6_k => |t| qgemm.packGroups(kernels.StorageType(t), j.dst, m.data, m.rows, m.cols, j.g_begin, j.g_end),
-            inline .f32, .f16, .bf16 => |t| bgemm.packGroups(kernels.StorageType(t), j.dst, m.data, m.rows, m.cols, j.g_begin, j.g_end),
+            inline .f32, .f16, .bf16 => |t| if (j.layout == .bf16_groups)
+                bgemm.packGroups(kernels.StorageType(t), j.dst, m.data, m.rows, m.cols, j.g_begin, j.g_end)
+            else
+                fgemm.packGroups(kernels.StorageType(t), j.dst, m.data, m.rows, m.cols, j.g_begin, j.g_end),
             else => unreachable,
         }
         // The rows this job read, as far as whole pages go.
