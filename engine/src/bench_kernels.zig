@@ -9,6 +9,7 @@ const std = @import("std");
 const quant = @import("quant.zig");
 const qgemm = @import("qgemm.zig");
 const bgemm = @import("bgemm.zig");
+const fgemm = @import("fgemm.zig");
 
 const target_bytes = 512 * 1024 * 1024;
 const cols = 2048;
@@ -28,12 +29,15 @@ fn readSum(buf: []const u8) f32 {
 const Inputs = struct {
     acts: quant.QuantActs,
     xb: []const u16,
+    x: []const f32,
 };
 
 /// One thread's share: rows [begin, end) of the product, or its slice of the read.
 fn product(comptime T: type, out: []f32, in: Inputs, data: [*]const u8, rows: usize, begin: usize, end: usize) void {
     if (T == u16) {
         bgemm.matmulRows(out, rows, in.xb, 1, data, cols, begin, end);
+    } else if (T == f16) {
+        fgemm.matmulRows(f16, out, rows, in.x, 1, data, cols, begin, end);
     } else qgemm.matmulRows(T, out, rows, in.acts, 1, data, cols, begin, end);
 }
 
@@ -67,15 +71,15 @@ pub fn main() !void {
     acts.quantize(&x, 0, 1, cols);
     var xb: [cols]u16 = undefined;
     bgemm.convertActs(&xb, &x, 0, 1, cols);
-    const in = Inputs{ .acts = acts, .xb = &xb };
+    const in = Inputs{ .acts = acts, .xb = &xb, .x = &x };
 
     const plain = try allocator.alloc(u8, target_bytes);
     @memset(plain, 1);
     const stdout = std.io.getStdOut().writer();
     var sinks: [16]f32 = .{0} ** 16;
-    inline for (.{ .{ "q4_0", quant.BlockQ4_0 }, .{ "q8_0", quant.BlockQ8_0 }, .{ "q4_k", quant.BlockQ4_K }, .{ "q6_k", quant.BlockQ6_K }, .{ "bf16", u16 } }) |case| {
+    inline for (.{ .{ "q4_0", quant.BlockQ4_0 }, .{ "q8_0", quant.BlockQ8_0 }, .{ "q4_k", quant.BlockQ4_K }, .{ "q6_k", quant.BlockQ6_K }, .{ "bf16", u16 }, .{ "f16 (f32 products)", f16 } }) |case| {
         const T = case[1];
-        const group_bytes = if (T == u16) bgemm.groupBytes(cols) else qgemm.groupBytes(T, cols);
+        const group_bytes = if (T == u16) bgemm.groupBytes(cols) else if (T == f16) fgemm.groupBytes(f16, cols) else qgemm.groupBytes(T, cols);
         const groups = target_bytes / group_bytes;
         const rows = groups * 16;
         const bytes = groups * group_bytes;
