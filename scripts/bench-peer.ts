@@ -109,7 +109,8 @@ function bandwidthGBs(): { gbs: number; how: string } {
   const probe = resolve(root, "..", "shared", "tools", "membw.c");
   const bin = join(root, ".bench", "membw");
   if (existsSync(probe) && (existsSync(bin) || spawnSync("gcc", ["-O3", "-march=native", "-fopenmp", probe, "-o", bin]).status === 0)) {
-    const r = spawnSync(bin, ["4096", "3"], { encoding: "utf8", env: { ...process.env, OMP_NUM_THREADS: String(threads) } });
+    // 1 GiB per array: far past the caches, without pushing the loaded models out of memory.
+    const r = spawnSync(bin, ["1024", "5"], { encoding: "utf8", env: { ...process.env, OMP_NUM_THREADS: String(threads) } });
     const m = /read=([\d.]+) GB\/s/.exec(r.stdout);
     if (m) return { gbs: Number(m[1]), how: "membw.c read" };
   }
