@@ -14,7 +14,6 @@ const assert = std.debug.assert;
 const qgemm = @import("qgemm.zig");
 const Prefetcher = qgemm.Prefetcher;
 const hasX86 = qgemm.hasX86;
-const storeGroup = qgemm.storeGroup;
 
 pub const has_bf16 = hasX86(.avx512bf16) and hasX86(.avx512vl);
 const has_bf16_512 = has_bf16 and hasX86(.evex512);
@@ -130,14 +129,9 @@ pub fn weightAt(data: [*]const u8, cols: usize, row: usize, col: usize) f32 {
     return @bitCast(@as(u32, std.mem.readInt(u16, at[0..2], .little)) << 16);
 }
 
-/// Row `row` of a packed matrix widened to f32 (the embedding lookup).
-pub fn unpackRow(out: []f32, data: [*]const u8, cols: usize, row: usize) void {
-    for (out, 0..) |*o, k| o.* = weightAt(data, cols, row, k);
-}
-
 /// ng groups (consecutive) against tokens first..first + nt: out[g][t] holds the 16 sums
 /// of group g for token t. ng * nt independent sums hide the instruction's latency.
-inline fn tile(comptime ng: usize, comptime nt: usize, groups: [*]const u8, group_bytes: usize, cols: usize, acts: []const u16, first: usize, prefetcher: *Prefetcher) [ng][nt]F16 {
+inline fn tileBf16(comptime ng: usize, comptime nt: usize, groups: [*]const u8, group_bytes: usize, cols: usize, acts: []const u16, first: usize, prefetcher: *Prefetcher) [ng][nt]F16 {
     var acc: [ng][nt]F16 = .{.{@as(F16, @splat(0))} ** nt} ** ng;
     var x: [nt][*]align(1) const u32 = undefined;
     inline for (0..nt) |t| x[t] = @ptrCast(acts[(first + t) * cols ..].ptr);
@@ -153,45 +147,28 @@ inline fn tile(comptime ng: usize, comptime nt: usize, groups: [*]const u8, grou
     return acc;
 }
 
-const tokens_per_tile = 6;
-/// Packed bytes a pass covers while several token tiles run over them (well inside L2).
-const pass_bytes = 256 * 1024;
-
 /// out[n, r] = w[r] . x[n] in bf16 products, for r in [row_begin, row_end) and every
 /// token n < n_tokens; w packed (pack), acts is x in bf16 (tokens, cols).
 pub fn matmulRows(out: []f32, out_stride: usize, acts: []const u16, n_tokens: usize, data: [*]const u8, cols: usize, row_begin: usize, row_end: usize) void {
     assert(cols % 16 == 0);
-    const gb = groupBytes(cols);
-    const g_begin = row_begin / group_rows;
-    const g_end = std.math.divCeil(usize, row_end, group_rows) catch unreachable;
-    const single_pass = n_tokens <= tokens_per_tile;
-    const groups_per_pass = if (single_pass) g_end - g_begin else @max(2, pass_bytes / gb);
-    var g0 = g_begin;
-    while (g0 < g_end) {
-        const g1 = @min(g_end, g0 + groups_per_pass);
-        // The next pass's rows toward L2 while this one computes (see qgemm's Prefetcher).
-        var prefetcher = Prefetcher{ .next = @intFromPtr(data + g1 * gb), .end = @intFromPtr(data + @min(g_end, g1 + groups_per_pass) * gb) };
-        if (single_pass) prefetcher.end = prefetcher.next; // one pass: streamed
-        var first: usize = 0;
-        while (first < n_tokens) : (first += tokens_per_tile) {
-            switch (@min(tokens_per_tile, n_tokens - first)) {
-                inline 1...tokens_per_tile => |nt| {
-                    // Fewer tokens, more groups at once: enough independent sums either way.
-                    const ng = if (nt <= 2) 4 else 2;
-                    var g = g0;
-                    while (g + ng <= g1) : (g += ng) {
-                        const sums = tile(ng, nt, data + g * gb, gb, cols, acts, first, &prefetcher);
-                        inline for (0..ng) |i| storeGroup(nt, sums[i], out, out_stride, first, g + i, row_begin, row_end);
-                    }
-                    while (g < g1) : (g += 1) {
-                        storeGroup(nt, tile(1, nt, data + g * gb, gb, cols, acts, first, &prefetcher)[0], out, out_stride, first, g, row_begin, row_end);
-                    }
-                },
-                else => unreachable,
-            }
+    const Kernel = struct {
+        acts: []const u16,
+        cols: usize,
+        group_bytes: usize,
+
+        pub const tokens_per_tile = 6;
+        pub const stream_tokens = tokens_per_tile + 1;
+        pub const min_groups_per_pass = 2;
+        /// Fewer tokens, more groups at once: enough independent sums either way.
+        pub fn groupsAtOnce(comptime nt: usize) usize {
+            return if (nt <= 2) 4 else 2;
         }
-        g0 = g1;
-    }
+        pub inline fn tile(kernel: @This(), comptime ng: usize, comptime nt: usize, g: [*]const u8, first: usize, prefetcher: *Prefetcher) [ng][nt]F16 {
+            return tileBf16(ng, nt, g, kernel.group_bytes, kernel.cols, kernel.acts, first, prefetcher);
+        }
+    };
+    const gb = groupBytes(cols);
+    qgemm.runTiles(Kernel, .{ .acts = acts, .cols = cols, .group_bytes = gb }, out, out_stride, n_tokens, data, gb, row_begin, row_end);
 }
 
 // ---------------------------------------------------------------- tests

@@ -11,7 +11,6 @@ const std = @import("std");
 const assert = std.debug.assert;
 const qgemm = @import("qgemm.zig");
 const Prefetcher = qgemm.Prefetcher;
-const storeGroup = qgemm.storeGroup;
 
 const group_rows = qgemm.group_rows;
 const F16 = @Vector(16, f32);
@@ -60,11 +59,6 @@ pub fn weightAt(comptime T: type, data: [*]const u8, cols: usize, row: usize, co
     return widen(T, p[row / group_rows * cols * group_rows + col * group_rows + row % group_rows]);
 }
 
-/// Row `row` of a packed matrix widened to f32 (the embedding lookup).
-pub fn unpackRow(comptime T: type, out: []f32, data: [*]const u8, cols: usize, row: usize) void {
-    for (out, 0..) |*o, k| o.* = weightAt(T, data, cols, row, k);
-}
-
 /// The 16 weights of column k in a group, widened.
 inline fn column(comptime T: type, group: [*]align(1) const T, k: usize) F16 {
     const v: @Vector(16, T) = group[k * group_rows ..][0..group_rows].*;
@@ -76,15 +70,9 @@ inline fn column(comptime T: type, group: [*]align(1) const T, k: usize) F16 {
     };
 }
 
-const tokens_per_tile = 6;
-/// How far ahead a streaming pass (a decode's token or few) prefetches its weights.
-const stream_ahead = 2048;
-/// Packed bytes a pass covers while several token tiles run over them (well inside L2).
-const pass_bytes = 256 * 1024;
-
 /// ng consecutive groups from g against tokens first..first + nt of x (tokens, cols):
 /// out[i][t] holds the 16 sums of group i for token t.
-inline fn tile(comptime T: type, comptime ng: usize, comptime nt: usize, g: [*]const u8, group_bytes: usize, cols: usize, x: []const f32, first: usize, stream: bool, prefetcher: *Prefetcher) [ng][nt]F16 {
+inline fn tileF32(comptime T: type, comptime ng: usize, comptime nt: usize, g: [*]const u8, group_bytes: usize, cols: usize, x: []const f32, first: usize, comptime stream: bool, prefetcher: *Prefetcher) [ng][nt]F16 {
     var acc: [ng][nt]F16 = .{.{@as(F16, @splat(0))} ** nt} ** ng;
     var groups: [ng][*]align(1) const T = undefined;
     inline for (0..ng) |i| groups[i] = @ptrCast(g + i * group_bytes);
@@ -96,7 +84,7 @@ inline fn tile(comptime T: type, comptime ng: usize, comptime nt: usize, g: [*]c
     while (k < cols) : (k += per_line) {
         prefetcher.step();
         inline for (0..ng) |i| {
-            if (stream) @prefetch(@as([*]const u8, @ptrCast(groups[i])) + k * group_rows * @sizeOf(T) + stream_ahead, .{ .locality = 3 });
+            if (stream) @prefetch(@as([*]const u8, @ptrCast(groups[i])) + k * group_rows * @sizeOf(T) + qgemm.stream_ahead, .{ .locality = 3 });
             inline for (0..per_line) |c| {
                 const w = column(T, groups[i], k + c);
                 inline for (0..nt) |t| acc[i][t] = @mulAdd(F16, w, @splat(xs[t][k + c]), acc[i][t]);
@@ -110,38 +98,24 @@ inline fn tile(comptime T: type, comptime ng: usize, comptime nt: usize, g: [*]c
 /// n < n_tokens; w packed (pack), x (tokens, cols) in f32.
 pub fn matmulRows(comptime T: type, out: []f32, out_stride: usize, x: []const f32, n_tokens: usize, data: [*]const u8, cols: usize, row_begin: usize, row_end: usize) void {
     assert(cols % (64 / (group_rows * @sizeOf(T))) == 0);
-    const gb = groupBytes(T, cols);
-    const g_begin = row_begin / group_rows;
-    const g_end = std.math.divCeil(usize, row_end, group_rows) catch unreachable;
-    const single_pass = n_tokens <= tokens_per_tile;
-    const groups_per_pass = if (single_pass) g_end - g_begin else @max(2, pass_bytes / gb);
-    var g0 = g_begin;
-    while (g0 < g_end) {
-        const g1 = @min(g_end, g0 + groups_per_pass);
-        // The next pass's rows toward L2 while this one computes (see qgemm's Prefetcher).
-        var prefetcher = Prefetcher{ .next = @intFromPtr(data + g1 * gb), .end = @intFromPtr(data + @min(g_end, g1 + groups_per_pass) * gb) };
-        if (single_pass) prefetcher.end = prefetcher.next; // one pass: streamed
-        var first: usize = 0;
-        while (first < n_tokens) : (first += tokens_per_tile) {
-            switch (@min(tokens_per_tile, n_tokens - first)) {
-                inline 1...tokens_per_tile => |nt| {
-                    // Fewer tokens, more groups at once: enough independent sums either way.
-                    const ng = if (nt <= 2) 4 / nt else 2;
-                    const stream = nt < 4;
-                    var g = g0;
-                    while (g + ng <= g1) : (g += ng) {
-                        const sums = tile(T, ng, nt, data + g * gb, gb, cols, x, first, stream, &prefetcher);
-                        inline for (0..ng) |i| storeGroup(nt, sums[i], out, out_stride, first, g + i, row_begin, row_end);
-                    }
-                    while (g < g1) : (g += 1) {
-                        storeGroup(nt, tile(T, 1, nt, data + g * gb, gb, cols, x, first, stream, &prefetcher)[0], out, out_stride, first, g, row_begin, row_end);
-                    }
-                },
-                else => unreachable,
-            }
+    const Kernel = struct {
+        x: []const f32,
+        cols: usize,
+        group_bytes: usize,
+
+        pub const tokens_per_tile = 6;
+        pub const stream_tokens = tokens_per_tile + 1;
+        pub const min_groups_per_pass = 2;
+        /// Fewer tokens, more groups at once: enough independent sums either way.
+        pub fn groupsAtOnce(comptime nt: usize) usize {
+            return if (nt <= 2) 4 / nt else 2;
         }
-        g0 = g1;
-    }
+        pub inline fn tile(kernel: @This(), comptime ng: usize, comptime nt: usize, g: [*]const u8, first: usize, prefetcher: *Prefetcher) [ng][nt]F16 {
+            return tileF32(T, ng, nt, g, kernel.group_bytes, kernel.cols, kernel.x, first, nt < 4, prefetcher);
+        }
+    };
+    const gb = groupBytes(T, cols);
+    qgemm.runTiles(Kernel, .{ .x = x, .cols = cols, .group_bytes = gb }, out, out_stride, n_tokens, data, gb, row_begin, row_end);
 }
 
 // ---------------------------------------------------------------- tests

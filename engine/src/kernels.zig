@@ -40,17 +40,10 @@ pub const Matrix = struct {
     pub fn readRow(m: Matrix, out: []f32, row: usize) void {
         assert(row < m.rows);
         assert(out.len == m.cols);
-        switch (m.layout) {
-            .plain => {},
-            .int_groups => return switch (m.dtype) {
-                inline .q8_0, .q4_0, .q4_k, .q6_k => |t| qgemm.unpackRow(StorageType(t), out, m.data, m.cols, row),
-                else => unreachable,
-            },
-            .bf16_groups => return bgemm.unpackRow(out, m.data, m.cols, row),
-            .float_groups => return switch (m.dtype) {
-                inline .f32, .f16, .bf16 => |t| fgemm.unpackRow(StorageType(t), out, m.data, m.cols, row),
-                else => unreachable,
-            },
+        if (m.layout != .plain) {
+            // A packed row is spread over its group: weight by weight (one row a token).
+            for (out, 0..) |*o, c| o.* = m.get(row, c);
+            return;
         }
         const row_ptr = m.data + row * m.rowBytes();
         switch (m.dtype) {

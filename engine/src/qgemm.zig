@@ -210,11 +210,6 @@ inline fn blockScales(comptime T: type, scales: [*]const u8, blocks: usize, b: u
     }
 }
 
-/// Row `row` of a packed matrix widened to f32 (the embedding lookup).
-pub fn unpackRow(comptime T: type, out: []f32, data: [*]const u8, cols: usize, row: usize) void {
-    for (out, 0..) |*o, c| o.* = weightAt(T, data, cols, row, c);
-}
-
 /// Weight (row, col) of a packed matrix: for tests and one-off reads.
 pub fn weightAt(comptime T: type, data: [*]const u8, cols: usize, row: usize, col: usize) f32 {
     const blocks = cols / 32;
@@ -279,7 +274,7 @@ pub const Prefetcher = struct {
 /// ng consecutive packed groups from g (each group_bytes) against tokens first..first + nt:
 /// out[i][t] holds the 16 sums of group i for token t. Several groups at once give a
 /// decode's token several independent sums and the memory system several streams.
-inline fn tile(comptime T: type, comptime ng: usize, comptime nt: usize, g: [*]const u8, group_bytes: usize, blocks: usize, acts: quant.QuantActs, cols: usize, first: usize, prefetcher: *Prefetcher) [ng][nt]F16 {
+inline fn tileInt(comptime T: type, comptime ng: usize, comptime nt: usize, g: [*]const u8, group_bytes: usize, blocks: usize, acts: quant.QuantActs, cols: usize, first: usize, prefetcher: *Prefetcher) [ng][nt]F16 {
     const vecs = comptime vectorsPerBlock(T);
     const k_quant = T == quant.BlockQ4_K;
     var acc: [ng][nt]F16 = .{.{@as(F16, @splat(0))} ** nt} ** ng;
@@ -401,38 +396,44 @@ inline fn tile(comptime T: type, comptime ng: usize, comptime nt: usize, g: [*]c
 
 const tokens_per_tile = 4;
 /// How far ahead a streaming pass (a decode's token or few) prefetches its weights.
-const stream_ahead = 2048;
+pub const stream_ahead = 2048;
 /// Packed bytes a pass covers while several token tiles run over them (well inside L2).
-const pass_bytes = 256 * 1024;
+pub const pass_bytes = 256 * 1024;
 
-/// out[n, r] = w[r] . x[n] for r in [row_begin, row_end) and every token n < n_tokens,
-/// w packed (pack) and x given as 8-bit activations. A range that starts or ends inside
-/// a group computes the whole group and stores only its own rows.
-pub fn matmulRows(comptime T: type, out: []f32, out_stride: usize, acts: quant.QuantActs, n_tokens: usize, data: [*]const u8, cols: usize, row_begin: usize, row_end: usize) void {
-    assert(cols % 32 == 0);
-    const blocks = cols / 32;
-    const gb = groupBytes(T, cols);
+/// The loop every packed GEMM (this one, bgemm, fgemm) shares, over the 16-row groups that
+/// hold rows [row_begin, row_end): passes of groups that stay in L2, tiles of tokens over
+/// each pass, several groups per tile. `K` gives the kernel:
+///   tokens_per_tile: the most tokens a tile takes;
+///   stream_tokens: below this many tokens there is one pass over every group, streamed;
+///   min_groups_per_pass: the fewest groups a pass holds;
+///   groupsAtOnce(nt): how many groups a tile of nt tokens takes;
+///   tile(k, ng, nt, group, first, prefetcher): the 16 sums of each of ng groups from
+///     `group` for tokens first..first + nt.
+/// A range that starts or ends inside a group computes the whole group and stores only its
+/// own rows.
+pub fn runTiles(comptime K: type, k: K, out: []f32, out_stride: usize, n_tokens: usize, data: [*]const u8, group_bytes: usize, row_begin: usize, row_end: usize) void {
+    const gb = group_bytes;
     const g_begin = row_begin / group_rows;
     const g_end = std.math.divCeil(usize, row_end, group_rows) catch unreachable;
-    const groups_per_pass = if (n_tokens < tokens_per_tile) g_end - g_begin else @max(1, pass_bytes / gb);
+    const single_pass = n_tokens < K.stream_tokens;
+    const groups_per_pass = if (single_pass) g_end - g_begin else @max(K.min_groups_per_pass, pass_bytes / gb);
     var g0 = g_begin;
     while (g0 < g_end) {
         const g1 = @min(g_end, g0 + groups_per_pass);
         var prefetcher = Prefetcher{ .next = @intFromPtr(data + g1 * gb), .end = @intFromPtr(data + @min(g_end, g1 + groups_per_pass) * gb) };
-        if (n_tokens < tokens_per_tile) prefetcher.end = prefetcher.next; // one pass: streamed
+        if (single_pass) prefetcher.end = prefetcher.next; // one pass: streamed
         var first: usize = 0;
-        while (first < n_tokens) : (first += tokens_per_tile) {
-            switch (@min(tokens_per_tile, n_tokens - first)) {
-                inline 1...tokens_per_tile => |nt| {
-                    // Fewer tokens, more groups at once: enough independent sums either way.
-                    const ng = if (nt <= 2) 4 / nt else 1;
+        while (first < n_tokens) : (first += K.tokens_per_tile) {
+            switch (@min(K.tokens_per_tile, n_tokens - first)) {
+                inline 1...K.tokens_per_tile => |nt| {
+                    const ng = comptime K.groupsAtOnce(nt);
                     var g = g0;
                     while (g + ng <= g1) : (g += ng) {
-                        const sums = tile(T, ng, nt, data + g * gb, gb, blocks, acts, cols, first, &prefetcher);
+                        const sums = k.tile(ng, nt, data + g * gb, first, &prefetcher);
                         inline for (0..ng) |i| storeGroup(nt, sums[i], out, out_stride, first, g + i, row_begin, row_end);
                     }
                     while (g < g1) : (g += 1) {
-                        storeGroup(nt, tile(T, 1, nt, data + g * gb, gb, blocks, acts, cols, first, &prefetcher)[0], out, out_stride, first, g, row_begin, row_end);
+                        storeGroup(nt, k.tile(1, nt, data + g * gb, first, &prefetcher)[0], out, out_stride, first, g, row_begin, row_end);
                     }
                 },
                 else => unreachable,
@@ -440,6 +441,30 @@ pub fn matmulRows(comptime T: type, out: []f32, out_stride: usize, acts: quant.Q
         }
         g0 = g1;
     }
+}
+
+/// out[n, r] = w[r] . x[n] for r in [row_begin, row_end) and every token n < n_tokens,
+/// w packed (pack) and x given as 8-bit activations.
+pub fn matmulRows(comptime T: type, out: []f32, out_stride: usize, acts: quant.QuantActs, n_tokens: usize, data: [*]const u8, cols: usize, row_begin: usize, row_end: usize) void {
+    assert(cols % 32 == 0);
+    const Kernel = struct {
+        acts: quant.QuantActs,
+        cols: usize,
+        group_bytes: usize,
+
+        pub const tokens_per_tile = 4;
+        pub const stream_tokens = 4;
+        pub const min_groups_per_pass = 1;
+        /// Fewer tokens, more groups at once: enough independent sums either way.
+        pub fn groupsAtOnce(comptime nt: usize) usize {
+            return if (nt <= 2) 4 / nt else 1;
+        }
+        pub inline fn tile(kernel: @This(), comptime ng: usize, comptime nt: usize, g: [*]const u8, first: usize, prefetcher: *Prefetcher) [ng][nt]F16 {
+            return tileInt(T, ng, nt, g, kernel.group_bytes, kernel.cols / 32, kernel.acts, kernel.cols, first, prefetcher);
+        }
+    };
+    const gb = groupBytes(T, cols);
+    runTiles(Kernel, .{ .acts = acts, .cols = cols, .group_bytes = gb }, out, out_stride, n_tokens, data, gb, row_begin, row_end);
 }
 
 /// Group g's 16 sums for token t go to out[first + t, 16g ..], rows in [row_begin, row_end) only.
@@ -505,7 +530,6 @@ test "integer GEMM over packed weights equals a plain sum over decoded weights a
     defer allocator.free(storage);
     const out = try allocator.alloc(f32, max_tokens * (rows + 3));
     defer allocator.free(out);
-    var row: [cols]f32 = undefined;
     inline for (.{ .{ quant.BlockQ8_0, .q8_0 }, .{ quant.BlockQ4_0, .q4_0 }, .{ quant.BlockQ4_K, .q4_k }, .{ quant.BlockQ6_K, .q6_k } }) |case| {
         const T = case[0];
         rng.bytes(storage);
@@ -522,10 +546,7 @@ test "integer GEMM over packed weights equals a plain sum over decoded weights a
         defer allocator.free(packed_w);
         pack(T, packed_w, storage.ptr, rows, cols);
         // Every row unpacks to its decoded weights, exactly.
-        for (0..rows) |r| {
-            unpackRow(T, &row, packed_w.ptr, cols, r);
-            for (row, 0..) |v, k| try testing.expectEqual(w.get(r, k), v);
-        }
+        for (0..rows) |r| for (0..cols) |k| try testing.expectEqual(w.get(r, k), weightAt(T, packed_w.ptr, cols, r, k));
         for ([_]usize{ 1, 2, 4, 7 }) |n_tokens| {
             const stride = rows + 3;
             @memset(out, std.math.nan(f32));

@@ -126,9 +126,11 @@ pub const QuantActs = struct {
             a.q[bi * 32 ..][0..32].* = q;
             // Kept at f16 precision, as llama.cpp's Q8_0 activation blocks store it.
             a.scale[bi] = @floatCast(@as(f16, @floatCast(d)));
-            a.sum[bi] = a.scale[bi] * @as(f32, @floatFromInt(@reduce(.Add, @as(@Vector(32, i32), q))));
-            const first: @Vector(16, i8) = a.q[bi * 32 ..][0..16].*;
-            a.sum_lo[bi] = a.scale[bi] * @as(f32, @floatFromInt(@reduce(.Add, @as(@Vector(16, i32), first))));
+            const halves: [2]@Vector(16, i8) = @bitCast(q);
+            const lo = @reduce(.Add, @as(@Vector(16, i32), halves[0]));
+            const hi = @reduce(.Add, @as(@Vector(16, i32), halves[1]));
+            a.sum[bi] = a.scale[bi] * @as(f32, @floatFromInt(lo + hi));
+            a.sum_lo[bi] = a.scale[bi] * @as(f32, @floatFromInt(lo));
         }
     }
 };
