@@ -330,23 +330,30 @@ pub inline fn expScalar(x: f32) f32 {
     return expVec(@splat(x))[0];
 }
 
+/// out[i] = exp((x[i] - max) * scale); returns their sum. out may be x.
+pub fn expScaled(out: []f32, x: []const f32, max: f32, scale: f32) f32 {
+    assert(out.len == x.len);
+    var sum: f32 = 0;
+    var i: usize = 0;
+    while (i + vec_len <= x.len) : (i += vec_len) {
+        const e = expVec((@as(V, x[i..][0..vec_len].*) - @as(V, @splat(max))) * @as(V, @splat(scale)));
+        out[i..][0..vec_len].* = e;
+        sum += @reduce(.Add, e);
+    }
+    for (out[i..], x[i..]) |*o, v| {
+        o.* = expScalar((v - max) * scale);
+        sum += o.*;
+    }
+    return sum;
+}
+
 pub fn softmax(x: []f32) void {
     assert(x.len > 0);
     var max = x[0];
     for (x[1..]) |v| max = @max(max, v);
-    var sum: f32 = 0;
-    var i: usize = 0;
-    while (i + vec_len <= x.len) : (i += vec_len) {
-        const e = expVec(@as(V, x[i..][0..vec_len].*) - @as(V, @splat(max)));
-        x[i..][0..vec_len].* = e;
-        sum += @reduce(.Add, e);
-    }
-    for (x[i..]) |*v| {
-        v.* = expScalar(v.* - max);
-        sum += v.*;
-    }
+    const sum = expScaled(x, x, max, 1);
     const inv: V = @splat(1 / sum);
-    i = 0;
+    var i: usize = 0;
     while (i + vec_len <= x.len) : (i += vec_len) x[i..][0..vec_len].* = @as(V, x[i..][0..vec_len].*) * inv;
     for (x[i..]) |*v| v.* *= inv[0];
 }

@@ -148,18 +148,7 @@ fn sampleRandom(logits: []const f32, params: SamplingParams, scratch: Scratch) u
     var max = logits[0];
     for (logits[1..]) |v| max = @max(max, v);
     const inv_t = 1.0 / params.temperature;
-    var total: f32 = 0;
-    const V = @Vector(kernels.vec_len, f32);
-    var at: usize = 0;
-    while (at + kernels.vec_len <= n) : (at += kernels.vec_len) {
-        const e = kernels.expVec((@as(V, logits[at..][0..kernels.vec_len].*) - @as(V, @splat(max))) * @as(V, @splat(inv_t)));
-        probs[at..][0..kernels.vec_len].* = e;
-        total += @reduce(.Add, e);
-    }
-    for (probs[at..], logits[at..]) |*p, l| {
-        p.* = kernels.expScalar((l - max) * inv_t);
-        total += p.*;
-    }
+    var total = kernels.expScaled(probs, logits, max, inv_t);
     const filtered = params.top_k > 0 or params.top_p < 1;
     if (!filtered) {
         // min-p is relative to the top probability, which is exp(0) = 1 here.

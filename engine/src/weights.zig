@@ -165,8 +165,6 @@ fn packAll(allocator: std.mem.Allocator, w: *Weights, bf16_products: bool, threa
         for (buffers.items) |b| std.heap.page_allocator.free(b);
         buffers.deinit();
     }
-    var sources = std.ArrayList(Matrix).init(allocator);
-    defer sources.deinit();
     for (all.items) |m| {
         const float = m.dtype == .f32 or m.dtype == .f16 or m.dtype == .bf16;
         if (float and (m.cols % 16 != 0 or (m == &w.token_embd and !tied))) continue;
@@ -178,7 +176,6 @@ fn packAll(allocator: std.mem.Allocator, w: *Weights, bf16_products: bool, threa
         };
         const buffer = try allocPacked(bytes);
         try buffers.append(buffer);
-        try sources.append(m.*);
         const groups = std.math.divCeil(usize, m.rows, qgemm.group_rows) catch unreachable;
         const chunk = 256; // groups a job: a big matrix is shared between threads
         var g: usize = 0;
@@ -194,8 +191,9 @@ fn packAll(allocator: std.mem.Allocator, w: *Weights, bf16_products: bool, threa
     }
     packWorker(jobs.items, &next);
     for (helpers[0..spawned]) |t| t.join();
-    // Pages that straddled two jobs are dropped now that both are done.
-    for (sources.items) |m| dropPages(m.data, m.rows * m.rowBytes());
+    // Pages that straddled two jobs are dropped now that both are done (whole matrices,
+    // from each one's first job).
+    for (jobs.items) |j| if (j.g_begin == 0) dropPages(j.source.data, j.source.rows * j.source.rowBytes());
     if (tied) w.output = w.token_embd;
     w.packed_buffers = try buffers.toOwnedSlice();
 }
