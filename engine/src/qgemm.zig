@@ -313,15 +313,35 @@ inline fn tileInt(comptime T: type, comptime ng: usize, comptime nt: usize, g: [
             const group = g + gi * group_bytes;
             const wb = group + b * vecs * vec_bytes;
             if (nt < tokens_per_tile) {
-                // A decode streams the weights: ask for them well ahead of use.
+                // A decode streams the weights: ask for them well ahead of use, and for the
+                // scales, a stream of their own after the group's weights.
                 inline for (0..vecs) |line| @prefetch(wb + stream_ahead + line * vec_bytes, .{ .locality = 3 });
+                const sc = group + blocks * vecs * vec_bytes;
+                const ahead = scale_ahead_blocks;
+                switch (T) {
+                    quant.BlockQ4_K => {
+                        @prefetch(sc + group_rows * (b + ahead), .{ .locality = 3 });
+                        @prefetch(sc + group_rows * (blocks + b + ahead), .{ .locality = 3 });
+                        if (b % 8 == 0) @prefetch(sc + 2 * group_rows * blocks + 64 * (b / 8 + ahead / 8), .{ .locality = 3 });
+                    },
+                    quant.BlockQ6_K => {
+                        @prefetch(sc + 2 * group_rows * (b + ahead), .{ .locality = 3 });
+                        if (b % 8 == 0) @prefetch(sc + 2 * group_rows * blocks + 32 * (b / 8 + ahead / 8), .{ .locality = 3 });
+                    },
+                    else => @prefetch(sc + 2 * group_rows * (b + ahead), .{ .locality = 3 }),
+                }
             }
             var isum: [nt]I16 = .{@as(I16, @splat(0))} ** nt;
-            var isum_hi: [nt]I16 = .{@as(I16, @splat(0))} ** nt; // Q6_K: the block's last 16 weights
+            // A second chain of sums (Q6_K: the block's last 16 weights; else every other
+            // vector), so that two vpdpbusd chains overlap their latency.
+            var isum_hi: [nt]I16 = .{@as(I16, @splat(0))} ** nt;
             if (vecs == 8) {
                 inline for (0..8) |k| {
                     const w: @Vector(64, u8) = wb[k * vec_bytes ..][0..vec_bytes].*;
-                    inline for (0..nt) |t| isum[t] = dpbusd(16, isum[t], w, broadcast4(xq[t] + 32 * b + 4 * k));
+                    inline for (0..nt) |t| {
+                        const sum = if (k % 2 == 0) &isum[t] else &isum_hi[t];
+                        sum.* = dpbusd(16, sum.*, w, broadcast4(xq[t] + 32 * b + 4 * k));
+                    }
                 }
             } else if (vecs == 6) {
                 const tops_lo: @Vector(64, u8) = wb[4 * vec_bytes ..][0..vec_bytes].*;
@@ -342,10 +362,13 @@ inline fn tileInt(comptime T: type, comptime ng: usize, comptime nt: usize, g: [
                     const hi = v >> @splat(4);
                     inline for (0..nt) |t| {
                         isum[t] = dpbusd(16, isum[t], lo, broadcast4(xq[t] + 32 * b + 4 * j));
-                        isum[t] = dpbusd(16, isum[t], hi, broadcast4(xq[t] + 32 * b + 16 + 4 * j));
+                        isum_hi[t] = dpbusd(16, isum_hi[t], hi, broadcast4(xq[t] + 32 * b + 16 + 4 * j));
                     }
                 }
             }
+            if (vecs != 6) inline for (0..nt) |t| {
+                isum[t] += isum_hi[t];
+            };
             const scales = group + blocks * vecs * vec_bytes;
             if (T == quant.BlockQ6_K) {
                 // w = d * sc * (u - 32), sc per 16 weights: the super-block's d comes at its end.
@@ -395,6 +418,8 @@ inline fn tileInt(comptime T: type, comptime ng: usize, comptime nt: usize, g: [
 }
 
 const tokens_per_tile = 4;
+/// How many blocks ahead a streaming pass prefetches its scales.
+const scale_ahead_blocks = 16;
 /// How far ahead a streaming pass (a decode's token or few) prefetches its weights.
 pub const stream_ahead = 2048;
 /// Packed bytes a pass covers while several token tiles run over them (well inside L2).
@@ -453,6 +478,8 @@ pub fn matmulRows(comptime T: type, out: []f32, out_stride: usize, acts: quant.Q
         group_bytes: usize,
 
         pub const tokens_per_tile = 4;
+/// How many blocks ahead a streaming pass prefetches its scales.
+const scale_ahead_blocks = 16;
         pub const stream_tokens = 4;
         pub const min_groups_per_pass = 1;
         /// Fewer tokens, more groups at once: enough independent sums either way.
