@@ -134,9 +134,13 @@ await ours(); // warm-up both
 peer();
 const a: Run[] = [];
 const b: Run[] = [];
+// The bandwidth is probed in every round too: on a shared machine it moves from minute to
+// minute, and the roofline should be the one of the moment the decode ran.
+const probes: { gbs: number; how: string }[] = [];
 for (let r = 0; r < runs; r++) {
   b.push(peer());
   a.push(await ours());
+  probes.push(bandwidthGBs());
 }
 await engine.shutdown();
 const med = (xs: number[]) => [...xs].sort((x, y) => x - y)[Math.floor(xs.length / 2)];
@@ -149,7 +153,8 @@ while (agree < 16 && a[0].tokens[agree] === b[0].tokens[agree]) agree++;
 // A decode step reads every matrix once, but only one row of the embedding table.
 const spec = engine.model.spec;
 const weightBytes = spec.tensors.filter((t) => t.role !== Role.TOKEN_EMBD || spec.config.tieWordEmbeddings).reduce((n, t) => n + t.sizeBytes, 0);
-const { gbs: bw, how } = bandwidthGBs();
+const bw = med(probes.map((p) => p.gbs));
+const how = `${probes[0].how}, median of ${probes.length}: ${probes.map((p) => p.gbs.toFixed(1)).join(", ")}`;
 const roofline = (bw * 1e9) / weightBytes;
 console.log(
   `${values.model} on ${cpus()[0]?.model ?? "CPU"}, ${threads} threads, medians of ${runs}: ` +
