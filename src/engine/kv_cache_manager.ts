@@ -96,7 +96,7 @@ export class KvCacheManager {
   free(req: Request): void {
     req.numCachedBlocks = 0;
     if (req.blockTable.length === 0) return;
-    // Tail first: the pool evicts least recently freed blocks first, so a prefix outlives its tail.
+    // Tail first: cached blocks are evicted least recently freed first, so a prefix outlives its tail.
     this.pool.freeBlocks([...req.blockTable].reverse());
     req.blockTable = [];
   }
