@@ -103,7 +103,7 @@ pub fn matmulRows(comptime T: type, out: []f32, out_stride: usize, x: []const f3
         cols: usize,
         group_bytes: usize,
 
-        pub const tokens_per_tile = 6;
+        pub const tokens_per_tile = 8;
         pub const stream_tokens = tokens_per_tile + 1;
         pub const min_groups_per_pass = 2;
         /// Fewer tokens, more groups at once: enough independent sums either way.
@@ -127,7 +127,7 @@ test "f32 GEMM over packed float weights equals a plain f64 sum, for f32, f16 an
     const rng = prng.random();
     const cols = 96;
     const rows = 16 * 4 + 5; // four full groups (one tile of four at one token) and a partial one
-    const max_tokens = 13; // two tiles of six tokens and one left
+    const max_tokens = 13; // a tile of eight tokens and one of five
     var x: [max_tokens * cols]f32 = undefined;
     for (&x) |*v| v.* = rng.floatNorm(f32);
     var w32: [rows * cols]f32 = undefined;
