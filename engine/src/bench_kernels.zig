@@ -11,6 +11,7 @@ const qgemm = @import("qgemm.zig");
 const bgemm = @import("bgemm.zig");
 const fgemm = @import("fgemm.zig");
 const ThreadPool = @import("thread_pool.zig").ThreadPool;
+const allocHugePages = @import("weights.zig").allocHugePages;
 
 const target_bytes = 512 * 1024 * 1024;
 const cols = 2048;
@@ -56,10 +57,6 @@ fn timed(threads: usize, comptime func: anytype, args_of: anytype) !f64 {
     return @as(f64, @floatFromInt(timer.read())) / 1e9;
 }
 
-/// The engine asks for huge pages for its packed weights (weights.allocPacked): so does this.
-fn hugePages(buf: []u8) void {
-    std.posix.madvise(@alignCast(buf.ptr), buf.len, std.posix.MADV.HUGEPAGE) catch {};
-}
 
 pub fn main() !void {
     const allocator = std.heap.page_allocator;
@@ -82,8 +79,8 @@ pub fn main() !void {
     try pool.init(allocator, threads);
     defer pool.deinit(allocator);
 
-    const plain = try allocator.alloc(u8, target_bytes);
-    hugePages(plain);
+    // Huge pages, as the engine's packed weights have them.
+    const plain = try allocHugePages(target_bytes);
     @memset(plain, 1);
     const stdout = std.io.getStdOut().writer();
     var sinks: [16]f32 = .{0} ** 16;
@@ -93,9 +90,8 @@ pub fn main() !void {
         const groups = target_bytes / group_bytes;
         const rows = groups * 16;
         const bytes = groups * group_bytes;
-        const packed_w = try allocator.alloc(u8, bytes);
+        const packed_w = try allocHugePages(bytes);
         defer allocator.free(packed_w);
-        hugePages(packed_w);
         prng.random().bytes(packed_w);
         const out = try allocator.alloc(f32, rows);
         defer allocator.free(out);

@@ -97,16 +97,13 @@ pub const Engine = struct {
         e.kv_dtype = @enumFromInt(config.kv_cache_dtype);
         const kv_elem_bytes: usize = if (e.kv_dtype == .f16) 2 else 4;
         // The page allocator maps lazily, so an unused pool costs address space, not memory.
-        e.k_cache = try std.heap.page_allocator.alloc(u8, model.num_layers * slots * kv_dim * kv_elem_bytes);
-        errdefer std.heap.page_allocator.free(e.k_cache);
-        e.v_cache = try std.heap.page_allocator.alloc(u8, model.num_layers * slots * kv_dim * kv_elem_bytes);
-        errdefer std.heap.page_allocator.free(e.v_cache);
         // Huge pages where the kernel gives them: a new block's first write then faults once
         // per 2 MiB rather than once per 4 KiB (a fault costs microseconds in a VM, and a
         // decode step writes a few pages per layer), and attention's reads miss the TLB less.
-        for ([_][]u8{ e.k_cache, e.v_cache }) |cache| {
-            std.posix.madvise(@alignCast(cache.ptr), cache.len, std.posix.MADV.HUGEPAGE) catch {};
-        }
+        e.k_cache = try weights_mod.allocHugePages(model.num_layers * slots * kv_dim * kv_elem_bytes);
+        errdefer std.heap.page_allocator.free(e.k_cache);
+        e.v_cache = try weights_mod.allocHugePages(model.num_layers * slots * kv_dim * kv_elem_bytes);
+        errdefer std.heap.page_allocator.free(e.v_cache);
 
         const half = model.head_dim / 2;
         e.rope_cos = try allocator.alloc(f32, @as(usize, model.max_position) * half);

@@ -92,7 +92,7 @@ fn parallel(pool: *ThreadPool, n_items: usize, ctx: anytype, comptime body: fn (
 
 /// As `parallel`, with chunks a multiple of `alignment` items (matmul row tiles), the
 /// smallest about 1/(threads * min_chunks) of the whole.
-fn parallelAligned(pool: *ThreadPool, n_items: usize, alignment: usize, comptime min_chunks: usize, ctx: anytype, comptime body: fn (@TypeOf(ctx), usize, usize, usize) void) void {
+fn parallelAligned(pool: *ThreadPool, n_items: usize, alignment: usize, min_chunks: usize, ctx: anytype, comptime body: fn (@TypeOf(ctx), usize, usize, usize) void) void {
     const Ctx = @TypeOf(ctx);
     const Wrapper = struct {
         fn call(p: *const anyopaque, thread_index: usize, begin: usize, end: usize) void {
@@ -180,9 +180,7 @@ fn matmul(e: *Engine, out: []f32, x: []const f32, n_tokens: usize, ws: []const M
     // A decode's product streams its weights once, so a small last chunk costs nothing and
     // shortens the wait at the end (a grain is 1/128 of the rows: ~1.5 us on a 1B model,
     // 3-4 us at 1/32). A prefill's chunk is its cache blocking: kept coarser.
-    if (shared) {
-        parallelAligned(&e.threads, total_rows, alignment, 16, ctx, MatmulCtx.body);
-    } else parallelAligned(&e.threads, total_rows, alignment, 64, ctx, MatmulCtx.body);
+    parallelAligned(&e.threads, total_rows, alignment, if (shared) 16 else 64, ctx, MatmulCtx.body);
 }
 
 const AttentionCtx = struct {

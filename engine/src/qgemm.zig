@@ -312,7 +312,7 @@ inline fn tileInt(comptime T: type, comptime ng: usize, comptime nt: usize, g: [
         inline for (0..ng) |gi| {
             const group = g + gi * group_bytes;
             const wb = group + b * vecs * vec_bytes;
-            if (nt < tokens_per_tile) {
+            if (nt < int_tile_tokens) {
                 // A decode streams the weights: ask for them well ahead of use, and for the
                 // scales, a stream of their own after the group's weights.
                 inline for (0..vecs) |line| @prefetch(wb + stream_ahead + line * vec_bytes, .{ .locality = 3 });
@@ -417,7 +417,8 @@ inline fn tileInt(comptime T: type, comptime ng: usize, comptime nt: usize, g: [
     return acc;
 }
 
-const tokens_per_tile = 4;
+/// Tokens an integer tile takes; fewer are a decode's token or few, streamed.
+const int_tile_tokens = 4;
 /// How many blocks ahead a streaming pass prefetches its scales.
 const scale_ahead_blocks = 16;
 /// How far ahead a streaming pass (a decode's token or few) prefetches its weights.
@@ -477,10 +478,8 @@ pub fn matmulRows(comptime T: type, out: []f32, out_stride: usize, acts: quant.Q
         cols: usize,
         group_bytes: usize,
 
-        pub const tokens_per_tile = 4;
-/// How many blocks ahead a streaming pass prefetches its scales.
-const scale_ahead_blocks = 16;
-        pub const stream_tokens = 4;
+        pub const tokens_per_tile = int_tile_tokens;
+        pub const stream_tokens = int_tile_tokens;
         pub const min_groups_per_pass = 1;
         /// Fewer tokens, more groups at once: enough independent sums either way.
         pub fn groupsAtOnce(comptime nt: usize) usize {

@@ -174,7 +174,7 @@ fn packAll(allocator: std.mem.Allocator, w: *Weights, bf16_products: bool, threa
             inline .f32, .f16, .bf16 => |t| if (bf16_products) bgemm.packedBytes(m.rows, m.cols) else fgemm.packedBytes(kernels.StorageType(t), m.rows, m.cols),
             else => continue,
         };
-        const buffer = try allocPacked(bytes);
+        const buffer = try allocHugePages(bytes);
         try buffers.append(buffer);
         const groups = std.math.divCeil(usize, m.rows, qgemm.group_rows) catch unreachable;
         const chunk = 256; // groups a job: a big matrix is shared between threads
@@ -223,9 +223,10 @@ fn packWorker(jobs: []const PackJob, next: *std.atomic.Value(usize)) void {
     }
 }
 
-/// Memory for a packed matrix, in huge pages where the kernel gives them: a decode step
-/// streams every weight, and 4 KiB pages cost TLB misses and stall the prefetchers.
-fn allocPacked(len: usize) ![]align(std.mem.page_size) u8 {
+/// Page-allocator memory in huge pages where the kernel gives them (free it with
+/// std.heap.page_allocator): a decode step streams every packed weight, and 4 KiB pages
+/// cost TLB misses and stall the prefetchers; the KV cache uses it too.
+pub fn allocHugePages(len: usize) ![]align(std.mem.page_size) u8 {
     const buffer = try std.heap.page_allocator.alignedAlloc(u8, std.mem.page_size, len);
     std.posix.madvise(buffer.ptr, buffer.len, std.posix.MADV.HUGEPAGE) catch {};
     return buffer;
