@@ -163,6 +163,9 @@ pub fn matmulRows(out: []f32, out_stride: usize, acts: []const u16, n_tokens: us
         pub fn groupsAtOnce(comptime nt: usize) usize {
             return if (nt <= 2) 4 else 2;
         }
+        comptime {
+            assert(groupsAtOnce(1) * group_rows == qgemm.stream_tile_rows);
+        }
         pub inline fn tile(kernel: @This(), comptime ng: usize, comptime nt: usize, g: [*]const u8, first: usize, prefetcher: *Prefetcher) [ng][nt]F16 {
             return tileBf16(ng, nt, g, kernel.group_bytes, kernel.cols, kernel.acts, first, prefetcher);
         }

@@ -110,6 +110,9 @@ pub fn matmulRows(comptime T: type, out: []f32, out_stride: usize, x: []const f3
         pub fn groupsAtOnce(comptime nt: usize) usize {
             return if (nt <= 2) 4 / nt else 2;
         }
+        comptime {
+            assert(groupsAtOnce(1) * group_rows == qgemm.stream_tile_rows);
+        }
         pub inline fn tile(kernel: @This(), comptime ng: usize, comptime nt: usize, g: [*]const u8, first: usize, prefetcher: *Prefetcher) [ng][nt]F16 {
             return tileF32(T, ng, nt, g, kernel.group_bytes, kernel.cols, kernel.x, first, nt < 4, prefetcher);
         }

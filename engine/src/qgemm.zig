@@ -417,6 +417,11 @@ inline fn tileInt(comptime T: type, comptime ng: usize, comptime nt: usize, g: [
     return acc;
 }
 
+/// Rows of the tile a one-token product takes in every packed GEMM (this one, bgemm,
+/// fgemm: four groups, four streams). A decode splits its rows in multiples of it: a
+/// chunk of fewer groups reads them as fewer streams, with fewer lines in flight.
+pub const stream_tile_rows = 4 * group_rows;
+
 /// Tokens an integer tile takes; fewer are a decode's token or few, streamed.
 const int_tile_tokens = 4;
 /// How many blocks ahead a streaming pass prefetches its scales.
@@ -484,6 +489,9 @@ pub fn matmulRows(comptime T: type, out: []f32, out_stride: usize, acts: quant.Q
         /// Fewer tokens, more groups at once: enough independent sums either way.
         pub fn groupsAtOnce(comptime nt: usize) usize {
             return if (nt <= 2) 4 / nt else 1;
+        }
+        comptime {
+            assert(groupsAtOnce(1) * group_rows == stream_tile_rows);
         }
         pub inline fn tile(kernel: @This(), comptime ng: usize, comptime nt: usize, g: [*]const u8, first: usize, prefetcher: *Prefetcher) [ng][nt]F16 {
             return tileInt(T, ng, nt, g, kernel.group_bytes, kernel.cols / 32, kernel.acts, kernel.cols, first, prefetcher);
