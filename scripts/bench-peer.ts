@@ -102,19 +102,20 @@ async function ours(): Promise<Run> {
   return { prefill_tok_s: prefill, decode_tok_s: decode, batch_tok_s: batchTokS, tokens: tokens.slice(0, 16) };
 }
 
-// Memory read bandwidth with the same threads: the roofline for a decode step that reads
-// every weight once. The shared probe (membw.c, OpenMP) where it and gcc are at hand,
-// else a single-threaded copy measured here (an underestimate).
-function bandwidthGBs(): { gbs: number; how: string } {
+// Memory bandwidth with the same threads: the roofline for a decode step that reads
+// every weight once. The shared probe (membw.c, OpenMP) where it and gcc are at hand: its
+// read (a sum over 1 GiB) and its copy (memcpy, read and written bytes counted); else a
+// single-threaded copy measured here (an underestimate).
+function bandwidthGBs(): { gbs: number; copy: number | null; how: string } {
   const probe = resolve(root, "..", "shared", "tools", "membw.c");
   const bin = join(root, ".bench", "membw");
   if (existsSync(probe) && (existsSync(bin) || spawnSync("gcc", ["-O3", "-march=native", "-fopenmp", probe, "-o", bin]).status === 0)) {
     // 1 GiB per array: far past the caches, without pushing the loaded models out of memory.
     const r = spawnSync(bin, ["1024", "5"], { encoding: "utf8", env: { ...process.env, OMP_NUM_THREADS: String(threads) } });
-    const m = /read=([\d.]+) GB\/s/.exec(r.stdout);
-    if (m) return { gbs: Number(m[1]), how: "membw.c read" };
+    const m = /read=([\d.]+) GB\/s copy\(r\+w\)=([\d.]+) GB\/s/.exec(r.stdout);
+    if (m) return { gbs: Number(m[1]), copy: Number(m[2]), how: "membw.c read" };
   }
-  return { gbs: copyGBs(), how: "single-thread copy" };
+  return { gbs: copyGBs(), copy: null, how: "single-thread copy" };
 }
 
 function copyGBs(): number {
@@ -136,7 +137,7 @@ const a: Run[] = [];
 const b: Run[] = [];
 // The bandwidth is probed in every round too: on a shared machine it moves from minute to
 // minute, and the roofline should be the one of the moment the decode ran.
-const probes: { gbs: number; how: string }[] = [];
+const probes: { gbs: number; copy: number | null; how: string }[] = [];
 for (let r = 0; r < runs; r++) {
   b.push(peer());
   a.push(await ours());
@@ -156,11 +157,16 @@ const weightBytes = spec.tensors.filter((t) => t.role !== Role.TOKEN_EMBD || spe
 const bw = med(probes.map((p) => p.gbs));
 const how = `${probes[0].how}, median of ${probes.length}: ${probes.map((p) => p.gbs.toFixed(1)).join(", ")}`;
 const roofline = (bw * 1e9) / weightBytes;
+const copies = probes.flatMap((p) => (p.copy === null ? [] : [p.copy]));
+const copyRoofline = copies.length > 0 ? (med(copies) * 1e9) / weightBytes : null;
 console.log(
   `${values.model} on ${cpus()[0]?.model ?? "CPU"}, ${threads} threads, medians of ${runs}: ` +
     `pp${promptTokens} inferneo ${us.pp.toFixed(1)} vs llama.cpp ${them.pp.toFixed(1)} tok/s (${(us.pp / them.pp).toFixed(2)}x); ` +
     `tg${decodeTokens} inferneo ${us.tg.toFixed(1)} vs llama.cpp ${them.tg.toFixed(1)} tok/s (${(us.tg / them.tg).toFixed(2)}x); ` +
     (batch > 0 ? `batched x${batch} inferneo ${us.batch.toFixed(1)} vs llama.cpp ${them.batch.toFixed(1)} tok/s (${(us.batch / them.batch).toFixed(2)}x); ` : "") +
     `bandwidth ${bw.toFixed(1)} GB/s (${how}), ${(weightBytes / 1e6).toFixed(0)} MB read per token, decode roofline ${roofline.toFixed(1)} tok/s (inferneo at ${((100 * us.tg) / roofline).toFixed(0)}%); ` +
+    (copyRoofline !== null
+      ? `on the copy bandwidth (median ${med(copies).toFixed(1)} GB/s: ${copies.map((c) => c.toFixed(1)).join(", ")}) ${copyRoofline.toFixed(1)} tok/s (inferneo at ${((100 * us.tg) / copyRoofline).toFixed(0)}%); `
+      : "") +
     `greedy tokens agree for the first ${agree} of 16`,
 );
