@@ -5,7 +5,8 @@
 //! between jobs (a step is many back-to-back jobs) and then sleep on a futex,
 //! so an idle engine costs no CPU. A futex is woken only when someone sleeps on it:
 //! a step is ~100 jobs, and a wake system call per job costs microseconds in a VM.
-//! No thread is created after `init`.
+//! No thread is created after `init`. A job's items are handed out from one shared
+//! cursor or as one contiguous share a thread (`Split`).
 
 const std = @import("std");
 const assert = std.debug.assert;
@@ -133,10 +134,10 @@ pub const ThreadPool = struct {
             job.func(job.ctx, 0, 0, job.n_items);
             return;
         }
-        assert(job.n_items < 1 << 32);
         pool.job = job;
         pool.next_item.store(0, .monotonic);
         if (job.split == .owned) {
+            assert(job.n_items < 1 << 32); // a share's bounds are two u32 in one word
             // Shares of whole grains; the last one ends at n_items.
             const grains = std.math.divCeil(usize, job.n_items, job.grain) catch unreachable;
             const n = pool.shares.len;
