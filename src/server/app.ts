@@ -85,7 +85,9 @@ function describe(schema: TSchema): string {
       .filter(Boolean)
       .join(" and ");
   if (Array.isArray(schema.anyOf)) {
-    if (typeof schema.description === "string") return schema.description.replace(/^A /, "a ").replace(/\.$/, "");
+    // A description that names the value ("A string, a list of ...") says it best; others
+    // are notes for the docs ("Default 16."), not what the value must be.
+    if (typeof schema.description === "string" && /^An? /.test(schema.description)) return schema.description.replace(/^A/, "a").replace(/\.$/, "");
     return (schema.anyOf as TSchema[]).map(describe).join(" or ");
   }
   if (schema.const !== undefined) return JSON.stringify(schema.const);
