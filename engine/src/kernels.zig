@@ -275,21 +275,23 @@ inline fn dot4(comptime T: type, w: [*]align(1) const T, x: [*]const f32, n: usi
 pub fn rmsnorm(out: []f32, x: []const f32, weight: Matrix, eps: f32) void {
     assert(out.len == x.len);
     assert(weight.rows * weight.cols == x.len);
-    // The sum of squares in four vectors: a plain float sum is one chain of dependent adds
-    // (LLVM keeps its order), microseconds for a 2048-wide row, twice a layer.
-    var acc: [4]V = .{@as(V, @splat(0))} ** 4;
+    // As llama.cpp's rms_norm: squares in f32 summed in f64, the mean and the scale in f32
+    // (its 8-bit activations round at the same points then). In vectors: a plain sum is one
+    // chain of dependent adds (LLVM keeps its order), microseconds for a 2048-wide row.
+    const H = @Vector(vec_len / 2, f32);
+    const D = @Vector(vec_len / 2, f64);
+    var acc: [4]D = .{@as(D, @splat(0))} ** 4;
     var i: usize = 0;
-    while (i + 4 * vec_len <= x.len) : (i += 4 * vec_len) {
+    while (i + 2 * vec_len <= x.len) : (i += 2 * vec_len) {
         inline for (&acc, 0..) |*a, k| {
-            const v: V = x[i + k * vec_len ..][0..vec_len].*;
-            a.* = @mulAdd(V, v, v, a.*);
+            const v: H = x[i + k * vec_len / 2 ..][0 .. vec_len / 2].*;
+            a.* += @as(D, @floatCast(v * v));
         }
     }
-    var ss: f32 = @reduce(.Add, (acc[0] + acc[1]) + (acc[2] + acc[3]));
+    var ss: f64 = @reduce(.Add, (acc[0] + acc[1]) + (acc[2] + acc[3]));
     for (x[i..]) |v| ss += v * v;
-    ss /= @floatFromInt(x.len);
-    ss += eps;
-    const scale = 1.0 / @sqrt(ss);
+    const mean: f32 = @floatCast(ss / @as(f64, @floatFromInt(x.len)));
+    const scale = 1.0 / @sqrt(mean + eps);
     switch (weight.dtype) {
         inline .f32, .f16, .bf16, .q8_0, .q4_0, .q4_k, .q6_k => |t| {
             const w: [*]align(1) const StorageType(t) = @ptrCast(weight.data);
