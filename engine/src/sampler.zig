@@ -42,7 +42,7 @@ pub fn uniform(seed: u64, draw_index: u64) f64 {
 pub fn argmax(logits: []const f32) u32 {
     assert(logits.len > 0);
     // The first index that holds the largest value: found in vectors, then looked up.
-    const m = maxOf(logits);
+    const m = kernels.maxOf(logits);
     const V = @Vector(kernels.vec_len, f32);
     var i: usize = 0;
     while (i + kernels.vec_len <= logits.len) : (i += kernels.vec_len) {
@@ -50,20 +50,6 @@ pub fn argmax(logits: []const f32) u32 {
     }
     for (logits[i..], i..) |v, j| if (v == m) return @intCast(j);
     return 0; // every value NaN
-}
-
-/// The largest value, NaNs aside. In vectors: a float max over 32000 logits one after
-/// another is one dependent chain (~25 us), twice a sampled row.
-fn maxOf(xs: []const f32) f32 {
-    const V = @Vector(kernels.vec_len, f32);
-    var acc: [4]V = .{@as(V, @splat(-std.math.inf(f32)))} ** 4;
-    var i: usize = 0;
-    while (i + 4 * kernels.vec_len <= xs.len) : (i += 4 * kernels.vec_len) {
-        inline for (&acc, 0..) |*a, k| a.* = @max(a.*, @as(V, xs[i + k * kernels.vec_len ..][0..kernels.vec_len].*));
-    }
-    var m = @reduce(.Max, @max(@max(acc[0], acc[1]), @max(acc[2], acc[3])));
-    for (xs[i..]) |v| m = @max(m, v);
-    return m;
 }
 
 /// log softmax(logits)[token]: the model's own log-probability, before any filter.
@@ -101,7 +87,7 @@ pub fn sample(logits: []f32, row: Row, scratch: Scratch, top_ids: []i32, top_log
 /// log sum exp(logits): exps in f32 vectors (kernels.expVec), summed in f64.
 fn logSumExp(logits: []const f32) f64 {
     const V = @Vector(kernels.vec_len, f32);
-    const max = maxOf(logits);
+    const max = kernels.maxOf(logits);
     var acc: @Vector(kernels.vec_len, f64) = @splat(0);
     var i: usize = 0;
     while (i + kernels.vec_len <= logits.len) : (i += kernels.vec_len) {
@@ -162,8 +148,7 @@ fn applyPenalties(logits: []f32, row: Row, counts: []u32) void {
 fn sampleRandom(logits: []const f32, params: SamplingParams, scratch: Scratch) u32 {
     const n = logits.len;
     const probs = scratch.probs[0..n];
-    var max = logits[0];
-    for (logits[1..]) |v| max = @max(max, v);
+    const max = kernels.maxOf(logits);
     const inv_t = 1.0 / params.temperature;
     var total = kernels.expScaled(probs, logits, max, inv_t);
     const filtered = params.top_k > 0 or params.top_p < 1;
