@@ -159,6 +159,15 @@ const how = `${probes[0].how}, median of ${probes.length}: ${probes.map((p) => p
 const roofline = (bw * 1e9) / weightBytes;
 const copies = probes.flatMap((p) => (p.copy === null ? [] : [p.copy]));
 const copyRoofline = copies.length > 0 ? (med(copies) * 1e9) / weightBytes : null;
+// Each round's decode against the probe taken right after it: the bandwidth moves from
+// minute to minute, and a round's pair shares its minute (the median of these fractions).
+const paired = (bw: (p: (typeof probes)[number]) => number | null) => {
+  const f = a.flatMap((run, i) => {
+    const g = bw(probes[i]);
+    return g === null ? [] : [(100 * run.decode_tok_s * weightBytes) / (g * 1e9)];
+  });
+  return f.length > 0 ? `${med(f).toFixed(0)}% (${f.map((x) => x.toFixed(0)).join(", ")})` : "n/a";
+};
 console.log(
   `${values.model} on ${cpus()[0]?.model ?? "CPU"}, ${threads} threads, medians of ${runs}: ` +
     `pp${promptTokens} inferneo ${us.pp.toFixed(1)} vs llama.cpp ${them.pp.toFixed(1)} tok/s (${(us.pp / them.pp).toFixed(2)}x); ` +
@@ -168,5 +177,6 @@ console.log(
     (copyRoofline !== null
       ? `on the copy bandwidth (median ${med(copies).toFixed(1)} GB/s: ${copies.map((c) => c.toFixed(1)).join(", ")}) ${copyRoofline.toFixed(1)} tok/s (inferneo at ${((100 * us.tg) / copyRoofline).toFixed(0)}%); `
       : "") +
+    `round by round, decode over the roofline of the probe after it: read ${paired((p) => p.gbs)}, copy ${paired((p) => p.copy)}; ` +
     `greedy tokens agree for the first ${agree} of 16`,
 );
