@@ -161,9 +161,9 @@ const copies = probes.flatMap((p) => (p.copy === null ? [] : [p.copy]));
 const copyRoofline = copies.length > 0 ? (med(copies) * 1e9) / weightBytes : null;
 // Each round's decode against the probe taken right after it: the bandwidth moves from
 // minute to minute, and a round's pair shares its minute (the median of these fractions).
-const paired = (bw: (p: (typeof probes)[number]) => number | null) => {
+const paired = (gbsOf: (p: (typeof probes)[number]) => number | null) => {
   const f = a.flatMap((run, i) => {
-    const g = bw(probes[i]);
+    const g = gbsOf(probes[i]);
     return g === null ? [] : [(100 * run.decode_tok_s * weightBytes) / (g * 1e9)];
   });
   return f.length > 0 ? `${med(f).toFixed(0)}% (${f.map((x) => x.toFixed(0)).join(", ")})` : "n/a";

@@ -106,15 +106,12 @@ fn benchType(comptime name: []const u8, comptime T: type, allocator: std.mem.All
         in: Inputs,
         data: [*]const u8,
         rows: usize,
-        first_group: usize, // the in-L2 run uses groups [0, n_groups) for every thread
         n_groups: usize,
         threads: usize,
-        plain: []const u8,
-        sinks: *[16]f32,
         fn at(s: @This(), t: usize) struct { []f32, Inputs, [*]const u8, usize, usize, usize } {
             const per = s.n_groups / s.threads;
-            const begin = s.first_group + t * per;
-            const end = if (t == s.threads - 1) s.first_group + s.n_groups else begin + per;
+            const begin = t * per;
+            const end = if (t == s.threads - 1) s.n_groups else begin + per;
             return .{ s.out, s.in, s.data, s.rows, begin * 16, end * 16 };
         }
     };
@@ -128,7 +125,7 @@ fn benchType(comptime name: []const u8, comptime T: type, allocator: std.mem.All
             return .{ s.plain[t * per .. end], &s.sinks[t] };
         }
     };
-    const shares = Shares{ .out = out, .in = in, .data = packed_w.ptr, .rows = rows, .first_group = 0, .n_groups = groups, .threads = threads, .plain = plain[0..bytes], .sinks = sinks };
+    const shares = Shares{ .out = out, .in = in, .data = packed_w.ptr, .rows = rows, .n_groups = groups, .threads = threads };
     const func = struct {
         fn run(o: []f32, i: Inputs, d: [*]const u8, r: usize, b: usize, e: usize) void {
             product(T, o, i, d, r, b, e);
