@@ -92,7 +92,7 @@ pub fn main() !void {
 /// One weight type: its streaming rate against a plain read, as pool jobs, and in L2.
 fn benchType(comptime name: []const u8, comptime T: type, allocator: std.mem.Allocator, threads: usize, in: Inputs, pool: *ThreadPool, plain: []const u8, sinks: *[16]f32, rng: std.Random, stdout: anytype) !void {
     const group_bytes = if (T == u16) bgemm.groupBytes(cols) else if (T == f16) fgemm.groupBytes(f16, cols) else qgemm.groupBytes(T, cols);
-    const groups = target_bytes / group_bytes;
+    const groups = target_bytes / group_bytes / 4 * 4; // whole stripes (qgemm packs four groups together)
     const rows = groups * 16;
     const bytes = groups * group_bytes;
     const packed_w = try allocHugePages(bytes);

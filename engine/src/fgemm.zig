@@ -102,10 +102,12 @@ pub fn matmulRows(comptime T: type, out: []f32, out_stride: usize, x: []const f3
         x: []const f32,
         cols: usize,
         group_bytes: usize,
+        data: [*]const u8,
 
         pub const tokens_per_tile = 8;
         pub const stream_tokens = tokens_per_tile + 1;
         pub const min_groups_per_pass = 2;
+        pub const interleaved_groups = 1;
         /// Fewer tokens, more groups at once: enough independent sums either way.
         pub fn groupsAtOnce(comptime nt: usize) usize {
             return if (nt <= 2) 4 / nt else 2;
@@ -113,12 +115,12 @@ pub fn matmulRows(comptime T: type, out: []f32, out_stride: usize, x: []const f3
         comptime {
             assert(groupsAtOnce(1) * group_rows == qgemm.stream_tile_rows);
         }
-        pub inline fn tile(kernel: @This(), comptime ng: usize, comptime nt: usize, g: [*]const u8, first: usize, prefetcher: *Prefetcher) [ng][nt]F16 {
-            return tileF32(T, ng, nt, g, kernel.group_bytes, kernel.cols, kernel.x, first, nt < 4, prefetcher);
+        pub inline fn tile(kernel: @This(), comptime ng: usize, comptime nt: usize, g: usize, first: usize, prefetcher: *Prefetcher) [ng][nt]F16 {
+            return tileF32(T, ng, nt, kernel.data + g * kernel.group_bytes, kernel.group_bytes, kernel.cols, kernel.x, first, nt < 4, prefetcher);
         }
     };
     const gb = groupBytes(T, cols);
-    qgemm.runTiles(Kernel, .{ .x = x, .cols = cols, .group_bytes = gb }, out, out_stride, n_tokens, data, gb, row_begin, row_end);
+    qgemm.runTiles(Kernel, .{ .x = x, .cols = cols, .group_bytes = gb, .data = data }, out, out_stride, n_tokens, data, gb, row_begin, row_end);
 }
 
 // ---------------------------------------------------------------- tests

@@ -9,8 +9,9 @@
 //! Q6_K adds two vectors of their top bits, so a packed matrix is as small as the file's,
 //! give or take its scales' layout). One vpdpbusd then multiplies 16 rows by four
 //! weights of one token (its four activation bytes broadcast), so the 16 outputs of a
-//! token land in one vector and nothing needs a horizontal sum, and a group is read as
-//! one stream.
+//! token land in one vector and nothing needs a horizontal sum. Four groups make a
+//! stripe, stored block by block with their scales (see `Stripe`), so that a decode reads
+//! each stripe as one run of memory.
 
 const std = @import("std");
 const builtin = @import("builtin");
@@ -82,43 +83,92 @@ fn vectorsPerBlock(comptime T: type) usize {
     };
 }
 
-/// Bytes of one packed 16-row group of a `cols`-wide matrix: the weight vectors of every
-/// block, then the scales (f16 per row and block; Q4_K: 6-bit scale and min per row and
-/// block, then f16 d and dmin per row and super-block), rounded up to 64 bytes.
-pub fn groupBytes(comptime T: type, cols: usize) usize {
-    const blocks = cols / 32;
-    const scales = switch (T) {
-        // 6-bit scale and min per row and block; f16 d and dmin per row and super-block.
-        quant.BlockQ4_K => blocks * 2 * group_rows + cols / 256 * 2 * group_rows * 2,
-        // i8 scale per row and 16-weight half block; f16 d per row and super-block.
-        quant.BlockQ6_K => blocks * 2 * group_rows + cols / 256 * group_rows * 2,
-        else => blocks * group_rows * 2,
+/// Groups a stripe holds: the rows a decode's tile takes (stream_tile_rows).
+pub const stripe_groups = 4;
+const stripe_rows = stripe_groups * group_rows;
+
+/// Where a packed stripe keeps its bytes. For each 32-weight block (a "unit"): the four
+/// groups' weight vectors, then the four groups' 32-byte scale records (Q8_0, Q4_0: an f16
+/// scale per row; Q4_K: a 6-bit scale per row, then a 6-bit min; Q6_K: an i8 scale per row
+/// for each 16-weight half). The K types put each super-block's f16 factors (d per row;
+/// Q4_K also dmin) in front of its eight units. A decode's tile, the whole stripe, then
+/// reads one run of memory front to back, its scales inside it: with four groups' weights
+/// and scales as eight streams a thread, a tile's start found three or four of them cold,
+/// and the kernel read 0.80 of a plain read where one stream reads 0.95-1.02 (q4_0-like
+/// loop in C, 2 threads, alternating, medians of 41).
+fn Stripe(comptime T: type) type {
+    return struct {
+        /// A group's weight vectors in a block, its scale record, its super-block factors.
+        const w_bytes = vectorsPerBlock(T) * vec_bytes;
+        const s_bytes = 32;
+        const d_bytes = switch (T) {
+            quant.BlockQ4_K => 64,
+            quant.BlockQ6_K => 32,
+            else => 0,
+        };
+        const unit_bytes = stripe_groups * (w_bytes + s_bytes);
+        const factor_bytes = stripe_groups * d_bytes;
+        const super_bytes = factor_bytes + 8 * unit_bytes;
+
+        /// Where block b's unit lies past that of block 0.
+        inline fn blockOffset(b: usize) usize {
+            return b / 8 * super_bytes + b % 8 * unit_bytes;
+        }
+        /// Group pos's weights, scales in block 0's unit; its factors in super-block 0.
+        inline fn weights(pos: usize) usize {
+            return factor_bytes + pos * w_bytes;
+        }
+        inline fn scales(pos: usize) usize {
+            return factor_bytes + stripe_groups * w_bytes + pos * s_bytes;
+        }
+        inline fn factors(pos: usize) usize {
+            return pos * d_bytes;
+        }
+        /// Bytes of a stripe of a `cols`-wide matrix (K types: cols a multiple of 256).
+        fn bytes(cols: usize) usize {
+            const blocks = cols / 32;
+            return blocks / 8 * super_bytes + blocks % 8 * unit_bytes;
+        }
+        comptime {
+            assert(unit_bytes % vec_bytes == 0 and factor_bytes % vec_bytes == 0);
+        }
     };
-    return std.mem.alignForward(usize, blocks * vectorsPerBlock(T) * vec_bytes + scales, vec_bytes);
 }
 
-/// Bytes of a (rows, cols) matrix packed.
+/// A 16-row group's share of a packed stripe's bytes (a quarter).
+pub fn groupBytes(comptime T: type, cols: usize) usize {
+    return Stripe(T).bytes(cols) / stripe_groups;
+}
+
+/// Bytes of a (rows, cols) matrix packed: whole stripes, the rows past the last zeros.
 pub fn packedBytes(comptime T: type, rows: usize, cols: usize) usize {
-    return (std.math.divCeil(usize, rows, group_rows) catch unreachable) * groupBytes(T, cols);
+    return (std.math.divCeil(usize, rows, stripe_rows) catch unreachable) * Stripe(T).bytes(cols);
 }
 
-/// Rows [first, first + n) of w (n <= 16) packed into one group at dst; rows past n are zeros.
-/// The quads of the Q4 types share bytes: vector j of a block holds quad j in its low
-/// nibbles and quad j + 4 in its high ones (Q4_0's own byte order).
-fn packGroup(comptime T: type, dst: []u8, base: [*]align(1) const T, units: usize, first: usize, n: usize, cols: usize) void {
+/// Rows [first, first + n) of w (n <= 16) packed as group `pos` of the stripe at dst; rows
+/// past n are zeros. The quads of the Q4 types share bytes: vector j of a block holds quad
+/// j in its low nibbles and quad j + 4 in its high ones (Q4_0's own byte order).
+fn packGroup(comptime T: type, dst: []u8, pos: usize, base: [*]align(1) const T, units: usize, first: usize, n: usize, cols: usize) void {
+    const L = Stripe(T);
     const blocks = cols / 32;
     const vecs = vectorsPerBlock(T);
-    @memset(dst, 0);
-    const scales = dst[blocks * vecs * vec_bytes ..];
+    for (0..blocks) |b| {
+        @memset(dst[L.weights(pos) + L.blockOffset(b) ..][0..L.w_bytes], 0);
+        @memset(dst[L.scales(pos) + L.blockOffset(b) ..][0..L.s_bytes], 0);
+        if (b % 8 == 0) @memset(dst[L.factors(pos) + L.blockOffset(b) ..][0..L.d_bytes], 0);
+    }
     for (0..n) |r| {
         const row = base + (first + r) * units;
         for (0..blocks) |b| {
+            const w = dst[L.weights(pos) + L.blockOffset(b) ..];
+            const scales = dst[L.scales(pos) + L.blockOffset(b) ..];
+            const factors = dst[L.factors(pos) + L.blockOffset(b / 8 * 8) ..];
             var u: [32]u8 = undefined;
             switch (T) {
                 quant.BlockQ8_0 => {
                     const blk = &row[b];
                     for (&u, blk.qs) |*x, q| x.* = @as(u8, @bitCast(q)) ^ 0x80;
-                    std.mem.writeInt(u16, scales[2 * (group_rows * b + r) ..][0..2], blk.d, .little);
+                    std.mem.writeInt(u16, scales[2 * r ..][0..2], blk.d, .little);
                 },
                 quant.BlockQ4_0 => {
                     const blk = &row[b];
@@ -126,7 +176,7 @@ fn packGroup(comptime T: type, dst: []u8, base: [*]align(1) const T, units: usiz
                         u[i] = blk.qs[i] & 0xF;
                         u[i + 16] = blk.qs[i] >> 4;
                     }
-                    std.mem.writeInt(u16, scales[2 * (group_rows * b + r) ..][0..2], blk.d, .little);
+                    std.mem.writeInt(u16, scales[2 * r ..][0..2], blk.d, .little);
                 },
                 quant.BlockQ6_K => {
                     const blk = &row[b / 8];
@@ -138,10 +188,9 @@ fn packGroup(comptime T: type, dst: []u8, base: [*]align(1) const T, units: usiz
                         const top = (blk.qh[32 * h + l] >> @intCast(2 * k)) & 3;
                         u[l] = nib | top << 4;
                     }
-                    scales[group_rows * 2 * b + r] = @bitCast(blk.scales[8 * h + 2 * k]);
-                    scales[group_rows * (2 * b + 1) + r] = @bitCast(blk.scales[8 * h + 2 * k + 1]);
-                    const dd = scales[2 * group_rows * blocks ..];
-                    std.mem.writeInt(u16, dd[2 * (group_rows * (b / 8) + r) ..][0..2], blk.d, .little);
+                    scales[r] = @bitCast(blk.scales[8 * h + 2 * k]);
+                    scales[group_rows + r] = @bitCast(blk.scales[8 * h + 2 * k + 1]);
+                    std.mem.writeInt(u16, factors[2 * r ..][0..2], blk.d, .little);
                 },
                 quant.BlockQ4_K => {
                     const blk = &row[b / 8];
@@ -151,22 +200,20 @@ fn packGroup(comptime T: type, dst: []u8, base: [*]align(1) const T, units: usiz
                         u[i] = if (sub % 2 == 0) byte & 0xF else byte >> 4;
                     }
                     const sm = quant.scaleMinK4(sub, &blk.scales);
-                    scales[group_rows * b + r] = sm[0];
-                    scales[group_rows * (blocks + b) + r] = sm[1];
-                    const dd = scales[2 * group_rows * blocks ..];
-                    const sb = b / 8;
-                    std.mem.writeInt(u16, dd[2 * (2 * group_rows * sb + r) ..][0..2], blk.d, .little);
-                    std.mem.writeInt(u16, dd[2 * (2 * group_rows * sb + group_rows + r) ..][0..2], blk.dmin, .little);
+                    scales[r] = sm[0];
+                    scales[group_rows + r] = sm[1];
+                    std.mem.writeInt(u16, factors[2 * r ..][0..2], blk.d, .little);
+                    std.mem.writeInt(u16, factors[2 * (group_rows + r) ..][0..2], blk.dmin, .little);
                 },
                 else => @compileError("not packed"),
             }
             for (0..32) |i| {
                 const k = i / 4; // quad
                 if (vecs == 8) {
-                    dst[(vecs * b + k) * vec_bytes + 4 * r + i % 4] = u[i];
+                    w[k * vec_bytes + 4 * r + i % 4] = u[i];
                 } else {
-                    dst[(vecs * b + k % 4) * vec_bytes + 4 * r + i % 4] |= (u[i] & 0xF) << @as(u3, if (k < 4) 0 else 4);
-                    if (vecs == 6) dst[(vecs * b + 4 + k / 4) * vec_bytes + 4 * r + i % 4] |= (u[i] >> 4) << @intCast(2 * (k % 4));
+                    w[k % 4 * vec_bytes + 4 * r + i % 4] |= (u[i] & 0xF) << @as(u3, if (k < 4) 0 else 4);
+                    if (vecs == 6) w[(4 + k / 4) * vec_bytes + 4 * r + i % 4] |= (u[i] >> 4) << @intCast(2 * (k % 4));
                 }
             }
         }
@@ -178,29 +225,36 @@ pub fn pack(comptime T: type, dst: []u8, w_data: [*]const u8, rows: usize, cols:
     packGroups(T, dst, w_data, rows, cols, 0, std.math.divCeil(usize, rows, group_rows) catch unreachable);
 }
 
-/// Groups [g_begin, g_end) of pack's output (several threads may each take a range).
+/// Groups [g_begin, g_end) of pack's output (several threads may each take a range: a
+/// group's bytes are its own). The range that ends the matrix zeroes the groups that pad
+/// its last stripe.
 pub fn packGroups(comptime T: type, dst: []u8, w_data: [*]const u8, rows: usize, cols: usize, g_begin: usize, g_end: usize) void {
-    const gb = groupBytes(T, cols);
+    const sb = Stripe(T).bytes(cols);
     assert(dst.len >= packedBytes(T, rows, cols));
     const base: [*]align(1) const T = @ptrCast(w_data);
     const units = cols / quant.unitElems(T);
-    for (g_begin..g_end) |g| {
-        packGroup(T, dst[g * gb ..][0..gb], base, units, g * group_rows, @min(group_rows, rows - g * group_rows), cols);
+    const groups = std.math.divCeil(usize, rows, group_rows) catch unreachable;
+    const end = if (g_end == groups) std.mem.alignForward(usize, groups, stripe_groups) else g_end;
+    for (g_begin..end) |g| {
+        const n = if (g < groups) @min(group_rows, rows - g * group_rows) else 0;
+        packGroup(T, dst[g / stripe_groups * sb ..][0..sb], g % stripe_groups, base, units, g * group_rows, n, cols);
     }
 }
 
-/// Per-row scale s and offset o of block b in a packed group (w = s * u + o), 16 rows at once.
-inline fn blockScales(comptime T: type, scales: [*]const u8, blocks: usize, b: usize) struct { s: F16, o: F16 } {
+/// Per-row scale s and offset o of block b of group pos in a packed stripe (w = s * u + o), 16 rows at once.
+inline fn blockScales(comptime T: type, stripe: [*]const u8, pos: usize, b: usize) struct { s: F16, o: F16 } {
+    const L = Stripe(T);
+    const scales = stripe + L.scales(pos) + L.blockOffset(b);
     switch (T) {
         quant.BlockQ8_0, quant.BlockQ4_0 => {
-            const h: @Vector(16, f16) = @bitCast(scales[32 * b ..][0..32].*);
+            const h: @Vector(16, f16) = @bitCast(scales[0..32].*);
             const d: F16 = @floatCast(h);
             return .{ .s = d, .o = d * @as(F16, @splat(if (T == quant.BlockQ8_0) -128 else -8)) };
         },
         quant.BlockQ4_K => {
-            const sc: @Vector(16, u8) = scales[group_rows * b ..][0..16].*;
-            const m: @Vector(16, u8) = scales[group_rows * (blocks + b) ..][0..16].*;
-            const dd = scales + 2 * group_rows * blocks + 64 * (b / 8);
+            const sc: @Vector(16, u8) = scales[0..16].*;
+            const m: @Vector(16, u8) = scales[16..32].*;
+            const dd = stripe + L.factors(pos) + L.blockOffset(b / 8 * 8);
             const d: F16 = @floatCast(@as(@Vector(16, f16), @bitCast(dd[0..32].*)));
             const dmin: F16 = @floatCast(@as(@Vector(16, f16), @bitCast(dd[32..64].*)));
             // d * sc and dmin * m are exact in f32 (11 + 6 significant bits).
@@ -212,30 +266,31 @@ inline fn blockScales(comptime T: type, scales: [*]const u8, blocks: usize, b: u
 
 /// Weight (row, col) of a packed matrix: for tests and one-off reads.
 pub fn weightAt(comptime T: type, data: [*]const u8, cols: usize, row: usize, col: usize) f32 {
-    const blocks = cols / 32;
-    const g = data + row / group_rows * groupBytes(T, cols);
+    const L = Stripe(T);
+    const stripe = data + row / stripe_rows * L.bytes(cols);
+    const pos = row / group_rows % stripe_groups;
     const r = row % group_rows;
     const b = col / 32;
-    const scales = g + blocks * vectorsPerBlock(T) * vec_bytes;
-    const u: f32 = @floatFromInt(unpackedByte(T, g, b, r, col % 32));
+    const u: f32 = @floatFromInt(unpackedByte(T, stripe + L.weights(pos) + L.blockOffset(b), r, col % 32));
     if (T == quant.BlockQ6_K) {
-        const sc: i8 = @bitCast(scales[group_rows * (2 * b + col % 32 / 16) + r]);
-        const d: f32 = @floatCast(@as(f16, @bitCast(std.mem.readInt(u16, scales[2 * group_rows * blocks + 2 * (group_rows * (b / 8) + r) ..][0..2], .little))));
+        const sc: i8 = @bitCast((stripe + L.scales(pos) + L.blockOffset(b))[group_rows * (col % 32 / 16) + r]);
+        const dd = stripe + L.factors(pos) + L.blockOffset(b / 8 * 8);
+        const d: f32 = @floatCast(@as(f16, @bitCast(std.mem.readInt(u16, dd[2 * r ..][0..2], .little))));
         return d * @as(f32, @floatFromInt(sc)) * (u - 32);
     }
-    const sc = blockScales(T, scales, blocks, b);
+    const sc = blockScales(T, stripe, pos, b);
     return sc.s[r] * u + sc.o[r];
 }
 
-/// u of weight i of block b, row r, in the packed group at g.
-inline fn unpackedByte(comptime T: type, g: [*]const u8, b: usize, r: usize, i: usize) u8 {
+/// u of weight i of row r in a block whose weight vectors are at w.
+inline fn unpackedByte(comptime T: type, w: [*]const u8, r: usize, i: usize) u8 {
     const vecs = vectorsPerBlock(T);
     const k = i / 4; // quad
-    if (vecs == 8) return g[(vecs * b + k) * vec_bytes + 4 * r + i % 4];
-    const byte = g[(vecs * b + k % 4) * vec_bytes + 4 * r + i % 4];
+    if (vecs == 8) return w[k * vec_bytes + 4 * r + i % 4];
+    const byte = w[k % 4 * vec_bytes + 4 * r + i % 4];
     const low = if (k < 4) byte & 0xF else byte >> 4;
     if (vecs == 4) return low;
-    const top = (g[(vecs * b + 4 + k / 4) * vec_bytes + 4 * r + i % 4] >> @intCast(2 * (k % 4))) & 3;
+    const top = (w[(4 + k / 4) * vec_bytes + 4 * r + i % 4] >> @intCast(2 * (k % 4))) & 3;
     return low | top << 4;
 }
 
@@ -271,10 +326,14 @@ pub const Prefetcher = struct {
     }
 };
 
-/// ng consecutive packed groups from g (each group_bytes) against tokens first..first + nt:
-/// out[i][t] holds the 16 sums of group i for token t. Several groups at once give a
-/// decode's token several independent sums and the memory system several streams.
-inline fn tileInt(comptime T: type, comptime ng: usize, comptime nt: usize, g: [*]const u8, group_bytes: usize, blocks: usize, acts: quant.QuantActs, cols: usize, first: usize, prefetcher: *Prefetcher) [ng][nt]F16 {
+/// Packed groups g..g + ng of the matrix at data (stripes of stripe_bytes) against tokens
+/// first..first + nt: out[i][t] holds the 16 sums of group g + i for token t. `whole`: the
+/// groups are one stripe (g a multiple of four, ng four), a decode's tile. Several groups at
+/// once give a decode's token several independent sums.
+inline fn tileInt(comptime T: type, comptime ng: usize, comptime nt: usize, comptime whole: bool, data: [*]const u8, stripe_bytes: usize, g: usize, blocks: usize, acts: quant.QuantActs, cols: usize, first: usize, prefetcher: *Prefetcher) [ng][nt]F16 {
+    comptime assert(!whole or ng == stripe_groups);
+    @setEvalBranchQuota(10_000); // the unrolled loops of four groups by three tokens
+    const L = Stripe(T);
     const vecs = comptime vectorsPerBlock(T);
     const k_quant = T == quant.BlockQ4_K;
     // A streamed Q4 product (a decode's token or few) takes the high nibbles in place, as 16
@@ -289,6 +348,18 @@ inline fn tileInt(comptime T: type, comptime ng: usize, comptime nt: usize, g: [
     // scaled by the super-block's d and dmin once at its end.
     var acc_sc: [ng][nt]F16 = .{.{@as(F16, @splat(0))} ** nt} ** ng;
     var acc_m: [ng][nt]F16 = .{.{@as(F16, @splat(0))} ** nt} ** ng;
+    // Group i's weights and scales in block 0's unit, its factors in super-block 0's.
+    const stripe0 = data + g / stripe_groups * stripe_bytes;
+    var weights: [ng][*]const u8 = undefined;
+    var scales: [ng][*]const u8 = undefined;
+    var factors: [ng][*]const u8 = undefined;
+    inline for (0..ng) |i| {
+        const stripe = if (whole) stripe0 else data + (g + i) / stripe_groups * stripe_bytes;
+        const pos = if (whole) i else (g + i) % stripe_groups;
+        weights[i] = stripe + L.weights(pos);
+        scales[i] = stripe + L.scales(pos);
+        factors[i] = stripe + L.factors(pos);
+    }
     var xq: [nt][*]const i8 = undefined;
     var xblock: [nt]usize = undefined;
     inline for (0..nt) |t| {
@@ -297,6 +368,23 @@ inline fn tileInt(comptime T: type, comptime ng: usize, comptime nt: usize, g: [
     }
     for (0..blocks) |b| {
         prefetcher.step();
+        const off = L.blockOffset(b);
+        if (nt < int_tile_tokens) {
+            // A decode streams the weights: ask for them well ahead of use. A whole stripe
+            // is one run: the unit `stream_ahead` bytes on (and, at a super-block's end, the
+            // next one's factors); else each group's own lines.
+            if (whole) {
+                const unit = stripe0 + L.weights(0) + off + stream_ahead;
+                inline for (0..L.unit_bytes / vec_bytes) |line| @prefetch(unit + line * vec_bytes, .{ .locality = 3 });
+                if (L.factor_bytes > 0 and b % 8 == 7) {
+                    inline for (0..L.factor_bytes / vec_bytes) |line| @prefetch(unit + L.unit_bytes + line * vec_bytes, .{ .locality = 3 });
+                }
+            } else inline for (0..ng) |i| {
+                inline for (0..vecs) |line| @prefetch(weights[i] + off + stream_ahead + line * vec_bytes, .{ .locality = 3 });
+                @prefetch(scales[i] + off + stream_ahead, .{ .locality = 3 });
+                if (L.factor_bytes > 0 and b % 8 == 0) @prefetch(factors[i] + off + stream_ahead, .{ .locality = 3 });
+            }
+        }
         var xscale: [nt]F16 = undefined;
         // Q8_0, Q4_0: o / s * (d_x * sum q); Q4_K: d_x * sum q; Q6_K: -32 d_x * sum q over
         // the block's first 16 weights (xoffset) and its last 16 (xoffset_hi).
@@ -318,27 +406,8 @@ inline fn tileInt(comptime T: type, comptime ng: usize, comptime nt: usize, g: [
             } else xoffset[t] = @splat(bias * acts.sum[xblock[t] + b]);
         }
         inline for (0..ng) |gi| {
-            const group = g + gi * group_bytes;
-            const wb = group + b * vecs * vec_bytes;
-            if (nt < int_tile_tokens) {
-                // A decode streams the weights: ask for them well ahead of use, and for the
-                // scales, a stream of their own after the group's weights.
-                inline for (0..vecs) |line| @prefetch(wb + stream_ahead + line * vec_bytes, .{ .locality = 3 });
-                const sc = group + blocks * vecs * vec_bytes;
-                const ahead = scale_ahead_blocks;
-                switch (T) {
-                    quant.BlockQ4_K => {
-                        @prefetch(sc + group_rows * (b + ahead), .{ .locality = 3 });
-                        @prefetch(sc + group_rows * (blocks + b + ahead), .{ .locality = 3 });
-                        if (b % 8 == 0) @prefetch(sc + 2 * group_rows * blocks + 64 * (b / 8 + ahead / 8), .{ .locality = 3 });
-                    },
-                    quant.BlockQ6_K => {
-                        @prefetch(sc + 2 * group_rows * (b + ahead), .{ .locality = 3 });
-                        if (b % 8 == 0) @prefetch(sc + 2 * group_rows * blocks + 32 * (b / 8 + ahead / 8), .{ .locality = 3 });
-                    },
-                    else => @prefetch(sc + 2 * group_rows * (b + ahead), .{ .locality = 3 }),
-                }
-            }
+            const wb = weights[gi] + off;
+            const sc = scales[gi] + off;
             var isum: [nt]I16 = .{@as(I16, @splat(0))} ** nt;
             // A second chain of sums (Q6_K: the block's last 16 weights; else every other
             // vector), so that two vpdpbusd chains overlap their latency.
@@ -377,18 +446,17 @@ inline fn tileInt(comptime T: type, comptime ng: usize, comptime nt: usize, g: [
             if (vecs != 6) inline for (0..nt) |t| {
                 isum[t] = if (hi_in_place) (isum[t] << @splat(4)) + isum_hi[t] else isum[t] + isum_hi[t];
             };
-            const scales = group + blocks * vecs * vec_bytes;
             if (T == quant.BlockQ6_K) {
                 // w = d * sc * (u - 32), sc per 16 weights: the super-block's d comes at its end.
-                const sc_lo: F16 = @floatFromInt(@as(@Vector(16, i8), @bitCast(scales[group_rows * 2 * b ..][0..16].*)));
-                const sc_hi: F16 = @floatFromInt(@as(@Vector(16, i8), @bitCast(scales[group_rows * (2 * b + 1) ..][0..16].*)));
+                const sc_lo: F16 = @floatFromInt(@as(@Vector(16, i8), @bitCast(sc[0..16].*)));
+                const sc_hi: F16 = @floatFromInt(@as(@Vector(16, i8), @bitCast(sc[16..32].*)));
                 inline for (0..nt) |t| {
                     const t_lo = @mulAdd(F16, @floatFromInt(isum[t]), xscale[t], xoffset[t]);
                     const t_hi = @mulAdd(F16, @floatFromInt(isum_hi[t]), xscale[t], xoffset_hi[t]);
                     acc_sc[gi][t] = @mulAdd(F16, sc_hi, t_hi, @mulAdd(F16, sc_lo, t_lo, acc_sc[gi][t]));
                 }
                 if (b % 8 == 7) {
-                    const dd = scales + 2 * group_rows * blocks + 32 * (b / 8);
+                    const dd = factors[gi] + L.blockOffset(b / 8 * 8);
                     const d: F16 = @floatCast(@as(@Vector(16, f16), @bitCast(dd[0..32].*)));
                     inline for (0..nt) |t| {
                         acc[gi][t] = @mulAdd(F16, d, acc_sc[gi][t], acc[gi][t]);
@@ -396,14 +464,14 @@ inline fn tileInt(comptime T: type, comptime ng: usize, comptime nt: usize, g: [
                     }
                 }
             } else if (k_quant) {
-                const sc: F16 = @floatFromInt(@as(@Vector(16, u8), scales[group_rows * b ..][0..16].*));
-                const m: F16 = @floatFromInt(@as(@Vector(16, u8), scales[group_rows * (blocks + b) ..][0..16].*));
+                const s6: F16 = @floatFromInt(@as(@Vector(16, u8), sc[0..16].*));
+                const m: F16 = @floatFromInt(@as(@Vector(16, u8), sc[16..32].*));
                 inline for (0..nt) |t| {
-                    acc_sc[gi][t] = @mulAdd(F16, @as(F16, @floatFromInt(isum[t])) * xscale[t], sc, acc_sc[gi][t]);
+                    acc_sc[gi][t] = @mulAdd(F16, @as(F16, @floatFromInt(isum[t])) * xscale[t], s6, acc_sc[gi][t]);
                     acc_m[gi][t] = @mulAdd(F16, xoffset[t], m, acc_m[gi][t]);
                 }
                 if (b % 8 == 7) {
-                    const dd = scales + 2 * group_rows * blocks + 64 * (b / 8);
+                    const dd = factors[gi] + L.blockOffset(b / 8 * 8);
                     const d: F16 = @floatCast(@as(@Vector(16, f16), @bitCast(dd[0..32].*)));
                     const dmin: F16 = @floatCast(@as(@Vector(16, f16), @bitCast(dd[32..64].*)));
                     inline for (0..nt) |t| {
@@ -415,7 +483,7 @@ inline fn tileInt(comptime T: type, comptime ng: usize, comptime nt: usize, g: [
                 }
             } else {
                 // w = s * (u + bias), so sum_k w x = s * (d_x * sum(u q) + bias * d_x * sum q).
-                const s_row: F16 = @floatCast(@as(@Vector(16, f16), @bitCast(scales[32 * b ..][0..32].*)));
+                const s_row: F16 = @floatCast(@as(@Vector(16, f16), @bitCast(sc[0..32].*)));
                 inline for (0..nt) |t| {
                     acc[gi][t] = @mulAdd(F16, s_row, @mulAdd(F16, @floatFromInt(isum[t]), xscale[t], xoffset[t]), acc[gi][t]);
                 }
@@ -425,15 +493,13 @@ inline fn tileInt(comptime T: type, comptime ng: usize, comptime nt: usize, g: [
     return acc;
 }
 
-/// Rows of the tile a one-token product takes in every packed GEMM (this one, bgemm,
-/// fgemm: four groups, four streams). A decode splits its rows in multiples of it: a
-/// chunk of fewer groups reads them as fewer streams, with fewer lines in flight.
-pub const stream_tile_rows = 4 * group_rows;
+/// Rows of the tile a one-token product takes in every packed GEMM (here a stripe, one
+/// stream; in bgemm and fgemm four groups, four streams). A decode splits its rows in
+/// multiples of it: whole stripes, and no chunk with fewer lines in flight.
+pub const stream_tile_rows = stripe_rows;
 
 /// Tokens an integer tile takes; fewer are a decode's token or few, streamed.
 const int_tile_tokens = 4;
-/// How many blocks ahead a streaming pass prefetches its scales.
-const scale_ahead_blocks = 16;
 /// How far ahead a streaming pass (a decode's token or few) prefetches its weights.
 pub const stream_ahead = 2048;
 /// Packed bytes a pass covers while several token tiles run over them (well inside L2).
@@ -445,20 +511,25 @@ pub const pass_bytes = 256 * 1024;
 ///   tokens_per_tile: the most tokens a tile takes;
 ///   stream_tokens: below this many tokens there is one pass over every group, streamed;
 ///   min_groups_per_pass: the fewest groups a pass holds;
+///   interleaved_groups: groups stored interleaved (passes but the first begin at a multiple);
 ///   groupsAtOnce(nt): how many groups a tile of nt tokens takes;
-///   tile(k, ng, nt, group, first, prefetcher): the 16 sums of each of ng groups from
-///     `group` for tokens first..first + nt.
-/// A range that starts or ends inside a group computes the whole group and stores only its
-/// own rows.
+///   tile(k, ng, nt, g, first, prefetcher): the 16 sums of each of groups g..g + ng for
+///     tokens first..first + nt.
+/// `data` is the packed matrix, group_bytes a group's bytes (groups g.. lie from g *
+/// group_bytes on, for g a multiple of interleaved_groups). A range that starts or ends inside a
+/// group computes the whole group and stores only its own rows.
 pub fn runTiles(comptime K: type, k: K, out: []f32, out_stride: usize, n_tokens: usize, data: [*]const u8, group_bytes: usize, row_begin: usize, row_end: usize) void {
     const gb = group_bytes;
     const g_begin = row_begin / group_rows;
     const g_end = std.math.divCeil(usize, row_end, group_rows) catch unreachable;
     const single_pass = n_tokens < K.stream_tokens;
-    const groups_per_pass = if (single_pass) g_end - g_begin else @max(K.min_groups_per_pass, pass_bytes / gb);
+    const in_l2 = @max(K.min_groups_per_pass, pass_bytes / gb);
+    const groups_per_pass = if (single_pass) g_end - g_begin else @max(K.interleaved_groups, in_l2 / K.interleaved_groups * K.interleaved_groups);
     var g0 = g_begin;
     while (g0 < g_end) {
-        const g1 = @min(g_end, g0 + groups_per_pass);
+        // Passes after the first begin at whole stripes: the next pass's bytes are one run.
+        const stripe_end = std.mem.alignBackward(usize, g0 + groups_per_pass, K.interleaved_groups);
+        const g1 = if (single_pass or stripe_end <= g0) @min(g_end, g0 + groups_per_pass) else @min(g_end, stripe_end);
         var prefetcher = Prefetcher{ .next = @intFromPtr(data + g1 * gb), .end = @intFromPtr(data + @min(g_end, g1 + groups_per_pass) * gb) };
         if (single_pass) prefetcher.end = prefetcher.next; // one pass: streamed
         var first: usize = 0;
@@ -468,11 +539,11 @@ pub fn runTiles(comptime K: type, k: K, out: []f32, out_stride: usize, n_tokens:
                     const ng = comptime K.groupsAtOnce(nt);
                     var g = g0;
                     while (g + ng <= g1) : (g += ng) {
-                        const sums = k.tile(ng, nt, data + g * gb, first, &prefetcher);
+                        const sums = k.tile(ng, nt, g, first, &prefetcher);
                         inline for (0..ng) |i| storeGroup(nt, sums[i], out, out_stride, first, g + i, row_begin, row_end);
                     }
                     while (g < g1) : (g += 1) {
-                        storeGroup(nt, k.tile(1, nt, data + g * gb, first, &prefetcher)[0], out, out_stride, first, g, row_begin, row_end);
+                        storeGroup(nt, k.tile(1, nt, g, first, &prefetcher)[0], out, out_stride, first, g, row_begin, row_end);
                     }
                 },
                 else => unreachable,
@@ -489,24 +560,30 @@ pub fn matmulRows(comptime T: type, out: []f32, out_stride: usize, acts: quant.Q
     const Kernel = struct {
         acts: quant.QuantActs,
         cols: usize,
-        group_bytes: usize,
+        data: [*]const u8,
+        stripe_bytes: usize,
 
         pub const tokens_per_tile = int_tile_tokens;
         pub const stream_tokens = int_tile_tokens;
         pub const min_groups_per_pass = 1;
-        /// Fewer tokens, more groups at once: enough independent sums either way.
+        pub const interleaved_groups = stripe_groups;
+        /// A streamed tile (a decode's token or few) reads a whole stripe, one run of
+        /// memory; a tile of several tokens computes in L2, a group at a time.
         pub fn groupsAtOnce(comptime nt: usize) usize {
-            return if (nt <= 2) 4 / nt else 1;
+            return if (nt < int_tile_tokens) stripe_groups else 1;
         }
         comptime {
             assert(groupsAtOnce(1) * group_rows == stream_tile_rows);
         }
-        pub inline fn tile(kernel: @This(), comptime ng: usize, comptime nt: usize, g: [*]const u8, first: usize, prefetcher: *Prefetcher) [ng][nt]F16 {
-            return tileInt(T, ng, nt, g, kernel.group_bytes, kernel.cols / 32, kernel.acts, kernel.cols, first, prefetcher);
+        pub inline fn tile(kernel: @This(), comptime ng: usize, comptime nt: usize, g: usize, first: usize, prefetcher: *Prefetcher) [ng][nt]F16 {
+            if (ng == stripe_groups and g % stripe_groups == 0) {
+                return tileInt(T, ng, nt, true, kernel.data, kernel.stripe_bytes, g, kernel.cols / 32, kernel.acts, kernel.cols, first, prefetcher);
+            }
+            return tileInt(T, ng, nt, false, kernel.data, kernel.stripe_bytes, g, kernel.cols / 32, kernel.acts, kernel.cols, first, prefetcher);
         }
     };
-    const gb = groupBytes(T, cols);
-    runTiles(Kernel, .{ .acts = acts, .cols = cols, .group_bytes = gb }, out, out_stride, n_tokens, data, gb, row_begin, row_end);
+    const sb = Stripe(T).bytes(cols);
+    runTiles(Kernel, .{ .acts = acts, .cols = cols, .data = data, .stripe_bytes = sb }, out, out_stride, n_tokens, data, sb / stripe_groups, row_begin, row_end);
 }
 
 /// Group g's 16 sums for token t go to out[first + t, 16g ..], rows in [row_begin, row_end) only.
@@ -589,15 +666,16 @@ test "integer GEMM over packed weights equals a plain sum over decoded weights a
         pack(T, packed_w, storage.ptr, rows, cols);
         // Every row unpacks to its decoded weights, exactly.
         for (0..rows) |r| for (0..cols) |k| try testing.expectEqual(w.get(r, k), weightAt(T, packed_w.ptr, cols, r, k));
-        for ([_]usize{ 1, 2, 4, 7 }) |n_tokens| {
+        // The row range need not start at a group boundary, nor at a stripe's (37: in its
+        // third group, so that a four-group tile spans two stripes).
+        for ([_]usize{ 1, 2, 4, 7 }) |n_tokens| for ([_]usize{ 2, 37 }) |row_begin| {
             const stride = rows + 3;
             @memset(out, std.math.nan(f32));
-            // Rows 2..rows: the row range need not start at a group boundary.
-            matmulRows(T, out, stride, acts, n_tokens, packed_w.ptr, cols, 2, rows);
+            matmulRows(T, out, stride, acts, n_tokens, packed_w.ptr, cols, row_begin, rows);
             for (0..n_tokens) |n| {
                 for (0..rows) |r| {
                     const got = out[n * stride + r];
-                    if (r < 2) {
+                    if (r < row_begin) {
                         try testing.expect(std.math.isNan(got));
                         continue;
                     }
@@ -612,6 +690,6 @@ test "integer GEMM over packed weights equals a plain sum over decoded weights a
                 }
                 try testing.expect(std.math.isNan(out[n * stride + rows])); // nothing past row_end
             }
-        }
+        };
     }
 }
