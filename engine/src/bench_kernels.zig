@@ -109,7 +109,7 @@ fn benchType(comptime name: []const u8, comptime T: type, allocator: std.mem.All
         n_groups: usize,
         threads: usize,
         fn at(s: @This(), t: usize) struct { []f32, Inputs, [*]const u8, usize, usize, usize } {
-            const per = s.n_groups / s.threads;
+            const per = s.n_groups / s.threads / 4 * 4; // whole stripes a thread
             const begin = t * per;
             const end = if (t == s.threads - 1) s.n_groups else begin + per;
             return .{ s.out, s.in, s.data, s.rows, begin * 16, end * 16 };

@@ -327,11 +327,13 @@ pub const Prefetcher = struct {
 };
 
 /// Packed groups g..g + ng of the matrix at data (stripes of stripe_bytes) against tokens
-/// first..first + nt: out[i][t] holds the 16 sums of group g + i for token t. `whole`: the
-/// groups are one stripe (g a multiple of four, ng four), a decode's tile. Several groups at
-/// once give a decode's token several independent sums.
-inline fn tileInt(comptime T: type, comptime ng: usize, comptime nt: usize, comptime whole: bool, data: [*]const u8, stripe_bytes: usize, g: usize, blocks: usize, acts: quant.QuantActs, cols: usize, first: usize, prefetcher: *Prefetcher) [ng][nt]F16 {
-    comptime assert(!whole or ng == stripe_groups);
+/// first..first + nt: out[i][t] holds the 16 sums of group g + i for token t. Either one
+/// group or a whole stripe (`whole`: a decode's tile). Several groups at once give a
+/// decode's token several independent sums.
+inline fn tileInt(comptime T: type, comptime ng: usize, comptime nt: usize, data: [*]const u8, stripe_bytes: usize, g: usize, blocks: usize, acts: quant.QuantActs, cols: usize, first: usize, prefetcher: *Prefetcher) [ng][nt]F16 {
+    comptime assert(ng == 1 or ng == stripe_groups);
+    const whole = ng == stripe_groups;
+    assert(!whole or g % stripe_groups == 0);
     @setEvalBranchQuota(10_000); // the unrolled loops of four groups by three tokens
     const L = Stripe(T);
     const vecs = comptime vectorsPerBlock(T);
@@ -354,11 +356,10 @@ inline fn tileInt(comptime T: type, comptime ng: usize, comptime nt: usize, comp
     var scales: [ng][*]const u8 = undefined;
     var factors: [ng][*]const u8 = undefined;
     inline for (0..ng) |i| {
-        const stripe = if (whole) stripe0 else data + (g + i) / stripe_groups * stripe_bytes;
-        const pos = if (whole) i else (g + i) % stripe_groups;
-        weights[i] = stripe + L.weights(pos);
-        scales[i] = stripe + L.scales(pos);
-        factors[i] = stripe + L.factors(pos);
+        const pos = if (whole) i else g % stripe_groups;
+        weights[i] = stripe0 + L.weights(pos);
+        scales[i] = stripe0 + L.scales(pos);
+        factors[i] = stripe0 + L.factors(pos);
     }
     var xq: [nt][*]const i8 = undefined;
     var xblock: [nt]usize = undefined;
@@ -538,6 +539,13 @@ pub fn runTiles(comptime K: type, k: K, out: []f32, out_stride: usize, n_tokens:
                 inline 1...K.tokens_per_tile => |nt| {
                     const ng = comptime K.groupsAtOnce(nt);
                     var g = g0;
+                    // Interleaved groups are taken whole: single ones up to the first
+                    // stripe (a tile across two would read both as eight streams).
+                    if (ng == K.interleaved_groups) {
+                        while (g < g1 and g % ng != 0) : (g += 1) {
+                            storeGroup(nt, k.tile(1, nt, g, first, &prefetcher)[0], out, out_stride, first, g, row_begin, row_end);
+                        }
+                    }
                     while (g + ng <= g1) : (g += ng) {
                         const sums = k.tile(ng, nt, g, first, &prefetcher);
                         inline for (0..ng) |i| storeGroup(nt, sums[i], out, out_stride, first, g + i, row_begin, row_end);
@@ -576,10 +584,7 @@ pub fn matmulRows(comptime T: type, out: []f32, out_stride: usize, acts: quant.Q
             assert(groupsAtOnce(1) * group_rows == stream_tile_rows);
         }
         pub inline fn tile(kernel: @This(), comptime ng: usize, comptime nt: usize, g: usize, first: usize, prefetcher: *Prefetcher) [ng][nt]F16 {
-            if (ng == stripe_groups and g % stripe_groups == 0) {
-                return tileInt(T, ng, nt, true, kernel.data, kernel.stripe_bytes, g, kernel.cols / 32, kernel.acts, kernel.cols, first, prefetcher);
-            }
-            return tileInt(T, ng, nt, false, kernel.data, kernel.stripe_bytes, g, kernel.cols / 32, kernel.acts, kernel.cols, first, prefetcher);
+            return tileInt(T, ng, nt, kernel.data, kernel.stripe_bytes, g, kernel.cols / 32, kernel.acts, kernel.cols, first, prefetcher);
         }
     };
     const sb = Stripe(T).bytes(cols);
