@@ -94,7 +94,7 @@ const stripe_rows = stripe_groups * group_rows;
 /// Q4_K also dmin) in front of its eight units. A decode's tile, the whole stripe, then
 /// reads one run of memory front to back, its scales inside it: with four groups' weights
 /// and scales as eight streams a thread, a tile's start found three or four of them cold,
-/// and the kernel read 0.80 of a plain read where one stream reads 0.95-1.02 (q4_0-like
+/// and the kernel read 0.80-0.84 of a plain read where one stream reads 0.95-1.02 (q4_0-like
 /// loop in C, 2 threads, alternating, medians of 41).
 fn Stripe(comptime T: type) type {
     return struct {
