@@ -92,7 +92,7 @@ pub fn main() !void {
 /// One weight type: its streaming rate against a plain read, as pool jobs, and in L2.
 fn benchType(comptime name: []const u8, comptime T: type, allocator: std.mem.Allocator, threads: usize, in: Inputs, pool: *ThreadPool, plain: []const u8, sinks: *[16]f32, rng: std.Random, stdout: anytype) !void {
     const group_bytes = if (T == u16) bgemm.groupBytes(cols) else if (T == f16) fgemm.groupBytes(f16, cols) else qgemm.groupBytes(T, cols);
-    const groups = target_bytes / group_bytes / 4 * 4; // whole stripes (qgemm packs four groups together)
+    const groups = target_bytes / group_bytes / qgemm.stripe_groups * qgemm.stripe_groups; // whole stripes
     const rows = groups * 16;
     const bytes = groups * group_bytes;
     const packed_w = try allocHugePages(bytes);
@@ -109,7 +109,7 @@ fn benchType(comptime name: []const u8, comptime T: type, allocator: std.mem.All
         n_groups: usize,
         threads: usize,
         fn at(s: @This(), t: usize) struct { []f32, Inputs, [*]const u8, usize, usize, usize } {
-            const per = s.n_groups / s.threads / 4 * 4; // whole stripes a thread
+            const per = s.n_groups / s.threads / qgemm.stripe_groups * qgemm.stripe_groups; // whole stripes a thread
             const begin = t * per;
             const end = if (t == s.threads - 1) s.n_groups else begin + per;
             return .{ s.out, s.in, s.data, s.rows, begin * 16, end * 16 };

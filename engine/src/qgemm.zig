@@ -528,9 +528,9 @@ pub fn runTiles(comptime K: type, k: K, out: []f32, out_stride: usize, n_tokens:
     const groups_per_pass = if (single_pass) g_end - g_begin else @max(K.interleaved_groups, in_l2 / K.interleaved_groups * K.interleaved_groups);
     var g0 = g_begin;
     while (g0 < g_end) {
-        // Passes after the first begin at whole stripes: the next pass's bytes are one run.
-        const stripe_end = std.mem.alignBackward(usize, g0 + groups_per_pass, K.interleaved_groups);
-        const g1 = if (single_pass or stripe_end <= g0) @min(g_end, g0 + groups_per_pass) else @min(g_end, stripe_end);
+        // Passes after the first begin at whole stripes: the next pass's bytes are one run
+        // (groups_per_pass is a multiple of interleaved_groups, so every pass moves on).
+        const g1 = if (single_pass) g_end else @min(g_end, std.mem.alignBackward(usize, g0 + groups_per_pass, K.interleaved_groups));
         var prefetcher = Prefetcher{ .next = @intFromPtr(data + g1 * gb), .end = @intFromPtr(data + @min(g_end, g1 + groups_per_pass) * gb) };
         if (single_pass) prefetcher.end = prefetcher.next; // one pass: streamed
         var first: usize = 0;
@@ -672,7 +672,7 @@ test "integer GEMM over packed weights equals a plain sum over decoded weights a
         // Every row unpacks to its decoded weights, exactly.
         for (0..rows) |r| for (0..cols) |k| try testing.expectEqual(w.get(r, k), weightAt(T, packed_w.ptr, cols, r, k));
         // The row range need not start at a group boundary, nor at a stripe's (37: in its
-        // third group, so that a four-group tile spans two stripes).
+        // third group, so that a decode's tiles take two groups singly before whole stripes).
         for ([_]usize{ 1, 2, 4, 7 }) |n_tokens| for ([_]usize{ 2, 37 }) |row_begin| {
             const stride = rows + 3;
             @memset(out, std.math.nan(f32));
