@@ -104,7 +104,8 @@ export class LLMEngine {
   readonly metrics: EngineMetrics;
   readonly maxModelLen: number;
   private readonly runner: ModelRunner;
-  private readonly requests = new Map<string, { req: Request; queue: AsyncQueue<RequestOutput> }>();
+  // pending: sampled tokens whose text is held back (stop strings, half a character), oldest first.
+  private readonly requests = new Map<string, { req: Request; queue: AsyncQueue<RequestOutput>; pending: TokenLogprob[] }>();
   private looping = false;
   private nextId = 0;
   stepCount = 0;
@@ -202,15 +203,16 @@ export class LLMEngine {
     check(params.stop.every((s) => typeof s === "string" && s.length > 0), "stop", "stop strings must be non-empty");
   }
 
-  addRequest(promptTokenIds: readonly number[], params: SamplingParams, requestId?: string): AsyncIterable<RequestOutput> & { requestId: string } {
+  /** groupId: the API call this sequence belongs to; the scheduler is fair between groups (default: its own). */
+  addRequest(promptTokenIds: readonly number[], params: SamplingParams, groupId?: string): AsyncIterable<RequestOutput> & { requestId: string } {
     this.validate(promptTokenIds, params);
-    const id = requestId ?? `req-${this.nextId++}`;
-    if (this.requests.has(id)) throw new InvalidRequestError(`request id ${id} is already in use`, "request_id");
+    const id = `req-${this.nextId++}`;
     const seed = params.seed === null ? BigInt(Math.floor(Math.random() * 2 ** 53)) : BigInt(params.seed);
-    const req = new Request(id, promptTokenIds, params, seed, new OutputText(this.model.tokenizer, promptTokenIds.length, params.stop));
+    const output = new OutputText(this.model.tokenizer, promptTokenIds.length, params.stop);
+    const req = new Request(id, promptTokenIds, params, seed, output, groupId ?? id);
     const queue = new AsyncQueue<RequestOutput>(() => this.abort(id));
     this.scheduler.add(req); // throws QueueFullError when the waiting queue is at its bound
-    this.requests.set(id, { req, queue });
+    this.requests.set(id, { req, queue, pending: [] });
     this.metrics.promptTokens.inc(promptTokenIds.length);
     this.kick();
     return Object.assign(queue, { requestId: id });
@@ -300,21 +302,25 @@ export class LLMEngine {
 
     const stopToken = !heldOff && ((!p.ignoreEos && this.model.spec.eosTokenIds.includes(s.tokenId)) || p.stopTokenIds.includes(s.tokenId));
     const atLength = req.numOutputTokens >= p.maxTokens || req.numTokens >= this.maxModelLen;
-    let text: string;
+    entry.pending.push({ tokenId: s.tokenId, logprob: s.logprob, top: s.top });
+    let text = "";
+    let released = entry.pending.length; // without a detokenizer, every token goes out at once
     let stopString = false;
-    if (stopToken) {
+    if (stopToken && req.output) {
       // A stop token ends the text and is not part of it.
-      text = req.output?.flush(req.tokenIds.slice(0, -1)) ?? "";
-    } else {
-      const u = req.output?.update(req.tokenIds, req.numOutputTokens > p.minTokens, atLength) ?? { delta: "", stopped: false };
-      text = u.delta;
+      req.output.addSilent();
+      ({ delta: text, released } = req.output.flush(req.tokenIds.slice(0, -1)));
+    } else if (req.output) {
+      const u = req.output.update(req.tokenIds, req.numOutputTokens > p.minTokens, atLength);
+      ({ delta: text, released } = u);
       stopString = u.stopped;
     }
     const status = stopToken || stopString ? RequestStatus.FINISHED_STOPPED : atLength ? RequestStatus.FINISHED_LENGTH : null;
+    const tokens = entry.pending.splice(0, released);
     entry.queue.push({
       requestId: req.id,
-      newTokenIds: [s.tokenId],
-      newLogprobs: [{ tokenId: s.tokenId, logprob: s.logprob, top: s.top }],
+      newTokenIds: tokens.map((t) => t.tokenId),
+      newLogprobs: tokens,
       text,
       finished: status !== null,
       finishReason: status !== null ? finishReason(status) : null,
@@ -337,11 +343,13 @@ export class LLMEngine {
     this.metrics.e2eLatency.observe((performance.now() - req.arrivalMs) / 1000);
     this.metrics.requestSuccess.inc({ finished_reason: finishReason(status) ?? "unknown" });
     if (!alreadyReported) {
+      // An abort or error still reports what was generated and held back.
+      const text = req.output?.flush(req.tokenIds).delta ?? "";
       entry.queue.push({
         requestId: req.id,
-        newTokenIds: [],
-        newLogprobs: [],
-        text: "",
+        newTokenIds: entry.pending.map((t) => t.tokenId),
+        newLogprobs: entry.pending,
+        text,
         finished: true,
         finishReason: finishReason(status),
         stopReason: null,

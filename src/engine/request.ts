@@ -102,6 +102,8 @@ export class Request {
     readonly params: SamplingParams,
     readonly seed: bigint,
     readonly output: OutputText | null,
+    /** The API call this sequence belongs to (its n choices and prompts): the scheduler is fair between groups. */
+    readonly groupId: string = id,
   ) {
     this.tokenIds = [...promptTokenIds];
     const bias = Object.entries(params.logitBias ?? {});

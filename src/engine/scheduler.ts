@@ -70,44 +70,74 @@ export class Scheduler {
     }
 
     // Nothing new starts in a step that had to preempt: the pool is too tight for it.
-    if (preempted.size === 0) {
-      // Full blocks that requests admitted in this step will compute: a waiting request
-      // that would compute the same block again waits one step and then finds it cached
-      // (n > 1 choices, or many users sending the same system prompt at once).
-      const computing = new Set<bigint>();
-      let i = 0;
-      while (i < this.waiting.length && budget > 0 && this.running.length < this.config.maxNumSeqs) {
-        const req = this.waiting[i];
-        const cachedTokens = this.kv.getComputedBlocks(req);
-        const numNewTokens = Math.min(req.numTokens - req.numComputedTokens, budget);
-        const newHashes = this.kv.fullBlockHashes(req, req.numComputedTokens + numNewTokens).slice(req.blockTable.length);
-        if (newHashes.length > 0 && computing.has(newHashes[0])) {
-          this.kv.free(req); // the hits stay cached
-          req.numComputedTokens = 0;
-          i += 1;
-          continue;
-        }
-        if (!this.kv.allocateSlots(req, numNewTokens)) {
-          // Give the cache hits back (they stay cached) and try again next step.
-          this.kv.free(req);
-          req.numComputedTokens = 0;
-          break;
-        }
-        for (const h of newHashes) computing.add(h);
-        if (req.numCachedPromptTokens === null) {
-          req.numCachedPromptTokens = cachedTokens;
-          this.kv.numPrefixQueryTokens += req.promptTokenIds.length;
-          this.kv.numPrefixHitTokens += cachedTokens;
-        }
-        this.waiting.splice(i, 1);
-        req.firstScheduledMs ??= performance.now();
-        req.status = RequestStatus.RUNNING;
-        this.running.push(req);
-        scheduled.push({ req, numNewTokens });
-        budget -= numNewTokens;
+    if (preempted.size === 0) this.admitWaiting(budget, scheduled);
+    return scheduled;
+  }
+
+  /**
+   * Starts waiting sequences while budget and seats last, fairly between requests rather
+   * than between sequences: the next one is a preempted sequence if any, else the one whose
+   * request (its group: the n choices and prompts of one API call) has the fewest sequences
+   * running, oldest first among equals. A small request behind one of 1,000 sequences gets
+   * the next free seat instead of waiting for all of them.
+   */
+  private admitWaiting(budget: number, scheduled: ScheduledRequest[]): void {
+    // Full blocks that requests admitted in this step will compute: a waiting request
+    // that would compute the same block again waits one step and then finds it cached
+    // (n > 1 choices, or many users sending the same system prompt at once).
+    const computing = new Set<bigint>();
+    const runningInGroup = new Map<string, number>();
+    for (const r of this.running) runningInGroup.set(r.groupId, (runningInGroup.get(r.groupId) ?? 0) + 1);
+    const passed = new Set<Request>(); // admitted, or skipped for this step
+    while (budget > 0 && this.running.length < this.config.maxNumSeqs) {
+      const req = this.nextWaiting(passed, runningInGroup);
+      if (req === null) break;
+      passed.add(req);
+      const cachedTokens = this.kv.getComputedBlocks(req);
+      const numNewTokens = Math.min(req.numTokens - req.numComputedTokens, budget);
+      const newHashes = this.kv.fullBlockHashes(req, req.numComputedTokens + numNewTokens).slice(req.blockTable.length);
+      if (newHashes.length > 0 && computing.has(newHashes[0])) {
+        this.kv.free(req); // the hits stay cached
+        req.numComputedTokens = 0;
+        continue;
+      }
+      if (!this.kv.allocateSlots(req, numNewTokens)) {
+        // Give the cache hits back (they stay cached) and try again next step.
+        this.kv.free(req);
+        req.numComputedTokens = 0;
+        break;
+      }
+      for (const h of newHashes) computing.add(h);
+      if (req.numCachedPromptTokens === null) {
+        req.numCachedPromptTokens = cachedTokens;
+        this.kv.numPrefixQueryTokens += req.promptTokenIds.length;
+        this.kv.numPrefixHitTokens += cachedTokens;
+      }
+      this.waiting.splice(this.waiting.indexOf(req), 1);
+      req.firstScheduledMs ??= performance.now();
+      req.status = RequestStatus.RUNNING;
+      this.running.push(req);
+      runningInGroup.set(req.groupId, (runningInGroup.get(req.groupId) ?? 0) + 1);
+      scheduled.push({ req, numNewTokens });
+      budget -= numNewTokens;
+    }
+  }
+
+  /** The waiting sequence to start next (see admitWaiting); one pass over the queue, bounded by maxQueueLen. */
+  private nextWaiting(passed: ReadonlySet<Request>, runningInGroup: ReadonlyMap<string, number>): Request | null {
+    let best: Request | null = null;
+    let bestRank = Infinity;
+    for (const req of this.waiting) {
+      if (passed.has(req)) continue;
+      if (req.status === RequestStatus.PREEMPTED) return req; // preempted ones sit at the front: they go first
+      const rank = runningInGroup.get(req.groupId) ?? 0;
+      if (rank < bestRank) {
+        best = req;
+        bestRank = rank;
+        if (rank === 0) break; // nothing ranks lower; the first found is the oldest
       }
     }
-    return scheduled;
+    return best;
   }
 
   private preempt(req: Request): void {

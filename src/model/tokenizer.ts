@@ -19,7 +19,17 @@ const FALLBACK_CHAT_TEMPLATE =
 
 type Json = Record<string, unknown>;
 
+/** What a tokenizer is built from: enough to build the same one on another thread. */
+export interface TokenizerSource {
+  tokenizerJson: Json;
+  tokenizerConfig: Json;
+  chatTemplate: string | null;
+}
+
 export class ModelTokenizer {
+  readonly source: TokenizerSource;
+  /** The longest text one token stands for (UTF-16 units): bounds how much text fits in N tokens. */
+  readonly maxTokenChars: number;
   readonly bosToken: string | null;
   readonly eosToken: string | null;
   readonly chatTemplateSource: "model" | "fallback";
@@ -28,6 +38,7 @@ export class ModelTokenizer {
   private readonly specialIds: Set<number>;
 
   constructor(tokenizerJson: Json, tokenizerConfig: Json, chatTemplate: string | null) {
+    this.source = { tokenizerJson, tokenizerConfig, chatTemplate };
     this.tokenizer = new Tokenizer(tokenizerJson, tokenizerConfig);
     this.bosToken = tokenText(tokenizerConfig.bos_token);
     this.eosToken = tokenText(tokenizerConfig.eos_token);
@@ -39,6 +50,7 @@ export class ModelTokenizer {
     }
     const added = (tokenizerJson.added_tokens as { id: number; special?: boolean }[] | undefined) ?? [];
     this.specialIds = new Set(added.filter((t) => t.special).map((t) => t.id));
+    this.maxTokenChars = longestPiece(tokenizerJson);
   }
 
   encode(text: string, addSpecialTokens = true): number[] {
@@ -69,6 +81,23 @@ export class ModelTokenizer {
     const templateWritesBos = this.bosToken !== null && this.bosToken !== "" && text.startsWith(this.bosToken);
     return { text, ids: this.encode(text, !templateWritesBos) };
   }
+}
+
+/**
+ * The longest vocabulary piece or added token, in UTF-16 units (a piece decodes to at most
+ * that many). Infinity where one unknown-token id can stand for any run of text (fused
+ * unknowns without byte fallback): no bound can be drawn from the vocabulary then.
+ */
+function longestPiece(tokenizerJson: Json): number {
+  let longest = 1;
+  const model = tokenizerJson.model as { type?: string; vocab?: Record<string, number> | [string, number][]; byte_fallback?: boolean; unk_token?: string | null; unk_id?: number | null } | undefined;
+  const unknownsFuse = model?.type !== "BPE" ? model?.unk_id !== null && model?.unk_id !== undefined : Boolean(model?.unk_token);
+  if (unknownsFuse && !model?.byte_fallback) return Infinity;
+  const vocab = model?.vocab;
+  const pieces = Array.isArray(vocab) ? vocab.map(([p]) => p) : Object.keys(vocab ?? {});
+  for (const p of pieces) longest = Math.max(longest, p.length);
+  for (const t of (tokenizerJson.added_tokens as { content?: string }[] | undefined) ?? []) longest = Math.max(longest, t.content?.length ?? 0);
+  return longest;
 }
 
 function tokenText(v: unknown): string | null {

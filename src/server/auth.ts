@@ -15,10 +15,10 @@ export class ApiKeys {
   }
 
   /** The key the request carries when it is valid, "" when keys are off; throws 401 otherwise. */
-  check(request: Request): string {
+  check(request: Request, query: URLSearchParams): string {
     if (!this.enabled) return "";
     const header = request.headers.get("authorization") ?? "";
-    const fromQuery = new URL(request.url).searchParams.get("api_key"); // browsers cannot set WebSocket headers
+    const fromQuery = query.get("api_key"); // browsers cannot set WebSocket headers
     const key = header.toLowerCase().startsWith("bearer ") ? header.slice(7).trim() : (fromQuery ?? "");
     if (key === "") throw new ApiError(401, "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.", "invalid_request_error", null, "missing_api_key");
     const d = digest(key);

@@ -1,29 +1,41 @@
-// The OpenAI endpoints' logic, shared by HTTP (JSON and SSE) and the WebSocket:
-// turn a request into engine requests, and engine outputs into OpenAI responses
-// and stream chunks.
+// The OpenAI endpoints' logic, shared by every transport: a request becomes engine
+// requests (prepare, start), and their outputs become one stream of OpenAI chunks
+// (chunks). SSE and the WebSocket send those chunks; a non-streamed answer and the
+// batch route fold the same chunks into one response (collect). One path from the
+// engine to the wire, so a number is computed in one place.
 import { randomUUID } from "node:crypto";
 import { AsyncQueue } from "../engine/async_queue.ts";
 import type { LLMEngine, RequestOutput } from "../engine/llm_engine.ts";
 import { samplingFromSnake } from "../engine/params.ts";
 import { DEFAULT_SAMPLING, type SamplingParams, type TokenLogprob } from "../engine/request.ts";
-import type { ModelTokenizer } from "../model/tokenizer.ts";
+import type { ChatMessage, ModelTokenizer } from "../model/tokenizer.ts";
+import { TokenizerBusyError, TokenizeError, TokenizerThread } from "../model/tokenizer_thread.ts";
 import { ApiError, notFoundModel } from "./errors.ts";
 import type { BatchCompletionRequest, ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse } from "./schemas.ts";
 
 type Json = Record<string, unknown>;
 
+/**
+ * A prompt of more characters than this many times (tokens x longest token) cannot fit:
+ * a normalizer may compose up to four code points into one (NFC) before tokenizing.
+ */
+const NORMALIZED_CHARS_PER_CHAR_MAX = 4;
+
 interface Job {
   choice: number; // choice index in the response
+  prompt: number; // which prompt of the request
   promptIds: number[];
   params: SamplingParams;
 }
 
-interface Prepared {
+export interface Prepared {
+  kind: "completion" | "chat";
   id: string;
   created: number;
   jobs: Job[];
   logprobs: number | null;
   includeUsage: boolean;
+  echo: boolean;
 }
 
 /** One engine output, tagged with the choice it belongs to. */
@@ -32,23 +44,128 @@ interface Tagged {
   out: RequestOutput;
 }
 
-export interface Running {
-  outputs: AsyncGenerator<Tagged>;
-  cancel: () => void;
+export interface Usage {
+  prompt_tokens: number;
+  completion_tokens: number;
+  total_tokens: number;
+  prompt_tokens_details: { cached_tokens: number };
+}
+
+/** A started request: its outputs as they come, the last output of each choice, and cancel. */
+export class Running {
+  readonly last = new Map<number, RequestOutput>();
+  constructor(
+    readonly prepared: Prepared,
+    readonly outputs: AsyncGenerator<Tagged>,
+    /** Aborts whatever is still running (a client gone); a no-op once finished. */
+    readonly cancel: () => void,
+  ) {}
+
+  /** Usage of the prompts whose jobs pass `filter` (all of them by default), as far as generated. */
+  usage(filter: (job: Job) => boolean = () => true): Usage {
+    let prompt = 0;
+    let completion = 0;
+    let cached = 0;
+    const counted = new Set<number>();
+    for (const job of this.prepared.jobs.filter(filter)) {
+      const last = this.last.get(job.choice);
+      completion += last?.numOutputTokens ?? 0;
+      if (counted.has(job.prompt)) continue; // n choices share one prompt
+      counted.add(job.prompt);
+      prompt += job.promptIds.length;
+      cached += last?.numCachedTokens ?? 0;
+    }
+    return { prompt_tokens: prompt, completion_tokens: completion, total_tokens: prompt + completion, prompt_tokens_details: { cached_tokens: cached } };
+  }
+}
+
+interface CompletionLogprobs {
+  tokens: string[];
+  token_logprobs: number[];
+  top_logprobs: Record<string, number>[];
+  text_offset: number[];
+}
+interface ChatLogprobs {
+  content: { token: string; logprob: number; bytes: number[]; top_logprobs: { token: string; logprob: number; bytes: number[] }[] }[];
+}
+interface ChoiceChunk {
+  index: number;
+  text?: string;
+  delta?: { role?: "assistant"; content?: string };
+  logprobs: CompletionLogprobs | ChatLogprobs | null;
+  finish_reason: string | null;
+  stop_reason?: string | number | null;
+}
+export interface Chunk {
+  id: string;
+  object: string;
+  created: number;
+  model: string;
+  choices: ChoiceChunk[];
+  usage?: Usage;
+}
+
+export interface ServiceLimits {
+  maxSeqsPerRequest: number; // prompts x n of one API call
 }
 
 export class OpenAIService {
+  readonly tokenizerThread: TokenizerThread;
+
   constructor(
     private readonly engine: LLMEngine,
     readonly servedModelName: string,
-  ) {}
+    private readonly limits: ServiceLimits,
+  ) {
+    this.tokenizerThread = new TokenizerThread(engine.model.tokenizer);
+  }
 
   private get tok(): ModelTokenizer {
     return this.engine.model.tokenizer;
   }
 
+  get maxModelLen(): number {
+    return this.engine.maxModelLen;
+  }
+
   checkModel(model: string | undefined): void {
     if (model !== undefined && model !== this.servedModelName) throw notFoundModel(model);
+  }
+
+  /** The most characters a prompt that fits the context can have (Infinity: no bound can be drawn). */
+  get promptCharsMax(): number {
+    return NORMALIZED_CHARS_PER_CHAR_MAX * this.tok.maxTokenChars * this.engine.maxModelLen;
+  }
+
+  /** Refuses text that cannot fit the context before paying to tokenize it. */
+  private checkChars(chars: number, param: string): void {
+    if (chars > this.promptCharsMax) {
+      throw new ApiError(
+        400,
+        `this model's maximum context length is ${this.engine.maxModelLen} tokens; a ${param} of ${chars} characters cannot fit (at most ${this.promptCharsMax} characters could)`,
+        "invalid_request_error",
+        param,
+        "context_length_exceeded",
+      );
+    }
+  }
+
+  private static tokenizerFailure(e: unknown, param: string): never {
+    if (e instanceof TokenizerBusyError) throw new ApiError(429, `The server is busy tokenizing: ${e.message}.`, "rate_limit_error", null, "tokenizer_busy", { "retry-after": "1" });
+    if (e instanceof TokenizeError) throw new ApiError(400, `the chat template could not render these messages: ${e.message}`, "invalid_request_error", param);
+    throw e;
+  }
+
+  async encode(text: string, addSpecialTokens = true, param = "prompt"): Promise<number[]> {
+    this.checkChars(text.length, param);
+    return this.tokenizerThread.encode(text, addSpecialTokens).catch((e) => OpenAIService.tokenizerFailure(e, param));
+  }
+
+  async chatPromptIds(messages: ChatCompletionRequest["messages"], addGenerationPrompt = true): Promise<number[]> {
+    const flat: ChatMessage[] = messages.map((m) => ({ role: m.role, content: typeof m.content === "string" ? m.content : m.content.map((p) => p.text).join("") }));
+    // A template renders every message's content (real ones do), so their sum bounds the prompt.
+    this.checkChars(flat.reduce((a, m) => a + m.content.length, 0), "messages");
+    return this.tokenizerThread.chat(flat, addGenerationPrompt).catch((e) => OpenAIService.tokenizerFailure(e, "messages"));
   }
 
   /** A token's text as OpenAI reports it in logprobs: "▁" as a space, byte tokens as their byte. */
@@ -70,22 +187,37 @@ export class OpenAIService {
     return samplingFromSnake({ ...body, max_tokens: maxTokens ?? undefined, logprobs } as never, { ...DEFAULT_SAMPLING, maxTokens: maxTokens ?? 16 });
   }
 
+  /** n choices a prompt, each checked by the engine; refused past --max-seqs-per-request first. */
   private jobs(prompts: number[][], params: SamplingParams, n: number): Job[] {
+    for (const ids of prompts) this.engine.validate(ids, params);
     const jobs: Job[] = [];
     prompts.forEach((promptIds, p) => {
       for (let i = 0; i < n; i++) {
         // Each of the n choices draws its own stream; a seeded request stays reproducible.
         const seed = params.seed === null ? null : params.seed + i;
-        jobs.push({ choice: p * n + i, promptIds, params: { ...params, seed } });
+        jobs.push({ choice: p * n + i, prompt: p, promptIds, params: { ...params, seed } });
       }
     });
     return jobs;
   }
 
-  private promptIds(prompt: CompletionRequest["prompt"]): number[][] {
-    if (typeof prompt === "string") return [this.tok.encode(prompt)];
+  private checkSequences(numPrompts: number, n: number): void {
+    const max = this.limits.maxSeqsPerRequest;
+    if (numPrompts * n > max) {
+      throw new ApiError(400, `the request asks for ${numPrompts * n} sequences (${numPrompts} prompts x n=${n}); the limit is ${max} (--max-seqs-per-request)`, "invalid_request_error", "n");
+    }
+  }
+
+  private async promptIds(prompt: CompletionRequest["prompt"]): Promise<number[][]> {
+    if (typeof prompt === "string") return [await this.encode(prompt)];
     if (prompt.length > 0 && typeof prompt[0] === "number") return [prompt as number[]];
-    return (prompt as (string | number[])[]).map((p) => (typeof p === "string" ? this.tok.encode(p) : p));
+    const out: number[][] = [];
+    for (const p of prompt as (string | number[])[]) out.push(typeof p === "string" ? await this.encode(p) : p);
+    return out;
+  }
+
+  private static numPrompts(prompt: CompletionRequest["prompt"]): number {
+    return typeof prompt === "string" || typeof prompt[0] === "number" ? 1 : prompt.length;
   }
 
   /** OpenAI refuses stream_options on a request that does not stream. */
@@ -93,15 +225,19 @@ export class OpenAIService {
     if (body.stream_options && !body.stream) throw new ApiError(400, "stream_options is only allowed when stream is true.", "invalid_request_error", "stream_options");
   }
 
-  prepareCompletion(body: CompletionRequest): Prepared & { echo: boolean } {
+  private static newId(prefix: string): { id: string; created: number } {
+    return { id: `${prefix}-${randomUUID().replaceAll("-", "")}`, created: Math.floor(Date.now() / 1000) };
+  }
+
+  async prepareCompletion(body: CompletionRequest): Promise<Prepared> {
     this.checkModel(body.model);
     OpenAIService.checkStreamOptions(body);
-    const prompts = this.promptIds(body.prompt);
+    this.checkSequences(OpenAIService.numPrompts(body.prompt), body.n ?? 1);
+    const prompts = await this.promptIds(body.prompt);
     const params = this.params(body, body.max_tokens ?? 16, body.logprobs ?? null);
-    for (const ids of prompts) this.engine.validate(ids, params);
     return {
-      id: `cmpl-${randomUUID().replaceAll("-", "")}`,
-      created: Math.floor(Date.now() / 1000),
+      kind: "completion",
+      ...OpenAIService.newId("cmpl"),
       jobs: this.jobs(prompts, params, body.n ?? 1),
       logprobs: body.logprobs ?? null,
       includeUsage: body.stream_options?.include_usage === true,
@@ -109,46 +245,38 @@ export class OpenAIService {
     };
   }
 
-  prepareBatch(body: BatchCompletionRequest): Prepared {
+  async prepareBatch(body: BatchCompletionRequest): Promise<Prepared> {
     this.checkModel(body.model);
-    const prompts = body.prompts.map((p) => (typeof p === "string" ? this.tok.encode(p) : p));
+    this.checkSequences(body.prompts.length, body.n ?? 1);
+    const prompts: number[][] = [];
+    for (const p of body.prompts) prompts.push(typeof p === "string" ? await this.encode(p, true, "prompts") : p);
     const params = this.params(body, body.max_tokens ?? 16, body.logprobs ?? null);
-    for (const ids of prompts) this.engine.validate(ids, params);
-    return { id: `cmpl-${randomUUID().replaceAll("-", "")}`, created: Math.floor(Date.now() / 1000), jobs: this.jobs(prompts, params, body.n ?? 1), logprobs: body.logprobs ?? null, includeUsage: false };
+    return { kind: "completion", ...OpenAIService.newId("cmpl"), jobs: this.jobs(prompts, params, body.n ?? 1), logprobs: body.logprobs ?? null, includeUsage: false, echo: false };
   }
 
-  chatPromptIds(messages: ChatCompletionRequest["messages"], addGenerationPrompt = true): number[] {
-    const flat = messages.map((m) => ({ role: m.role, content: typeof m.content === "string" ? m.content : m.content.map((p) => p.text).join("") }));
-    try {
-      return this.tok.applyChatTemplate(flat, addGenerationPrompt).ids;
-    } catch (e) {
-      throw new ApiError(400, `the chat template could not render these messages: ${(e as Error).message}`, "invalid_request_error", "messages");
-    }
-  }
-
-  prepareChat(body: ChatCompletionRequest): Prepared {
+  async prepareChat(body: ChatCompletionRequest): Promise<Prepared> {
     this.checkModel(body.model);
     OpenAIService.checkStreamOptions(body);
-    const promptIds = this.chatPromptIds(body.messages, body.add_generation_prompt ?? true);
-    const logprobs = body.logprobs ? (body.top_logprobs ?? 0) : null;
+    this.checkSequences(1, body.n ?? 1);
     if (!body.logprobs && body.top_logprobs) throw new ApiError(400, "top_logprobs requires logprobs to be true", "invalid_request_error", "top_logprobs");
+    const promptIds = await this.chatPromptIds(body.messages, body.add_generation_prompt ?? true);
+    const logprobs = body.logprobs ? (body.top_logprobs ?? 0) : null;
     // Without a limit, a chat reply may use the rest of the context, as vLLM does.
     const maxTokens = body.max_completion_tokens ?? body.max_tokens ?? Math.max(1, this.engine.maxModelLen - promptIds.length);
     const params = this.params(body, maxTokens, logprobs);
-    this.engine.validate(promptIds, params);
     return {
-      id: `chatcmpl-${randomUUID().replaceAll("-", "")}`,
-      created: Math.floor(Date.now() / 1000),
+      kind: "chat",
+      ...OpenAIService.newId("chatcmpl"),
       jobs: this.jobs([promptIds], params, body.n ?? 1),
       logprobs,
       includeUsage: body.stream_options?.include_usage === true,
+      echo: false,
     };
   }
 
   /**
    * Starts every job now (so that a full queue is an error before any response is
-   * sent) and returns their outputs as they come, tagged by choice. `cancel` aborts
-   * whatever is still running: for a client that went away, at any point.
+   * sent) and returns their outputs as they come, tagged by choice.
    */
   start(prepared: Prepared): Running {
     const streams: { job: Job; s: AsyncIterable<RequestOutput> & { requestId: string } }[] = [];
@@ -156,7 +284,7 @@ export class OpenAIService {
       for (const { s } of streams) this.engine.abort(s.requestId); // no-op for finished ones
     };
     try {
-      for (const job of prepared.jobs) streams.push({ job, s: this.engine.addRequest(job.promptIds, job.params) });
+      for (const job of prepared.jobs) streams.push({ job, s: this.engine.addRequest(job.promptIds, job.params, prepared.id) });
     } catch (e) {
       cancel();
       throw e;
@@ -169,36 +297,22 @@ export class OpenAIService {
         if (--open === 0) merged.push(null);
       })();
     }
+    const running: Running = new Running(prepared, outputs(), cancel);
     async function* outputs(): AsyncGenerator<Tagged> {
       try {
         for await (const item of merged) {
           if (item === null) return;
+          running.last.set(item.choice, item.out);
           yield item;
         }
       } finally {
         cancel();
       }
     }
-    return { outputs: outputs(), cancel };
+    return running;
   }
 
-  private usage(outs: Map<number, RequestOutput>, prepared: Prepared) {
-    let prompt = 0;
-    let completion = 0;
-    let cached = 0;
-    const countedPrompts = new Set<number[]>();
-    for (const job of prepared.jobs) {
-      const last = outs.get(job.choice);
-      completion += last?.numOutputTokens ?? 0;
-      if (countedPrompts.has(job.promptIds)) continue;
-      countedPrompts.add(job.promptIds);
-      prompt += job.promptIds.length;
-      cached += last?.numCachedTokens ?? 0;
-    }
-    return { prompt_tokens: prompt, completion_tokens: completion, total_tokens: prompt + completion, prompt_tokens_details: { cached_tokens: cached } };
-  }
-
-  private completionLogprobs(lps: TokenLogprob[], startOffset: number) {
+  private completionLogprobs(lps: TokenLogprob[], startOffset: number): CompletionLogprobs {
     const tokens: string[] = [];
     const offsets: number[] = [];
     let offset = startOffset;
@@ -216,7 +330,7 @@ export class OpenAIService {
     };
   }
 
-  private chatLogprobs(lps: TokenLogprob[]) {
+  private chatLogprobs(lps: TokenLogprob[]): ChatLogprobs {
     return {
       content: lps.map((lp) => ({
         token: this.tokenText(lp.tokenId),
@@ -227,120 +341,82 @@ export class OpenAIService {
     };
   }
 
-  private static failIfError(out: RequestOutput): void {
-    if (out.error) throw new ApiError(500, `generation failed: ${out.error}`, "internal_error");
-  }
-
-  /** Drains a non-streamed request: each choice's text, logprobs and last output. */
-  private async collect(running: Running) {
-    const text = new Map<number, string>();
-    const lps = new Map<number, TokenLogprob[]>();
-    const last = new Map<number, RequestOutput>();
-    for await (const { choice, out } of running.outputs) {
-      OpenAIService.failIfError(out);
-      text.set(choice, (text.get(choice) ?? "") + out.text);
-      if (!lps.has(choice)) lps.set(choice, []);
-      lps.get(choice)!.push(...out.newLogprobs);
-      last.set(choice, out);
-    }
-    return { text, lps, last };
-  }
-
-  async completion(prepared: Prepared & { echo: boolean }, running = this.start(prepared)): Promise<CompletionResponse> {
-    const { text, lps, last } = await this.collect(running);
-    return {
-      id: prepared.id,
-      object: "text_completion",
-      created: prepared.created,
-      model: this.servedModelName,
-      choices: prepared.jobs.map((job) => {
-        const prefix = prepared.echo ? this.tok.decode(job.promptIds) : "";
-        return {
-          index: job.choice,
-          text: prefix + (text.get(job.choice) ?? ""),
-          logprobs: prepared.logprobs === null ? null : this.completionLogprobs(lps.get(job.choice) ?? [], prefix.length),
-          finish_reason: last.get(job.choice)?.finishReason ?? null,
-          stop_reason: last.get(job.choice)?.stopReason ?? null,
-        };
-      }),
-      usage: this.usage(last, prepared),
-    };
-  }
-
-  async *completionChunks(prepared: Prepared & { echo: boolean }, running: Running): AsyncGenerator<Json> {
-    const base = { id: prepared.id, object: "text_completion", created: prepared.created, model: this.servedModelName };
-    const last = new Map<number, RequestOutput>();
-    const offsets = new Map<number, number>();
-    if (prepared.echo) {
-      for (const job of prepared.jobs) {
+  /**
+   * The request's OpenAI chunks: a first chunk a choice (chat: its role; completions with
+   * echo: the prompt), one a step that adds text or tokens, each carrying exactly the
+   * tokens whose text it carries, and the usage chunk when asked for.
+   */
+  async *chunks(running: Running): AsyncGenerator<Chunk> {
+    const prepared = running.prepared;
+    const chat = prepared.kind === "chat";
+    const base = { id: prepared.id, object: chat ? "chat.completion.chunk" : "text_completion", created: prepared.created, model: this.servedModelName };
+    const offsets = new Map<number, number>(); // completions: text so far, for text_offset
+    for (const job of prepared.jobs) {
+      if (chat) yield { ...base, choices: [{ index: job.choice, delta: { role: "assistant", content: "" }, logprobs: null, finish_reason: null }] };
+      else if (prepared.echo) {
         const prefix = this.tok.decode(job.promptIds);
         offsets.set(job.choice, prefix.length);
         yield { ...base, choices: [{ index: job.choice, text: prefix, logprobs: null, finish_reason: null }] };
       }
     }
     for await (const { choice, out } of running.outputs) {
-      OpenAIService.failIfError(out);
-      last.set(choice, out);
-      if (out.text === "" && !out.finished) continue;
+      if (out.error) throw new ApiError(500, `generation failed: ${out.error}`, "internal_error");
+      if (out.text === "" && out.newLogprobs.length === 0 && !out.finished) continue;
       const offset = offsets.get(choice) ?? 0;
       offsets.set(choice, offset + out.text.length);
-      yield {
-        ...base,
-        choices: [
-          {
-            index: choice,
-            text: out.text,
-            logprobs: prepared.logprobs === null ? null : this.completionLogprobs(out.newLogprobs, offset),
-            finish_reason: out.finished ? out.finishReason : null,
-            ...(out.finished ? { stop_reason: out.stopReason } : {}),
-          },
-        ],
-      };
+      const logprobs = prepared.logprobs === null ? null : chat ? this.chatLogprobs(out.newLogprobs) : this.completionLogprobs(out.newLogprobs, offset);
+      const text = chat ? { delta: out.text === "" ? {} : { content: out.text } } : { text: out.text };
+      const end = out.finished ? { finish_reason: out.finishReason, stop_reason: out.stopReason } : { finish_reason: null };
+      yield { ...base, choices: [{ index: choice, ...text, logprobs, ...end }] };
     }
-    if (prepared.includeUsage) yield { ...base, choices: [], usage: this.usage(last, prepared) };
+    if (prepared.includeUsage) yield { ...base, choices: [], usage: running.usage() };
   }
 
-  async chat(prepared: Prepared, running = this.start(prepared)): Promise<ChatCompletionResponse> {
-    const { text, lps, last } = await this.collect(running);
-    return {
-      id: prepared.id,
-      object: "chat.completion",
-      created: prepared.created,
-      model: this.servedModelName,
-      choices: prepared.jobs.map((job) => ({
-        index: job.choice,
-        message: { role: "assistant" as const, content: text.get(job.choice) ?? "" },
-        logprobs: prepared.logprobs === null ? null : this.chatLogprobs(lps.get(job.choice) ?? []),
-        finish_reason: last.get(job.choice)?.finishReason ?? null,
-        stop_reason: last.get(job.choice)?.stopReason ?? null,
-      })),
-      usage: this.usage(last, prepared),
-    };
-  }
-
-  async *chatChunks(prepared: Prepared, running: Running): AsyncGenerator<Json> {
-    const base = { id: prepared.id, object: "chat.completion.chunk", created: prepared.created, model: this.servedModelName };
+  /** A non-streamed answer: the same chunks, folded. */
+  async collect(running: Running): Promise<CompletionResponse | ChatCompletionResponse> {
+    const prepared = running.prepared;
+    const chat = prepared.kind === "chat";
+    const folded = new Map<number, { text: string; logprobs: ChoiceChunk["logprobs"]; finish: string | null; stop: string | number | null }>();
     for (const job of prepared.jobs) {
-      yield { ...base, choices: [{ index: job.choice, delta: { role: "assistant", content: "" }, logprobs: null, finish_reason: null }] };
+      const empty = prepared.logprobs === null ? null : chat ? { content: [] } : { tokens: [], token_logprobs: [], top_logprobs: [], text_offset: [] };
+      folded.set(job.choice, { text: "", logprobs: empty, finish: null, stop: null });
     }
-    const last = new Map<number, RequestOutput>();
-    for await (const { choice, out } of running.outputs) {
-      OpenAIService.failIfError(out);
-      last.set(choice, out);
-      if (out.text === "" && !out.finished) continue;
-      yield {
-        ...base,
-        choices: [
-          {
-            index: choice,
-            delta: out.text === "" ? {} : { content: out.text },
-            logprobs: prepared.logprobs === null ? null : this.chatLogprobs(out.newLogprobs),
-            finish_reason: out.finished ? out.finishReason : null,
-            ...(out.finished ? { stop_reason: out.stopReason } : {}),
-          },
-        ],
-      };
+    for await (const chunk of this.chunks(running)) {
+      for (const c of chunk.choices) {
+        const f = folded.get(c.index)!;
+        f.text += (chat ? c.delta?.content : c.text) ?? "";
+        if (c.logprobs !== null && f.logprobs !== null) appendLogprobs(f.logprobs, c.logprobs);
+        if (c.finish_reason !== null) [f.finish, f.stop] = [c.finish_reason, c.stop_reason ?? null];
+      }
     }
-    if (prepared.includeUsage) yield { ...base, choices: [], usage: this.usage(last, prepared) };
+    const choices = prepared.jobs.map((job) => {
+      const f = folded.get(job.choice)!;
+      const body = chat ? { message: { role: "assistant" as const, content: f.text } } : { text: f.text };
+      return { index: job.choice, ...body, logprobs: f.logprobs, finish_reason: f.finish, stop_reason: f.stop };
+    });
+    const head = { id: prepared.id, created: prepared.created, model: this.servedModelName, usage: running.usage() };
+    return (chat ? { ...head, object: "chat.completion", choices } : { ...head, object: "text_completion", choices }) as CompletionResponse | ChatCompletionResponse;
+  }
+
+  /** The batch route's answer: one completion a prompt, in order, each with its own choices and usage. */
+  async collectBatch(running: Running, n: number): Promise<CompletionResponse[]> {
+    const all = (await this.collect(running)) as CompletionResponse;
+    const numPrompts = running.prepared.jobs.length / n;
+    return Array.from({ length: numPrompts }, (_, p) => ({
+      ...all,
+      id: `${all.id}-${p}`,
+      choices: all.choices.filter((c) => Math.floor(c.index / n) === p).map((c) => ({ ...c, index: c.index % n })),
+      usage: running.usage((job) => job.prompt === p),
+    }));
+  }
+}
+
+function appendLogprobs(into: CompletionLogprobs | ChatLogprobs, from: CompletionLogprobs | ChatLogprobs): void {
+  if ("content" in into && "content" in from) into.content.push(...from.content);
+  else if ("tokens" in into && "tokens" in from) {
+    into.tokens.push(...from.tokens);
+    into.token_logprobs.push(...from.token_logprobs);
+    into.top_logprobs.push(...from.top_logprobs);
+    into.text_offset.push(...from.text_offset);
   }
 }

@@ -1,8 +1,9 @@
 // `inferneo serve`: flags and an optional YAML config file (flags win), start-up
 // report, and a graceful drain on SIGTERM/SIGINT.
-import { readFileSync } from "node:fs";
+import { existsSync, readFileSync } from "node:fs";
 import { availableParallelism, cpus } from "node:os";
 import { parseArgs } from "node:util";
+import { dirname, isAbsolute, resolve } from "node:path";
 import YAML from "yaml";
 import { computeDtypeOf, DEFAULT_ENGINE_OPTIONS, LLMEngine, type EngineOptions } from "../engine/llm_engine.ts";
 import { loadModel } from "../model/load.ts";
@@ -35,6 +36,9 @@ const FLAGS = {
   rate_limit: "string",
   rate_limit_tokens: "int",
   max_body_bytes: "bytes",
+  max_header_bytes: "bytes",
+  max_seqs_per_request: "int",
+  allowed_origins: "list",
   drain_timeout: "float",
 } as const;
 type Key = keyof typeof FLAGS;
@@ -51,8 +55,11 @@ export const SERVE_USAGE = `usage: inferneo serve --model <hf folder | file.gguf
   --enable-prefix-caching / --no-enable-prefix-caching (default on)
   --api-key KEY (repeatable; or INFERNEO_API_KEY)  --protect-metrics
   --rate-limit 60/min  --rate-limit-tokens N (per minute, per key)
-  --drain-timeout S (default 30)  --max-body-bytes 8MiB
-Config files use the same names in snake_case; flags override the file.
+  --drain-timeout S (default 30)  --max-body-bytes 8MiB  --max-header-bytes 32KiB
+  --max-seqs-per-request N (prompts x n of one request; default 256)
+  --allowed-origins ORIGIN (repeatable, or *: browser pages allowed to call; default none)
+Config files use the same names in snake_case; flags override the file. A relative
+model path in a config file is taken from the file's folder when it exists there.
 `;
 
 function parseBytes(v: string | number, key: string): number {
@@ -75,6 +82,7 @@ function coerce(key: Key, v: unknown, from: "flag" | "config"): string | number 
     case "int": {
       const n = num(v);
       if (!Number.isInteger(n) || n < 0) throw new ConfigError(`${name} must be a non-negative integer, got ${JSON.stringify(v)}`);
+      if (key === "port" && n > 65535) throw new ConfigError(`${name} must be a port number (0-65535), got ${n}`);
       return n;
     }
     case "float": {
@@ -109,6 +117,12 @@ export function readConfigFile(path: string): Values {
   for (const [k, v] of Object.entries(doc)) {
     if (!(k in FLAGS)) throw new ConfigError(`${path}: unknown key '${k}' (see \`inferneo serve --help\`)`);
     out[k as Key] = coerce(k as Key, v, "config");
+  }
+  // A model path written in the file means the file's folder, as a path in any config
+  // file does; a hub id (org/name) or a path that is not there is left as written.
+  if (typeof out.model === "string" && !isAbsolute(out.model)) {
+    const beside = resolve(dirname(path), out.model);
+    if (existsSync(beside)) out.model = beside;
   }
   return out;
 }
@@ -212,6 +226,9 @@ export function serveConfig(v: Values): ServeConfig {
       protectMetrics: (v.protect_metrics as boolean) ?? false,
       rateLimit,
       maxBodyBytes: (v.max_body_bytes as number) ?? DEFAULT_SERVER_OPTIONS.maxBodyBytes,
+      maxHeaderBytes: (v.max_header_bytes as number) ?? DEFAULT_SERVER_OPTIONS.maxHeaderBytes,
+      maxSeqsPerRequest: (v.max_seqs_per_request as number) ?? DEFAULT_SERVER_OPTIONS.maxSeqsPerRequest,
+      allowedOrigins: (v.allowed_origins as string[]) ?? [],
     },
     notes,
   };
@@ -237,7 +254,11 @@ const stderrLog = (line: string) => void process.stderr.write(`${line}\n`);
 export async function startServer(config: ServeConfig, log: (line: string) => void = stderrLog) {
   const state = new ServerState();
   const app = createApp(state, config.server);
-  app.listen({ hostname: config.host, port: config.port, idleTimeout: 255, maxRequestBodySize: config.server.maxBodyBytes + 1024 * 1024 });
+  try {
+    app.listen({ hostname: config.host, port: config.port, idleTimeout: 255, maxRequestBodySize: config.server.maxBodyBytes + 1024 * 1024 });
+  } catch (e) {
+    throw new ConfigError(`cannot listen on ${config.host}:${config.port}: ${(e as Error).message}`);
+  }
   const url = `http://${config.host === "0.0.0.0" ? "127.0.0.1" : config.host}:${app.server!.port}`;
   log(`inferneo ${VERSION}: listening on ${url} (loading ${config.model}; /health answers 503 until ready)`);
   for (const note of config.notes) log(`note: ${note}`);
@@ -250,7 +271,7 @@ export async function startServer(config: ServeConfig, log: (line: string) => vo
     await app.stop(true);
     throw e;
   }
-  state.ready(engine, config.server.servedModelName);
+  state.ready(engine, config.server);
   const c = engine.model.spec.config;
   const kvBytes = engine.native.kvCacheBytes;
   log(`model: ${config.server.servedModelName} (${c.numLayers} layers, hidden ${c.hiddenSize}, ${c.numHeads} heads / ${c.numKvHeads} KV heads, vocab ${c.vocabSize}), weights ${engine.model.spec.dtype}, products ${engine.options.computeDtype === "bf16" ? "bf16 (--dtype bfloat16)" : "f32"}`);
@@ -267,6 +288,7 @@ export async function startServer(config: ServeConfig, log: (line: string) => vo
       while (engine.numUnfinished > 0 && Date.now() < deadline) await Bun.sleep(50);
       if (engine.numUnfinished > 0) log(`drain timeout: aborting ${engine.numUnfinished} requests`);
       await engine.shutdown();
+      state.service?.tokenizerThread.terminate();
       // Let responses still being written reach their clients, then close what is left.
       const graceful = app.stop(false).then(() => true, () => true);
       if (!(await Promise.race([graceful, Bun.sleep(2000).then(() => false)]))) await app.stop(true).catch(() => {});
@@ -293,7 +315,16 @@ export async function serve(argv: string[]): Promise<number> {
     }
     throw e;
   }
-  const server = await startServer(config);
+  let server: Awaited<ReturnType<typeof startServer>>;
+  try {
+    server = await startServer(config);
+  } catch (e) {
+    if (e instanceof ConfigError) {
+      process.stderr.write(`inferneo serve: ${e.message}\n`);
+      return 2;
+    }
+    throw e;
+  }
   await new Promise<void>((resolve) => {
     const onSignal = (signal: string) => void server.stop(signal).then(resolve);
     process.once("SIGTERM", () => onSignal("SIGTERM"));
