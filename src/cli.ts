@@ -3,13 +3,22 @@
 // `inferneo serve` starts the OpenAI-compatible server.
 import { createWriteStream } from "node:fs";
 import { parseArgs } from "node:util";
-import { readPromptsFile, runOffline } from "./engine/offline.ts";
+import { PromptsFileError, readPromptsFile, runOffline, type OfflinePrompt } from "./engine/offline.ts";
 import { EngineError } from "./ffi/native.ts";
 import { computeDtypeOf, DEFAULT_ENGINE_OPTIONS, InvalidRequestError, LLMEngine, type EngineOptions } from "./engine/llm_engine.ts";
 import { DEFAULT_SAMPLING, type SamplingParams } from "./engine/request.ts";
 import { ModelLoadError } from "./model/errors.ts";
 import type { QuantType } from "./model/quantize.ts";
 import { QUANT_TYPES, quantizeGguf } from "./model/quantize_gguf.ts";
+import { PromptsFileLine } from "./server/schemas.ts";
+import { checkBody } from "./server/validation.ts";
+
+/** A prompts-file line, checked as an HTTP body is: unknown keys and bad values are refused by name. */
+function checkPromptLine(value: unknown): OfflinePrompt {
+  const line = checkBody(PromptsFileLine, value, "line");
+  if ((line.prompt === undefined) === (line.messages === undefined)) throw new Error("each line needs a prompt (a string or token ids) or messages, not both");
+  return line as OfflinePrompt;
+}
 
 const USAGE = `usage:
   inferneo generate --model <hf folder | file.gguf | org/name> --prompt <text> [options]
@@ -126,7 +135,7 @@ async function generate(argv: string[]): Promise<number> {
     ignoreEos: values["ignore-eos"] ?? false,
   };
   if (values["prompts-file"] !== undefined) {
-    const prompts = readPromptsFile(values["prompts-file"]);
+    const prompts = readPromptsFile(values["prompts-file"], checkPromptLine);
     const engine = await LLMEngine.create(values.model, engineOptions(values));
     try {
       const out = values.output ? createWriteStream(values.output) : null;
@@ -204,7 +213,7 @@ export async function main(argv: string[]): Promise<number> {
       process.stderr.write(`inferneo: ${(e as Error).message}\n\n${USAGE}`);
       return 2;
     }
-    if (e instanceof ModelLoadError || e instanceof InvalidRequestError || e instanceof EngineError) {
+    if (e instanceof ModelLoadError || e instanceof InvalidRequestError || e instanceof EngineError || e instanceof PromptsFileError) {
       process.stderr.write(`inferneo: ${e.message}\n`);
       return 1;
     }

@@ -64,6 +64,40 @@ describe("inferneo errors", () => {
     expect(r.stderr.trim()).toBe("inferneo: model path /nonexistent/model does not exist");
   });
 
+  test("serve: a bad --port or --host is one line and exit code 2", () => {
+    for (const [args, message] of [
+      [["--port", "99999"], "inferneo serve: --port must be a port number (0-65535), got 99999"],
+      [["--port", "abc"], 'inferneo serve: --port must be a non-negative integer, got "abc"'],
+      [["--host", "not a host", "--port", "0"], /^inferneo serve: cannot listen on not a host:0: /],
+    ] as const) {
+      const r = run(["serve", "--model", "/nonexistent/model", ...args]);
+      expect(r.code).toBe(2);
+      expect(r.stderr.trim().split("\n").length).toBe(1);
+      if (typeof message === "string") expect(r.stderr.trim()).toBe(message);
+      else expect(r.stderr.trim()).toMatch(message);
+    }
+  });
+
+  test("--prompts-file: a line that is not JSON, or has a key the API refuses, is one line naming it", () => {
+    const dir = mkdtempSync(join(tmpdir(), "inferneo-offline-bad-"));
+    try {
+      const input = join(dir, "prompts.jsonl");
+      for (const [line, message] of [
+        ["{not json", `${input}:2: not valid JSON`],
+        ['{"prompt": "x", "frobnicate": 1}', `${input}:2: Unrecognized request argument supplied: frobnicate`],
+        ['{"prompt": "x", "temperature": 9}', `${input}:2: Invalid value for 'temperature': 9 is not a number >= 0 and <= 2 or null.`],
+        ['{"max_tokens": 3}', `${input}:2: each line needs a prompt (a string or token ids) or messages, not both`],
+      ]) {
+        writeFileSync(input, `{"prompt": "ok"}\n${line}\n`);
+        const r = run(["generate", "--model", "/nonexistent/model", "--prompts-file", input]);
+        expect(r.code).toBe(1);
+        expect(r.stderr.trim()).toBe(`inferneo: ${message}`);
+      }
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
   test("a bad flag prints usage and exit code 2", () => {
     const r = run(["generate", "--model", "x", "--prompt", "y", "--max-tokens", "lots"]);
     expect(r.code).toBe(2);

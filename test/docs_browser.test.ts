@@ -1,6 +1,7 @@
 // /docs in a real browser: headless Chromium (Debian's package, driven by
 // playwright-core) loads Swagger UI from the server alone, sees the operations,
-// and executes GET /v1/models from the page. Skips where Chromium is absent.
+// executes GET /v1/models, and sends a real completion with "Try it out" (the
+// request body the document gives). Skips where Chromium is absent.
 import { afterAll, beforeAll, expect, setDefaultTimeout, test } from "bun:test";
 import { existsSync, mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -26,7 +27,7 @@ afterAll(async () => {
   rmSync(dir, { recursive: true, force: true });
 });
 
-test.skipIf(!hasChromium)("Swagger UI at /docs works offline and runs GET /v1/models", async () => {
+test.skipIf(!hasChromium)("Swagger UI at /docs works offline, runs GET /v1/models and a POST /v1/completions", async () => {
   const { chromium } = await import("playwright-core");
   const browser = await chromium.launch({
     executablePath: CHROMIUM,
@@ -51,6 +52,20 @@ test.skipIf(!hasChromium)("Swagger UI at /docs works offline and runs GET /v1/mo
     await body.waitFor({ timeout: 20_000 });
     expect(await body.textContent()).toContain("tiny-docs");
     expect(await op.locator(".live-responses-table tbody .response-col_status").first().textContent()).toContain("200");
+
+    // POST /v1/completions: the body editor holds the document's example; Execute sends it.
+    const post = page.locator(".opblock-post", { has: page.locator(".opblock-summary-path", { hasText: /^\/v1\/completions$/ }) }).first();
+    await post.locator(".opblock-summary").click();
+    await post.locator("button.try-out__btn").click();
+    const editor = post.locator("textarea.body-param__text");
+    expect(await editor.inputValue()).toContain('"prompt"');
+    await post.locator("button.execute").click();
+    const answer = post.locator(".responses-wrapper .live-responses-table .response-col_description pre").first();
+    await answer.waitFor({ timeout: 30_000 });
+    expect(await post.locator(".live-responses-table tbody .response-col_status").first().textContent()).toContain("200");
+    const completion = JSON.parse((await answer.textContent()) ?? "{}") as { object?: string; choices?: { text: string }[]; usage?: { completion_tokens: number } };
+    expect(completion.object).toBe("text_completion");
+    expect(completion.usage?.completion_tokens).toBeGreaterThan(0);
     expect(external).toEqual([]);
   } finally {
     await browser.close();

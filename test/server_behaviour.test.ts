@@ -203,7 +203,7 @@ describe("keys, limits, metrics and docs", () => {
   });
 
   test("/metrics: Prometheus text for a scraper, JSON otherwise", async () => {
-    await postJson(`${s.url}/v1/completions`, { model: M, prompt: "count me", max_tokens: 3 }, auth("k2"));
+    await postJson(`${s.url}/v1/completions`, { model: M, prompt: "count me", max_tokens: 3, ignore_eos: true }, auth("k2"));
     const text = await (await fetch(`${s.url}/metrics`, { headers: { accept: "text/plain;version=0.0.4" } })).text();
     for (const name of [
       "num_requests_running",
@@ -243,6 +243,26 @@ describe("keys, limits, metrics and docs", () => {
       expect(routes).toContain(r);
     }
     expect(routes.some((r) => r.startsWith("WS "))).toBe(false);
+    // Every POST route declares its JSON body by a named schema, and its answers' schemas.
+    const doc = spec as unknown as {
+      info: { description: string };
+      paths: Record<string, Record<string, { requestBody?: { content: Record<string, { schema: { $ref: string }; example: unknown }> }; responses?: Record<string, unknown> }>>;
+      components: { schemas: Record<string, { properties?: Record<string, unknown> }> };
+    };
+    for (const [path, name] of [
+      ["/v1/completions", "CompletionRequest"],
+      ["/v1/chat/completions", "ChatCompletionRequest"],
+      ["/v1/completions/batch", "BatchCompletionRequest"],
+      ["/tokenize", "TokenizeRequest"],
+      ["/detokenize", "DetokenizeRequest"],
+    ]) {
+      const op = doc.paths[path].post;
+      expect(op.requestBody?.content["application/json"].schema.$ref).toBe(`#/components/schemas/${name}`);
+      expect(op.requestBody?.content["application/json"].example).toMatchObject({ model: "tiny" });
+      expect(Object.keys(op.responses ?? {})).toContain("200");
+    }
+    expect(Object.keys(doc.components.schemas.CompletionRequest.properties ?? {})).toContain("max_tokens");
+    expect(doc.info.description).toContain("request_id");
     const html = await (await fetch(`${s.url}/docs`)).text();
     expect(html).toContain("/docs/assets/swagger-ui-bundle.js");
     expect(html).not.toContain("unpkg.com/swagger-ui-dist@latest/swagger-ui-bundle.js");
@@ -269,6 +289,9 @@ describe("configuration", () => {
     expect(c.port).toBe(9002);
     expect(c.engine).toMatchObject({ maxNumSeqs: 8, maxModelLen: 256, enablePrefixCaching: false });
     expect(c.server.apiKeys).toEqual(["a", "b"]);
+    // A relative model path means the config file's folder when it is there.
+    writeFileSync(file, "model: hf\n");
+    expect(serveConfig(parseServeArgs(["--config", file], {})).model).toBe(modelPath);
     writeFileSync(file, "model: m\nmax_num_seq: 8\n");
     expect(() => parseServeArgs(["--config", file], {})).toThrow("unknown key 'max_num_seq'");
     writeFileSync(file, "model: m\nmax_num_seqs: lots\n");

@@ -19,17 +19,30 @@ export interface OfflineResult {
   error?: string;
 }
 
-export function readPromptsFile(path: string): OfflinePrompt[] {
-  const lines = readFileSync(path, "utf8").split("\n");
+/** A prompts file that cannot be run as written: one line of text names the file, line and reason. */
+export class PromptsFileError extends Error {}
+
+/** The file's lines, each checked by `check` (which throws a message for a bad line). */
+export function readPromptsFile(path: string, check: (value: unknown) => OfflinePrompt): OfflinePrompt[] {
+  let text: string;
+  try {
+    text = readFileSync(path, "utf8");
+  } catch (e) {
+    throw new PromptsFileError(`${path}: ${(e as NodeJS.ErrnoException).code === "ENOENT" ? "no such file" : (e as Error).message}`);
+  }
   const out: OfflinePrompt[] = [];
-  lines.forEach((line, i) => {
+  text.split("\n").forEach((line, i) => {
     if (line.trim() === "") return;
+    let value: unknown;
     try {
-      const v = JSON.parse(line) as OfflinePrompt;
-      if (typeof v !== "object" || v === null || Array.isArray(v)) throw new Error("not an object");
-      out.push(v);
+      value = JSON.parse(line);
+    } catch {
+      throw new PromptsFileError(`${path}:${i + 1}: not valid JSON`);
+    }
+    try {
+      out.push(check(value));
     } catch (e) {
-      throw new Error(`${path}:${i + 1}: not a JSON object (${(e as Error).message})`);
+      throw new PromptsFileError(`${path}:${i + 1}: ${(e as Error).message}`);
     }
   });
   return out;

@@ -60,7 +60,7 @@ export class OutputText {
         stopped = true;
       }
     }
-    const end = stopped || final ? this.text.length : Math.max(this.emitted, this.text.length - this.holdBack);
+    const end = stopped || final ? this.text.length : this.tokenBoundary(this.text.length - this.holdBack);
     const delta = this.text.slice(this.emitted, end);
     this.emitted = Math.max(this.emitted, end);
     return { delta, stopped, released: stopped || final ? this.releaseAll() : this.releaseUpTo(this.emitted) };
@@ -80,6 +80,16 @@ export class OutputText {
   /** Takes a token whose text is never shown (a stop token); it goes out with the next release. */
   addSilent(): void {
     this.pendingEnds.push(-1);
+  }
+
+  /** The end of the last pending token whose text ends by `offset` (the text is emitted in whole tokens). */
+  private tokenBoundary(offset: number): number {
+    let end = this.emitted;
+    for (const e of this.pendingEnds) {
+      if (e < 0 || e > offset) break;
+      end = e;
+    }
+    return end;
   }
 
   private releaseUpTo(offset: number): number {

@@ -6,7 +6,7 @@ export interface SnakeSampling {
   min_tokens?: number;
   temperature?: number;
   top_p?: number;
-  top_k?: number;
+  top_k?: number | null;
   min_p?: number;
   presence_penalty?: number;
   frequency_penalty?: number;
@@ -27,7 +27,7 @@ export function samplingFromSnake(s: SnakeSampling, defaults: SamplingParams = D
     temperature: s.temperature ?? defaults.temperature,
     topP: s.top_p ?? defaults.topP,
     // vLLM and OpenAI clients send -1 for "off".
-    topK: s.top_k === undefined || s.top_k === -1 ? defaults.topK : s.top_k,
+    topK: s.top_k === undefined || s.top_k === null || s.top_k === -1 ? defaults.topK : s.top_k,
     minP: s.min_p ?? defaults.minP,
     presencePenalty: s.presence_penalty ?? defaults.presencePenalty,
     frequencyPenalty: s.frequency_penalty ?? defaults.frequencyPenalty,

@@ -394,8 +394,8 @@ export class OpenAIService {
       const body = chat ? { message: { role: "assistant" as const, content: f.text } } : { text: f.text };
       return { index: job.choice, ...body, logprobs: f.logprobs, finish_reason: f.finish, stop_reason: f.stop };
     });
-    const head = { id: prepared.id, created: prepared.created, model: this.servedModelName, usage: running.usage() };
-    return (chat ? { ...head, object: "chat.completion", choices } : { ...head, object: "text_completion", choices }) as CompletionResponse | ChatCompletionResponse;
+    const object = chat ? "chat.completion" : "text_completion";
+    return { id: prepared.id, object, created: prepared.created, model: this.servedModelName, choices, usage: running.usage() } as CompletionResponse | ChatCompletionResponse;
   }
 
   /** The batch route's answer: one completion a prompt, in order, each with its own choices and usage. */

@@ -18,7 +18,11 @@ const samplingFields = {
   presence_penalty: t.Optional(t.Union([T.Number({ minimum: -2, maximum: 2 }), t.Null()])),
   frequency_penalty: t.Optional(t.Union([T.Number({ minimum: -2, maximum: 2 }), t.Null()])),
   repetition_penalty: t.Optional(t.Union([T.Number({ exclusiveMinimum: 0, maximum: 10 }), t.Null()], { description: "vLLM extra: 1 = off." })),
-  logit_bias: t.Optional(t.Union([t.Record(t.String({ pattern: "^[0-9]+$" }), T.Number({ minimum: -100, maximum: 100 })), t.Null()])),
+  logit_bias: t.Optional(
+    t.Union([t.Record(t.String({ pattern: "^[0-9]+$" }), T.Number({ minimum: -100, maximum: 100 }), { additionalProperties: false }), t.Null()], {
+      description: "A map of token ids (as strings) to biases in [-100, 100].",
+    }),
+  ),
   seed: t.Optional(t.Union([T.Integer({ minimum: -(2 ** 53), maximum: 2 ** 53 }), t.Null()])),
   stop: t.Optional(Stop),
   stop_token_ids: t.Optional(t.Union([t.Array(T.Integer({ minimum: 0 }), { maxItems: 256 }), t.Null()], { description: "vLLM extra." })),
@@ -92,6 +96,21 @@ export const TokenizeRequest = t.Union([
   t.Object({ model: t.Optional(t.String()), messages: t.Array(ChatMessage, { minItems: 1 }), add_generation_prompt: t.Optional(T.Boolean()) }, strict),
 ]);
 export type TokenizeRequest = typeof TokenizeRequest.static;
+
+// A line of `inferneo generate --prompts-file`: a prompt or chat messages and the sampling
+// fields the offline runner honours, checked as strictly as an HTTP body.
+const { stream: _s, stream_options: _so, n: _n, user: _u, ...offlineSampling } = samplingFields;
+export const PromptsFileLine = t.Object(
+  {
+    model: t.Optional(t.String()),
+    prompt: t.Optional(t.Union([t.String(), TokenIds], { description: "A string or a list of token ids." })),
+    messages: t.Optional(t.Array(t.Object({ role: t.String({ minLength: 1 }), content: t.String() }, strict), { minItems: 1 })),
+    max_tokens: t.Optional(T.Integer({ minimum: 1 })),
+    logprobs: t.Optional(t.Union([T.Integer({ minimum: 0, maximum: 20 }), t.Null()])),
+    ...offlineSampling,
+  },
+  strict,
+);
 
 export const DetokenizeRequest = t.Object({ model: t.Optional(t.String()), tokens: t.Array(T.Integer({ minimum: 0 })) }, strict);
 
