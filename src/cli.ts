@@ -5,7 +5,8 @@ import { createWriteStream } from "node:fs";
 import { parseArgs } from "node:util";
 import { PromptsFileError, readPromptsFile, runOffline, type OfflinePrompt } from "./engine/offline.ts";
 import { EngineError } from "./ffi/native.ts";
-import { computeDtypeOf, DEFAULT_ENGINE_OPTIONS, InvalidRequestError, LLMEngine, type EngineOptions } from "./engine/llm_engine.ts";
+import { InvalidRequestError, LLMEngine, type EngineOptions } from "./engine/llm_engine.ts";
+import { argOptions, ConfigError, ENGINE_KEYS, engineOptionsOf, valuesFromArgs } from "./flags.ts";
 import { DEFAULT_SAMPLING, type SamplingParams } from "./engine/request.ts";
 import { ModelLoadError } from "./model/errors.ts";
 import type { QuantType } from "./model/quantize.ts";
@@ -60,50 +61,18 @@ function floatFlag(v: string | undefined, name: string): number | undefined {
   return n;
 }
 
-const ENGINE_FLAGS = {
-  model: { type: "string" },
-  threads: { type: "string" },
-  "max-model-len": { type: "string" },
-  "max-num-batched-tokens": { type: "string" },
-  "max-num-seqs": { type: "string" },
-  "block-size": { type: "string" },
-  "num-gpu-blocks-override": { type: "string" },
-  "kv-cache-dtype": { type: "string" },
-  dtype: { type: "string" },
-  help: { type: "boolean", short: "h" },
-} as const;
-
-function engineOptions(v: Record<string, string | boolean | undefined>): Partial<EngineOptions> {
-  const s = (k: string) => v[k] as string | undefined;
-  const opts: Partial<EngineOptions> = {};
-  const set = <K extends keyof EngineOptions>(k: K, x: EngineOptions[K] | undefined) => {
-    if (x !== undefined) opts[k] = x;
-  };
-  set("threads", intFlag(s("threads"), "threads", 1));
-  set("maxModelLen", intFlag(s("max-model-len"), "max-model-len", 1));
-  set("maxNumBatchedTokens", intFlag(s("max-num-batched-tokens"), "max-num-batched-tokens", 1));
-  set("maxNumSeqs", intFlag(s("max-num-seqs"), "max-num-seqs", 1));
-  set("blockSizeTokens", intFlag(s("block-size"), "block-size", 1));
-  set("numBlocksOverride", intFlag(s("num-gpu-blocks-override"), "num-gpu-blocks-override", 1));
-  const kv = s("kv-cache-dtype");
-  if (kv !== undefined) {
-    if (kv !== "auto" && kv !== "f32" && kv !== "f16") throw new UsageError(`--kv-cache-dtype must be auto, f32 or f16, got '${kv}'`);
-    opts.kvCacheDtype = kv === "f16" ? "f16" : "f32";
-  }
-  const dtype = s("dtype");
-  if (dtype !== undefined) {
-    const d = computeDtypeOf(dtype);
-    if (!d) throw new UsageError(`--dtype must be auto, float32 or bfloat16, got '${dtype}'`);
-    opts.computeDtype = d;
-  }
-  return opts;
+/** generate's engine flags are serve's (one table, src/flags.ts), read the same way. */
+function engineOptions(parsed: Record<string, unknown>): Partial<EngineOptions> {
+  return engineOptionsOf(valuesFromArgs(parsed, ENGINE_KEYS));
 }
 
 async function generate(argv: string[]): Promise<number> {
   const { values } = parseArgs({
     args: argv,
     options: {
-      ...ENGINE_FLAGS,
+      ...argOptions(ENGINE_KEYS),
+      model: { type: "string" },
+      help: { type: "boolean", short: "h" },
       prompt: { type: "string" },
       "max-tokens": { type: "string" },
       temperature: { type: "string" },
@@ -209,7 +178,7 @@ export async function main(argv: string[]): Promise<number> {
         throw new UsageError(`unknown command '${command}'`);
     }
   } catch (e) {
-    if (e instanceof UsageError || (e instanceof TypeError && "code" in e && String(e.code).startsWith("ERR_PARSE_ARGS"))) {
+    if (e instanceof UsageError || e instanceof ConfigError || (e instanceof TypeError && "code" in e && String(e.code).startsWith("ERR_PARSE_ARGS"))) {
       process.stderr.write(`inferneo: ${(e as Error).message}\n\n${USAGE}`);
       return 2;
     }

@@ -1,48 +1,14 @@
 // `inferneo serve`: flags and an optional YAML config file (flags win), start-up
 // report, and a graceful drain on SIGTERM/SIGINT.
-import { existsSync, readFileSync } from "node:fs";
 import { availableParallelism, cpus } from "node:os";
 import { parseArgs } from "node:util";
-import { dirname, isAbsolute, resolve } from "node:path";
-import YAML from "yaml";
-import { computeDtypeOf, DEFAULT_ENGINE_OPTIONS, LLMEngine, type EngineOptions } from "../engine/llm_engine.ts";
+import { DEFAULT_ENGINE_OPTIONS, LLMEngine, type EngineOptions } from "../engine/llm_engine.ts";
+import { argOptions, ConfigError, engineOptionsOf, FLAGS, readConfigFile, valuesFromArgs, type Key, type Values } from "../flags.ts";
 import { loadModel } from "../model/load.ts";
 import { parseRateLimit } from "./auth.ts";
 import { createApp, DEFAULT_SERVER_OPTIONS, ServerState, VERSION, type ServerOptions } from "./app.ts";
 
-export class ConfigError extends Error {}
-
-// Every serve flag, by its config-file key. `kind` says how a value is read.
-const FLAGS = {
-  model: "string",
-  host: "string",
-  port: "int",
-  served_model_name: "string",
-  max_model_len: "int",
-  max_num_batched_tokens: "int",
-  max_num_seqs: "int",
-  max_queue_len: "int",
-  block_size: "int",
-  num_gpu_blocks_override: "int",
-  kv_cache_memory: "bytes",
-  kv_cache_dtype: "string",
-  dtype: "string",
-  gpu_memory_utilization: "float",
-  tensor_parallel_size: "int",
-  enable_prefix_caching: "bool",
-  threads: "int",
-  api_key: "list",
-  protect_metrics: "bool",
-  rate_limit: "string",
-  rate_limit_tokens: "int",
-  max_body_bytes: "bytes",
-  max_header_bytes: "bytes",
-  max_seqs_per_request: "int",
-  allowed_origins: "list",
-  drain_timeout: "float",
-} as const;
-type Key = keyof typeof FLAGS;
-type Values = Partial<Record<Key, string | number | boolean | string[]>>;
+export { ConfigError } from "../flags.ts";
 
 export const SERVE_USAGE = `usage: inferneo serve --model <hf folder | file.gguf | org/name> [options]
   --host H (default 127.0.0.1)   --port P (default 8000)   --config config.yaml
@@ -62,78 +28,8 @@ Config files use the same names in snake_case; flags override the file. A relati
 model path in a config file is taken from the file's folder when it exists there.
 `;
 
-function parseBytes(v: string | number, key: string): number {
-  if (typeof v === "number") return v;
-  const m = /^(\d+(?:\.\d+)?)\s*(b|kb|kib|mb|mib|gb|gib)?$/i.exec(v.trim());
-  if (!m) throw new ConfigError(`${key}: '${v}' is not a size (e.g. 512MiB, 2GiB)`);
-  const unit = (m[2] ?? "b").toLowerCase();
-  const scale: Record<string, number> = { b: 1, kb: 1e3, kib: 1024, mb: 1e6, mib: 1024 ** 2, gb: 1e9, gib: 1024 ** 3 };
-  return Math.floor(Number(m[1]) * scale[unit]);
-}
-
-function coerce(key: Key, v: unknown, from: "flag" | "config"): string | number | boolean | string[] {
-  const name = from === "flag" ? `--${key.replaceAll("_", "-")}` : key;
-  const kind = FLAGS[key];
-  const num = (x: unknown) => (typeof x === "number" ? x : typeof x === "string" && x.trim() !== "" ? Number(x) : NaN);
-  switch (kind) {
-    case "string":
-      if (typeof v !== "string" || v === "") throw new ConfigError(`${name} must be a non-empty string`);
-      return v;
-    case "int": {
-      const n = num(v);
-      if (!Number.isInteger(n) || n < 0) throw new ConfigError(`${name} must be a non-negative integer, got ${JSON.stringify(v)}`);
-      if (key === "port" && n > 65535) throw new ConfigError(`${name} must be a port number (0-65535), got ${n}`);
-      return n;
-    }
-    case "float": {
-      const n = num(v);
-      if (!Number.isFinite(n) || n < 0) throw new ConfigError(`${name} must be a non-negative number, got ${JSON.stringify(v)}`);
-      return n;
-    }
-    case "bytes":
-      if (typeof v !== "string" && typeof v !== "number") throw new ConfigError(`${name} must be a size`);
-      return parseBytes(v, name);
-    case "bool":
-      if (typeof v !== "boolean") throw new ConfigError(`${name} must be true or false, got ${JSON.stringify(v)}`);
-      return v;
-    case "list": {
-      const list = Array.isArray(v) ? v : [v];
-      if (!list.every((x) => typeof x === "string" && x !== "")) throw new ConfigError(`${name} must be a string or a list of strings`);
-      return list as string[];
-    }
-  }
-}
-
-export function readConfigFile(path: string): Values {
-  let doc: unknown;
-  try {
-    doc = YAML.parse(readFileSync(path, "utf8"));
-  } catch (e) {
-    throw new ConfigError(`${path}: ${(e as Error).message.split("\n")[0]}`);
-  }
-  if (doc === null || doc === undefined) return {};
-  if (typeof doc !== "object" || Array.isArray(doc)) throw new ConfigError(`${path}: expected a mapping of option: value`);
-  const out: Values = {};
-  for (const [k, v] of Object.entries(doc)) {
-    if (!(k in FLAGS)) throw new ConfigError(`${path}: unknown key '${k}' (see \`inferneo serve --help\`)`);
-    out[k as Key] = coerce(k as Key, v, "config");
-  }
-  // A model path written in the file means the file's folder, as a path in any config
-  // file does; a hub id (org/name) or a path that is not there is left as written.
-  if (typeof out.model === "string" && !isAbsolute(out.model)) {
-    const beside = resolve(dirname(path), out.model);
-    if (existsSync(beside)) out.model = beside;
-  }
-  return out;
-}
-
 export function parseServeArgs(argv: string[], env: NodeJS.ProcessEnv = process.env): Values & { help?: boolean } {
-  const options: Record<string, { type: "string" | "boolean"; multiple?: boolean; short?: string }> = { config: { type: "string" }, help: { type: "boolean", short: "h" } };
-  for (const [key, kind] of Object.entries(FLAGS)) {
-    const flag = key.replaceAll("_", "-");
-    options[flag] = kind === "bool" ? { type: "boolean" } : kind === "list" ? { type: "string", multiple: true } : { type: "string" };
-    if (kind === "bool") options[`no-${flag}`] = { type: "boolean" };
-  }
+  const options = { config: { type: "string" as const }, help: { type: "boolean" as const, short: "h" }, ...argOptions(Object.keys(FLAGS) as Key[]) };
   let parsed;
   try {
     parsed = parseArgs({ args: argv, options, strict: true, allowPositionals: false }).values as Record<string, unknown>;
@@ -142,12 +38,7 @@ export function parseServeArgs(argv: string[], env: NodeJS.ProcessEnv = process.
   }
   if (parsed.help) return { help: true };
   const fromFile = typeof parsed.config === "string" ? readConfigFile(parsed.config) : {};
-  const fromFlags: Values = {};
-  for (const key of Object.keys(FLAGS) as Key[]) {
-    const flag = key.replaceAll("_", "-");
-    if (parsed[flag] !== undefined) fromFlags[key] = coerce(key, parsed[flag], "flag");
-    if (parsed[`no-${flag}`]) fromFlags[key] = false;
-  }
+  const fromFlags = valuesFromArgs(parsed, Object.keys(FLAGS) as Key[]);
   const values: Values = { ...fromFile, ...fromFlags };
   if (values.api_key === undefined && env.INFERNEO_API_KEY) values.api_key = env.INFERNEO_API_KEY.split(",").filter(Boolean);
   return values;
@@ -174,33 +65,7 @@ export function serveConfig(v: Values): ServeConfig {
     if (!(g > 0 && g <= 1)) throw new ConfigError(`gpu_memory_utilization must be in (0, 1], got ${g}`);
     notes.push(`gpu_memory_utilization ${g} has no effect: this build has no GPU backend; the KV pool is sized by --kv-cache-memory`);
   }
-  const engine: Partial<EngineOptions> = { servedModelName: (v.served_model_name as string) ?? v.model };
-  const set = <K extends keyof EngineOptions>(k: K, x: unknown) => {
-    if (x !== undefined) engine[k] = x as EngineOptions[K];
-  };
-  set("maxModelLen", v.max_model_len);
-  set("maxNumBatchedTokens", v.max_num_batched_tokens);
-  set("maxNumSeqs", v.max_num_seqs);
-  set("maxQueueLen", v.max_queue_len);
-  set("blockSizeTokens", v.block_size);
-  set("numBlocksOverride", v.num_gpu_blocks_override);
-  set("kvCacheMemoryBytes", v.kv_cache_memory);
-  if (v.kv_cache_dtype !== undefined) {
-    const d = v.kv_cache_dtype === "auto" ? "f32" : v.kv_cache_dtype;
-    if (d !== "f32" && d !== "f16") throw new ConfigError(`kv_cache_dtype must be auto, f32 or f16, got '${String(v.kv_cache_dtype)}'`);
-    engine.kvCacheDtype = d;
-  }
-  if (v.dtype !== undefined) {
-    const d = computeDtypeOf(String(v.dtype));
-    if (!d) throw new ConfigError(`dtype must be auto, float32 or bfloat16, got '${String(v.dtype)}'`);
-    engine.computeDtype = d;
-  }
-  set("enablePrefixCaching", v.enable_prefix_caching);
-  set("threads", v.threads);
-  for (const [k, min] of [["maxNumSeqs", 1], ["maxNumBatchedTokens", 1], ["blockSizeTokens", 1], ["threads", 1], ["maxModelLen", 1], ["numBlocksOverride", 1]] as const) {
-    const x = engine[k];
-    if (x !== undefined && (x as number) < min) throw new ConfigError(`${k.replace(/[A-Z]/g, (c) => `_${c.toLowerCase()}`)} must be at least ${min}`);
-  }
+  const engine: Partial<EngineOptions> = { servedModelName: (v.served_model_name as string) ?? v.model, ...engineOptionsOf(v) };
   let rateLimit = null;
   if (v.rate_limit !== undefined || v.rate_limit_tokens !== undefined) {
     let r = { requests: Number.MAX_SAFE_INTEGER, windowMs: 60_000 };

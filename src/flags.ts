@@ -1,0 +1,181 @@
+// The engine's and the server's options, one table for flags and config files: every
+// option by its config-file key (snake_case; the flag is the same in kebab-case) and how
+// its value is read. `inferneo serve` reads all of them, `inferneo generate` the engine's.
+import { existsSync, readFileSync } from "node:fs";
+import { dirname, isAbsolute, resolve } from "node:path";
+import YAML from "yaml";
+import { computeDtypeOf, type EngineOptions } from "./engine/llm_engine.ts";
+
+export class ConfigError extends Error {}
+
+// Every serve flag, by its config-file key. `kind` says how a value is read.
+export const FLAGS = {
+  model: "string",
+  host: "string",
+  port: "int",
+  served_model_name: "string",
+  max_model_len: "int",
+  max_num_batched_tokens: "int",
+  max_num_seqs: "int",
+  max_queue_len: "int",
+  block_size: "int",
+  num_gpu_blocks_override: "int",
+  kv_cache_memory: "bytes",
+  kv_cache_dtype: "string",
+  dtype: "string",
+  gpu_memory_utilization: "float",
+  tensor_parallel_size: "int",
+  enable_prefix_caching: "bool",
+  threads: "int",
+  api_key: "list",
+  protect_metrics: "bool",
+  rate_limit: "string",
+  rate_limit_tokens: "int",
+  max_body_bytes: "bytes",
+  max_header_bytes: "bytes",
+  max_seqs_per_request: "int",
+  allowed_origins: "list",
+  drain_timeout: "float",
+} as const;
+export type Key = keyof typeof FLAGS;
+export type Values = Partial<Record<Key, string | number | boolean | string[]>>;
+
+
+/** The options that size and configure the engine (generate takes these and no others). */
+export const ENGINE_KEYS = [
+  "model",
+  "threads",
+  "max_model_len",
+  "max_num_batched_tokens",
+  "max_num_seqs",
+  "max_queue_len",
+  "block_size",
+  "num_gpu_blocks_override",
+  "kv_cache_memory",
+  "kv_cache_dtype",
+  "dtype",
+  "enable_prefix_caching",
+] as const satisfies readonly Key[];
+
+type ArgOption = { type: "string" | "boolean"; multiple?: boolean };
+
+/** node:util parseArgs options for these keys (booleans also as --no-FLAG). */
+export function argOptions(keys: readonly Key[]): Record<string, ArgOption> {
+  const options: Record<string, ArgOption> = {};
+  for (const key of keys) {
+    const kind = FLAGS[key];
+    const flag = key.replaceAll("_", "-");
+    options[flag] = kind === "bool" ? { type: "boolean" } : kind === "list" ? { type: "string", multiple: true } : { type: "string" };
+    if (kind === "bool") options[`no-${flag}`] = { type: "boolean" };
+  }
+  return options;
+}
+
+/** Values of these keys from parseArgs' output, each read by its kind. */
+export function valuesFromArgs(parsed: Record<string, unknown>, keys: readonly Key[]): Values {
+  const values: Values = {};
+  for (const key of keys) {
+    const flag = key.replaceAll("_", "-");
+    if (parsed[flag] !== undefined) values[key] = coerce(key, parsed[flag], "flag");
+    if (parsed[`no-${flag}`]) values[key] = false;
+  }
+  return values;
+}
+
+function parseBytes(v: string | number, key: string): number {
+  if (typeof v === "number") return v;
+  const m = /^(\d+(?:\.\d+)?)\s*(b|kb|kib|mb|mib|gb|gib)?$/i.exec(v.trim());
+  if (!m) throw new ConfigError(`${key}: '${v}' is not a size (e.g. 512MiB, 2GiB)`);
+  const unit = (m[2] ?? "b").toLowerCase();
+  const scale: Record<string, number> = { b: 1, kb: 1e3, kib: 1024, mb: 1e6, mib: 1024 ** 2, gb: 1e9, gib: 1024 ** 3 };
+  return Math.floor(Number(m[1]) * scale[unit]);
+}
+
+export function coerce(key: Key, v: unknown, from: "flag" | "config"): string | number | boolean | string[] {
+  const name = from === "flag" ? `--${key.replaceAll("_", "-")}` : key;
+  const kind = FLAGS[key];
+  const num = (x: unknown) => (typeof x === "number" ? x : typeof x === "string" && x.trim() !== "" ? Number(x) : NaN);
+  switch (kind) {
+    case "string":
+      if (typeof v !== "string" || v === "") throw new ConfigError(`${name} must be a non-empty string`);
+      return v;
+    case "int": {
+      const n = num(v);
+      if (!Number.isInteger(n) || n < 0) throw new ConfigError(`${name} must be a non-negative integer, got ${JSON.stringify(v)}`);
+      if (key === "port" && n > 65535) throw new ConfigError(`${name} must be a port number (0-65535), got ${n}`);
+      return n;
+    }
+    case "float": {
+      const n = num(v);
+      if (!Number.isFinite(n) || n < 0) throw new ConfigError(`${name} must be a non-negative number, got ${JSON.stringify(v)}`);
+      return n;
+    }
+    case "bytes":
+      if (typeof v !== "string" && typeof v !== "number") throw new ConfigError(`${name} must be a size`);
+      return parseBytes(v, name);
+    case "bool":
+      if (typeof v !== "boolean") throw new ConfigError(`${name} must be true or false, got ${JSON.stringify(v)}`);
+      return v;
+    case "list": {
+      const list = Array.isArray(v) ? v : [v];
+      if (!list.every((x) => typeof x === "string" && x !== "")) throw new ConfigError(`${name} must be a string or a list of strings`);
+      return list as string[];
+    }
+  }
+}
+
+export function readConfigFile(path: string): Values {
+  let doc: unknown;
+  try {
+    doc = YAML.parse(readFileSync(path, "utf8"));
+  } catch (e) {
+    throw new ConfigError(`${path}: ${(e as Error).message.split("\n")[0]}`);
+  }
+  if (doc === null || doc === undefined) return {};
+  if (typeof doc !== "object" || Array.isArray(doc)) throw new ConfigError(`${path}: expected a mapping of option: value`);
+  const out: Values = {};
+  for (const [k, v] of Object.entries(doc)) {
+    if (!(k in FLAGS)) throw new ConfigError(`${path}: unknown key '${k}' (see \`inferneo serve --help\`)`);
+    out[k as Key] = coerce(k as Key, v, "config");
+  }
+  // A model path written in the file means the file's folder, as a path in any config
+  // file does; a hub id (org/name) or a path that is not there is left as written.
+  if (typeof out.model === "string" && !isAbsolute(out.model)) {
+    const beside = resolve(dirname(path), out.model);
+    if (existsSync(beside)) out.model = beside;
+  }
+  return out;
+}
+
+
+/** Engine options from option values: dtypes by name, and the minimums each needs. */
+export function engineOptionsOf(v: Values): Partial<EngineOptions> {
+  const engine: Partial<EngineOptions> = {};
+  const set = <K extends keyof EngineOptions>(k: K, x: unknown) => {
+    if (x !== undefined) engine[k] = x as EngineOptions[K];
+  };
+  set("maxModelLen", v.max_model_len);
+  set("maxNumBatchedTokens", v.max_num_batched_tokens);
+  set("maxNumSeqs", v.max_num_seqs);
+  set("maxQueueLen", v.max_queue_len);
+  set("blockSizeTokens", v.block_size);
+  set("numBlocksOverride", v.num_gpu_blocks_override);
+  set("kvCacheMemoryBytes", v.kv_cache_memory);
+  if (v.kv_cache_dtype !== undefined) {
+    const d = v.kv_cache_dtype === "auto" ? "f32" : v.kv_cache_dtype;
+    if (d !== "f32" && d !== "f16") throw new ConfigError(`kv_cache_dtype must be auto, f32 or f16, got '${String(v.kv_cache_dtype)}'`);
+    engine.kvCacheDtype = d;
+  }
+  if (v.dtype !== undefined) {
+    const d = computeDtypeOf(String(v.dtype));
+    if (!d) throw new ConfigError(`dtype must be auto, float32 or bfloat16, got '${String(v.dtype)}'`);
+    engine.computeDtype = d;
+  }
+  set("enablePrefixCaching", v.enable_prefix_caching);
+  set("threads", v.threads);
+  for (const [k, min] of [["maxNumSeqs", 1], ["maxNumBatchedTokens", 1], ["blockSizeTokens", 1], ["threads", 1], ["maxModelLen", 1], ["numBlocksOverride", 1]] as const) {
+    const x = engine[k];
+    if (x !== undefined && (x as number) < min) throw new ConfigError(`${k.replace(/[A-Z]/g, (c) => `_${c.toLowerCase()}`)} must be at least ${min}`);
+  }
+  return engine;
+}
