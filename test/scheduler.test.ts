@@ -38,8 +38,9 @@ function setup(numBlocks: number, budget: number, maxNumSeqs = 8) {
 }
 
 let nextId = 0;
-function req(promptLen: number): Request {
-  return new Request(`r${nextId++}`, new Array(promptLen).fill(7), DEFAULT_SAMPLING, 0n, null);
+function req(promptLen: number, groupId?: string): Request {
+  const id = `r${nextId++}`;
+  return new Request(id, new Array(promptLen).fill(7), DEFAULT_SAMPLING, 0n, null, groupId ?? id);
 }
 
 /** What the engine loop does after a step: advance, and sample one token for finished prefills. */
@@ -51,6 +52,29 @@ function advance(scheduled: ReturnType<Scheduler["schedule"]>): void {
 }
 
 describe("scheduler", () => {
+  test("seats go fairly between requests: a later request's sequence starts before an earlier request's remaining ones", () => {
+    const { s } = setup(64, 64, 4);
+    const big = Array.from({ length: 10 }, () => req(2, "big"));
+    for (const r of big) s.add(r);
+    /** One step: the sequences it starts, then the step's work is done. */
+    const started = () => {
+      const before = new Set(s.running);
+      const sch = s.schedule();
+      advance(sch);
+      return sch.map((x) => x.req).filter((r) => !before.has(r));
+    };
+    expect(started()).toEqual(big.slice(0, 4)); // alone, the big request takes every seat, oldest first
+    const small = [req(2, "small-a"), req(2, "small-b")];
+    for (const r of small) s.add(r);
+    // Free two seats: the two small requests take them, though six of "big" waited longer.
+    s.remove(big[0]);
+    s.remove(big[1]);
+    expect(started()).toEqual(small);
+    // Once each request holds seats, a free seat goes to the request with the fewest running.
+    s.remove(small[0]);
+    expect(started()).toEqual([big[4]]);
+  });
+
   test("a long prompt is prefilled in chunks under the token budget", () => {
     const { s } = setup(64, 10);
     const r = req(25);
