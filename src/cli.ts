@@ -6,7 +6,7 @@ import { parseArgs } from "node:util";
 import { PromptsFileError, readPromptsFile, runOffline, type OfflinePrompt } from "./engine/offline.ts";
 import { EngineError } from "./ffi/native.ts";
 import { InvalidRequestError, LLMEngine, type EngineOptions } from "./engine/llm_engine.ts";
-import { argOptions, ConfigError, ENGINE_KEYS, engineOptionsOf, valuesFromArgs } from "./flags.ts";
+import { argOptions, ConfigError, ENGINE_KEYS, ENGINE_USAGE, engineOptionsOf, valuesFromArgs } from "./flags.ts";
 import { DEFAULT_SAMPLING, type SamplingParams } from "./engine/request.ts";
 import { ModelLoadError } from "./model/errors.ts";
 import type { QuantType } from "./model/quantize.ts";
@@ -36,14 +36,7 @@ generate options:
   --prompts-file F      run every line of a JSONL file ({"prompt": ..., "max_tokens": ...}
                         or {"messages": [...]}) and write results as JSONL, in input order
   -o, --output F        where --prompts-file results go (default: stdout)
-engine options:
-  --threads N           compute threads (default: all cores)
-  --max-model-len N     context length (default: the model's)
-  --max-num-batched-tokens N, --max-num-seqs N, --block-size N, --num-gpu-blocks-override N
-  --kv-cache-dtype auto|f32|f16  (auto = f32)
-  --dtype auto|float32|bfloat16  (auto = f32 products, exact; bfloat16: float weights
-                        repacked to bf16 at load, bf16 products, faster prefill and batches)
-`;
+${ENGINE_USAGE}`;
 
 class UsageError extends Error {}
 

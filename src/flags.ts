@@ -41,6 +41,18 @@ export type Key = keyof typeof FLAGS;
 export type Values = Partial<Record<Key, string | number | boolean | string[]>>;
 
 
+/** The engine options, as both commands' usage texts list them. */
+export const ENGINE_USAGE = `engine options (serve and generate; in a config file as snake_case keys):
+  --threads N           compute threads (default: all cores)
+  --max-model-len N     context length (default: the model's)
+  --max-num-batched-tokens N  --max-num-seqs N  --max-queue-len N
+  --block-size N  --num-gpu-blocks-override N  --kv-cache-memory 2GiB
+  --kv-cache-dtype auto|f32|f16  (auto = f32: exact; f16 halves the pool's bytes)
+  --dtype auto|float32|bfloat16  (auto = f32 products, exact; bfloat16: float weights
+                        repacked to bf16 at load, bf16 products, faster prefill and batches)
+  --enable-prefix-caching / --no-enable-prefix-caching (default on)
+`;
+
 /** The options that size and configure the engine (generate takes these and no others). */
 export const ENGINE_KEYS = [
   "model",

@@ -64,6 +64,12 @@ export interface RequestOutput {
   error?: string;
 }
 
+/** Where a request's outputs go: push for each, close after the last. */
+export interface OutputSink {
+  push(out: RequestOutput): void;
+  close(): void;
+}
+
 /** Where a request's time went, in milliseconds. */
 export interface RequestTimings {
   queueMs: number; // arrival to first scheduled
@@ -105,7 +111,7 @@ export class LLMEngine {
   readonly maxModelLen: number;
   private readonly runner: ModelRunner;
   // pending: sampled tokens whose text is held back (stop strings, half a character), oldest first.
-  private readonly requests = new Map<string, { req: Request; queue: AsyncQueue<RequestOutput>; pending: TokenLogprob[] }>();
+  private readonly requests = new Map<string, { req: Request; sink: OutputSink; pending: TokenLogprob[] }>();
   private looping = false;
   private nextId = 0;
   stepCount = 0;
@@ -203,18 +209,29 @@ export class LLMEngine {
     check(params.stop.every((s) => typeof s === "string" && s.length > 0), "stop", "stop strings must be non-empty");
   }
 
-  /** groupId: the API call this sequence belongs to; the scheduler is fair between groups (default: its own). */
-  addRequest(promptTokenIds: readonly number[], params: SamplingParams, groupId?: string): AsyncIterable<RequestOutput> & { requestId: string } {
+  /**
+   * Queues a sequence; its outputs go to `sink` as each step makes them, then `sink.close()`.
+   * groupId: the API call it belongs to; the scheduler is fair between groups (default: its own).
+   * Returns the request id (for abort).
+   */
+  submit(promptTokenIds: readonly number[], params: SamplingParams, sink: OutputSink, groupId?: string): string {
     this.validate(promptTokenIds, params);
     const id = `req-${this.nextId++}`;
     const seed = params.seed === null ? BigInt(Math.floor(Math.random() * 2 ** 53)) : BigInt(params.seed);
     const output = new OutputText(this.model.tokenizer, promptTokenIds.length, params.stop);
     const req = new Request(id, promptTokenIds, params, seed, output, groupId ?? id);
-    const queue = new AsyncQueue<RequestOutput>(() => this.abort(id));
     this.scheduler.add(req); // throws QueueFullError when the waiting queue is at its bound
-    this.requests.set(id, { req, queue, pending: [] });
+    this.requests.set(id, { req, sink, pending: [] });
     this.metrics.promptTokens.inc(promptTokenIds.length);
     this.kick();
+    return id;
+  }
+
+  /** submit() as an async stream of outputs; leaving the loop early aborts the request. */
+  addRequest(promptTokenIds: readonly number[], params: SamplingParams, groupId?: string): AsyncIterable<RequestOutput> & { requestId: string } {
+    let id = "";
+    const queue = new AsyncQueue<RequestOutput>(() => this.abort(id));
+    id = this.submit(promptTokenIds, params, queue, groupId);
     return Object.assign(queue, { requestId: id });
   }
 
@@ -317,7 +334,7 @@ export class LLMEngine {
     }
     const status = stopToken || stopString ? RequestStatus.FINISHED_STOPPED : atLength ? RequestStatus.FINISHED_LENGTH : null;
     const tokens = entry.pending.splice(0, released);
-    entry.queue.push({
+    entry.sink.push({
       requestId: req.id,
       newTokenIds: tokens.map((t) => t.tokenId),
       newLogprobs: tokens,
@@ -345,7 +362,7 @@ export class LLMEngine {
     if (!alreadyReported) {
       // An abort or error still reports what was generated and held back.
       const text = req.output?.flush(req.tokenIds).delta ?? "";
-      entry.queue.push({
+      entry.sink.push({
         requestId: req.id,
         newTokenIds: entry.pending.map((t) => t.tokenId),
         newLogprobs: entry.pending,
@@ -360,7 +377,7 @@ export class LLMEngine {
         ...(error ? { error } : {}),
       });
     }
-    entry.queue.close();
+    entry.sink.close();
   }
 
   /** Aborts what is left, waits for the step in flight, then frees the native engine. */

@@ -279,23 +279,21 @@ export class OpenAIService {
    * sent) and returns their outputs as they come, tagged by choice.
    */
   start(prepared: Prepared): Running {
-    const streams: { job: Job; s: AsyncIterable<RequestOutput> & { requestId: string } }[] = [];
+    const ids: string[] = [];
     const cancel = () => {
-      for (const { s } of streams) this.engine.abort(s.requestId); // no-op for finished ones
+      for (const id of ids) this.engine.abort(id); // no-op for finished ones
     };
+    // One queue for every choice's outputs; null once the last choice has closed.
+    const merged = new AsyncQueue<Tagged | null>(cancel);
+    let open = prepared.jobs.length;
     try {
-      for (const job of prepared.jobs) streams.push({ job, s: this.engine.addRequest(job.promptIds, job.params, prepared.id) });
+      for (const job of prepared.jobs) {
+        const sink = { push: (out: RequestOutput) => merged.push({ choice: job.choice, out }), close: () => --open === 0 && merged.push(null) };
+        ids.push(this.engine.submit(job.promptIds, job.params, sink, prepared.id));
+      }
     } catch (e) {
       cancel();
       throw e;
-    }
-    const merged = new AsyncQueue<Tagged | null>(cancel);
-    let open = streams.length;
-    for (const { job, s } of streams) {
-      void (async () => {
-        for await (const out of s) merged.push({ choice: job.choice, out });
-        if (--open === 0) merged.push(null);
-      })();
     }
     const running: Running = new Running(prepared, outputs(), cancel);
     async function* outputs(): AsyncGenerator<Tagged> {

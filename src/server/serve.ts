@@ -3,7 +3,7 @@
 import { availableParallelism, cpus } from "node:os";
 import { parseArgs } from "node:util";
 import { DEFAULT_ENGINE_OPTIONS, LLMEngine, type EngineOptions } from "../engine/llm_engine.ts";
-import { argOptions, ConfigError, engineOptionsOf, FLAGS, readConfigFile, valuesFromArgs, type Key, type Values } from "../flags.ts";
+import { argOptions, ConfigError, ENGINE_USAGE, engineOptionsOf, FLAGS, readConfigFile, valuesFromArgs, type Key, type Values } from "../flags.ts";
 import { loadModel } from "../model/load.ts";
 import { parseRateLimit } from "./auth.ts";
 import { createApp, DEFAULT_SERVER_OPTIONS, ServerState, VERSION, type ServerOptions } from "./app.ts";
@@ -13,12 +13,6 @@ export { ConfigError } from "../flags.ts";
 export const SERVE_USAGE = `usage: inferneo serve --model <hf folder | file.gguf | org/name> [options]
   --host H (default 127.0.0.1)   --port P (default 8000)   --config config.yaml
   --served-model-name NAME       the name clients send (default: the --model string)
-  --max-model-len N  --max-num-batched-tokens N  --max-num-seqs N  --max-queue-len N
-  --block-size N  --num-gpu-blocks-override N  --kv-cache-memory 2GiB  --threads N
-  --kv-cache-dtype auto|f32|f16 (default auto = f32: exact; f16 halves the pool's bytes)
-  --dtype auto|float32|bfloat16 (default auto = f32 products, exact; bfloat16 repacks
-      float weights to bf16 at load and multiplies in bf16: faster prefill and batches)
-  --enable-prefix-caching / --no-enable-prefix-caching (default on)
   --api-key KEY (repeatable; or INFERNEO_API_KEY)  --protect-metrics
   --rate-limit 60/min  --rate-limit-tokens N (per minute, per key)
   --drain-timeout S (default 30)  --max-body-bytes 8MiB  --max-header-bytes 32KiB
@@ -26,7 +20,8 @@ export const SERVE_USAGE = `usage: inferneo serve --model <hf folder | file.gguf
   --allowed-origins ORIGIN (repeatable, or *: browser pages allowed to call; default none)
 Config files use the same names in snake_case; flags override the file. A relative
 model path in a config file is taken from the file's folder when it exists there.
-`;
+
+${ENGINE_USAGE}`;
 
 export function parseServeArgs(argv: string[], env: NodeJS.ProcessEnv = process.env): Values & { help?: boolean } {
   const options = { config: { type: "string" as const }, help: { type: "boolean" as const, short: "h" }, ...argOptions(Object.keys(FLAGS) as Key[]) };
