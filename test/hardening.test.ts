@@ -7,7 +7,7 @@ import { Elysia } from "elysia";
 import { mkdtempSync, rmSync } from "node:fs";
 import { connect } from "node:net";
 import { tmpdir } from "node:os";
-import { join } from "node:path";
+import { dirname, join } from "node:path";
 import { loadModel } from "../src/model/load.ts";
 import { IN_PLACE_CHARS_MAX, TokenizerThread } from "../src/model/tokenizer_thread.ts";
 import { CompletionRequest } from "../src/server/schemas.ts";
@@ -281,6 +281,28 @@ describe("numbers, statuses and shapes", () => {
     const headers = await fetch(`${s.url}/v1/models`, { headers: { "x-padding": "a".repeat(10_000) } });
     expect(headers.status).toBe(431);
     expect(errorOf((await headers.json()) as Json).code).toBe("headers_too_large");
+  });
+
+  test("the installed command lifts Bun's own 16 KiB header limit, so the server's 431 carries a body", async () => {
+    const bin = join(import.meta.dir, "..", "bin", "inferneo");
+    const proc = Bun.spawn([bin, "serve", "--model", modelPath, "--port", "0", "--threads", "1"], { stdout: "pipe", stderr: "pipe", env: { ...process.env, PATH: `${dirname(process.execPath)}:${process.env.PATH}` } });
+    try {
+      const reader = proc.stderr.getReader();
+      let log = "";
+      while (!/ready: (http:\/\/\S+)\/v1/.test(log)) {
+        const { value, done } = await reader.read();
+        if (done) throw new Error(`server exited: ${log}`);
+        log += new TextDecoder().decode(value);
+      }
+      const url = /ready: (http:\/\/\S+)\/v1/.exec(log)![1];
+      expect((await fetch(`${url}/v1/models`, { headers: { "x-padding": "a".repeat(20_000) } })).status).toBe(200);
+      const big = await fetch(`${url}/v1/models`, { headers: { "x-padding": "a".repeat(40_000) } });
+      expect(big.status).toBe(431);
+      expect(isErrorShape((await big.json()) as Json)).toBe(true);
+    } finally {
+      proc.kill("SIGTERM");
+      await proc.exited;
+    }
   });
 
   test("400 messages name what is wrong", async () => {
