@@ -36,6 +36,9 @@ export const FLAGS = {
   max_seqs_per_request: "int",
   allowed_origins: "list",
   drain_timeout: "float",
+  metrics_prefix: "string",
+  ssl_certfile: "string",
+  ssl_keyfile: "string",
 } as const;
 export type Key = keyof typeof FLAGS;
 export type Values = Partial<Record<Key, string | number | boolean | string[]>>;

@@ -7,7 +7,7 @@ import { DType, LOGIT_BIAS_MAX, NativeEngine, TOP_LOGPROBS_MAX } from "../ffi/na
 import { loadModel, type LoadedModel } from "../model/load.ts";
 import { AsyncQueue } from "./async_queue.ts";
 import { KvCacheManager } from "./kv_cache_manager.ts";
-import { EngineMetrics } from "./metrics.ts";
+import { EngineMetrics, type MetricsPrefix } from "./metrics.ts";
 import { ModelRunner, type SampledToken } from "./model_runner.ts";
 import { OutputText } from "./output.ts";
 import { finishReason, isFinished, Request, RequestStatus, type FinishReason, type SamplingParams, type TokenLogprob } from "./request.ts";
@@ -28,6 +28,7 @@ export interface EngineOptions {
   computeDtype: "f32" | "bf16";
   threads: number;
   servedModelName?: string;
+  metricsPrefix?: MetricsPrefix; // "vllm": metrics under vLLM's names, for routers that read them
 }
 
 /** vLLM's --dtype names (and short ones) to the compute dtype ("auto" keeps f32 products); null if unknown. */
@@ -158,6 +159,8 @@ export class LLMEngine {
     this.metrics = new EngineMetrics(
       { numRunning: () => this.numRunning, numWaiting: () => this.numWaiting, kvCacheUsage: () => this.kv.usage },
       options.servedModelName ?? "model",
+      { blockSizeTokens: bs, numBlocks, enablePrefixCaching: options.enablePrefixCaching },
+      options.metricsPrefix,
     );
   }
 

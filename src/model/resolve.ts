@@ -5,6 +5,10 @@ import { homedir } from "node:os";
 import { dirname, join } from "node:path";
 import { ModelLoadError } from "./errors.ts";
 
+/** The model served when none is given: llama2.c's stories260K (MIT), shipped with the repository. */
+export const EMBEDDED_MODEL = join(import.meta.dir, "..", "..", "assets", "stories260K", "stories260K.gguf");
+export const EMBEDDED_MODEL_NAME = "stories260K";
+
 export type ModelSource = { kind: "hf"; dir: string } | { kind: "gguf"; path: string };
 
 const HUB_ID = /^[A-Za-z0-9][\w.-]*\/[\w.-]+$/;

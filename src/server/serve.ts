@@ -1,16 +1,19 @@
 // `inferneo serve`: flags and an optional YAML config file (flags win), start-up
 // report, and a graceful drain on SIGTERM/SIGINT.
+import { existsSync } from "node:fs";
 import { availableParallelism, cpus } from "node:os";
 import { parseArgs } from "node:util";
 import { DEFAULT_ENGINE_OPTIONS, LLMEngine, type EngineOptions } from "../engine/llm_engine.ts";
 import { argOptions, ConfigError, ENGINE_USAGE, engineOptionsOf, FLAGS, readConfigFile, valuesFromArgs, type Key, type Values } from "../flags.ts";
 import { loadModel } from "../model/load.ts";
+import { EMBEDDED_MODEL, EMBEDDED_MODEL_NAME } from "../model/resolve.ts";
 import { parseRateLimit } from "./auth.ts";
 import { createApp, DEFAULT_SERVER_OPTIONS, ServerState, VERSION, type ServerOptions } from "./app.ts";
 
 export { ConfigError } from "../flags.ts";
 
-export const SERVE_USAGE = `usage: inferneo serve --model <hf folder | file.gguf | org/name> [options]
+export const SERVE_USAGE = `usage: inferneo serve [--model <hf folder | file.gguf | org/name>] [options]
+  (without --model: the embedded stories260K demo model)
   --host H (default 127.0.0.1)   --port P (default 8000)   --config config.yaml
   --served-model-name NAME       the name clients send (default: the --model string)
   --api-key KEY (repeatable; or INFERNEO_API_KEY)  --protect-metrics
@@ -18,6 +21,8 @@ export const SERVE_USAGE = `usage: inferneo serve --model <hf folder | file.gguf
   --drain-timeout S (default 30)  --max-body-bytes 8MiB  --max-header-bytes 32KiB
   --max-seqs-per-request N (prompts x n of one request; default 256)
   --allowed-origins ORIGIN (repeatable, or *: browser pages allowed to call; default none)
+  --metrics-prefix inferneo|vllm (vllm: /metrics under vLLM's names, for routers and the
+      inference gateway's endpoint picker)   --ssl-certfile F --ssl-keyfile F (HTTPS)
 Config files use the same names in snake_case; flags override the file. A relative
 model path in a config file is taken from the file's folder when it exists there.
 
@@ -41,6 +46,7 @@ export function parseServeArgs(argv: string[], env: NodeJS.ProcessEnv = process.
 
 export interface ServeConfig {
   model: string;
+  tls: { certFile: string; keyFile: string } | null; // HTTPS (and wss) when set
   host: string;
   port: number;
   drainTimeoutS: number;
@@ -50,8 +56,12 @@ export interface ServeConfig {
 }
 
 export function serveConfig(v: Values): ServeConfig {
-  if (typeof v.model !== "string") throw new ConfigError("--model is required (or `model:` in the config file)");
   const notes: string[] = [];
+  if (v.model === undefined) {
+    v = { ...v, model: EMBEDDED_MODEL, served_model_name: v.served_model_name ?? EMBEDDED_MODEL_NAME };
+    notes.push(`no --model given: serving the embedded ${EMBEDDED_MODEL_NAME} demo model (260K parameters, tiny stories); pass --model for a real one`);
+  }
+  if (typeof v.model !== "string") throw new ConfigError("--model must be a path or a hub id");
   if (typeof v.tensor_parallel_size === "number" && v.tensor_parallel_size > 1) {
     throw new ConfigError(`tensor_parallel_size ${v.tensor_parallel_size} needs several GPUs; this build runs on one CPU process (use 1)`);
   }
@@ -61,6 +71,14 @@ export function serveConfig(v: Values): ServeConfig {
     notes.push(`gpu_memory_utilization ${g} has no effect: this build has no GPU backend; the KV pool is sized by --kv-cache-memory`);
   }
   const engine: Partial<EngineOptions> = { servedModelName: (v.served_model_name as string) ?? v.model, ...engineOptionsOf(v) };
+  if (v.metrics_prefix !== undefined) {
+    if (v.metrics_prefix !== "inferneo" && v.metrics_prefix !== "vllm") throw new ConfigError(`metrics_prefix must be inferneo or vllm, got '${String(v.metrics_prefix)}'`);
+    engine.metricsPrefix = v.metrics_prefix;
+  }
+  if ((v.ssl_certfile === undefined) !== (v.ssl_keyfile === undefined)) throw new ConfigError("--ssl-certfile and --ssl-keyfile go together");
+  for (const f of [v.ssl_certfile, v.ssl_keyfile]) {
+    if (typeof f === "string" && !existsSync(f)) throw new ConfigError(`${f} does not exist`);
+  }
   let rateLimit = null;
   if (v.rate_limit !== undefined || v.rate_limit_tokens !== undefined) {
     let r = { requests: Number.MAX_SAFE_INTEGER, windowMs: 60_000 };
@@ -75,6 +93,7 @@ export function serveConfig(v: Values): ServeConfig {
   }
   return {
     model: v.model,
+    tls: typeof v.ssl_certfile === "string" && typeof v.ssl_keyfile === "string" ? { certFile: v.ssl_certfile, keyFile: v.ssl_keyfile } : null,
     host: (v.host as string) ?? "127.0.0.1",
     port: (v.port as number) ?? 8000,
     drainTimeoutS: (v.drain_timeout as number) ?? 30,
@@ -115,11 +134,12 @@ export async function startServer(config: ServeConfig, log: (line: string) => vo
   const state = new ServerState();
   const app = createApp(state, config.server);
   try {
-    app.listen({ hostname: config.host, port: config.port, idleTimeout: 255, maxRequestBodySize: config.server.maxBodyBytes + 1024 * 1024 });
+    const tls = config.tls ? { tls: { cert: Bun.file(config.tls.certFile), key: Bun.file(config.tls.keyFile) } } : {};
+    app.listen({ hostname: config.host, port: config.port, idleTimeout: 255, maxRequestBodySize: config.server.maxBodyBytes + 1024 * 1024, ...tls });
   } catch (e) {
     throw new ConfigError(`cannot listen on ${config.host}:${config.port}: ${(e as Error).message}`);
   }
-  const url = `http://${config.host === "0.0.0.0" ? "127.0.0.1" : config.host}:${app.server!.port}`;
+  const url = `${config.tls ? "https" : "http"}://${config.host === "0.0.0.0" ? "127.0.0.1" : config.host}:${app.server!.port}`;
   log(`inferneo ${VERSION}: listening on ${url} (loading ${config.model}; /health answers 503 until ready)`);
   for (const note of config.notes) log(`note: ${note}`);
   let engine: LLMEngine;

@@ -10,6 +10,7 @@ function wantsPrometheus(accept: string | null): boolean {
 
 export function opsRoutes({ state, options }: ServerContext) {
   return new Elysia({ name: "ops" })
+    .get("/live", () => ({ status: "ok" }), { response: Health, detail: { summary: "Liveness: 200 while the process serves, also while loading and draining" } })
     .get(
       "/health",
       ({ set }) => {
@@ -28,7 +29,7 @@ export function opsRoutes({ state, options }: ServerContext) {
           return new Response(text, { headers: { "content-type": "text/plain; version=0.0.4; charset=utf-8" } });
         }
         const scalar = async (name: string) => {
-          const m = engine ? await engine.metrics.registry.getSingleMetric(name)?.get() : undefined;
+          const m = engine ? await engine.metrics.registry.getSingleMetric(engine.metrics.name(name))?.get() : undefined;
           return m?.values.reduce((a, v) => a + v.value, 0) ?? 0;
         };
         return {
@@ -40,11 +41,11 @@ export function opsRoutes({ state, options }: ServerContext) {
           kv_cache_blocks_total: engine?.numBlocks ?? 0,
           kv_cache_blocks_free: engine?.kv.numFreeBlocks ?? 0,
           gpu_utilization: null,
-          prompt_tokens_total: await scalar("inferneo:prompt_tokens_total"),
-          generation_tokens_total: await scalar("inferneo:generation_tokens_total"),
-          num_preemptions_total: await scalar("inferneo:num_preemptions_total"),
-          prefix_cache_queries_total: await scalar("inferneo:prefix_cache_queries_total"),
-          prefix_cache_hits_total: await scalar("inferneo:prefix_cache_hits_total"),
+          prompt_tokens_total: await scalar("prompt_tokens_total"),
+          generation_tokens_total: await scalar("generation_tokens_total"),
+          num_preemptions_total: await scalar("num_preemptions_total"),
+          prefix_cache_queries_total: await scalar("prefix_cache_queries_total"),
+          prefix_cache_hits_total: await scalar("prefix_cache_hits_total"),
           uptime_seconds: Math.round((Date.now() - state.startedMs) / 1000),
         };
       },
