@@ -13,6 +13,8 @@ export class InferneoApiError extends Error {
   constructor(
     readonly status: number,
     readonly body: { error?: { message?: string; type?: string; param?: string | null; code?: string | null } } | null,
+    /** Seconds the server asked to wait (Retry-After), when it did. */
+    readonly retryAfter: number | null = null,
   ) {
     super(body?.error?.message ?? `HTTP ${status}`);
     this.name = "InferneoApiError";
@@ -40,6 +42,8 @@ export interface ModelInfo {
 }
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+export { LoadBalancedClient, type LoadBalancedOptions } from "./load_balanced.ts";
 
 export class InferneoClient {
   readonly completions: {
@@ -89,7 +93,8 @@ export class InferneoClient {
       const retryable = res.status === 429 || res.status >= 500;
       if (!retryable || attempt >= retries) {
         const payload = (await res.json().catch(() => null)) as InferneoApiError["body"];
-        throw new InferneoApiError(res.status, payload);
+        const after = Number(res.headers.get("retry-after"));
+        throw new InferneoApiError(res.status, payload, Number.isFinite(after) && after > 0 ? after : null);
       }
       await res.body?.cancel();
       const after = Number(res.headers.get("retry-after"));
@@ -108,7 +113,7 @@ export class InferneoClient {
   }
 }
 
-/** Server-Sent Events to JSON payloads; stops at [DONE], throws on an error frame. */
+/** Server-Sent Events to JSON payloads; stops at [DONE], throws on an error frame or a cut stream. */
 export async function* parseSse<T>(body: ReadableStream<Uint8Array>): AsyncGenerator<Awaited<T>> {
   const decoder = new TextDecoder();
   let buffer = "";
@@ -116,7 +121,8 @@ export async function* parseSse<T>(body: ReadableStream<Uint8Array>): AsyncGener
   try {
     for (;;) {
       const { value, done } = await reader.read();
-      if (done) return;
+      // A server that dies mid-stream closes it without [DONE]: that is an error, never a quiet end.
+      if (done) throw new InferneoApiError(0, { error: { message: "the stream ended before [DONE] (the server went away)", type: "stream_cut" } });
       buffer += decoder.decode(value, { stream: true });
       let end: number;
       while ((end = buffer.indexOf("\n\n")) >= 0) {
