@@ -4,7 +4,7 @@ import { describe, expect, setDefaultTimeout, test } from "bun:test";
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { goldens, SHARED, stories } from "./helpers/engine.ts";
+import { EMBEDDED_GGUF, goldens, SHARED, stories } from "./helpers/engine.ts";
 
 // Model loads, servers and browsers take seconds on two cores; `bun test` alone defaults to 5 s.
 setDefaultTimeout(60_000);
@@ -25,19 +25,19 @@ describe.skipIf(SHARED === null)("inferneo generate (stories260K)", () => {
     expect(r.stdout.length).toBeGreaterThan(100);
     expect(r.stderr).toMatch(/prompt tokens: 5, generated tokens: 64, prefill: [\d.]+ tok\/s, decode: [\d.]+ tok\/s/);
   });
+});
 
+describe("inferneo generate (the embedded stories260K GGUF)", () => {
   test("sampling from the GGUF with a seed repeats itself", () => {
-    const args = ["generate", "--model", stories("stories260K.gguf"), "--prompt", "Lily wanted to", "--max-tokens", "32", "--seed", "7"];
+    const args = ["generate", "--model", EMBEDDED_GGUF, "--prompt", "Lily wanted to", "--max-tokens", "32", "--seed", "7"];
     const a = run(args);
     const b = run(args);
     expect(a.code).toBe(0);
     expect(a.stdout).toBe(b.stdout);
     expect(a.stdout.trim().length).toBeGreaterThan(20);
   });
-});
 
-describe.skipIf(SHARED === null)("inferneo generate --prompts-file (stories260K)", () => {
-  test("runs every line and writes results in input order, each equal to its golden", () => {
+  test("--prompts-file runs every line and writes results in input order, each equal to its golden", () => {
     const cases = goldens();
     const dir = mkdtempSync(join(tmpdir(), "inferneo-offline-"));
     try {
@@ -45,7 +45,7 @@ describe.skipIf(SHARED === null)("inferneo generate --prompts-file (stories260K)
       const output = join(dir, "results.jsonl");
       // Long ones first, so that they finish last and order has to be restored.
       writeFileSync(input, cases.map((c, i) => JSON.stringify({ prompt: c.prompt_ids, max_tokens: 128 - i * 15, temperature: 0, ignore_eos: true })).join("\n") + "\n\n");
-      const r = run(["generate", "--model", stories("hf"), "--prompts-file", input, "--output", output]);
+      const r = run(["generate", "--model", EMBEDDED_GGUF, "--prompts-file", input, "--output", output]);
       expect(r.code).toBe(0);
       expect(r.stderr).toContain(`${cases.length} of ${cases.length} prompts completed`);
       const results = readFileSync(output, "utf8").trim().split("\n").map((l) => JSON.parse(l));

@@ -6,7 +6,7 @@ import { spawnSync } from "node:child_process";
 import { join } from "node:path";
 import OpenAI from "openai";
 import { InferneoClient } from "../src/client/index.ts";
-import { goldens, SHARED, stories } from "./helpers/engine.ts";
+import { EMBEDDED_GGUF, goldens } from "./helpers/engine.ts";
 import { settled, startTestServer, type TestServer } from "./helpers/server.ts";
 
 // Model loads, servers and browsers take seconds on two cores; `bun test` alone defaults to 5 s.
@@ -14,11 +14,11 @@ setDefaultTimeout(60_000);
 
 const MODEL = "stories";
 
-describe.skipIf(SHARED === null)("OpenAI compatibility (stories260K)", () => {
+describe("OpenAI compatibility (stories260K)", () => {
   let s: TestServer;
   let openai: OpenAI;
   beforeAll(async () => {
-    s = await startTestServer(stories("hf"), ["--served-model-name", MODEL]);
+    s = await startTestServer(EMBEDDED_GGUF, ["--served-model-name", MODEL]);
     openai = new OpenAI({ baseURL: `${s.url}/v1`, apiKey: "unused" });
   });
   afterAll(async () => s?.stop());

@@ -27,8 +27,12 @@ export interface GoldenCase {
   completion_text_all: string | null;
 }
 
+/** The stories260K GGUF the repository ships (assets/, the server's default model): no shared folder needed. */
+export const EMBEDDED_GGUF = resolve(import.meta.dir, "..", "..", "assets", "stories260K", "stories260K.gguf");
+
+/** run.c's greedy goldens for stories260K, a copy of the shared folder's golden.json kept with the tests. */
 export function goldens(): GoldenCase[] {
-  return (JSON.parse(readFileSync(stories("golden.json"), "utf8")) as { cases: GoldenCase[] }).cases;
+  return (JSON.parse(readFileSync(join(import.meta.dir, "..", "data", "stories260K", "golden.json"), "utf8")) as { cases: GoldenCase[] }).cases;
 }
 
 export const GREEDY: SamplingParams = { ...DEFAULT_SAMPLING, temperature: 0, ignoreEos: true };
