@@ -6,6 +6,7 @@
 // probe's path asked of a running server.
 import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
 import { DockerfileParser } from "dockerfile-ast";
+import { spawnSync } from "node:child_process";
 import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, relative } from "node:path";
@@ -118,6 +119,35 @@ describe("Kubernetes manifests", () => {
       expect((await fetch(s.url + c.livenessProbe.httpGet.path)).status).toBe(200);
       s.server.state.status = "ready";
     });
+  });
+});
+
+describe("what routers and the endpoint picker read", () => {
+  const dir = mkdtempSync(join(tmpdir(), "inferneo-router-"));
+  afterAll(() => rmSync(dir, { recursive: true, force: true }));
+  const hasOpenssl = spawnSync("openssl", ["version"], { stdio: "ignore" }).status === 0;
+
+  test.skipIf(!hasOpenssl)("--metrics-prefix vllm over HTTPS: vLLM's gauge names, the cache config, and /live", async () => {
+    const [cert, key] = [join(dir, "cert.pem"), join(dir, "key.pem")];
+    const made = spawnSync("openssl", ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert, "-days", "1", "-subj", "/CN=127.0.0.1"], { stdio: "ignore" });
+    expect(made.status).toBe(0);
+    const model = writeHfModel(dir, TINY, "f32", makeWeights(TINY, "f32"));
+    const s = await startTestServer(model, ["--metrics-prefix", "vllm", "--ssl-certfile", cert, "--ssl-keyfile", key, "--block-size", "16", "--num-gpu-blocks-override", "64"]);
+    try {
+      expect(s.url.startsWith("https://")).toBe(true);
+      const insecure = { tls: { rejectUnauthorized: false } } as RequestInit;
+      const text = await (await fetch(`${s.url}/metrics`, { ...insecure, headers: { accept: "text/plain" } })).text();
+      for (const name of ["num_requests_waiting", "num_requests_running", "kv_cache_usage_perc", "gpu_cache_usage_perc", "prefix_cache_queries_total", "prefix_cache_hits_total"]) {
+        expect(text).toMatch(new RegExp(`^vllm:${name}\\{`, "m"));
+      }
+      expect(text).toMatch(/^vllm:cache_config_info\{block_size="16",num_gpu_blocks="64",enable_prefix_caching="true",model_name="[^"]+"\} 1$/m);
+      expect(text).not.toContain("inferneo:");
+      expect((await fetch(`${s.url}/live`, insecure)).status).toBe(200);
+      const json = (await (await fetch(`${s.url}/metrics`, insecure)).json()) as Record<string, unknown>;
+      expect(json.kv_cache_blocks_total).toBe(64);
+    } finally {
+      await s.stop();
+    }
   });
 });
 
