@@ -1,11 +1,12 @@
 # Inferneo on CPUs. Build: docker build -t inferneo .   Run: docker run -p 8000:8000 inferneo [--model ...]
 # The build stage runs the README's install (npm ci builds the engine); the image keeps
-# only what serving needs. The engine is built for x86-64-v3 (AVX2, FMA: any x86 server
-# since 2015), not for the build host, which would die with an illegal instruction elsewhere.
+# only what serving needs. The engine is built for portable CPU levels (x86-64-v3: AVX2 and
+# FMA, any x86 server since 2015; and AVX-512 ones), not for the build host's CPU.
 FROM node:20-bookworm-slim AS build
 WORKDIR /app
-# The CPU level the engine is built for: --build-arg INFERNEO_CPU=x86_64_v4 (AVX-512) or native.
-ARG INFERNEO_CPU=x86_64_v3
+# One engine build per CPU level; the server loads the richest one the host runs
+# (a Q4 decode without VNNI is several times slower). --build-arg INFERNEO_CPU=LEVEL[,LEVEL...] to change.
+ARG INFERNEO_CPU=x86_64_v3,x86_64_v4+avx512vnni,x86_64_v4+avx512vnni+avx512bf16
 ENV INFERNEO_CPU=${INFERNEO_CPU}
 COPY package.json package-lock.json build.zig ./
 COPY scripts ./scripts
@@ -22,7 +23,7 @@ RUN useradd --uid 10001 --create-home --shell /usr/sbin/nologin inferneo
 WORKDIR /app
 COPY --from=build /app/package.json ./
 COPY --from=build /app/node_modules ./node_modules
-COPY --from=build /app/zig-out/lib ./zig-out/lib
+COPY --from=build /app/zig-out ./zig-out
 COPY --from=build /app/bin ./bin
 COPY --from=build /app/src ./src
 COPY --from=build /app/assets ./assets

@@ -2,8 +2,9 @@
 // Builds the native engine (zig-out/lib/libinferneo.so) with the Zig toolchain
 // that npm installed. Runs on `npm install` and `npm run build:engine`.
 // Extra arguments go to `zig build` (e.g. `test`, `-Doptimize=Debug`). INFERNEO_CPU
-// picks the CPU to build for (default: this machine's); images build for a portable
-// level (x86_64_v3: AVX2 and FMA), since a native build dies on an older host.
+// (a comma-separated list of Zig CPU levels) builds one library per level instead of
+// one for this machine: an image cannot know the host's CPU, and a native build dies
+// with an illegal instruction on an older one.
 import { spawnSync } from "node:child_process";
 import { existsSync } from "node:fs";
 import { createRequire } from "node:module";
@@ -24,7 +25,14 @@ if (!existsSync(zig)) {
 const args = process.argv.slice(2);
 const argv = args.length > 0 ? args : ["-Doptimize=ReleaseFast"];
 if (args.length > 0 && !args.some((a) => a.startsWith("-Doptimize"))) argv.push("-Doptimize=ReleaseFast");
-if (process.env.INFERNEO_CPU && !argv.some((a) => a.startsWith("-Dcpu"))) argv.push(`-Dcpu=${process.env.INFERNEO_CPU}`);
 const root = join(dirname(new URL(import.meta.url).pathname), "..");
-const result = spawnSync(zig, ["build", ...argv], { cwd: root, stdio: "inherit" });
-process.exit(result.status ?? 1);
+const zigBuild = (extra) => spawnSync(zig, ["build", ...argv, ...extra], { cwd: root, stdio: "inherit" }).status ?? 1;
+// INFERNEO_CPU=level[,level...]: one library per level in zig-out/cpu/<level>/lib; the
+// loader takes the richest one this CPU runs (src/ffi/cpu_levels.ts).
+const levels = args.length === 0 && process.env.INFERNEO_CPU ? process.env.INFERNEO_CPU.split(",").filter(Boolean) : [];
+if (levels.length === 0) process.exit(zigBuild([]));
+for (const level of levels) {
+  console.error(`building the engine for ${level}`);
+  const status = zigBuild([`-Dcpu=${level}`, "--prefix", join(root, "zig-out", "cpu", level)]);
+  if (status !== 0) process.exit(status);
+}

@@ -166,7 +166,7 @@ describe("Dockerfiles", () => {
       const fromStage = (i: (typeof instructions)[number]) => (i as unknown as { getFromFlag(): { getValue(): string } | null }).getFromFlag()?.getValue() ?? null;
       const copies = (list: typeof instructions) => list.filter((i) => i.getKeyword() === "COPY");
       expect(of(build, "RUN").some((r) => r.startsWith("npm ci"))).toBe(true);
-      expect(of(build, "ARG")).toContain("INFERNEO_CPU=x86_64_v3"); // portable, not the build host's CPU
+      expect(of(build, "ARG")[0]).toMatch(/^INFERNEO_CPU=x86_64_v3,x86_64_v4\+avx512vnni/); // portable levels, not the build host's CPU
       expect(of(build, "ENV")).toContain("INFERNEO_CPU=${INFERNEO_CPU}");
       // Everything the build stage copies from the context exists.
       for (const c of copies(build).filter((i) => fromStage(i) === null)) {
@@ -193,5 +193,36 @@ describe("Dockerfiles", () => {
   test(".dockerignore keeps build outputs and dependencies out of the context", () => {
     const ignored = readFileSync(join(ROOT, ".dockerignore"), "utf8").split("\n");
     for (const p of ["node_modules", "zig-out", ".zig-cache", ".git"]) expect(ignored).toContain(p);
+  });
+});
+
+describe("engine builds per CPU level (what an image carries)", () => {
+  test("the loader takes the richest build this CPU runs", async () => {
+    const { flagsNeeded, pickLevel } = await import("../src/ffi/cpu_levels.ts");
+    const levels = ["x86_64_v3", "x86_64_v4+avx512vnni", "x86_64_v4+avx512vnni+avx512bf16"];
+    const v3 = ["sse4_2", "popcnt", "avx2", "fma", "bmi2", "f16c", "movbe"];
+    const v4 = [...v3, "avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"];
+    expect(pickLevel(levels, new Set(v3))).toBe("x86_64_v3"); // Haswell to Zen 3
+    expect(pickLevel(levels, new Set([...v4, "avx512_vnni"]))).toBe("x86_64_v4+avx512vnni"); // Cascade Lake, Ice Lake
+    expect(pickLevel(levels, new Set([...v4, "avx512_vnni", "avx512_bf16"]))).toBe("x86_64_v4+avx512vnni+avx512bf16"); // Zen 4, Sapphire Rapids
+    expect(pickLevel(levels, new Set([...v4]))).toBe("x86_64_v3"); // AVX-512 without VNNI: v4 builds need it
+    expect(pickLevel(levels, new Set(["sse4_2"]))).toBeNull();
+    expect(flagsNeeded("x86_64_v4+frobnicate")).toBeNull();
+  });
+
+  const portable = join(ROOT, "zig-out", "cpu", "x86_64_v3", "lib", "libinferneo.so");
+  if (!existsSync(portable)) console.warn(`skipped: no portable engine build at ${portable} (INFERNEO_CPU=x86_64_v3 node scripts/build-engine.mjs; .ci/run makes it)`);
+  test.skipIf(!existsSync(portable))("the x86-64-v3 build (no AVX-512) gives run.c's greedy text", async () => {
+    const { EMBEDDED_GGUF, goldens } = await import("./helpers/engine.ts");
+    const g = goldens()[0];
+    const r = Bun.spawnSync([process.execPath, join(ROOT, "src", "cli.ts"), "generate", "--model", EMBEDDED_GGUF, "--prompt", g.prompt, "--max-tokens", "64", "--temperature", "0"], {
+      env: { ...process.env, INFERNEO_LIB: portable },
+      stdout: "pipe",
+      stderr: "pipe",
+    });
+    expect(r.exitCode).toBe(0);
+    const text = r.stdout.toString().trimEnd();
+    expect(text.length).toBeGreaterThan(100);
+    expect(g.completion_text_all!.startsWith(text)).toBe(true);
   });
 });

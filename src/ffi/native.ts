@@ -1,8 +1,9 @@
 // The only importer of bun:ffi. One raw dlopen table, wrapped by NativeEngine,
 // which turns status codes into errors and never hands a raw pointer upward.
 import { dlopen, FFIType, JSCallback, ptr, read, toArrayBuffer, type Pointer } from "bun:ffi";
-import { existsSync } from "node:fs";
-import { join } from "node:path";
+import { existsSync, readdirSync } from "node:fs";
+import { basename, dirname, join } from "node:path";
+import { cpuFlags, pickLevel } from "./cpu_levels.ts";
 
 export const ABI_VERSION = 4;
 export const TOP_LOGPROBS_MAX = 20;
@@ -109,10 +110,29 @@ export class EngineError extends Error {
   }
 }
 
+/**
+ * The engine library to load: INFERNEO_LIB if set; else the build for this machine
+ * (zig-out/lib, what `npm ci` makes); else, in a portable install, the richest of the
+ * per-level builds (zig-out/cpu/<level>/lib) that this CPU can run.
+ */
 export function libraryPath(): string {
   const override = process.env.INFERNEO_LIB;
   if (override) return override;
-  return join(import.meta.dir, "..", "..", "zig-out", "lib", "libinferneo.so");
+  const root = join(import.meta.dir, "..", "..", "zig-out");
+  const native = join(root, "lib", "libinferneo.so");
+  const levelsDir = join(root, "cpu");
+  if (existsSync(native) || !existsSync(levelsDir)) return native;
+  const levels = readdirSync(levelsDir).filter((l) => existsSync(join(levelsDir, l, "lib", "libinferneo.so")));
+  const level = pickLevel(levels, cpuFlags());
+  if (level === null) throw new EngineError(Status.UNSUPPORTED, `no engine build in ${levelsDir} runs on this CPU (built: ${levels.join(", ") || "none"})`);
+  return join(levelsDir, level, "lib", "libinferneo.so");
+}
+
+/** What the loaded library was built for: "this machine's CPU", a CPU level, or the INFERNEO_LIB path. */
+export function libraryBuild(): string {
+  const path = libraryPath();
+  if (process.env.INFERNEO_LIB) return path;
+  return basename(dirname(dirname(dirname(path)))) === "cpu" ? basename(dirname(dirname(path))) : "this machine's CPU";
 }
 
 type Lib = ReturnType<typeof open>;

@@ -5,6 +5,7 @@ import { availableParallelism, cpus } from "node:os";
 import { parseArgs } from "node:util";
 import { DEFAULT_ENGINE_OPTIONS, LLMEngine, type EngineOptions } from "../engine/llm_engine.ts";
 import { argOptions, ConfigError, ENGINE_USAGE, engineOptionsOf, FLAGS, readConfigFile, valuesFromArgs, type Key, type Values } from "../flags.ts";
+import { libraryBuild } from "../ffi/native.ts";
 import { loadModel } from "../model/load.ts";
 import { EMBEDDED_MODEL, EMBEDDED_MODEL_NAME } from "../model/resolve.ts";
 import { parseRateLimit } from "./auth.ts";
@@ -155,7 +156,7 @@ export async function startServer(config: ServeConfig, log: (line: string) => vo
   const c = engine.model.spec.config;
   const kvBytes = engine.native.kvCacheBytes;
   log(`model: ${config.server.servedModelName} (${c.numLayers} layers, hidden ${c.hiddenSize}, ${c.numHeads} heads / ${c.numKvHeads} KV heads, vocab ${c.vocabSize}), weights ${engine.model.spec.dtype}, products ${engine.options.computeDtype === "bf16" ? "bf16 (--dtype bfloat16)" : "f32"}`);
-  log(`device: CPU (${cpus()[0]?.model ?? "unknown"}), ${engine.options.threads} of ${availableParallelism()} threads`);
+  log(`device: CPU (${cpus()[0]?.model ?? "unknown"}), ${engine.options.threads} of ${availableParallelism()} threads; engine built for ${libraryBuild()}`);
   log(`KV cache: ${engine.numBlocks} blocks x ${engine.options.blockSizeTokens} tokens = ${engine.numBlocks * engine.options.blockSizeTokens} tokens, ${(kvBytes / 2 ** 20).toFixed(1)} MiB ${engine.options.kvCacheDtype}; max model len ${engine.maxModelLen}; prefix caching ${engine.options.enablePrefixCaching ? "on" : "off"}`);
   log(`ready: ${url}/v1  docs: ${url}/docs${config.server.apiKeys.length > 0 ? "  (API key required)" : ""}`);
 
