@@ -134,3 +134,27 @@ describe("LoadBalancedClient through a kill and a drain", () => {
     expect(await replicas[1].proc.exited).toBe(0);
   });
 });
+
+describe("LoadBalancedClient strategies", () => {
+  test("least-loaded sends new requests to the replica with fewer running and waiting", async () => {
+    const { startTestServer, postJson } = await import("./helpers/server.ts");
+    const busy = await startTestServer(modelPath, ["--served-model-name", M, "--max-num-seqs", "2"]);
+    const idle = await startTestServer(modelPath, ["--served-model-name", M]);
+    try {
+      // Four long requests keep `busy` running two and queueing two.
+      const long = Array.from({ length: 4 }, (_, i) => postJson(`${busy.url}/v1/completions`, { model: M, prompt: `long ${i}`, max_tokens: 480, ignore_eos: true }));
+      await Bun.sleep(100);
+      const lb = new LoadBalancedClient([busy.url, idle.url], { strategy: "least-loaded" });
+      const before = busy.server.engine.metrics.requestSuccess;
+      const servedBefore = (await before.get()).values.reduce((a, v) => a + v.value, 0);
+      for (let i = 0; i < 6; i++) await lb.completions.create({ model: M, prompt: `short ${i}`, max_tokens: 2 });
+      const idleServed = (await idle.server.engine.metrics.requestSuccess.get()).values.reduce((a, v) => a + v.value, 0);
+      expect(idleServed).toBe(6);
+      expect((await before.get()).values.reduce((a, v) => a + v.value, 0)).toBe(servedBefore);
+      await Promise.all(long);
+    } finally {
+      await busy.stop();
+      await idle.stop();
+    }
+  });
+});
