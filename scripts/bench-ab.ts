@@ -23,7 +23,9 @@ const { values } = parseArgs({
   },
 });
 if (!values.model || !values.a || !values.b) {
-  console.error("usage: bun scripts/bench-ab.ts --model <path> --a <libinferneo.so> --b <libinferneo.so> [--steps 400] [--rounds 2] [--threads N]");
+  console.error(
+    "usage: bun scripts/bench-ab.ts --model <path> --a <libinferneo.so> --b <libinferneo.so> [--steps 400] [--rounds 2] [--threads N]",
+  );
   process.exit(2);
 }
 const steps = Number(values.steps);
@@ -73,8 +75,21 @@ function step(side: Side, pos: number): void {
   b.blockTables.set(side.blocks, 0);
   b.sampleIndices[0] = 0;
   n.setSampling(0, {
-    temperature: 0, topP: 1, minP: 0, topK: 0, presencePenalty: 0, frequencyPenalty: 0, repetitionPenalty: 1,
-    numTopLogprobs: 0, seed: 0n, drawIndex: 0, historyOffset: 0, historyPromptLen: 0, historyLen: 0, biasOffset: 0, biasCount: 0,
+    temperature: 0,
+    topP: 1,
+    minP: 0,
+    topK: 0,
+    presencePenalty: 0,
+    frequencyPenalty: 0,
+    repetitionPenalty: 1,
+    numTopLogprobs: 0,
+    seed: 0n,
+    drawIndex: 0,
+    historyOffset: 0,
+    historyPromptLen: 0,
+    historyLen: 0,
+    biasOffset: 0,
+    biasCount: 0,
   });
   n.setCounts(1, 1, 1, false);
   const t = performance.now();
@@ -82,7 +97,8 @@ function step(side: Side, pos: number): void {
   side.times.push(performance.now() - t);
 }
 
-const quantile = (xs: number[], f: number) => [...xs].sort((x, y) => x - y)[Math.min(xs.length - 1, Math.floor(xs.length * f))];
+const quantile = (xs: number[], f: number) =>
+  [...xs].sort((x, y) => x - y)[Math.min(xs.length - 1, Math.floor(xs.length * f))];
 const mean = (xs: number[]) => xs.reduce((x, y) => x + y, 0) / xs.length;
 const warmup = 20;
 const allRatios: number[] = [];
@@ -114,4 +130,6 @@ for (let round = 0; round < Number(values.rounds); round++) {
   A.engine.destroy();
   B.engine.destroy();
 }
-console.log(`${values.model}: B/A step time ${quantile(allRatios, 0.5).toFixed(4)} (median of ${allRatios.length} adjacent-step ratios over ${values.rounds} rounds, loading order alternated)`);
+console.log(
+  `${values.model}: B/A step time ${quantile(allRatios, 0.5).toFixed(4)} (median of ${allRatios.length} adjacent-step ratios over ${values.rounds} rounds, loading order alternated)`,
+);

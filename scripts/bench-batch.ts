@@ -21,7 +21,9 @@ const { values } = parseArgs({
   },
 });
 if (!values.model) {
-  console.error("usage: bun scripts/bench-batch.ts --model <path> [--concurrency 1,8,32] [--prompt-tokens 64] [--output-tokens 128]");
+  console.error(
+    "usage: bun scripts/bench-batch.ts --model <path> [--concurrency 1,8,32] [--prompt-tokens 64] [--output-tokens 128]",
+  );
   process.exit(2);
 }
 const levels = values.concurrency!.split(",").map(Number);
@@ -52,7 +54,12 @@ async function level(n: number) {
       const t0 = performance.now();
       let last = t0;
       let first = true;
-      for await (const out of engine.addRequest(prompt(i), { ...DEFAULT_SAMPLING, temperature: 0, ignoreEos: true, maxTokens: outputTokens })) {
+      for await (const out of engine.addRequest(prompt(i), {
+        ...DEFAULT_SAMPLING,
+        temperature: 0,
+        ignoreEos: true,
+        maxTokens: outputTokens,
+      })) {
         if (out.error) throw new Error(out.error);
         if (out.newTokenIds.length === 0) continue;
         const now = performance.now();
@@ -65,7 +72,14 @@ async function level(n: number) {
     }),
   );
   const seconds = (performance.now() - start) / 1000;
-  return { n, tokS: tokens / seconds, ttftP50: pct(ttft, 50), ttftP99: pct(ttft, 99), itlP50: pct(itl, 50), itlP99: pct(itl, 99) };
+  return {
+    n,
+    tokS: tokens / seconds,
+    ttftP50: pct(ttft, 50),
+    ttftP99: pct(ttft, 99),
+    itlP50: pct(itl, 50),
+    itlP99: pct(itl, 99),
+  };
 }
 
 await level(2); // warm-up
@@ -74,7 +88,9 @@ for (const n of levels) rows.push(await level(n));
 await engine.shutdown();
 const single = rows.find((r) => r.n === 1)?.tokS;
 const cpu = cpus()[0]?.model ?? "unknown CPU";
-console.log(`${values.model} (${engine.model.spec.dtype}) on ${cpu}, ${threads} threads, prompt ${promptTokens}, output ${outputTokens} tokens`);
+console.log(
+  `${values.model} (${engine.model.spec.dtype}) on ${cpu}, ${threads} threads, prompt ${promptTokens}, output ${outputTokens} tokens`,
+);
 for (const r of rows) {
   console.log(
     `concurrency ${String(r.n).padStart(3)}: ${r.tokS.toFixed(1).padStart(8)} output tok/s` +

@@ -29,7 +29,9 @@ const { values } = parseArgs({
   },
 });
 if (!values.model?.endsWith(".gguf")) {
-  console.error("usage: bun scripts/bench-peer.ts --model model.gguf [--threads N] [--prompt-tokens 512] [--decode-tokens 128] [--runs 3]");
+  console.error(
+    "usage: bun scripts/bench-peer.ts --model model.gguf [--threads N] [--prompt-tokens 512] [--decode-tokens 128] [--runs 3]",
+  );
   process.exit(2);
 }
 const model = resolve(values.model);
@@ -44,7 +46,21 @@ const peerDir = join(root, ".bench", "peer");
 if (!existsSync(join(peerDir, "node_modules", "node-llama-cpp"))) {
   mkdirSync(peerDir, { recursive: true });
   console.error("installing node-llama-cpp@3.21.1 (CPU build) into .bench/peer ...");
-  const r = spawnSync("npm", ["install", "--prefix", peerDir, "--no-audit", "--no-fund", "--omit=optional", "--ignore-scripts", "node-llama-cpp@3.21.1", "@node-llama-cpp/linux-x64@3.21.1"], { stdio: "inherit" });
+  const r = spawnSync(
+    "npm",
+    [
+      "install",
+      "--prefix",
+      peerDir,
+      "--no-audit",
+      "--no-fund",
+      "--omit=optional",
+      "--ignore-scripts",
+      "node-llama-cpp@3.21.1",
+      "@node-llama-cpp/linux-x64@3.21.1",
+    ],
+    { stdio: "inherit" },
+  );
   if (r.status !== 0) process.exit(1);
 }
 
@@ -59,7 +75,18 @@ interface Run {
 }
 
 function peer(): Run {
-  const r = spawnSync("node", [join(peerDir, "peer-llama.mjs"), model, String(threads), String(promptTokens), String(decodeTokens), String(batch)], { encoding: "utf8", cwd: peerDir });
+  const r = spawnSync(
+    "node",
+    [
+      join(peerDir, "peer-llama.mjs"),
+      model,
+      String(threads),
+      String(promptTokens),
+      String(decodeTokens),
+      String(batch),
+    ],
+    { encoding: "utf8", cwd: peerDir },
+  );
   const line = r.stdout.trim().split("\n").pop() ?? "";
   if (r.status !== 0 || !line.startsWith("{")) throw new Error(`llama.cpp run failed: ${r.stderr.slice(-2000)}`);
   return JSON.parse(line);
@@ -81,7 +108,12 @@ async function ours(): Promise<Run> {
   let n = 0;
   t0 = 0;
   const tokens: number[] = [];
-  for await (const out of engine.addRequest([1], { ...DEFAULT_SAMPLING, temperature: 0, ignoreEos: true, maxTokens: decodeTokens })) {
+  for await (const out of engine.addRequest([1], {
+    ...DEFAULT_SAMPLING,
+    temperature: 0,
+    ignoreEos: true,
+    maxTokens: decodeTokens,
+  })) {
     if (n === 0) t0 = performance.now();
     n += out.newTokenIds.length;
     tokens.push(...out.newTokenIds);
@@ -94,7 +126,13 @@ async function ours(): Promise<Run> {
     let total = 0;
     await Promise.all(
       Array.from({ length: batch }, async (_, i) => {
-        for await (const out of engine.addRequest([1, 300 + i, 400 + i, 500 + i], { ...DEFAULT_SAMPLING, temperature: 0, ignoreEos: true, maxTokens: decodeTokens })) total += out.newTokenIds.length;
+        for await (const out of engine.addRequest([1, 300 + i, 400 + i, 500 + i], {
+          ...DEFAULT_SAMPLING,
+          temperature: 0,
+          ignoreEos: true,
+          maxTokens: decodeTokens,
+        }))
+          total += out.newTokenIds.length;
       }),
     );
     batchTokS = total / ((performance.now() - t0) / 1000);
@@ -109,9 +147,15 @@ async function ours(): Promise<Run> {
 function bandwidthGBs(): { gbs: number; copy: number | null; how: string } {
   const probe = resolve(root, "..", "shared", "tools", "membw.c");
   const bin = join(root, ".bench", "membw");
-  if (existsSync(probe) && (existsSync(bin) || spawnSync("gcc", ["-O3", "-march=native", "-fopenmp", probe, "-o", bin]).status === 0)) {
+  if (
+    existsSync(probe) &&
+    (existsSync(bin) || spawnSync("gcc", ["-O3", "-march=native", "-fopenmp", probe, "-o", bin]).status === 0)
+  ) {
     // 1 GiB per array: far past the caches, without pushing the loaded models out of memory.
-    const r = spawnSync(bin, ["1024", "5"], { encoding: "utf8", env: { ...process.env, OMP_NUM_THREADS: String(threads) } });
+    const r = spawnSync(bin, ["1024", "5"], {
+      encoding: "utf8",
+      env: { ...process.env, OMP_NUM_THREADS: String(threads) },
+    });
     const m = /read=([\d.]+) GB\/s copy\(r\+w\)=([\d.]+) GB\/s/.exec(r.stdout);
     if (m) return { gbs: Number(m[1]), copy: Number(m[2]), how: "membw.c read" };
   }
@@ -145,15 +189,25 @@ for (let r = 0; r < runs; r++) {
 }
 await engine.shutdown();
 const med = (xs: number[]) => [...xs].sort((x, y) => x - y)[Math.floor(xs.length / 2)];
-const us = { pp: med(a.map((x) => x.prefill_tok_s)), tg: med(a.map((x) => x.decode_tok_s)), batch: med(a.map((x) => x.batch_tok_s)) };
-const them = { pp: med(b.map((x) => x.prefill_tok_s)), tg: med(b.map((x) => x.decode_tok_s)), batch: med(b.map((x) => x.batch_tok_s)) };
+const us = {
+  pp: med(a.map((x) => x.prefill_tok_s)),
+  tg: med(a.map((x) => x.decode_tok_s)),
+  batch: med(a.map((x) => x.batch_tok_s)),
+};
+const them = {
+  pp: med(b.map((x) => x.prefill_tok_s)),
+  tg: med(b.map((x) => x.decode_tok_s)),
+  batch: med(b.map((x) => x.batch_tok_s)),
+};
 // Greedy agreement after BOS: a check that both read the same weights the same way
 // (llama.cpp quantizes activations and keeps an f16 KV cache, so a near-tie may differ).
 let agree = 0;
 while (agree < 16 && a[0].tokens[agree] === b[0].tokens[agree]) agree++;
 // A decode step reads every matrix once, but only one row of the embedding table.
 const spec = engine.model.spec;
-const weightBytes = spec.tensors.filter((t) => t.role !== Role.TOKEN_EMBD || spec.config.tieWordEmbeddings).reduce((n, t) => n + t.sizeBytes, 0);
+const weightBytes = spec.tensors
+  .filter((t) => t.role !== Role.TOKEN_EMBD || spec.config.tieWordEmbeddings)
+  .reduce((n, t) => n + t.sizeBytes, 0);
 const bw = med(probes.map((p) => p.gbs));
 const how = `${probes[0].how}, median of ${probes.length}: ${probes.map((p) => p.gbs.toFixed(1)).join(", ")}`;
 const roofline = (bw * 1e9) / weightBytes;
@@ -172,7 +226,9 @@ console.log(
   `${values.model} on ${cpus()[0]?.model ?? "CPU"}, ${threads} threads, medians of ${runs}: ` +
     `pp${promptTokens} inferneo ${us.pp.toFixed(1)} vs llama.cpp ${them.pp.toFixed(1)} tok/s (${(us.pp / them.pp).toFixed(2)}x); ` +
     `tg${decodeTokens} inferneo ${us.tg.toFixed(1)} vs llama.cpp ${them.tg.toFixed(1)} tok/s (${(us.tg / them.tg).toFixed(2)}x); ` +
-    (batch > 0 ? `batched x${batch} inferneo ${us.batch.toFixed(1)} vs llama.cpp ${them.batch.toFixed(1)} tok/s (${(us.batch / them.batch).toFixed(2)}x); ` : "") +
+    (batch > 0
+      ? `batched x${batch} inferneo ${us.batch.toFixed(1)} vs llama.cpp ${them.batch.toFixed(1)} tok/s (${(us.batch / them.batch).toFixed(2)}x); `
+      : "") +
     `bandwidth ${bw.toFixed(1)} GB/s (${how}), ${(weightBytes / 1e6).toFixed(0)} MB read per token, decode roofline ${roofline.toFixed(1)} tok/s (inferneo at ${((100 * us.tg) / roofline).toFixed(0)}%); ` +
     (copyRoofline !== null
       ? `on the copy bandwidth (median ${med(copies).toFixed(1)} GB/s: ${copies.map((c) => c.toFixed(1)).join(", ")}) ${copyRoofline.toFixed(1)} tok/s (inferneo at ${((100 * us.tg) / copyRoofline).toFixed(0)}%); `

@@ -28,7 +28,16 @@ let baseUrl = values["base-url"];
 let stopServer: (() => Promise<void>) | null = null;
 if (values.serve) {
   const { parseServeArgs, serveConfig, startServer } = await import("../src/server/serve.ts");
-  const args = ["--model", values.serve, "--port", "0", "--served-model-name", values.model ?? "bench", "--max-num-seqs", String(Math.max(8, Number(values["max-concurrency"])))];
+  const args = [
+    "--model",
+    values.serve,
+    "--port",
+    "0",
+    "--served-model-name",
+    values.model ?? "bench",
+    "--max-num-seqs",
+    String(Math.max(8, Number(values["max-concurrency"]))),
+  ];
   if (values.threads) args.push("--threads", values.threads);
   if (values.dtype) args.push("--dtype", values.dtype);
   const s = await startServer(serveConfig(parseServeArgs(args, {})), () => {});
@@ -36,10 +45,13 @@ if (values.serve) {
   stopServer = () => s.stop("done");
 }
 if (!baseUrl) {
-  console.error("usage: bun scripts/bench-serve.ts (--base-url URL --model M | --serve <model path>) [--num-prompts N] [--max-concurrency N] [--request-rate R]");
+  console.error(
+    "usage: bun scripts/bench-serve.ts (--base-url URL --model M | --serve <model path>) [--num-prompts N] [--max-concurrency N] [--request-rate R]",
+  );
   process.exit(2);
 }
-const model = values.model ?? ((await (await fetch(`${baseUrl}/v1/models`)).json()) as { data: { id: string }[] }).data[0].id;
+const model =
+  values.model ?? ((await (await fetch(`${baseUrl}/v1/models`)).json()) as { data: { id: string }[] }).data[0].id;
 const numPrompts = Number(values["num-prompts"]);
 const maxConcurrency = Number(values["max-concurrency"]);
 const rate = values["request-rate"] === "inf" ? Infinity : Number(values["request-rate"]);
@@ -48,7 +60,10 @@ const outputLen = Number(values["output-len"]);
 let state = Number(values.seed) * 7919 + 17;
 const rand = () => (state = (state * 1103515245 + 12345) % 2 ** 31) / 2 ** 31;
 const vocab = 259 + 200; // ids past the byte tokens, inside any Llama vocabulary
-const prompts = Array.from({ length: numPrompts }, () => [1, ...Array.from({ length: inputLen - 1 }, () => 259 + Math.floor(rand() * (vocab - 259)))]);
+const prompts = Array.from({ length: numPrompts }, () => [
+  1,
+  ...Array.from({ length: inputLen - 1 }, () => 259 + Math.floor(rand() * (vocab - 259))),
+]);
 // Byte tokens are banned so that random-weight models produce whole UTF-8 (as llama-server needs).
 const logitBias = Object.fromEntries(Array.from({ length: 256 }, (_, i) => [String(i + 3), -100]));
 
@@ -65,14 +80,25 @@ async function one(prompt: number[]): Promise<Result> {
   const res = await fetch(`${baseUrl}/v1/completions`, {
     method: "POST",
     headers: { "content-type": "application/json" },
-    body: JSON.stringify({ model, prompt, max_tokens: outputLen, temperature: 0, ignore_eos: true, stream: true, stream_options: { include_usage: true }, logit_bias: logitBias }),
+    body: JSON.stringify({
+      model,
+      prompt,
+      max_tokens: outputLen,
+      temperature: 0,
+      ignore_eos: true,
+      stream: true,
+      stream_options: { include_usage: true },
+      logit_bias: logitBias,
+    }),
   });
   if (!res.ok || !res.body) return { ok: false, ttftMs: 0, itlMs: [], latencyMs: 0, outputTokens: 0 };
   let last = t0;
   let ttft = 0;
   const itl: number[] = [];
   let tokens = 0;
-  for await (const chunk of parseSse<{ choices: { text: string }[]; usage?: { completion_tokens: number } }>(res.body)) {
+  for await (const chunk of parseSse<{ choices: { text: string }[]; usage?: { completion_tokens: number } }>(
+    res.body,
+  )) {
     if (chunk.usage) tokens = chunk.usage.completion_tokens;
     if (chunk.choices.length === 0) continue;
     const now = performance.now();
@@ -109,7 +135,8 @@ const stats = (xs: number[]) => {
   const at = (p: number) => s[Math.min(s.length - 1, Math.floor(p * s.length))] ?? NaN;
   return { mean: s.reduce((a, b) => a + b, 0) / Math.max(1, s.length), p50: at(0.5), p99: at(0.99) };
 };
-const fmt = (x: { mean: number; p50: number; p99: number }) => `mean ${x.mean.toFixed(1)} p50 ${x.p50.toFixed(1)} p99 ${x.p99.toFixed(1)} ms`;
+const fmt = (x: { mean: number; p50: number; p99: number }) =>
+  `mean ${x.mean.toFixed(1)} p50 ${x.p50.toFixed(1)} p99 ${x.p99.toFixed(1)} ms`;
 const outputTokens = ok.reduce((a, r) => a + r.outputTokens, 0);
 const tpot = ok.filter((r) => r.outputTokens > 1).map((r) => (r.latencyMs - r.ttftMs) / (r.outputTokens - 1));
 console.log(

@@ -21,7 +21,9 @@ const { values } = parseArgs({
   },
 });
 if (!values.model) {
-  console.error("usage: bun scripts/bench-step.ts --model <hf folder | file.gguf> [--decode-tokens 128] [--runs 3] [--threads N] [--dtype auto|bfloat16]");
+  console.error(
+    "usage: bun scripts/bench-step.ts --model <hf folder | file.gguf> [--decode-tokens 128] [--runs 3] [--threads N] [--dtype auto|bfloat16]",
+  );
   process.exit(2);
 }
 
@@ -45,7 +47,8 @@ const engine = await LLMEngine.create(values.model, {
   enablePrefixCaching: false,
   computeDtype: values.dtype === "bfloat16" || values.dtype === "bf16" ? "bf16" : "f32",
 });
-const quantile = (xs: number[], f: number) => [...xs].sort((a, b) => a - b)[Math.min(xs.length - 1, Math.floor(xs.length * f))];
+const quantile = (xs: number[], f: number) =>
+  [...xs].sort((a, b) => a - b)[Math.min(xs.length - 1, Math.floor(xs.length * f))];
 const mean = (xs: number[]) => xs.reduce((a, b) => a + b, 0) / xs.length;
 const ms = (x: number) => `${x.toFixed(2)} ms`;
 // A warm-up run first: it commits the KV pages the measured runs reuse.
@@ -55,7 +58,12 @@ for (let run = 0; run <= Number(values.runs); run++) {
   lastResolved = 0;
   let n = 0;
   let first = 0;
-  for await (const out of engine.addRequest([1, 300, 400], { ...DEFAULT_SAMPLING, temperature: 0, ignoreEos: true, maxTokens: Number(values["decode-tokens"]) })) {
+  for await (const out of engine.addRequest([1, 300, 400], {
+    ...DEFAULT_SAMPLING,
+    temperature: 0,
+    ignoreEos: true,
+    maxTokens: Number(values["decode-tokens"]),
+  })) {
     if (n === 0) first = performance.now();
     n += out.newTokenIds.length;
   }

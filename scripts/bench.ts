@@ -21,7 +21,9 @@ const { values } = parseArgs({
   },
 });
 if (!values.model) {
-  console.error("usage: bun run bench --model <hf folder | file.gguf> [--prompt-tokens 128,512] [--batch 1,8,16,32] [--decode-tokens 64] [--threads N] [--runs N]");
+  console.error(
+    "usage: bun run bench --model <hf folder | file.gguf> [--prompt-tokens 128,512] [--batch 1,8,16,32] [--decode-tokens 64] [--threads N] [--runs N]",
+  );
   process.exit(2);
 }
 const requestedLengths = values["prompt-tokens"]!.split(",").map(Number);
@@ -40,7 +42,8 @@ const engine = await LLMEngine.create(values.model, {
 // A prompt must leave room for the one token it is timed to: at most max_model_len - 1.
 const promptLengths = requestedLengths.map((l) => Math.min(l, engine.maxModelLen - 1));
 const vocab = engine.model.spec.config.vocabSize;
-const prompt = (length: number, salt: number) => syntheticPrompt(length, vocab, 12345 + salt, engine.model.spec.bosTokenId ?? 1);
+const prompt = (length: number, salt: number) =>
+  syntheticPrompt(length, vocab, 12345 + salt, engine.model.spec.bosTokenId ?? 1);
 const greedy = { ...DEFAULT_SAMPLING, temperature: 0, ignoreEos: true, seed: 0 };
 const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
 
@@ -86,4 +89,6 @@ for (const n of batches) {
 }
 const c = engine.model.spec.config;
 await engine.shutdown();
-console.log(`${values.model} (${engine.model.spec.dtype}, ${c.numLayers}x${c.hiddenSize}) on ${cpus()[0]?.model ?? "CPU"}, ${threads} threads, medians of ${runs}: ${parts.join(", ")}`);
+console.log(
+  `${values.model} (${engine.model.spec.dtype}, ${c.numLayers}x${c.hiddenSize}) on ${cpus()[0]?.model ?? "CPU"}, ${threads} threads, medians of ${runs}: ${parts.join(", ")}`,
+);

@@ -24,7 +24,7 @@ let state = 12345;
 const prompt = [1];
 while (prompt.length < promptTokens) {
   state = (state * 1103515245 + 12345) % 2 ** 31;
-  prompt.push(259 + (state % Math.max(1, model.tokens.count ?? 32000) % (32000 - 259)));
+  prompt.push(259 + ((state % Math.max(1, model.tokens.count ?? 32000)) % (32000 - 259)));
 }
 const t0 = performance.now();
 await sequence.evaluateWithoutGeneratingNewTokens(prompt);
@@ -71,6 +71,13 @@ if (batch > 0) {
   batchTokS = total / ((performance.now() - t) / 1000);
   await shared.dispose();
 }
-console.log(JSON.stringify({ prefill_tok_s: promptTokens / prefillS, decode_tok_s: (n - 1) / decodeS, batch_tok_s: batchTokS, tokens: tokens.slice(0, 16) }));
+console.log(
+  JSON.stringify({
+    prefill_tok_s: promptTokens / prefillS,
+    decode_tok_s: (n - 1) / decodeS,
+    batch_tok_s: batchTokS,
+    tokens: tokens.slice(0, 16),
+  }),
+);
 await model.dispose();
 await llama.dispose();

@@ -17,7 +17,8 @@ import { checkBody } from "./server/validation.ts";
 /** A prompts-file line, checked as an HTTP body is: unknown keys and bad values are refused by name. */
 function checkPromptLine(value: unknown): OfflinePrompt {
   const line = checkBody(PromptsFileLine, value, "line");
-  if ((line.prompt === undefined) === (line.messages === undefined)) throw new Error("each line needs a prompt (a string or token ids) or messages, not both");
+  if ((line.prompt === undefined) === (line.messages === undefined))
+    throw new Error("each line needs a prompt (a string or token ids) or messages, not both");
   return line as OfflinePrompt;
 }
 
@@ -85,7 +86,8 @@ async function generate(argv: string[]): Promise<number> {
     return 0;
   }
   if (!values.model) throw new UsageError("--model is required");
-  if (values.prompt === undefined && values["prompts-file"] === undefined) throw new UsageError("--prompt or --prompts-file is required");
+  if (values.prompt === undefined && values["prompts-file"] === undefined)
+    throw new UsageError("--prompt or --prompts-file is required");
   const params: SamplingParams = {
     ...DEFAULT_SAMPLING,
     maxTokens: intFlag(values["max-tokens"], "max-tokens", 1) ?? 128,
@@ -105,7 +107,9 @@ async function generate(argv: string[]): Promise<number> {
       const results = await runOffline(engine, prompts, params, write);
       if (out) await new Promise<void>((resolve) => out.end(resolve));
       const failed = results.filter((r) => r.error).length;
-      process.stderr.write(`${results.length - failed} of ${results.length} prompts completed${values.output ? `, results in ${values.output}` : ""}\n`);
+      process.stderr.write(
+        `${results.length - failed} of ${results.length} prompts completed${values.output ? `, results in ${values.output}` : ""}\n`,
+      );
       return failed > 0 ? 1 : 0;
     } finally {
       await engine.shutdown();
@@ -116,7 +120,9 @@ async function generate(argv: string[]): Promise<number> {
   try {
     if (values.prompt === undefined) throw new UsageError("--prompt is required");
     const tok = engine.model.tokenizer;
-    const promptIds = values.chat ? tok.applyChatTemplate([{ role: "user", content: values.prompt }]).ids : tok.encode(values.prompt);
+    const promptIds = values.chat
+      ? tok.applyChatTemplate([{ role: "user", content: values.prompt }]).ids
+      : tok.encode(values.prompt);
     const t0 = performance.now();
     let tFirst = 0;
     let generated = 0;
@@ -140,11 +146,20 @@ async function generate(argv: string[]): Promise<number> {
 }
 
 function quantizeCommand(argv: string[]): number {
-  const { values, positionals } = parseArgs({ args: argv, options: { type: { type: "string", default: "q8_0" } }, allowPositionals: true, strict: true });
+  const { values, positionals } = parseArgs({
+    args: argv,
+    options: { type: { type: "string", default: "q8_0" } },
+    allowPositionals: true,
+    strict: true,
+  });
   const type = values.type as QuantType;
   if (positionals.length !== 2) throw new UsageError("quantize takes an input and an output .gguf path");
   if (!QUANT_TYPES.includes(type)) throw new UsageError(`--type must be one of ${QUANT_TYPES.join(", ")}`);
-  const { quantized, kept } = quantizeGguf(positionals[0], positionals[1], type, (done, total) => process.stderr.write(`\rquantizing [${"#".repeat(Math.round((done / total) * 30)).padEnd(30, ".")}] ${done}/${total} tensors`));
+  const { quantized, kept } = quantizeGguf(positionals[0], positionals[1], type, (done, total) =>
+    process.stderr.write(
+      `\rquantizing [${"#".repeat(Math.round((done / total) * 30)).padEnd(30, ".")}] ${done}/${total} tensors`,
+    ),
+  );
   process.stderr.write(`\n${positionals[1]}: ${quantized} tensors in ${type}, ${kept} kept as they were\n`);
   return 0;
 }
@@ -171,11 +186,20 @@ export async function main(argv: string[]): Promise<number> {
         throw new UsageError(`unknown command '${command}'`);
     }
   } catch (e) {
-    if (e instanceof UsageError || e instanceof ConfigError || (e instanceof TypeError && "code" in e && String(e.code).startsWith("ERR_PARSE_ARGS"))) {
+    if (
+      e instanceof UsageError ||
+      e instanceof ConfigError ||
+      (e instanceof TypeError && "code" in e && String(e.code).startsWith("ERR_PARSE_ARGS"))
+    ) {
       process.stderr.write(`inferneo: ${(e as Error).message}\n\n${USAGE}`);
       return 2;
     }
-    if (e instanceof ModelLoadError || e instanceof InvalidRequestError || e instanceof EngineError || e instanceof PromptsFileError) {
+    if (
+      e instanceof ModelLoadError ||
+      e instanceof InvalidRequestError ||
+      e instanceof EngineError ||
+      e instanceof PromptsFileError
+    ) {
       process.stderr.write(`inferneo: ${e.message}\n`);
       return 1;
     }

@@ -43,7 +43,6 @@ export const FLAGS = {
 export type Key = keyof typeof FLAGS;
 export type Values = Partial<Record<Key, string | number | boolean | string[]>>;
 
-
 /** The engine options, as both commands' usage texts list them. */
 export const ENGINE_USAGE = `engine options (serve and generate; in a config file as snake_case keys):
   --threads N           compute threads (default: all cores)
@@ -80,7 +79,8 @@ export function argOptions(keys: readonly Key[]): Record<string, ArgOption> {
   for (const key of keys) {
     const kind = FLAGS[key];
     const flag = key.replaceAll("_", "-");
-    options[flag] = kind === "bool" ? { type: "boolean" } : kind === "list" ? { type: "string", multiple: true } : { type: "string" };
+    options[flag] =
+      kind === "bool" ? { type: "boolean" } : kind === "list" ? { type: "string", multiple: true } : { type: "string" };
     if (kind === "bool") options[`no-${flag}`] = { type: "boolean" };
   }
   return options;
@@ -116,13 +116,15 @@ export function coerce(key: Key, v: unknown, from: "flag" | "config"): string | 
       return v;
     case "int": {
       const n = num(v);
-      if (!Number.isInteger(n) || n < 0) throw new ConfigError(`${name} must be a non-negative integer, got ${JSON.stringify(v)}`);
+      if (!Number.isInteger(n) || n < 0)
+        throw new ConfigError(`${name} must be a non-negative integer, got ${JSON.stringify(v)}`);
       if (key === "port" && n > 65535) throw new ConfigError(`${name} must be a port number (0-65535), got ${n}`);
       return n;
     }
     case "float": {
       const n = num(v);
-      if (!Number.isFinite(n) || n < 0) throw new ConfigError(`${name} must be a non-negative number, got ${JSON.stringify(v)}`);
+      if (!Number.isFinite(n) || n < 0)
+        throw new ConfigError(`${name} must be a non-negative number, got ${JSON.stringify(v)}`);
       return n;
     }
     case "bytes":
@@ -133,7 +135,8 @@ export function coerce(key: Key, v: unknown, from: "flag" | "config"): string | 
       return v;
     case "list": {
       const list = Array.isArray(v) ? v : [v];
-      if (!list.every((x) => typeof x === "string" && x !== "")) throw new ConfigError(`${name} must be a string or a list of strings`);
+      if (!list.every((x) => typeof x === "string" && x !== ""))
+        throw new ConfigError(`${name} must be a string or a list of strings`);
       return list as string[];
     }
   }
@@ -147,7 +150,8 @@ export function readConfigFile(path: string): Values {
     throw new ConfigError(`${path}: ${(e as Error).message.split("\n")[0]}`);
   }
   if (doc === null || doc === undefined) return {};
-  if (typeof doc !== "object" || Array.isArray(doc)) throw new ConfigError(`${path}: expected a mapping of option: value`);
+  if (typeof doc !== "object" || Array.isArray(doc))
+    throw new ConfigError(`${path}: expected a mapping of option: value`);
   const out: Values = {};
   for (const [k, v] of Object.entries(doc)) {
     if (!(k in FLAGS)) throw new ConfigError(`${path}: unknown key '${k}' (see \`inferneo serve --help\`)`);
@@ -161,7 +165,6 @@ export function readConfigFile(path: string): Values {
   }
   return out;
 }
-
 
 /** Engine options from option values: dtypes by name, and the minimums each needs. */
 export function engineOptionsOf(v: Values): Partial<EngineOptions> {
@@ -178,7 +181,8 @@ export function engineOptionsOf(v: Values): Partial<EngineOptions> {
   set("kvCacheMemoryBytes", v.kv_cache_memory);
   if (v.kv_cache_dtype !== undefined) {
     const d = v.kv_cache_dtype === "auto" ? "f32" : v.kv_cache_dtype;
-    if (d !== "f32" && d !== "f16") throw new ConfigError(`kv_cache_dtype must be auto, f32 or f16, got '${String(v.kv_cache_dtype)}'`);
+    if (d !== "f32" && d !== "f16")
+      throw new ConfigError(`kv_cache_dtype must be auto, f32 or f16, got '${String(v.kv_cache_dtype)}'`);
     engine.kvCacheDtype = d;
   }
   if (v.dtype !== undefined) {
@@ -188,9 +192,17 @@ export function engineOptionsOf(v: Values): Partial<EngineOptions> {
   }
   set("enablePrefixCaching", v.enable_prefix_caching);
   set("threads", v.threads);
-  for (const [k, min] of [["maxNumSeqs", 1], ["maxNumBatchedTokens", 1], ["blockSizeTokens", 1], ["threads", 1], ["maxModelLen", 1], ["numBlocksOverride", 1]] as const) {
+  for (const [k, min] of [
+    ["maxNumSeqs", 1],
+    ["maxNumBatchedTokens", 1],
+    ["blockSizeTokens", 1],
+    ["threads", 1],
+    ["maxModelLen", 1],
+    ["numBlocksOverride", 1],
+  ] as const) {
     const x = engine[k];
-    if (x !== undefined && (x as number) < min) throw new ConfigError(`${k.replace(/[A-Z]/g, (c) => `_${c.toLowerCase()}`)} must be at least ${min}`);
+    if (x !== undefined && (x as number) < min)
+      throw new ConfigError(`${k.replace(/[A-Z]/g, (c) => `_${c.toLowerCase()}`)} must be at least ${min}`);
   }
   return engine;
 }

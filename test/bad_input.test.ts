@@ -85,7 +85,9 @@ describe("model loading refuses", () => {
     const cfg = JSON.parse(readFileSync(join(d, "config.json"), "utf8"));
     cfg.intermediate_size = 160;
     writeFileSync(join(d, "config.json"), JSON.stringify(cfg));
-    expect(await loadError(d)).toMatch(/tensor model\.layers\.0\.mlp\.gate_proj\.weight has shape \(172, 64\) but the config needs \(160, 64\)/);
+    expect(await loadError(d)).toMatch(
+      /tensor model\.layers\.0\.mlp\.gate_proj\.weight has shape \(172, 64\) but the config needs \(160, 64\)/,
+    );
   });
 
   test("an unsupported dtype, naming it", async () => {
@@ -93,8 +95,14 @@ describe("model loading refuses", () => {
     writeSafetensors(join(d, "model.safetensors"), weights, "f32");
     const raw = readFileSync(join(d, "model.safetensors"));
     const n = Number(raw.readBigUInt64LE(0));
-    const header = raw.subarray(8, 8 + n).toString().replace('"F32"', '"I32"');
-    writeFileSync(join(d, "model.safetensors"), Buffer.concat([raw.subarray(0, 8), Buffer.from(header), raw.subarray(8 + n)]));
+    const header = raw
+      .subarray(8, 8 + n)
+      .toString()
+      .replace('"F32"', '"I32"');
+    writeFileSync(
+      join(d, "model.safetensors"),
+      Buffer.concat([raw.subarray(0, 8), Buffer.from(header), raw.subarray(8 + n)]),
+    );
     expect(await loadError(d)).toMatch(/has dtype I32, which is not supported/);
   });
 
@@ -119,22 +127,45 @@ describe("model loading refuses", () => {
 
   test("a hub id that is not cached, offline, with a hint to pass a path", async () => {
     const env = { HF_HOME: join(dir, "hf-home"), HF_HUB_OFFLINE: "1" };
-    await expect(resolveModel("someorg/some-model", env)).rejects.toThrow(/not in the Hugging Face cache .* pass a local path instead/);
+    await expect(resolveModel("someorg/some-model", env)).rejects.toThrow(
+      /not in the Hugging Face cache .* pass a local path instead/,
+    );
     // Not offline but the hub is unreachable: the same kind of one-line answer.
     const unreachable = { HF_HOME: join(dir, "hf-home"), HF_ENDPOINT: "http://127.0.0.1:9" };
-    await expect(resolveModel("someorg/some-model", unreachable)).rejects.toThrow(/could not be reached .* pass a local path instead/);
+    await expect(resolveModel("someorg/some-model", unreachable)).rejects.toThrow(
+      /could not be reached .* pass a local path instead/,
+    );
   });
 
   test("the engine itself refuses a wrong shape and a truncated file that slipped past TypeScript", async () => {
     const spec = specFromHfFolder(good);
-    const config = { numBlocks: 8, blockSizeTokens: 16, maxNumBatchedTokens: 64, maxNumSeqs: 2, maxBlocksPerSeq: 16, numThreads: 1, kvCacheDtype: DType.F32, computeDtype: DType.F32 };
-    const badShape = spec.tensors.map((t) => (t.name.endsWith("layers.1.self_attn.k_proj.weight") ? { ...t, rows: t.rows * 2, sizeBytes: t.sizeBytes * 2 } : t));
-    expect(() => new NativeEngine(spec.config, config, spec.files, badShape)).toThrow(/shape mismatch: tensor attn_k \(layer 1\) has shape \(64, 64\); the config needs \(32, 64\)/);
-    const pastEnd = spec.tensors.map((t) => (t.name === "model.norm.weight" ? { ...t, offset: t.offset + 10_000_000 } : t));
+    const config = {
+      numBlocks: 8,
+      blockSizeTokens: 16,
+      maxNumBatchedTokens: 64,
+      maxNumSeqs: 2,
+      maxBlocksPerSeq: 16,
+      numThreads: 1,
+      kvCacheDtype: DType.F32,
+      computeDtype: DType.F32,
+    };
+    const badShape = spec.tensors.map((t) =>
+      t.name.endsWith("layers.1.self_attn.k_proj.weight") ? { ...t, rows: t.rows * 2, sizeBytes: t.sizeBytes * 2 } : t,
+    );
+    expect(() => new NativeEngine(spec.config, config, spec.files, badShape)).toThrow(
+      /shape mismatch: tensor attn_k \(layer 1\) has shape \(64, 64\); the config needs \(32, 64\)/,
+    );
+    const pastEnd = spec.tensors.map((t) =>
+      t.name === "model.norm.weight" ? { ...t, offset: t.offset + 10_000_000 } : t,
+    );
     expect(() => new NativeEngine(spec.config, config, spec.files, pastEnd)).toThrow(/past the end of its file/);
     const missing = spec.tensors.filter((t) => t.name !== "model.layers.0.mlp.up_proj.weight");
-    expect(() => new NativeEngine(spec.config, config, spec.files, missing)).toThrow(/missing tensor ffn_up \(layer 0\)/);
-    expect(() => new NativeEngine(spec.config, config, [join(dir, "nope.safetensors")], spec.tensors)).toThrow(/cannot map model file/);
+    expect(() => new NativeEngine(spec.config, config, spec.files, missing)).toThrow(
+      /missing tensor ffn_up \(layer 0\)/,
+    );
+    expect(() => new NativeEngine(spec.config, config, [join(dir, "nope.safetensors")], spec.tensors)).toThrow(
+      /cannot map model file/,
+    );
   });
 });
 

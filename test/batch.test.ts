@@ -41,12 +41,18 @@ describe("batching", () => {
     const alone: number[][] = [];
     {
       const engine = await LLMEngine.create(modelPath, { threads: 2, maxNumSeqs: 1 });
-      for (let i = 0; i < 8; i++) alone.push((await generate(engine, promptOf(PROMPT_LENGTHS[i], i), { maxTokens: MAX_TOKENS[i] })).ids);
+      for (let i = 0; i < 8; i++)
+        alone.push((await generate(engine, promptOf(PROMPT_LENGTHS[i], i), { maxTokens: MAX_TOKENS[i] })).ids);
       await engine.shutdown();
     }
 
     // A small token budget forces chunked prefill of the longer prompts.
-    const engine = await LLMEngine.create(modelPath, { threads: 2, maxNumSeqs: 8, maxNumBatchedTokens: 24, numBlocksOverride: 64 });
+    const engine = await LLMEngine.create(modelPath, {
+      threads: 2,
+      maxNumSeqs: 8,
+      maxNumBatchedTokens: 24,
+      numBlocksOverride: 64,
+    });
     try {
       // Scatter the free queue so block tables are not runs of consecutive ids.
       const all = engine.native.allocateBlocks(engine.numBlocks);
@@ -57,9 +63,12 @@ describe("batching", () => {
       let scatteredTables = 0;
       engine.stepObserver = (scheduled: readonly ScheduledRequest[]) => {
         const prefill = scheduled.some((s) => s.numNewTokens > 1);
-        const decode = scheduled.some((s) => s.numNewTokens === 1 && s.req.numComputedTokens >= s.req.promptTokenIds.length);
+        const decode = scheduled.some(
+          (s) => s.numNewTokens === 1 && s.req.numComputedTokens >= s.req.promptTokenIds.length,
+        );
         if (prefill && decode) mixedSteps += 1;
-        for (const s of scheduled) if (s.req.blockTable.some((b, k) => k > 0 && b !== s.req.blockTable[k - 1] + 1)) scatteredTables += 1;
+        for (const s of scheduled)
+          if (s.req.blockTable.some((b, k) => k > 0 && b !== s.req.blockTable[k - 1] + 1)) scatteredTables += 1;
       };
 
       const runs: Promise<{ ids: number[] }>[] = [];
@@ -81,13 +90,21 @@ describe("batching", () => {
   test("with a pool so small that requests are preempted, outputs are still identical", async () => {
     const alone: number[][] = [];
     const big = await LLMEngine.create(modelPath, { threads: 2, maxNumSeqs: 1 });
-    for (let i = 0; i < 6; i++) alone.push((await generate(big, promptOf(PROMPT_LENGTHS[i], i), { maxTokens: MAX_TOKENS[i] })).ids);
+    for (let i = 0; i < 6; i++)
+      alone.push((await generate(big, promptOf(PROMPT_LENGTHS[i], i), { maxTokens: MAX_TOKENS[i] })).ids);
     await big.shutdown();
 
     // 10 blocks of 16 tokens: six requests of up to 63 tokens cannot all stay resident.
-    const engine = await LLMEngine.create(modelPath, { threads: 2, maxNumSeqs: 6, maxNumBatchedTokens: 32, numBlocksOverride: 10 });
+    const engine = await LLMEngine.create(modelPath, {
+      threads: 2,
+      maxNumSeqs: 6,
+      maxNumBatchedTokens: 32,
+      numBlocksOverride: 10,
+    });
     try {
-      const together = await Promise.all(alone.map((_, i) => generate(engine, promptOf(PROMPT_LENGTHS[i], i), { maxTokens: MAX_TOKENS[i] })));
+      const together = await Promise.all(
+        alone.map((_, i) => generate(engine, promptOf(PROMPT_LENGTHS[i], i), { maxTokens: MAX_TOKENS[i] })),
+      );
       expect(together.map((r) => r.ids)).toEqual(alone);
       expect(engine.scheduler.numPreemptions).toBeGreaterThan(0);
       expect(engine.kv.numFreeBlocks).toBe(10);
@@ -102,7 +119,9 @@ describe("batching", () => {
       const params = { temperature: 0.9, topP: 0.95, seed: 1234, maxTokens: 24, ignoreEos: true };
       const prompt = promptOf(12, 99);
       const aloneIds = (await generate(engine, prompt, params)).ids;
-      const busy = [0, 1, 2, 3, 4].map((i) => generate(engine, promptOf(10 + 7 * i, i), { temperature: 1, maxTokens: 30 }));
+      const busy = [0, 1, 2, 3, 4].map((i) =>
+        generate(engine, promptOf(10 + 7 * i, i), { temperature: 1, maxTokens: 30 }),
+      );
       const inBatch = generate(engine, prompt, params);
       await Promise.all(busy);
       expect((await inBatch).ids).toEqual(aloneIds);

@@ -19,7 +19,17 @@ function run(args: string[]) {
 describe.skipIf(SHARED === null)("inferneo generate (stories260K)", () => {
   test("greedy from the HF folder prints the golden continuation and a figures line", () => {
     const g = goldens()[0];
-    const r = run(["generate", "--model", stories("hf"), "--prompt", g.prompt, "--max-tokens", "64", "--temperature", "0"]);
+    const r = run([
+      "generate",
+      "--model",
+      stories("hf"),
+      "--prompt",
+      g.prompt,
+      "--max-tokens",
+      "64",
+      "--temperature",
+      "0",
+    ]);
     expect(r.code).toBe(0);
     expect(g.completion_text_all!.startsWith(r.stdout.trimEnd())).toBe(true);
     expect(r.stdout.length).toBeGreaterThan(100);
@@ -29,7 +39,17 @@ describe.skipIf(SHARED === null)("inferneo generate (stories260K)", () => {
 
 describe("inferneo generate (the embedded stories260K GGUF)", () => {
   test("sampling from the GGUF with a seed repeats itself", () => {
-    const args = ["generate", "--model", EMBEDDED_GGUF, "--prompt", "Lily wanted to", "--max-tokens", "32", "--seed", "7"];
+    const args = [
+      "generate",
+      "--model",
+      EMBEDDED_GGUF,
+      "--prompt",
+      "Lily wanted to",
+      "--max-tokens",
+      "32",
+      "--seed",
+      "7",
+    ];
     const a = run(args);
     const b = run(args);
     expect(a.code).toBe(0);
@@ -44,11 +64,21 @@ describe("inferneo generate (the embedded stories260K GGUF)", () => {
       const input = join(dir, "prompts.jsonl");
       const output = join(dir, "results.jsonl");
       // Long ones first, so that they finish last and order has to be restored.
-      writeFileSync(input, cases.map((c, i) => JSON.stringify({ prompt: c.prompt_ids, max_tokens: 128 - i * 15, temperature: 0, ignore_eos: true })).join("\n") + "\n\n");
+      writeFileSync(
+        input,
+        cases
+          .map((c, i) =>
+            JSON.stringify({ prompt: c.prompt_ids, max_tokens: 128 - i * 15, temperature: 0, ignore_eos: true }),
+          )
+          .join("\n") + "\n\n",
+      );
       const r = run(["generate", "--model", EMBEDDED_GGUF, "--prompts-file", input, "--output", output]);
       expect(r.code).toBe(0);
       expect(r.stderr).toContain(`${cases.length} of ${cases.length} prompts completed`);
-      const results = readFileSync(output, "utf8").trim().split("\n").map((l) => JSON.parse(l));
+      const results = readFileSync(output, "utf8")
+        .trim()
+        .split("\n")
+        .map((l) => JSON.parse(l));
       expect(results.map((x) => x.index)).toEqual(cases.map((_, i) => i));
       results.forEach((x, i) => expect(x.token_ids).toEqual(cases[i].completion_ids.slice(0, 128 - i * 15)));
     } finally {
@@ -85,7 +115,10 @@ describe("inferneo errors", () => {
       for (const [line, message] of [
         ["{not json", `${input}:2: not valid JSON`],
         ['{"prompt": "x", "frobnicate": 1}', `${input}:2: Unrecognized request argument supplied: frobnicate`],
-        ['{"prompt": "x", "temperature": 9}', `${input}:2: Invalid value for 'temperature': 9 is not a number >= 0 and <= 2 or null.`],
+        [
+          '{"prompt": "x", "temperature": 9}',
+          `${input}:2: Invalid value for 'temperature': 9 is not a number >= 0 and <= 2 or null.`,
+        ],
         ['{"max_tokens": 3}', `${input}:2: each line needs a prompt (a string or token ids) or messages, not both`],
       ]) {
         writeFileSync(input, `{"prompt": "ok"}\n${line}\n`);

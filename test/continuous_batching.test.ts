@@ -49,7 +49,8 @@ describe("continuous batching", () => {
   beforeAll(async () => {
     const engine = await LLMEngine.create(modelPath, { threads: 2, maxNumSeqs: 1, enablePrefixCaching: false });
     alone = [];
-    for (let i = 0; i < 32; i++) alone.push((await generate(engine, promptOf(LENGTHS[i], i), { maxTokens: MAX_TOKENS[i] })).ids);
+    for (let i = 0; i < 32; i++)
+      alone.push((await generate(engine, promptOf(LENGTHS[i], i), { maxTokens: MAX_TOKENS[i] })).ids);
     await engine.shutdown();
   });
 
@@ -65,7 +66,12 @@ describe("continuous batching", () => {
 
   test("the same 32 with a pool too small to hold them: preempted, and still identical", async () => {
     // 40 blocks of 16 = 640 tokens for up to 16 requests of up to 430 tokens each.
-    const engine = await LLMEngine.create(modelPath, { threads: 2, maxNumSeqs: 16, maxNumBatchedTokens: 128, numBlocksOverride: 40 });
+    const engine = await LLMEngine.create(modelPath, {
+      threads: 2,
+      maxNumSeqs: 16,
+      maxNumBatchedTokens: 128,
+      numBlocksOverride: 40,
+    });
     try {
       expect(await staggered(engine)).toEqual(alone);
       expect(engine.scheduler.numPreemptions).toBeGreaterThan(0);
@@ -106,7 +112,9 @@ describe("prefix caching", () => {
     const engine = await LLMEngine.create(modelPath, { threads: 2, maxNumSeqs: 8 });
     try {
       const p = promptOf(100, 9); // six full blocks and a partial one
-      const outs = await Promise.all([0, 1, 2, 3].map((i) => generate(engine, p, { maxTokens: 6, temperature: 1, seed: i })));
+      const outs = await Promise.all(
+        [0, 1, 2, 3].map((i) => generate(engine, p, { maxTokens: 6, temperature: 1, seed: i })),
+      );
       const cached = outs.map((o) => o.last!.numCachedTokens).sort((a, b) => a - b);
       expect(cached).toEqual([0, 96, 96, 96]);
       expect(engine.kv.numFreeBlocks).toBe(engine.numBlocks);
@@ -200,7 +208,12 @@ describe("sampling controls", () => {
 
 describe("bounds and aborts", () => {
   test("200 requests, a third aborted while waiting, mid-prefill or mid-decode: the pool comes back whole", async () => {
-    const engine = await LLMEngine.create(modelPath, { threads: 2, maxNumSeqs: 8, maxNumBatchedTokens: 64, maxQueueLen: 256 });
+    const engine = await LLMEngine.create(modelPath, {
+      threads: 2,
+      maxNumSeqs: 8,
+      maxNumBatchedTokens: 64,
+      maxQueueLen: 256,
+    });
     const free0 = engine.kv.numFreeBlocks;
     let rng = 12345;
     const rand = () => (rng = (rng * 1103515245 + 12345) % 2 ** 31) / 2 ** 31;
@@ -222,7 +235,12 @@ describe("bounds and aborts", () => {
         for (const req of live) {
           const t = targets.get(req.id);
           if (!t || engine.stepCount < t.notBeforeStep) continue;
-          const state: Target = req.numComputedTokens === 0 ? "waiting" : req.numComputedTokens < req.promptTokenIds.length ? "prefill" : "decode";
+          const state: Target =
+            req.numComputedTokens === 0
+              ? "waiting"
+              : req.numComputedTokens < req.promptTokenIds.length
+                ? "prefill"
+                : "decode";
           if (state !== t.target) continue;
           targets.delete(req.id);
           aborted[state] += 1;

@@ -20,7 +20,12 @@ setDefaultTimeout(60_000);
 const ROOT = join(import.meta.dir, "..");
 const DEPLOY = join(ROOT, "deploy");
 
-type Manifest = { apiVersion: string; kind: string; metadata: { name: string }; spec: Record<string, unknown> } & Record<string, unknown>;
+type Manifest = {
+  apiVersion: string;
+  kind: string;
+  metadata: { name: string };
+  spec: Record<string, unknown>;
+} & Record<string, unknown>;
 
 function yamlFiles(dir: string): string[] {
   return readdirSync(dir).flatMap((f) => {
@@ -30,7 +35,12 @@ function yamlFiles(dir: string): string[] {
 }
 const manifests: { file: string; doc: Manifest }[] = yamlFiles(DEPLOY)
   .filter((f) => !f.endsWith("kustomization.yaml"))
-  .flatMap((file) => YAML.parseAllDocuments(readFileSync(file, "utf8")).map((d) => ({ file: relative(ROOT, file), doc: d.toJS() as Manifest })));
+  .flatMap((file) =>
+    YAML.parseAllDocuments(readFileSync(file, "utf8")).map((d) => ({
+      file: relative(ROOT, file),
+      doc: d.toJS() as Manifest,
+    })),
+  );
 
 /** The maintained schema class for each kind, by apiVersion/kind. */
 async function schemaFor(apiVersion: string, kind: string): Promise<(new (o: unknown) => { validate(): void }) | null> {
@@ -47,10 +57,18 @@ async function schemaFor(apiVersion: string, kind: string): Promise<(new (o: unk
   return mod[kind];
 }
 
-type Container = { name: string; args: string[]; startupProbe: Probe; readinessProbe: Probe; livenessProbe: Probe; ports: { containerPort: number }[] };
+type Container = {
+  name: string;
+  args: string[];
+  startupProbe: Probe;
+  readinessProbe: Probe;
+  livenessProbe: Probe;
+  ports: { containerPort: number }[];
+};
 type Probe = { httpGet: { path: string; port: string | number }; periodSeconds: number; failureThreshold: number };
 const deployments = manifests.filter((m) => m.doc.kind === "Deployment");
-const podSpec = (d: Manifest) => (d.spec.template as { spec: { containers: Container[]; terminationGracePeriodSeconds: number } }).spec;
+const podSpec = (d: Manifest) =>
+  (d.spec.template as { spec: { containers: Container[]; terminationGracePeriodSeconds: number } }).spec;
 
 describe("Kubernetes manifests", () => {
   test("every manifest validates against its schema (InferencePool: fields checked by hand)", async () => {
@@ -64,17 +82,25 @@ describe("Kubernetes manifests", () => {
       expect(() => new Schema(doc).validate(), `${file}: ${doc.kind}`).not.toThrow();
     }
     expect(unchecked).toEqual(["InferencePool (deploy/gateway/inferencepool.yaml)"]);
-    expect(deployments.map((d) => d.file).sort()).toEqual(["deploy/overlays/cpu/deployment.yaml", "deploy/overlays/gpu/deployment.yaml"]);
+    expect(deployments.map((d) => d.file).sort()).toEqual([
+      "deploy/overlays/cpu/deployment.yaml",
+      "deploy/overlays/gpu/deployment.yaml",
+    ]);
     // Kustomizations name files that exist.
     for (const k of yamlFiles(DEPLOY).filter((f) => f.endsWith("kustomization.yaml"))) {
-      for (const r of (YAML.parse(readFileSync(k, "utf8")) as { resources: string[] }).resources) expect(existsSync(join(k, "..", r)), `${k}: ${r}`).toBe(true);
+      for (const r of (YAML.parse(readFileSync(k, "utf8")) as { resources: string[] }).resources)
+        expect(existsSync(join(k, "..", r)), `${k}: ${r}`).toBe(true);
     }
   });
 
   test("the InferencePool selects the Deployment's pods on the port they serve", () => {
     const pool = manifests.find((m) => m.doc.kind === "InferencePool")!.doc;
     expect(pool.apiVersion).toBe("inference.networking.k8s.io/v1");
-    const spec = pool.spec as { selector: { matchLabels: Record<string, string> }; targetPorts: { number: number }[]; endpointPickerRef: { name: string; port: { number: number } } };
+    const spec = pool.spec as {
+      selector: { matchLabels: Record<string, string> };
+      targetPorts: { number: number }[];
+      endpointPickerRef: { name: string; port: { number: number } };
+    };
     for (const d of deployments) {
       const labels = (d.doc.spec.template as { metadata: { labels: Record<string, string> } }).metadata.labels;
       expect(labels).toMatchObject(spec.selector.matchLabels);
@@ -93,7 +119,9 @@ describe("Kubernetes manifests", () => {
       expect(c.engine.metricsPrefix).toBe("vllm"); // what the endpoint picker reads by default
       expect(pod.terminationGracePeriodSeconds, file).toBeGreaterThan(c.drainTimeoutS);
       // A slow model load gets ten minutes before the startup probe gives up.
-      expect(pod.containers[0].startupProbe.periodSeconds * pod.containers[0].startupProbe.failureThreshold).toBeGreaterThanOrEqual(600);
+      expect(
+        pod.containers[0].startupProbe.periodSeconds * pod.containers[0].startupProbe.failureThreshold,
+      ).toBeGreaterThanOrEqual(600);
     }
   });
 
@@ -111,7 +139,8 @@ describe("Kubernetes manifests", () => {
     test("each probe's path answers 200 on a running server; liveness stays 200 while draining", async () => {
       for (const { doc } of deployments) {
         const c = podSpec(doc).containers[0];
-        for (const probe of [c.startupProbe, c.readinessProbe, c.livenessProbe]) expect((await fetch(s.url + probe.httpGet.path)).status).toBe(200);
+        for (const probe of [c.startupProbe, c.readinessProbe, c.livenessProbe])
+          expect((await fetch(s.url + probe.httpGet.path)).status).toBe(200);
       }
       s.server.state.status = "draining";
       const c = podSpec(deployments[0].doc).containers[0];
@@ -127,28 +156,69 @@ describe("what routers and the endpoint picker read", () => {
   afterAll(() => rmSync(dir, { recursive: true, force: true }));
   const hasOpenssl = spawnSync("openssl", ["version"], { stdio: "ignore" }).status === 0;
 
-  test.skipIf(!hasOpenssl)("--metrics-prefix vllm over HTTPS: vLLM's gauge names, the cache config, and /live", async () => {
-    const [cert, key] = [join(dir, "cert.pem"), join(dir, "key.pem")];
-    const made = spawnSync("openssl", ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert, "-days", "1", "-subj", "/CN=127.0.0.1"], { stdio: "ignore" });
-    expect(made.status).toBe(0);
-    const model = writeHfModel(dir, TINY, "f32", makeWeights(TINY, "f32"));
-    const s = await startTestServer(model, ["--metrics-prefix", "vllm", "--ssl-certfile", cert, "--ssl-keyfile", key, "--block-size", "16", "--num-gpu-blocks-override", "64"]);
-    try {
-      expect(s.url.startsWith("https://")).toBe(true);
-      const insecure = { tls: { rejectUnauthorized: false } } as RequestInit;
-      const text = await (await fetch(`${s.url}/metrics`, { ...insecure, headers: { accept: "text/plain" } })).text();
-      for (const name of ["num_requests_waiting", "num_requests_running", "kv_cache_usage_perc", "gpu_cache_usage_perc", "prefix_cache_queries_total", "prefix_cache_hits_total"]) {
-        expect(text).toMatch(new RegExp(`^vllm:${name}\\{`, "m"));
+  test.skipIf(!hasOpenssl)(
+    "--metrics-prefix vllm over HTTPS: vLLM's gauge names, the cache config, and /live",
+    async () => {
+      const [cert, key] = [join(dir, "cert.pem"), join(dir, "key.pem")];
+      const made = spawnSync(
+        "openssl",
+        [
+          "req",
+          "-x509",
+          "-newkey",
+          "rsa:2048",
+          "-nodes",
+          "-keyout",
+          key,
+          "-out",
+          cert,
+          "-days",
+          "1",
+          "-subj",
+          "/CN=127.0.0.1",
+        ],
+        { stdio: "ignore" },
+      );
+      expect(made.status).toBe(0);
+      const model = writeHfModel(dir, TINY, "f32", makeWeights(TINY, "f32"));
+      const s = await startTestServer(model, [
+        "--metrics-prefix",
+        "vllm",
+        "--ssl-certfile",
+        cert,
+        "--ssl-keyfile",
+        key,
+        "--block-size",
+        "16",
+        "--num-gpu-blocks-override",
+        "64",
+      ]);
+      try {
+        expect(s.url.startsWith("https://")).toBe(true);
+        const insecure = { tls: { rejectUnauthorized: false } } as RequestInit;
+        const text = await (await fetch(`${s.url}/metrics`, { ...insecure, headers: { accept: "text/plain" } })).text();
+        for (const name of [
+          "num_requests_waiting",
+          "num_requests_running",
+          "kv_cache_usage_perc",
+          "gpu_cache_usage_perc",
+          "prefix_cache_queries_total",
+          "prefix_cache_hits_total",
+        ]) {
+          expect(text).toMatch(new RegExp(`^vllm:${name}\\{`, "m"));
+        }
+        expect(text).toMatch(
+          /^vllm:cache_config_info\{block_size="16",num_gpu_blocks="64",enable_prefix_caching="true",model_name="[^"]+"\} 1$/m,
+        );
+        expect(text).not.toContain("inferneo:");
+        expect((await fetch(`${s.url}/live`, insecure)).status).toBe(200);
+        const json = (await (await fetch(`${s.url}/metrics`, insecure)).json()) as Record<string, unknown>;
+        expect(json.kv_cache_blocks_total).toBe(64);
+      } finally {
+        await s.stop();
       }
-      expect(text).toMatch(/^vllm:cache_config_info\{block_size="16",num_gpu_blocks="64",enable_prefix_caching="true",model_name="[^"]+"\} 1$/m);
-      expect(text).not.toContain("inferneo:");
-      expect((await fetch(`${s.url}/live`, insecure)).status).toBe(200);
-      const json = (await (await fetch(`${s.url}/metrics`, insecure)).json()) as Record<string, unknown>;
-      expect(json.kv_cache_blocks_total).toBe(64);
-    } finally {
-      await s.stop();
-    }
-  });
+    },
+  );
 });
 
 describe("Dockerfiles", () => {
@@ -162,18 +232,25 @@ describe("Dockerfiles", () => {
       const build = instructions.slice(0, finalFrom);
       const final = instructions.slice(finalFrom);
       const args = (i: (typeof instructions)[number]) => i.getArgumentsContent() ?? "";
-      const of = (list: typeof instructions, keyword: string) => list.filter((i) => i.getKeyword() === keyword).map(args);
-      const fromStage = (i: (typeof instructions)[number]) => (i as unknown as { getFromFlag(): { getValue(): string } | null }).getFromFlag()?.getValue() ?? null;
+      const of = (list: typeof instructions, keyword: string) =>
+        list.filter((i) => i.getKeyword() === keyword).map(args);
+      const fromStage = (i: (typeof instructions)[number]) =>
+        (i as unknown as { getFromFlag(): { getValue(): string } | null }).getFromFlag()?.getValue() ?? null;
       const copies = (list: typeof instructions) => list.filter((i) => i.getKeyword() === "COPY");
       expect(of(build, "RUN").some((r) => r.startsWith("npm ci"))).toBe(true);
       expect(of(build, "ARG")[0]).toMatch(/^INFERNEO_CPU=x86_64_v3,x86_64_v4\+avx512vnni/); // portable levels, not the build host's CPU
       expect(of(build, "ENV")).toContain("INFERNEO_CPU=${INFERNEO_CPU}");
       // Everything the build stage copies from the context exists.
       for (const c of copies(build).filter((i) => fromStage(i) === null)) {
-        for (const src of args(c).split(/\s+/).slice(0, -1)) expect(existsSync(join(ROOT, src)), `${name}: COPY ${src}`).toBe(true);
+        for (const src of args(c).split(/\s+/).slice(0, -1))
+          expect(existsSync(join(ROOT, src)), `${name}: COPY ${src}`).toBe(true);
       }
       // The image takes only what the build stage made.
-      expect(copies(final).map(fromStage).every((f) => f === "build")).toBe(true);
+      expect(
+        copies(final)
+          .map(fromStage)
+          .every((f) => f === "build"),
+      ).toBe(true);
       const user = of(final, "USER")[0];
       expect(user).toBeDefined();
       expect(["0", "root"]).not.toContain(user);
@@ -185,7 +262,9 @@ describe("Dockerfiles", () => {
       const entry = JSON.parse(of(final, "ENTRYPOINT")[0]) as string[];
       expect(entry.slice(0, 2)).toEqual(["/app/bin/inferneo", "serve"]);
       // `docker run IMAGE --model x` appends to the entrypoint: those arguments parse.
-      expect(serveConfig(parseServeArgs([...entry.slice(2), "--model", "/models/m.gguf"], {})).model).toBe("/models/m.gguf");
+      expect(serveConfig(parseServeArgs([...entry.slice(2), "--model", "/models/m.gguf"], {})).model).toBe(
+        "/models/m.gguf",
+      );
       if (name === "Dockerfile.cuda") expect(stages.at(-1)!.getImageName()).toBe("nvidia/cuda");
     });
   }
@@ -211,15 +290,33 @@ describe("engine builds per CPU level (what an image carries)", () => {
   });
 
   const portable = join(ROOT, "zig-out", "cpu", "x86_64_v3", "lib", "libinferneo.so");
-  if (!existsSync(portable)) console.warn(`skipped: no portable engine build at ${portable} (INFERNEO_CPU=x86_64_v3 node scripts/build-engine.mjs; .ci/run makes it)`);
+  if (!existsSync(portable))
+    console.warn(
+      `skipped: no portable engine build at ${portable} (INFERNEO_CPU=x86_64_v3 node scripts/build-engine.mjs; .ci/run makes it)`,
+    );
   test.skipIf(!existsSync(portable))("the x86-64-v3 build (no AVX-512) gives run.c's greedy text", async () => {
     const { EMBEDDED_GGUF, goldens } = await import("./helpers/engine.ts");
     const g = goldens()[0];
-    const r = Bun.spawnSync([process.execPath, join(ROOT, "src", "cli.ts"), "generate", "--model", EMBEDDED_GGUF, "--prompt", g.prompt, "--max-tokens", "64", "--temperature", "0"], {
-      env: { ...process.env, INFERNEO_LIB: portable },
-      stdout: "pipe",
-      stderr: "pipe",
-    });
+    const r = Bun.spawnSync(
+      [
+        process.execPath,
+        join(ROOT, "src", "cli.ts"),
+        "generate",
+        "--model",
+        EMBEDDED_GGUF,
+        "--prompt",
+        g.prompt,
+        "--max-tokens",
+        "64",
+        "--temperature",
+        "0",
+      ],
+      {
+        env: { ...process.env, INFERNEO_LIB: portable },
+        stdout: "pipe",
+        stderr: "pipe",
+      },
+    );
     expect(r.exitCode).toBe(0);
     const text = r.stdout.toString().trimEnd();
     expect(text.length).toBeGreaterThan(100);

@@ -12,7 +12,19 @@ import { makeWeights, writeHfModel, type RandomLlamaShape } from "./helpers/rand
 // Model loads, servers and browsers take seconds on two cores; `bun test` alone defaults to 5 s.
 setDefaultTimeout(60_000);
 
-const SHAPE: RandomLlamaShape = { dim: 512, layers: 4, heads: 8, kvHeads: 8, ffn: 1376, vocab: 512, ctx: 1024, ropeTheta: 10000, tied: true, std: 0.05, seed: 5 };
+const SHAPE: RandomLlamaShape = {
+  dim: 512,
+  layers: 4,
+  heads: 8,
+  kvHeads: 8,
+  ffn: 1376,
+  vocab: 512,
+  ctx: 1024,
+  ropeTheta: 10000,
+  tied: true,
+  std: 0.05,
+  seed: 5,
+};
 const PROMPT = Array.from({ length: 768 }, (_, i) => 3 + ((i * 37) % 500));
 const TICK_MS = 5;
 

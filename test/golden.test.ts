@@ -37,7 +37,10 @@ for (const [format, path, skip] of formats) {
     });
 
     test.skipIf(SHARED === null)("last-position logits match run.c within 1e-4", () => {
-      const all = JSON.parse(readFileSync(stories("golden_logits.json"), "utf8")) as Record<string, { last_prompt_pos_logits: number[] }>;
+      const all = JSON.parse(readFileSync(stories("golden_logits.json"), "utf8")) as Record<
+        string,
+        { last_prompt_pos_logits: number[] }
+      >;
       for (const c of goldens()) {
         const want = all[c.name].last_prompt_pos_logits;
         const got = nextTokenLogits(engine, c.prompt_ids);

@@ -26,7 +26,8 @@ beforeAll(() => {
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
 
 type Json = Record<string, unknown>;
-const errorOf = (body: Json) => body.error as { message: string; type: string; param: string | null; code: string | null };
+const errorOf = (body: Json) =>
+  body.error as { message: string; type: string; param: string | null; code: string | null };
 const isErrorShape = (body: Json) => {
   const e = body?.error as Json | undefined;
   return typeof e?.message === "string" && typeof e?.type === "string" && "param" in e && "code" in e;
@@ -89,7 +90,13 @@ describe("no input stalls the event loop", () => {
     // The control: only 2,000 levels through the same framework's validation, without the depth bound.
     const unbounded = new Elysia().post("/", () => "ok", { body: CompletionRequest });
     const t0 = performance.now();
-    await unbounded.handle(new Request("http://localhost/", { method: "POST", headers: { "content-type": "application/json" }, body: `{"model":"${M}","prompt":${deep(2000)}}` }));
+    await unbounded.handle(
+      new Request("http://localhost/", {
+        method: "POST",
+        headers: { "content-type": "application/json" },
+        body: `{"model":"${M}","prompt":${deep(2000)}}`,
+      }),
+    );
     const controlMs = performance.now() - t0;
 
     const bodies: [string, string][] = [
@@ -101,7 +108,11 @@ describe("no input stalls the event loop", () => {
     const rssBefore = process.memoryUsage().rss;
     for (const [path, body] of bodies) {
       const start = performance.now();
-      const hostile = fetch(s.url + path, { method: "POST", body }).then(async (r) => ({ status: r.status, json: (await r.json()) as Json, at: performance.now() }));
+      const hostile = fetch(s.url + path, { method: "POST", body }).then(async (r) => ({
+        status: r.status,
+        json: (await r.json()) as Json,
+        at: performance.now(),
+      }));
       const health = fetch(`${s.url}/health`).then((r) => ({ status: r.status, at: performance.now() }));
       const [h, ok] = await Promise.all([hostile, health]);
       expect(h.status).toBe(400);
@@ -128,7 +139,9 @@ describe("no input stalls the event loop", () => {
       const start = performance.now();
       const r = await postJson(s.url + path, body);
       expect(r.status).toBe(400);
-      expect(errorOf(r.json).message).toMatch(/maximum context length is 512 tokens; a (prompt|messages) of \d+ characters cannot fit/);
+      expect(errorOf(r.json).message).toMatch(
+        /maximum context length is 512 tokens; a (prompt|messages) of \d+ characters cannot fit/,
+      );
       expect(performance.now() - start).toBeLessThan(controlMs);
     }
   });
@@ -167,7 +180,14 @@ describe("no input stalls the event loop", () => {
 
 describe("rate limits hold on every route and transport", () => {
   test("streams are charged; a WebSocket counts each message; /tokenize and /detokenize are limited", async () => {
-    const s = await startTestServer(modelPath, ["--served-model-name", M, "--rate-limit", "3/min", "--rate-limit-tokens", "30"]);
+    const s = await startTestServer(modelPath, [
+      "--served-model-name",
+      M,
+      "--rate-limit",
+      "3/min",
+      "--rate-limit-tokens",
+      "30",
+    ]);
     try {
       const body = { model: M, prompt: "hello", max_tokens: 40, ignore_eos: true, stream: true };
       const first = await fetch(`${s.url}/v1/completions`, { method: "POST", body: JSON.stringify(body) });
@@ -188,7 +208,9 @@ describe("rate limits hold on every route and transport", () => {
       expect(await opened).toBe(true);
       const statuses: string[] = [];
       for (let i = 0; i < 5; i++) {
-        ws.send(JSON.stringify({ request_id: `r${i}`, model: M, messages: [{ role: "user", content: "hi" }], max_tokens: 2 }));
+        ws.send(
+          JSON.stringify({ request_id: `r${i}`, model: M, messages: [{ role: "user", content: "hi" }], max_tokens: 2 }),
+        );
         for (;;) {
           const frame = JSON.parse(await next()) as Json;
           expect(frame.request_id).toBe(`r${i}`);
@@ -212,16 +234,32 @@ describe("rate limits hold on every route and transport", () => {
 describe("numbers, statuses and shapes", () => {
   let s: TestServer;
   beforeAll(async () => {
-    s = await startTestServer(modelPath, ["--served-model-name", M, "--max-body-bytes", "65536", "--max-header-bytes", "8KiB", "--max-seqs-per-request", "32"]);
+    s = await startTestServer(modelPath, [
+      "--served-model-name",
+      M,
+      "--max-body-bytes",
+      "65536",
+      "--max-header-bytes",
+      "8KiB",
+      "--max-seqs-per-request",
+      "32",
+    ]);
   });
   afterAll(async () => s?.stop());
 
   test("the batch route reports completion and cached tokens without logprobs", async () => {
     const prompt = Array.from({ length: 40 }, (_, i) => 3 + i);
     await postJson(`${s.url}/v1/completions`, { model: M, prompt, max_tokens: 1 }); // caches two blocks
-    const r = await postJson(`${s.url}/v1/completions/batch`, { model: M, prompts: [prompt, "a story"], max_tokens: 5, ignore_eos: true });
+    const r = await postJson(`${s.url}/v1/completions/batch`, {
+      model: M,
+      prompts: [prompt, "a story"],
+      max_tokens: 5,
+      ignore_eos: true,
+    });
     expect(r.status).toBe(200);
-    const data = r.json.data as { usage: { prompt_tokens: number; completion_tokens: number; prompt_tokens_details: { cached_tokens: number } } }[];
+    const data = r.json.data as {
+      usage: { prompt_tokens: number; completion_tokens: number; prompt_tokens_details: { cached_tokens: number } };
+    }[];
     expect(data[0].usage.completion_tokens).toBe(5);
     expect(data[1].usage.completion_tokens).toBe(5);
     expect(data[0].usage.prompt_tokens).toBe(40);
@@ -237,11 +275,21 @@ describe("numbers, statuses and shapes", () => {
     expect(stop.length).toBe(3);
     const whole = await postJson(`${s.url}/v1/completions`, { ...base, stop: [stop] });
     const wholeLp = (whole.json.choices as { logprobs: { tokens: string[] } }[])[0].logprobs;
-    const res = await fetch(`${s.url}/v1/completions`, { method: "POST", body: JSON.stringify({ ...base, stop: [stop], stream: true }) });
+    const res = await fetch(`${s.url}/v1/completions`, {
+      method: "POST",
+      body: JSON.stringify({ ...base, stop: [stop], stream: true }),
+    });
     const chunks = (await res.text())
       .split("\n\n")
       .filter((f) => f.startsWith("data: {"))
-      .map((f) => (JSON.parse(f.slice(6)) as { choices: { text: string; finish_reason: string | null; logprobs: { tokens: string[] } }[] }).choices[0]);
+      .map(
+        (f) =>
+          (
+            JSON.parse(f.slice(6)) as {
+              choices: { text: string; finish_reason: string | null; logprobs: { tokens: string[] } }[];
+            }
+          ).choices[0],
+      );
     const streamedTokens = chunks.flatMap((c) => c.logprobs.tokens);
     expect(streamedTokens).toEqual(wholeLp.tokens);
     expect(chunks.map((c) => c.text).join("")).toBe((whole.json.choices as { text: string }[])[0].text);
@@ -253,7 +301,17 @@ describe("numbers, statuses and shapes", () => {
   });
 
   test("null is accepted wherever a field is nullable, top_k included", async () => {
-    const r = await postJson(`${s.url}/v1/completions`, { model: M, prompt: "x", max_tokens: 2, top_k: null, top_p: null, seed: null, stop: null, n: null, logit_bias: null });
+    const r = await postJson(`${s.url}/v1/completions`, {
+      model: M,
+      prompt: "x",
+      max_tokens: 2,
+      top_k: null,
+      top_p: null,
+      seed: null,
+      stop: null,
+      n: null,
+      logit_bias: null,
+    });
     expect(r.status).toBe(200);
   });
 
@@ -275,7 +333,10 @@ describe("numbers, statuses and shapes", () => {
     expect(sized.status).toBe(413);
     expect(errorOf((await sized.json()) as Json).code).toBe("request_too_large");
     // Chunked, with no Content-Length: refused as the bytes pass the limit.
-    const chunked = await rawHttp(s.url, `POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n${big.length.toString(16)}\r\n${big}\r\n0\r\n\r\n`);
+    const chunked = await rawHttp(
+      s.url,
+      `POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n${big.length.toString(16)}\r\n${big}\r\n0\r\n\r\n`,
+    );
     expect(statusOf(chunked)).toBe(413);
     expect(isErrorShape(bodyOf(chunked))).toBe(true);
     const headers = await fetch(`${s.url}/v1/models`, { headers: { "x-padding": "a".repeat(10_000) } });
@@ -285,7 +346,11 @@ describe("numbers, statuses and shapes", () => {
 
   test("the installed command lifts Bun's own 16 KiB header limit, so the server's 431 carries a body", async () => {
     const bin = join(import.meta.dir, "..", "bin", "inferneo");
-    const proc = Bun.spawn([bin, "serve", "--model", modelPath, "--port", "0", "--threads", "1"], { stdout: "pipe", stderr: "pipe", env: { ...process.env, PATH: `${dirname(process.execPath)}:${process.env.PATH}` } });
+    const proc = Bun.spawn([bin, "serve", "--model", modelPath, "--port", "0", "--threads", "1"], {
+      stdout: "pipe",
+      stderr: "pipe",
+      env: { ...process.env, PATH: `${dirname(process.execPath)}:${process.env.PATH}` },
+    });
     try {
       const reader = proc.stderr.getReader();
       let log = "";
@@ -308,12 +373,21 @@ describe("numbers, statuses and shapes", () => {
   test("400 messages name what is wrong", async () => {
     const bias = await postJson(`${s.url}/v1/completions`, { model: M, prompt: "x", logit_bias: { abc: 1 } });
     expect(bias.status).toBe(400);
-    expect(errorOf(bias.json).message).toBe(`Invalid value for 'logit_bias': {"abc":1} is not a map of token ids (as strings) to biases in [-100, 100].`);
-    const temp = await fetch(`${s.url}/v1/completions`, { method: "POST", body: `{"model":"${M}","prompt":"x","temperature":1e999}` });
-    expect(errorOf((await temp.json()) as Json).message).toBe("Invalid value for 'temperature': Infinity is not a number >= 0 and <= 2 or null.");
+    expect(errorOf(bias.json).message).toBe(
+      `Invalid value for 'logit_bias': {"abc":1} is not a map of token ids (as strings) to biases in [-100, 100].`,
+    );
+    const temp = await fetch(`${s.url}/v1/completions`, {
+      method: "POST",
+      body: `{"model":"${M}","prompt":"x","temperature":1e999}`,
+    });
+    expect(errorOf((await temp.json()) as Json).message).toBe(
+      "Invalid value for 'temperature': Infinity is not a number >= 0 and <= 2 or null.",
+    );
     const seqs = await postJson(`${s.url}/v1/completions`, { model: M, prompt: ["a", "b", "c", "d", "e"], n: 8 });
     expect(seqs.status).toBe(400);
-    expect(errorOf(seqs.json).message).toBe("the request asks for 40 sequences (5 prompts x n=8); the limit is 32 (--max-seqs-per-request)");
+    expect(errorOf(seqs.json).message).toBe(
+      "the request asks for 40 sequences (5 prompts x n=8); the limit is 32 (--max-seqs-per-request)",
+    );
   });
 
   test("other methods on a route get 405 with Allow; unknown paths 404", async () => {
@@ -339,7 +413,14 @@ describe("the WebSocket protocol", () => {
     try {
       const { ws, opened, next } = openSocket(s.url);
       expect(await opened).toBe(true);
-      const ask = (id: string, maxTokens: number) => ({ request_id: id, model: M, messages: [{ role: "user", content: `story ${id}` }], max_tokens: maxTokens, ignore_eos: true, temperature: 0 });
+      const ask = (id: string, maxTokens: number) => ({
+        request_id: id,
+        model: M,
+        messages: [{ role: "user", content: `story ${id}` }],
+        max_tokens: maxTokens,
+        ignore_eos: true,
+        temperature: 0,
+      });
       ws.send(JSON.stringify(ask("a", 12)));
       ws.send(JSON.stringify(ask("b", 6)));
       ws.send(JSON.stringify({ request_id: "c", model: M, messages: [] }));
@@ -361,7 +442,10 @@ describe("the WebSocket protocol", () => {
       expect(errors.some((e) => errorOf(e).param === "request_id")).toBe(true);
       // The same requests one at a time over HTTP give the same text: interleaving mixes nothing.
       for (const id of ["a", "b"]) {
-        const alone = await postJson(`${s.url}/v1/chat/completions`, { ...ask(id, id === "a" ? 12 : 6), request_id: undefined });
+        const alone = await postJson(`${s.url}/v1/chat/completions`, {
+          ...ask(id, id === "a" ? 12 : 6),
+          request_id: undefined,
+        });
         expect((alone.json.choices as { message: { content: string } }[])[0].message.content).toBe(text[id]);
       }
       ws.close();
@@ -377,9 +461,19 @@ describe("fairness between requests", () => {
     const s = await startTestServer(modelPath, ["--served-model-name", M, "--max-num-seqs", "4"]);
     try {
       const prompts = Array.from({ length: 32 }, (_, i) => `prompt ${i}`);
-      const big = postJson(`${s.url}/v1/completions/batch`, { model: M, prompts, max_tokens: 60, ignore_eos: true }).then((r) => ({ ...r, at: performance.now() }));
+      const big = postJson(`${s.url}/v1/completions/batch`, {
+        model: M,
+        prompts,
+        max_tokens: 60,
+        ignore_eos: true,
+      }).then((r) => ({ ...r, at: performance.now() }));
       await Bun.sleep(50);
-      const small = await postJson(`${s.url}/v1/completions`, { model: M, prompt: "small", max_tokens: 4, ignore_eos: true });
+      const small = await postJson(`${s.url}/v1/completions`, {
+        model: M,
+        prompt: "small",
+        max_tokens: 4,
+        ignore_eos: true,
+      });
       const smallAt = performance.now();
       expect(small.status).toBe(200);
       const done = await big;
@@ -404,33 +498,58 @@ describe("browser origins (CORS)", () => {
   test("an allowed origin gets its preflight and can read answers, including errors", async () => {
     const pre = await fetch(`${s.url}/v1/completions`, {
       method: "OPTIONS",
-      headers: { origin: "http://app.example", "access-control-request-method": "POST", "access-control-request-headers": "authorization, content-type" },
+      headers: {
+        origin: "http://app.example",
+        "access-control-request-method": "POST",
+        "access-control-request-headers": "authorization, content-type",
+      },
     });
     expect(pre.status).toBe(204);
     expect(pre.headers.get("access-control-allow-origin")).toBe("http://app.example");
     expect(pre.headers.get("access-control-allow-methods")).toContain("POST");
     expect(pre.headers.get("access-control-allow-headers")).toContain("authorization");
-    const ok = await fetch(`${s.url}/v1/completions`, { method: "POST", headers: { origin: "http://app.example" }, body });
+    const ok = await fetch(`${s.url}/v1/completions`, {
+      method: "POST",
+      headers: { origin: "http://app.example" },
+      body,
+    });
     expect(ok.status).toBe(200);
     expect(ok.headers.get("access-control-allow-origin")).toBe("http://app.example");
-    const bad = await fetch(`${s.url}/v1/completions`, { method: "POST", headers: { origin: "http://app.example" }, body: "{" });
+    const bad = await fetch(`${s.url}/v1/completions`, {
+      method: "POST",
+      headers: { origin: "http://app.example" },
+      body: "{",
+    });
     expect(bad.status).toBe(400);
     expect(bad.headers.get("access-control-allow-origin")).toBe("http://app.example");
   });
 
   test("another site's page is refused (text/plain POST, no-cors GET, preflight, WebSocket); curl is not", async () => {
-    const evil = await fetch(`${s.url}/v1/completions`, { method: "POST", headers: { origin: "http://evil.example", "content-type": "text/plain" }, body });
+    const evil = await fetch(`${s.url}/v1/completions`, {
+      method: "POST",
+      headers: { origin: "http://evil.example", "content-type": "text/plain" },
+      body,
+    });
     expect(evil.status).toBe(403);
     expect(errorOf((await evil.json()) as Json).code).toBe("forbidden_origin");
-    const noCors = await fetch(`${s.url}/v1/models`, { headers: { "sec-fetch-site": "cross-site", "sec-fetch-mode": "no-cors" } });
+    const noCors = await fetch(`${s.url}/v1/models`, {
+      headers: { "sec-fetch-site": "cross-site", "sec-fetch-mode": "no-cors" },
+    });
     expect(noCors.status).toBe(403);
-    const pre = await fetch(`${s.url}/v1/completions`, { method: "OPTIONS", headers: { origin: "http://evil.example", "access-control-request-method": "POST" } });
+    const pre = await fetch(`${s.url}/v1/completions`, {
+      method: "OPTIONS",
+      headers: { origin: "http://evil.example", "access-control-request-method": "POST" },
+    });
     expect(pre.status).toBe(403);
     expect(pre.headers.get("access-control-allow-origin")).toBeNull();
     const { opened } = openSocket(s.url, { origin: "http://evil.example" });
     expect(await opened).toBe(false);
     // curl -d: a form content type, no Origin.
-    const curl = await fetch(`${s.url}/v1/completions`, { method: "POST", headers: { "content-type": "application/x-www-form-urlencoded" }, body });
+    const curl = await fetch(`${s.url}/v1/completions`, {
+      method: "POST",
+      headers: { "content-type": "application/x-www-form-urlencoded" },
+      body,
+    });
     expect(curl.status).toBe(200);
     // The server's own page (/docs) calls with its own origin.
     const self = await fetch(`${s.url}/v1/models`, { headers: { origin: s.url, "sec-fetch-site": "same-origin" } });

@@ -28,7 +28,10 @@ test("a hub id downloads into the HF cache layout, loads, and is found again off
       const path = new URL(req.url).pathname;
       requests.push(path);
       if (path === "/api/models/acme/tiny-llama/revision/main") {
-        return Response.json({ sha, siblings: [...files, "README.md", "pytorch_model.bin"].map((rfilename) => ({ rfilename })) });
+        return Response.json({
+          sha,
+          siblings: [...files, "README.md", "pytorch_model.bin"].map((rfilename) => ({ rfilename })),
+        });
       }
       const m = new RegExp(`^/acme/tiny-llama/resolve/${sha}/(.+)$`).exec(path);
       if (m && files.includes(m[1])) return new Response(Bun.file(join(source, m[1])));
@@ -48,7 +51,10 @@ test("a hub id downloads into the HF cache layout, loads, and is found again off
     // Cached now: resolves with the hub gone and HF_HUB_OFFLINE set.
     hub.stop(true);
     expect(cachedSnapshot("acme/tiny-llama", "main", { HF_HOME: env.HF_HOME })).toBe(snapshot);
-    expect(await resolveModel("acme/tiny-llama", { HF_HOME: env.HF_HOME, HF_HUB_OFFLINE: "1" })).toEqual({ kind: "hf", dir: snapshot });
+    expect(await resolveModel("acme/tiny-llama", { HF_HOME: env.HF_HOME, HF_HUB_OFFLINE: "1" })).toEqual({
+      kind: "hf",
+      dir: snapshot,
+    });
 
     const engine = await LLMEngine.create(snapshot, { threads: 1, maxNumSeqs: 1 });
     try {

@@ -34,8 +34,24 @@ interface Replica {
 
 async function startReplica(): Promise<Replica> {
   const bin = join(import.meta.dir, "..", "bin", "inferneo");
-  const args = ["serve", "--model", modelPath, "--port", "0", "--threads", "1", "--served-model-name", M, "--drain-timeout", "60"];
-  const proc = Bun.spawn([bin, ...args], { stdout: "pipe", stderr: "pipe", env: { ...process.env, PATH: `${dirname(process.execPath)}:${process.env.PATH}` } });
+  const args = [
+    "serve",
+    "--model",
+    modelPath,
+    "--port",
+    "0",
+    "--threads",
+    "1",
+    "--served-model-name",
+    M,
+    "--drain-timeout",
+    "60",
+  ];
+  const proc = Bun.spawn([bin, ...args], {
+    stdout: "pipe",
+    stderr: "pipe",
+    env: { ...process.env, PATH: `${dirname(process.execPath)}:${process.env.PATH}` },
+  });
   const reader = proc.stderr.getReader();
   let log = "";
   while (!/ready: (http:\/\/\S+)\/v1/.test(log)) {
@@ -63,7 +79,10 @@ describe("LoadBalancedClient through a kill and a drain", () => {
   });
 
   test("TypeScript: 200 requests, a third streamed; nothing is lost or silent", async () => {
-    const lb = new LoadBalancedClient(replicas.map((r) => r.url), { backoffMs: 200 });
+    const lb = new LoadBalancedClient(
+      replicas.map((r) => r.url),
+      { backoffMs: 200 },
+    );
     const outcome = { ok: 0, streamsOk: 0, cutAfterToken: 0, failed: [] as string[] };
     const latencies: number[] = [];
     let started = 0;
@@ -119,14 +138,24 @@ describe("LoadBalancedClient through a kill and a drain", () => {
     replicas[0] = await startReplica();
     replicas[1] = await startReplica();
     const script = join(import.meta.dir, "helpers", "lb_run.py");
-    const py = Bun.spawn(["python3", script, ...replicas.map((r) => r.url), "--pids", `${replicas[0].proc.pid},${replicas[1].proc.pid}`], {
-      stdout: "pipe",
-      stderr: "pipe",
-      env: { ...process.env, PYTHONPATH: join(import.meta.dir, "..", "clients", "python") },
-    });
+    const py = Bun.spawn(
+      ["python3", script, ...replicas.map((r) => r.url), "--pids", `${replicas[0].proc.pid},${replicas[1].proc.pid}`],
+      {
+        stdout: "pipe",
+        stderr: "pipe",
+        env: { ...process.env, PYTHONPATH: join(import.meta.dir, "..", "clients", "python") },
+      },
+    );
     const [out, err] = [await new Response(py.stdout).text(), await new Response(py.stderr).text()];
     expect(await py.exited).toBe(0);
-    const r = JSON.parse(out.trim().split("\n").at(-1)!) as { ok: number; streams_ok: number; cut_after_token: number; failed: string[]; p50_ms: number; p99_ms: number };
+    const r = JSON.parse(out.trim().split("\n").at(-1)!) as {
+      ok: number;
+      streams_ok: number;
+      cut_after_token: number;
+      failed: string[];
+      p50_ms: number;
+      p99_ms: number;
+    };
     console.log(`LoadBalancedClient (Python): ${JSON.stringify(r)}${err ? `\n${err.slice(0, 500)}` : ""}`);
     expect(r.failed).toEqual([]);
     expect(r.ok + r.streams_ok + r.cut_after_token).toBe(REQUESTS);
@@ -142,13 +171,18 @@ describe("LoadBalancedClient strategies", () => {
     const idle = await startTestServer(modelPath, ["--served-model-name", M]);
     try {
       // Four long requests keep `busy` running two and queueing two.
-      const long = Array.from({ length: 4 }, (_, i) => postJson(`${busy.url}/v1/completions`, { model: M, prompt: `long ${i}`, max_tokens: 480, ignore_eos: true }));
+      const long = Array.from({ length: 4 }, (_, i) =>
+        postJson(`${busy.url}/v1/completions`, { model: M, prompt: `long ${i}`, max_tokens: 480, ignore_eos: true }),
+      );
       await Bun.sleep(100);
       const lb = new LoadBalancedClient([busy.url, idle.url], { strategy: "least-loaded" });
       const before = busy.server.engine.metrics.requestSuccess;
       const servedBefore = (await before.get()).values.reduce((a, v) => a + v.value, 0);
       for (let i = 0; i < 6; i++) await lb.completions.create({ model: M, prompt: `short ${i}`, max_tokens: 2 });
-      const idleServed = (await idle.server.engine.metrics.requestSuccess.get()).values.reduce((a, v) => a + v.value, 0);
+      const idleServed = (await idle.server.engine.metrics.requestSuccess.get()).values.reduce(
+        (a, v) => a + v.value,
+        0,
+      );
       expect(idleServed).toBe(6);
       expect((await before.get()).values.reduce((a, v) => a + v.value, 0)).toBe(servedBefore);
       await Promise.all(long);

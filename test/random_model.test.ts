@@ -8,7 +8,16 @@ import { join } from "node:path";
 import { LLMEngine } from "../src/engine/llm_engine.ts";
 import { generate, nextTokenLogits } from "./helpers/engine.ts";
 import type { QuantType } from "../src/model/quantize.ts";
-import { GQA, makeWeights, quantizedWeights, TINY, writeGguf, writeHfModel, type RandomLlamaShape, type WeightDType } from "./helpers/random_llama.ts";
+import {
+  GQA,
+  makeWeights,
+  quantizedWeights,
+  TINY,
+  writeGguf,
+  writeHfModel,
+  type RandomLlamaShape,
+  type WeightDType,
+} from "./helpers/random_llama.ts";
 import { argmaxAndGap, RefLlama } from "./helpers/ref_llama.ts";
 
 // Model loads, servers and browsers take seconds on two cores; `bun test` alone defaults to 5 s.
@@ -25,7 +34,14 @@ function prompt(shape: RandomLlamaShape, n: number, salt: number): number[] {
   return ids;
 }
 
-const cases: { name: string; shape: RandomLlamaShape; dtype: WeightDType | QuantType; format: "hf" | "gguf"; kvCacheDtype?: "f16"; computeDtype?: "bf16" }[] = [
+const cases: {
+  name: string;
+  shape: RandomLlamaShape;
+  dtype: WeightDType | QuantType;
+  format: "hf" | "gguf";
+  kvCacheDtype?: "f16";
+  computeDtype?: "bf16";
+}[] = [
   { name: "tiny f32 (HF)", shape: TINY, dtype: "f32", format: "hf" },
   { name: "tiny f16 (HF)", shape: TINY, dtype: "f16", format: "hf" },
   { name: "tiny bf16 (HF)", shape: TINY, dtype: "bf16", format: "hf" },
@@ -59,7 +75,12 @@ describe("random-weight models against the reference forward pass", () => {
         writeGguf(path, c.shape, c.dtype as "f32" | "f16" | QuantType, weights);
       }
       const refWeights = quantized ? quantizedWeights(weights, c.dtype as QuantType) : weights;
-      const engine = await LLMEngine.create(path, { threads: 2, maxNumSeqs: 4, kvCacheDtype: c.kvCacheDtype ?? "f32", computeDtype: c.computeDtype ?? "f32" });
+      const engine = await LLMEngine.create(path, {
+        threads: 2,
+        maxNumSeqs: 4,
+        kvCacheDtype: c.kvCacheDtype ?? "f32",
+        computeDtype: c.computeDtype ?? "f32",
+      });
       // An f16 cache rounds K and V: logits move by about 1e-3 of their scale, not 1e-5.
       // Q8_0, Q4_0, Q4_K and Q6_K weights meet 8-bit activations (as llama.cpp's do), and so does
       // the reference, so quantized models are held to f32's tolerance too.
@@ -76,7 +97,8 @@ describe("random-weight models against the reference forward pass", () => {
         const got = nextTokenLogits(engine, ids);
         let maxDiff = 0;
         for (let v = 0; v < logits.length; v++) maxDiff = Math.max(maxDiff, Math.abs(got[v] - logits[v]));
-        if (process.env.INFERNEO_TEST_VERBOSE) console.log(`${c.name}: max logit difference ${maxDiff.toExponential(2)}`);
+        if (process.env.INFERNEO_TEST_VERBOSE)
+          console.log(`${c.name}: max logit difference ${maxDiff.toExponential(2)}`);
         expect(maxDiff).toBeLessThan(logitTolerance);
 
         const { ids: tokens } = await generate(engine, ids, { maxTokens: STEPS });

@@ -5,7 +5,6 @@ import { KvCacheManager, type BlockPool } from "../src/engine/kv_cache_manager.t
 import { DEFAULT_SAMPLING, Request, RequestStatus } from "../src/engine/request.ts";
 import { QueueFullError, Scheduler } from "../src/engine/scheduler.ts";
 
-
 class FakePool implements BlockPool {
   private free: number[];
   constructor(readonly size: number) {

@@ -37,7 +37,7 @@ describe("bad input", () => {
   const ok = { model: M, prompt: "hello", max_tokens: 2 };
   const chat = { model: M, messages: [{ role: "user", content: "hi" }], max_tokens: 2 };
   const cases: Case[] = [
-    ["broken JSON", "/v1/completions", "{\"model\": ", 400, /parse the JSON/],
+    ["broken JSON", "/v1/completions", '{"model": ', 400, /parse the JSON/],
     ["not JSON at all", "/v1/completions", "hello", 400, /parse the JSON/],
     ["empty body", "/v1/completions", "", 400],
     ["JSON array body", "/v1/completions", "[1,2]", 400],
@@ -45,21 +45,63 @@ describe("bad input", () => {
     ["missing model", "/v1/completions", cmp({ prompt: "x" }), 400, /model/],
     ["missing prompt", "/v1/completions", cmp({ model: M }), 400, /prompt/],
     ["unknown model", "/v1/completions", cmp({ ...ok, model: "gpt-4" }), 404, /does not exist/],
-    ["unknown field", "/v1/completions", cmp({ ...ok, frobnicate: 1 }), 400, /Unrecognized request argument supplied: frobnicate/],
+    [
+      "unknown field",
+      "/v1/completions",
+      cmp({ ...ok, frobnicate: 1 }),
+      400,
+      /Unrecognized request argument supplied: frobnicate/,
+    ],
     ["model is a number", "/v1/completions", cmp({ ...ok, model: 5 }), 400],
-    ["prompt is an object", "/v1/completions", cmp({ ...ok, prompt: { a: 1 } }), 400, /^Invalid value for 'prompt': \{"a":1\} is not a string, a list of strings, a list of token ids, or a list of lists of token ids\.$/],
+    [
+      "prompt is an object",
+      "/v1/completions",
+      cmp({ ...ok, prompt: { a: 1 } }),
+      400,
+      /^Invalid value for 'prompt': \{"a":1\} is not a string, a list of strings, a list of token ids, or a list of lists of token ids\.$/,
+    ],
     ["prompt is an empty list", "/v1/completions", cmp({ ...ok, prompt: [] }), 400],
     ["prompt is an empty token list", "/v1/completions", cmp({ ...ok, prompt: [[]] }), 400],
-    ["token id out of vocabulary", "/v1/completions", cmp({ ...ok, prompt: [1, 99999] }), 400, /outside the vocabulary/],
+    [
+      "token id out of vocabulary",
+      "/v1/completions",
+      cmp({ ...ok, prompt: [1, 99999] }),
+      400,
+      /outside the vocabulary/,
+    ],
     ["negative token id", "/v1/completions", cmp({ ...ok, prompt: [1, -5] }), 400],
     ["max_tokens 0", "/v1/completions", cmp({ ...ok, max_tokens: 0 }), 400, /max_tokens/],
-    ["max_tokens negative", "/v1/completions", cmp({ ...ok, max_tokens: -1 }), 400, /^Invalid value for 'max_tokens': -1 is not an integer >= 1 or null\.$/],
+    [
+      "max_tokens negative",
+      "/v1/completions",
+      cmp({ ...ok, max_tokens: -1 }),
+      400,
+      /^Invalid value for 'max_tokens': -1 is not an integer >= 1 or null\.$/,
+    ],
     ["max_tokens as a string", "/v1/completions", cmp({ ...ok, max_tokens: "5" }), 400],
     ["max_tokens fractional", "/v1/completions", cmp({ ...ok, max_tokens: 2.5 }), 400],
-    ["max_tokens huge", "/v1/completions", cmp({ ...ok, max_tokens: 1e12 }), 400, /maximum context length is 512 tokens/],
-    ["prompt + max_tokens over the context", "/v1/completions", cmp({ ...ok, max_tokens: 510 }), 400, /maximum context length is 512 tokens, but the request asks for \d+ \(\d+ in the prompt and 510 to generate\)/],
+    [
+      "max_tokens huge",
+      "/v1/completions",
+      cmp({ ...ok, max_tokens: 1e12 }),
+      400,
+      /maximum context length is 512 tokens/,
+    ],
+    [
+      "prompt + max_tokens over the context",
+      "/v1/completions",
+      cmp({ ...ok, max_tokens: 510 }),
+      400,
+      /maximum context length is 512 tokens, but the request asks for \d+ \(\d+ in the prompt and 510 to generate\)/,
+    ],
     ["temperature negative", "/v1/completions", cmp({ ...ok, temperature: -0.5 }), 400, /temperature/],
-    ["temperature huge", "/v1/completions", cmp({ ...ok, temperature: 1e9 }), 400, /^Invalid value for 'temperature': 1000000000 is not a number >= 0 and <= 2 or null\.$/],
+    [
+      "temperature huge",
+      "/v1/completions",
+      cmp({ ...ok, temperature: 1e9 }),
+      400,
+      /^Invalid value for 'temperature': 1000000000 is not a number >= 0 and <= 2 or null\.$/,
+    ],
     ["temperature NaN-ish string", "/v1/completions", cmp({ ...ok, temperature: "NaN" }), 400],
     ["top_p zero", "/v1/completions", cmp({ ...ok, top_p: 0 }), 400],
     ["top_p over one", "/v1/completions", cmp({ ...ok, top_p: 1.5 }), 400],
@@ -75,13 +117,35 @@ describe("bad input", () => {
     ["logit_bias value out of range", "/v1/completions", cmp({ ...ok, logit_bias: { "5": 500 } }), 400],
     ["suffix is not supported", "/v1/completions", cmp({ ...ok, suffix: "end" }), 400],
     ["stream is a string", "/v1/completions", cmp({ ...ok, stream: "yes" }), 400],
-    ["stream_options without stream", "/v1/completions", cmp({ ...ok, stream_options: { include_usage: true } }), 400, /stream_options/],
+    [
+      "stream_options without stream",
+      "/v1/completions",
+      cmp({ ...ok, stream_options: { include_usage: true } }),
+      400,
+      /stream_options/,
+    ],
     ["chat: empty messages", "/v1/chat/completions", cmp({ ...chat, messages: [] }), 400],
-    ["chat: invalid role", "/v1/chat/completions", cmp({ ...chat, messages: [{ role: "wizard", content: "hi" }] }), 400],
+    [
+      "chat: invalid role",
+      "/v1/chat/completions",
+      cmp({ ...chat, messages: [{ role: "wizard", content: "hi" }] }),
+      400,
+    ],
     ["chat: missing content", "/v1/chat/completions", cmp({ ...chat, messages: [{ role: "user" }] }), 400],
-    ["chat: content is a number", "/v1/chat/completions", cmp({ ...chat, messages: [{ role: "user", content: 42 }] }), 400],
+    [
+      "chat: content is a number",
+      "/v1/chat/completions",
+      cmp({ ...chat, messages: [{ role: "user", content: 42 }] }),
+      400,
+    ],
     ["chat: messages is a string", "/v1/chat/completions", cmp({ ...chat, messages: "hi" }), 400],
-    ["chat: top_logprobs without logprobs", "/v1/chat/completions", cmp({ ...chat, top_logprobs: 3 }), 400, /top_logprobs/],
+    [
+      "chat: top_logprobs without logprobs",
+      "/v1/chat/completions",
+      cmp({ ...chat, top_logprobs: 3 }),
+      400,
+      /top_logprobs/,
+    ],
     ["chat: unknown model", "/v1/chat/completions", cmp({ ...chat, model: "nope" }), 404],
     ["chat: tools are not supported", "/v1/chat/completions", cmp({ ...chat, tools: [] }), 400, /tools/],
     ["batch: empty prompts", "/v1/completions/batch", cmp({ model: M, prompts: [] }), 400],
@@ -96,7 +160,11 @@ describe("bad input", () => {
     for (const [name, path, body, status, message] of cases) {
       const res = await fetch(s.url + path, { method: "POST", headers: { "content-type": "application/json" }, body });
       const json = (await res.json().catch(() => ({}))) as Record<string, unknown>;
-      if (res.status !== status || !errorShape(json) || (message && !message.test((json.error as { message: string }).message))) {
+      if (
+        res.status !== status ||
+        !errorShape(json) ||
+        (message && !message.test((json.error as { message: string }).message))
+      ) {
         wrong.push(`${name}: ${res.status} ${JSON.stringify(json)}`);
       }
     }
@@ -144,7 +212,14 @@ describe("disconnects and overload", () => {
   });
 
   test("with --max-num-seqs 4 --max-queue-len 8, 40 simultaneous requests: at most 12 in, clean 429s for the rest", async () => {
-    const s = await startTestServer(modelPath, ["--served-model-name", M, "--max-num-seqs", "4", "--max-queue-len", "8"]);
+    const s = await startTestServer(modelPath, [
+      "--served-model-name",
+      M,
+      "--max-num-seqs",
+      "4",
+      "--max-queue-len",
+      "8",
+    ]);
     try {
       const results = await Promise.all(
         Array.from({ length: 40 }, (_, i) =>
@@ -153,7 +228,11 @@ describe("disconnects and overload", () => {
             headers: { "content-type": "application/json" },
             body: JSON.stringify({ model: M, prompt: `request ${i}`, max_tokens: 64, ignore_eos: true }),
             signal: AbortSignal.timeout(60_000),
-          }).then(async (r) => ({ status: r.status, retryAfter: r.headers.get("retry-after"), body: (await r.json()) as Record<string, unknown> })),
+          }).then(async (r) => ({
+            status: r.status,
+            retryAfter: r.headers.get("retry-after"),
+            body: (await r.json()) as Record<string, unknown>,
+          })),
         ),
       );
       const ok = results.filter((r) => r.status === 200);
@@ -175,7 +254,16 @@ describe("disconnects and overload", () => {
 describe("keys, limits, metrics and docs", () => {
   let s: TestServer;
   beforeAll(async () => {
-    s = await startTestServer(modelPath, ["--served-model-name", M, "--api-key", "k1", "--api-key", "k2", "--rate-limit", "5/min"]);
+    s = await startTestServer(modelPath, [
+      "--served-model-name",
+      M,
+      "--api-key",
+      "k1",
+      "--api-key",
+      "k2",
+      "--rate-limit",
+      "5/min",
+    ]);
   });
   afterAll(async () => s?.stop());
   const auth = (key: string) => ({ authorization: `Bearer ${key}` });
@@ -203,7 +291,11 @@ describe("keys, limits, metrics and docs", () => {
   });
 
   test("/metrics: Prometheus text for a scraper, JSON otherwise", async () => {
-    await postJson(`${s.url}/v1/completions`, { model: M, prompt: "count me", max_tokens: 3, ignore_eos: true }, auth("k2"));
+    await postJson(
+      `${s.url}/v1/completions`,
+      { model: M, prompt: "count me", max_tokens: 3, ignore_eos: true },
+      auth("k2"),
+    );
     const text = await (await fetch(`${s.url}/metrics`, { headers: { accept: "text/plain;version=0.0.4" } })).text();
     for (const name of [
       "num_requests_running",
@@ -223,12 +315,21 @@ describe("keys, limits, metrics and docs", () => {
     }
     expect(text).toMatch(/inferneo:generation_tokens_total\{model_name="tiny"\} 3/);
     const json = (await (await fetch(`${s.url}/metrics`)).json()) as Record<string, unknown>;
-    expect(json).toMatchObject({ active_requests: 0, queue_size: 0, gpu_utilization: null, generation_tokens_total: 3 });
+    expect(json).toMatchObject({
+      active_requests: 0,
+      queue_size: 0,
+      gpu_utilization: null,
+      generation_tokens_total: 3,
+    });
   });
 
   test("the OpenAPI document lists every route, and /docs works offline", async () => {
-    const spec = (await (await fetch(`${s.url}/openapi.json`)).json()) as { paths: Record<string, Record<string, unknown>> };
-    const routes = Object.entries(spec.paths).flatMap(([p, ops]) => Object.keys(ops).map((m) => `${m.toUpperCase()} ${p}`));
+    const spec = (await (await fetch(`${s.url}/openapi.json`)).json()) as {
+      paths: Record<string, Record<string, unknown>>;
+    };
+    const routes = Object.entries(spec.paths).flatMap(([p, ops]) =>
+      Object.keys(ops).map((m) => `${m.toUpperCase()} ${p}`),
+    );
     for (const r of [
       "POST /v1/completions",
       "POST /v1/chat/completions",
@@ -246,7 +347,16 @@ describe("keys, limits, metrics and docs", () => {
     // Every POST route declares its JSON body by a named schema, and its answers' schemas.
     const doc = spec as unknown as {
       info: { description: string };
-      paths: Record<string, Record<string, { requestBody?: { content: Record<string, { schema: { $ref: string }; example: unknown }> }; responses?: Record<string, unknown> }>>;
+      paths: Record<
+        string,
+        Record<
+          string,
+          {
+            requestBody?: { content: Record<string, { schema: { $ref: string }; example: unknown }> };
+            responses?: Record<string, unknown>;
+          }
+        >
+      >;
       components: { schemas: Record<string, { properties?: Record<string, unknown> }> };
     };
     for (const [path, name] of [
@@ -284,7 +394,10 @@ describe("keys, limits, metrics and docs", () => {
 describe("configuration", () => {
   test("a YAML file sets options, flags override it, and unknown keys or bad values are refused by name", () => {
     const file = join(dir, "config.yaml");
-    writeFileSync(file, "model: some/model\nport: 9001\nmax_num_seqs: 8\nmax_model_len: 256\napi_key: [a, b]\nenable_prefix_caching: false\n");
+    writeFileSync(
+      file,
+      "model: some/model\nport: 9001\nmax_num_seqs: 8\nmax_model_len: 256\napi_key: [a, b]\nenable_prefix_caching: false\n",
+    );
     const c = serveConfig(parseServeArgs(["--config", file, "--port", "9002"], {}));
     expect(c.port).toBe(9002);
     expect(c.engine).toMatchObject({ maxNumSeqs: 8, maxModelLen: 256, enablePrefixCaching: false });
@@ -297,23 +410,52 @@ describe("configuration", () => {
     writeFileSync(file, "model: m\nmax_num_seqs: lots\n");
     expect(() => parseServeArgs(["--config", file], {})).toThrow(/max_num_seqs must be a non-negative integer/);
     writeFileSync(file, "model: m\ntensor_parallel_size: 2\n");
-    expect(() => serveConfig(parseServeArgs(["--config", file], {}))).toThrow(/tensor_parallel_size 2 needs several GPUs/);
+    expect(() => serveConfig(parseServeArgs(["--config", file], {}))).toThrow(
+      /tensor_parallel_size 2 needs several GPUs/,
+    );
     const gpu = serveConfig(parseServeArgs(["--model", "m", "--gpu-memory-utilization", "0.9"], {}));
     expect(gpu.notes.join()).toMatch(/gpu_memory_utilization 0.9 has no effect/);
-    expect(() => serveConfig(parseServeArgs(["--model", "m", "--gpu-memory-utilization", "1.5"], {}))).toThrow(ConfigError);
-    expect(serveConfig(parseServeArgs(["--model", "m"], { INFERNEO_API_KEY: "from-env" })).server.apiKeys).toEqual(["from-env"]);
-    expect(serveConfig(parseServeArgs(["--model", "m", "--kv-cache-dtype", "f16"], {})).engine.kvCacheDtype).toBe("f16");
-    expect(() => serveConfig(parseServeArgs(["--model", "m", "--kv-cache-dtype", "int4"], {}))).toThrow(/kv_cache_dtype must be auto, f32 or f16/);
+    expect(() => serveConfig(parseServeArgs(["--model", "m", "--gpu-memory-utilization", "1.5"], {}))).toThrow(
+      ConfigError,
+    );
+    expect(serveConfig(parseServeArgs(["--model", "m"], { INFERNEO_API_KEY: "from-env" })).server.apiKeys).toEqual([
+      "from-env",
+    ]);
+    expect(serveConfig(parseServeArgs(["--model", "m", "--kv-cache-dtype", "f16"], {})).engine.kvCacheDtype).toBe(
+      "f16",
+    );
+    expect(() => serveConfig(parseServeArgs(["--model", "m", "--kv-cache-dtype", "int4"], {}))).toThrow(
+      /kv_cache_dtype must be auto, f32 or f16/,
+    );
     expect(serveConfig(parseServeArgs(["--model", "m", "--dtype", "bfloat16"], {})).engine.computeDtype).toBe("bf16");
     expect(serveConfig(parseServeArgs(["--model", "m", "--dtype", "auto"], {})).engine.computeDtype).toBe("f32");
-    expect(() => serveConfig(parseServeArgs(["--model", "m", "--dtype", "float16"], {}))).toThrow(/dtype must be auto, float32 or bfloat16/);
+    expect(() => serveConfig(parseServeArgs(["--model", "m", "--dtype", "float16"], {}))).toThrow(
+      /dtype must be auto, float32 or bfloat16/,
+    );
   });
 
   test("SIGTERM drains: new requests get 503, the ones in flight finish, exit code 0", async () => {
-    const proc = Bun.spawn([process.execPath, join(import.meta.dir, "..", "src", "cli.ts"), "serve", "--model", modelPath, "--port", "0", "--served-model-name", M, "--threads", "1", "--max-num-seqs", "1"], {
-      stdout: "pipe",
-      stderr: "pipe",
-    });
+    const proc = Bun.spawn(
+      [
+        process.execPath,
+        join(import.meta.dir, "..", "src", "cli.ts"),
+        "serve",
+        "--model",
+        modelPath,
+        "--port",
+        "0",
+        "--served-model-name",
+        M,
+        "--threads",
+        "1",
+        "--max-num-seqs",
+        "1",
+      ],
+      {
+        stdout: "pipe",
+        stderr: "pipe",
+      },
+    );
     const reader = proc.stderr.getReader();
     let log = "";
     while (!/ready: (http:\/\/\S+)\/v1/.test(log)) {
@@ -323,7 +465,11 @@ describe("configuration", () => {
     }
     const url = /ready: (http:\/\/\S+)\/v1/.exec(log)![1];
     // One at a time, so that the drain outlasts the checks below.
-    const inflight = Promise.all(Array.from({ length: 6 }, (_, i) => postJson(`${url}/v1/completions`, { model: M, prompt: `long one ${i}`, max_tokens: 480, ignore_eos: true })));
+    const inflight = Promise.all(
+      Array.from({ length: 6 }, (_, i) =>
+        postJson(`${url}/v1/completions`, { model: M, prompt: `long one ${i}`, max_tokens: 480, ignore_eos: true }),
+      ),
+    );
     await Bun.sleep(50);
     proc.kill("SIGTERM");
     await Bun.sleep(50);

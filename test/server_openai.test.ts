@@ -29,34 +29,67 @@ describe("OpenAI compatibility (stories260K)", () => {
     expect(r.object).toBe("text_completion");
     expect(r.choices[0].text).toBe(g.completion_text_all!);
     expect(r.choices[0].finish_reason).toBe("length");
-    expect(r.usage).toMatchObject({ prompt_tokens: g.prompt_ids.length, completion_tokens: 128, total_tokens: g.prompt_ids.length + 128 });
+    expect(r.usage).toMatchObject({
+      prompt_tokens: g.prompt_ids.length,
+      completion_tokens: 128,
+      total_tokens: g.prompt_ids.length + 128,
+    });
   });
 
   test("openai: echo puts the prompt in front of the completion", async () => {
     const g = goldens()[0];
-    const r = await openai.completions.create({ model: MODEL, prompt: g.prompt, max_tokens: 8, temperature: 0, echo: true });
+    const r = await openai.completions.create({
+      model: MODEL,
+      prompt: g.prompt,
+      max_tokens: 8,
+      temperature: 0,
+      echo: true,
+    });
     expect(r.choices[0].text.startsWith(g.prompt)).toBe(true);
     expect(g.completion_text_all!.startsWith(r.choices[0].text.slice(g.prompt.length))).toBe(true);
   });
 
   test("openai: token-id prompts and lists of prompts", async () => {
     const [a, b] = goldens();
-    const r = await openai.completions.create({ model: MODEL, prompt: [a.prompt_ids.slice(1), b.prompt_ids.slice(1)] as unknown as number[][], max_tokens: 16, temperature: 0 });
+    const r = await openai.completions.create({
+      model: MODEL,
+      prompt: [a.prompt_ids.slice(1), b.prompt_ids.slice(1)] as unknown as number[][],
+      max_tokens: 16,
+      temperature: 0,
+    });
     expect(r.choices.length).toBe(2);
     // The ids carry no BOS here, so compare against a second call with the same ids rather than the golden.
-    const again = await openai.completions.create({ model: MODEL, prompt: a.prompt_ids.slice(1), max_tokens: 16, temperature: 0 });
+    const again = await openai.completions.create({
+      model: MODEL,
+      prompt: a.prompt_ids.slice(1),
+      max_tokens: 16,
+      temperature: 0,
+    });
     expect(r.choices[0].text).toBe(again.choices[0].text);
   });
 
   test("openai: logprobs with top alternatives, and n=2", async () => {
     const g = goldens()[0];
-    const r = await openai.completions.create({ model: MODEL, prompt: g.prompt, max_tokens: 8, temperature: 0, logprobs: 3 });
+    const r = await openai.completions.create({
+      model: MODEL,
+      prompt: g.prompt,
+      max_tokens: 8,
+      temperature: 0,
+      logprobs: 3,
+    });
     const lp = r.choices[0].logprobs!;
     expect(lp.tokens!.length).toBe(8);
     expect(lp.token_logprobs!.every((x) => x! <= 0)).toBe(true);
     expect(Object.keys(lp.top_logprobs![0]!).length).toBeGreaterThanOrEqual(1);
     expect(lp.tokens!.join("")).toBe(r.choices[0].text);
-    const two = await openai.completions.create({ model: MODEL, prompt: g.prompt, max_tokens: 12, temperature: 1, seed: 5, n: 2 });
+    const two = await openai.completions.create({
+      model: MODEL,
+      prompt: g.prompt,
+      max_tokens: 12,
+      temperature: 1,
+      seed: 5,
+      n: 2,
+    });
     expect(two.choices.map((c) => c.index).sort()).toEqual([0, 1]);
     expect(two.choices[0].text).not.toBe(two.choices[1].text);
     expect(two.usage!.completion_tokens).toBe(24);
@@ -68,7 +101,14 @@ describe("OpenAI compatibility (stories260K)", () => {
     expect(r.object).toBe("chat.completion");
     expect(r.choices[0].message.role).toBe("assistant");
     expect(r.choices[0].message.content!.length).toBeGreaterThan(10);
-    const stream = await openai.chat.completions.create({ model: MODEL, messages, max_tokens: 24, temperature: 0, stream: true, stream_options: { include_usage: true } });
+    const stream = await openai.chat.completions.create({
+      model: MODEL,
+      messages,
+      max_tokens: 24,
+      temperature: 0,
+      stream: true,
+      stream_options: { include_usage: true },
+    });
     let text = "";
     let finish: string | null = null;
     let usage = null;
@@ -86,7 +126,14 @@ describe("OpenAI compatibility (stories260K)", () => {
   });
 
   test("openai: chat logprobs", async () => {
-    const r = await openai.chat.completions.create({ model: MODEL, messages: [{ role: "user", content: "Hi" }], max_tokens: 5, temperature: 0, logprobs: true, top_logprobs: 2 });
+    const r = await openai.chat.completions.create({
+      model: MODEL,
+      messages: [{ role: "user", content: "Hi" }],
+      max_tokens: 5,
+      temperature: 0,
+      logprobs: true,
+      top_logprobs: 2,
+    });
     const content = r.choices[0].logprobs!.content!;
     expect(content.length).toBe(5);
     expect(content[0].top_logprobs.length).toBe(2);
@@ -105,7 +152,13 @@ describe("OpenAI compatibility (stories260K)", () => {
     const r = await client.completions.create({ model: MODEL, prompt: g.prompt, max_tokens: 32, temperature: 0 });
     expect(g.completion_text_all!.startsWith(r.choices[0].text)).toBe(true);
     let text = "";
-    for await (const chunk of await client.chat.completions.create({ model: MODEL, messages: [{ role: "user", content: "Hi" }], max_tokens: 10, stream: true, seed: 1 })) {
+    for await (const chunk of await client.chat.completions.create({
+      model: MODEL,
+      messages: [{ role: "user", content: "Hi" }],
+      max_tokens: 10,
+      stream: true,
+      seed: 1,
+    })) {
       text += chunk.choices[0]?.delta.content ?? "";
     }
     expect(text.length).toBeGreaterThan(0);
@@ -113,8 +166,18 @@ describe("OpenAI compatibility (stories260K)", () => {
   });
 
   test("a WebSocket on the chat path streams the same chunks as SSE, and survives bad messages", async () => {
-    const body = { model: MODEL, messages: [{ role: "user", content: "Once upon a time" }], max_tokens: 20, temperature: 0.8, seed: 11 };
-    const sse = await openai.chat.completions.create({ ...body, messages: [{ role: "user", content: "Once upon a time" }], stream: true });
+    const body = {
+      model: MODEL,
+      messages: [{ role: "user", content: "Once upon a time" }],
+      max_tokens: 20,
+      temperature: 0.8,
+      seed: 11,
+    };
+    const sse = await openai.chat.completions.create({
+      ...body,
+      messages: [{ role: "user", content: "Once upon a time" }],
+      stream: true,
+    });
     let sseText = "";
     for await (const c of sse) sseText += c.choices[0]?.delta.content ?? "";
 
@@ -153,8 +216,10 @@ describe("OpenAI compatibility (stories260K)", () => {
   const hasRequests = spawnSync("python3", ["-c", "import requests"], { stdio: "ignore" }).status === 0;
   if (!hasRequests) console.warn("skipped: python3 with requests is not available for the Python snippets");
 
-  test.skipIf(!hasRequests)("Python: the InferneoClient examples and requests-based scripts run as written", async () => {
-    const script = `
+  test.skipIf(!hasRequests)(
+    "Python: the InferneoClient examples and requests-based scripts run as written",
+    async () => {
+      const script = `
 import json, sys, time, requests
 from inferneo import InferneoClient
 BASE = sys.argv[1]; M = sys.argv[2]
@@ -201,26 +266,35 @@ assert [len(x["choices"]) for x in b["data"]] == [1, 1]
 assert b["data"][0]["choices"][0]["text"] == inferneo_api_call("Once upon a time", max_tokens=10)
 print("PYTHON OK")
 `;
-    // Asynchronously: the server lives in this process and must keep answering.
-    const proc = Bun.spawn(["python3", "-c", script, s.url, MODEL], {
-      env: { ...process.env, PYTHONPATH: join(import.meta.dir, "..", "clients", "python") },
-      stdout: "pipe",
-      stderr: "pipe",
-    });
-    const timer = setTimeout(() => proc.kill(), 60_000);
-    const [stdout, stderr] = await Promise.all([new Response(proc.stdout).text(), new Response(proc.stderr).text()]);
-    clearTimeout(timer);
-    expect(stderr).toBe("");
-    expect(stdout).toContain("PYTHON OK");
-    expect(await proc.exited).toBe(0);
-  });
+      // Asynchronously: the server lives in this process and must keep answering.
+      const proc = Bun.spawn(["python3", "-c", script, s.url, MODEL], {
+        env: { ...process.env, PYTHONPATH: join(import.meta.dir, "..", "clients", "python") },
+        stdout: "pipe",
+        stderr: "pipe",
+      });
+      const timer = setTimeout(() => proc.kill(), 60_000);
+      const [stdout, stderr] = await Promise.all([new Response(proc.stdout).text(), new Response(proc.stderr).text()]);
+      clearTimeout(timer);
+      expect(stderr).toBe("");
+      expect(stdout).toContain("PYTHON OK");
+      expect(await proc.exited).toBe(0);
+    },
+  );
 
   test("curl-style calls: health, models, completion, chat", async () => {
     expect(await (await fetch(`${s.url}/health`)).json()).toEqual({ status: "ok" });
     expect(((await (await fetch(`${s.url}/v1/models`)).json()) as { data: { id: string }[] }).data[0].id).toBe(MODEL);
-    const c = await fetch(`${s.url}/v1/completions`, { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ model: MODEL, prompt: "Hello", max_tokens: 5 }) });
+    const c = await fetch(`${s.url}/v1/completions`, {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ model: MODEL, prompt: "Hello", max_tokens: 5 }),
+    });
     expect(c.status).toBe(200);
-    const chat = await fetch(`${s.url}/v1/chat/completions`, { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ model: MODEL, messages: [{ role: "user", content: "Hello!" }] }) });
+    const chat = await fetch(`${s.url}/v1/chat/completions`, {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ model: MODEL, messages: [{ role: "user", content: "Hello!" }] }),
+    });
     expect(chat.status).toBe(200);
     expect(await settled(s)).toBe(true);
   });

@@ -13,7 +13,8 @@ import { generate, SHARED } from "./helpers/engine.ts";
 setDefaultTimeout(60_000);
 
 const hasNumpy = spawnSync("python3", ["-c", "import numpy"], { stdio: "ignore" }).status === 0;
-if (SHARED !== null && !hasNumpy) console.warn("skipped: python3 with numpy is not available for the shared reference tools");
+if (SHARED !== null && !hasNumpy)
+  console.warn("skipped: python3 with numpy is not available for the shared reference tools");
 
 const dir = mkdtempSync(join(tmpdir(), "inferneo-shared-"));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
@@ -28,10 +29,35 @@ const STEPS = 16;
 const PROMPT = [1, 400, 500, 600, 31, 1000, 7];
 
 const cases = [
-  { name: "tiny preset, f32", args: ["--preset", "tiny", "--hf-dtype", "f32", "--gguf-dtypes", "f32"], gguf: "tiny-f32.gguf" },
+  {
+    name: "tiny preset, f32",
+    args: ["--preset", "tiny", "--hf-dtype", "f32", "--gguf-dtypes", "f32"],
+    gguf: "tiny-f32.gguf",
+  },
   {
     name: "GQA 4:1, head_dim 64, untied, rope_theta 500000, f16",
-    args: ["--preset", "tiny", "--dim", "512", "--n-heads", "8", "--n-kv-heads", "2", "--n-layers", "2", "--ffn", "1024", "--vocab", "4096", "--rope-theta", "500000", "--hf-dtype", "f16", "--gguf-dtypes", "f16"],
+    args: [
+      "--preset",
+      "tiny",
+      "--dim",
+      "512",
+      "--n-heads",
+      "8",
+      "--n-kv-heads",
+      "2",
+      "--n-layers",
+      "2",
+      "--ffn",
+      "1024",
+      "--vocab",
+      "4096",
+      "--rope-theta",
+      "500000",
+      "--hf-dtype",
+      "f16",
+      "--gguf-dtypes",
+      "f16",
+    ],
     gguf: "tiny-f16.gguf",
   },
 ];
@@ -41,7 +67,18 @@ describe.skipIf(SHARED === null || !hasNumpy)("shared generator and numpy refere
     test(c.name, async () => {
       const out = join(dir, `m${i}`);
       python([join(SHARED!, "tools", "make_random_llama.py"), ...c.args, "--out", out]);
-      const ref = JSON.parse(python([join(SHARED!, "tools", "ref_llama_numpy.py"), join(out, "hf"), "--tokens", PROMPT.join(","), "-n", String(STEPS), "--top", "2"])) as {
+      const ref = JSON.parse(
+        python([
+          join(SHARED!, "tools", "ref_llama_numpy.py"),
+          join(out, "hf"),
+          "--tokens",
+          PROMPT.join(","),
+          "-n",
+          String(STEPS),
+          "--top",
+          "2",
+        ]),
+      ) as {
         generated: number[];
         top: [number, number][][];
       };

@@ -8,7 +8,6 @@ import { readGguf } from "../src/model/gguf.ts";
 import { tokenizerFromGguf, tokenizerFromHfFolder, type ModelTokenizer } from "../src/model/tokenizer.ts";
 import { SHARED, stories } from "./helpers/engine.ts";
 
-
 interface Case {
   text: string;
   ids: number[];

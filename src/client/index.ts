@@ -1,6 +1,11 @@
 // InferneoClient: a small TypeScript client for the server's OpenAI-compatible API,
 // with streaming as async iterators and retries with exponential backoff on 429/5xx.
-import type { ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse } from "../server/schemas.ts";
+import type {
+  ChatCompletionRequest,
+  ChatCompletionResponse,
+  CompletionRequest,
+  CompletionResponse,
+} from "../server/schemas.ts";
 
 export interface ClientOptions {
   apiKey?: string;
@@ -22,7 +27,12 @@ export class InferneoApiError extends Error {
 }
 
 export type CompletionChunk = Omit<CompletionResponse, "usage" | "choices"> & {
-  choices: { index: number; text: string; finish_reason: string | null; logprobs: CompletionResponse["choices"][number]["logprobs"] }[];
+  choices: {
+    index: number;
+    text: string;
+    finish_reason: string | null;
+    logprobs: CompletionResponse["choices"][number]["logprobs"];
+  }[];
   usage?: CompletionResponse["usage"];
 };
 export type ChatCompletionChunk = {
@@ -30,7 +40,12 @@ export type ChatCompletionChunk = {
   object: "chat.completion.chunk";
   created: number;
   model: string;
-  choices: { index: number; delta: { role?: "assistant"; content?: string }; finish_reason: string | null; logprobs: unknown }[];
+  choices: {
+    index: number;
+    delta: { role?: "assistant"; content?: string };
+    finish_reason: string | null;
+    logprobs: unknown;
+  }[];
   usage?: ChatCompletionResponse["usage"];
 };
 export interface ModelInfo {
@@ -64,10 +79,21 @@ export class InferneoClient {
     private readonly options: ClientOptions = {},
   ) {
     this.base = baseUrl.replace(/\/+$/, "").replace(/\/v1$/, "");
-    const post = <T>(path: string, body: { stream?: boolean | null }) => (body.stream ? this.stream<T>(path, body) : this.json<T>(path, body));
-    this.completions = { create: ((p: CompletionRequest) => post("/v1/completions", p)) as InferneoClient["completions"]["create"] };
-    this.chat = { completions: { create: ((p: ChatCompletionRequest) => post("/v1/chat/completions", p)) as InferneoClient["chat"]["completions"]["create"] } };
-    this.models = { list: () => this.request("GET", "/v1/models").then((r) => r.json() as Promise<{ object: "list"; data: ModelInfo[] }>) };
+    const post = <T>(path: string, body: { stream?: boolean | null }) =>
+      body.stream ? this.stream<T>(path, body) : this.json<T>(path, body);
+    this.completions = {
+      create: ((p: CompletionRequest) => post("/v1/completions", p)) as InferneoClient["completions"]["create"],
+    };
+    this.chat = {
+      completions: {
+        create: ((p: ChatCompletionRequest) =>
+          post("/v1/chat/completions", p)) as InferneoClient["chat"]["completions"]["create"],
+      },
+    };
+    this.models = {
+      list: () =>
+        this.request("GET", "/v1/models").then((r) => r.json() as Promise<{ object: "list"; data: ModelInfo[] }>),
+    };
   }
 
   private async request(method: string, path: string, body?: unknown): Promise<Response> {
@@ -122,7 +148,10 @@ export async function* parseSse<T>(body: ReadableStream<Uint8Array>): AsyncGener
     for (;;) {
       const { value, done } = await reader.read();
       // A server that dies mid-stream closes it without [DONE]: that is an error, never a quiet end.
-      if (done) throw new InferneoApiError(0, { error: { message: "the stream ended before [DONE] (the server went away)", type: "stream_cut" } });
+      if (done)
+        throw new InferneoApiError(0, {
+          error: { message: "the stream ended before [DONE] (the server went away)", type: "stream_cut" },
+        });
       buffer += decoder.decode(value, { stream: true });
       let end: number;
       while ((end = buffer.indexOf("\n\n")) >= 0) {

@@ -4,8 +4,19 @@
 // that failed before any token reached the caller is retried on another replica, so the
 // caller sees one answer; a stream cut after its first token throws (never a quiet end).
 // 429s move to another replica, and wait for Retry-After only when every replica is busy.
-import { InferneoApiError, InferneoClient, type ChatCompletionChunk, type ClientOptions, type CompletionChunk } from "./index.ts";
-import type { ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse } from "../server/schemas.ts";
+import {
+  InferneoApiError,
+  InferneoClient,
+  type ChatCompletionChunk,
+  type ClientOptions,
+  type CompletionChunk,
+} from "./index.ts";
+import type {
+  ChatCompletionRequest,
+  ChatCompletionResponse,
+  CompletionRequest,
+  CompletionResponse,
+} from "../server/schemas.ts";
 
 export interface LoadBalancedOptions extends Omit<ClientOptions, "maxRetries"> {
   /** round-robin (the guide's), or least-loaded: fewest running + waiting by each replica's /metrics. */
@@ -35,7 +46,10 @@ const LOAD_TTL_MS = 250;
 
 /** Whether a chunk carries generated text or a finish: once one reaches the caller, no retry. */
 function carriesToken(chunk: CompletionChunk | ChatCompletionChunk): boolean {
-  return chunk.choices.some((c) => ("text" in c && c.text !== "") || ("delta" in c && (c.delta.content ?? "") !== "") || c.finish_reason !== null);
+  return chunk.choices.some(
+    (c) =>
+      ("text" in c && c.text !== "") || ("delta" in c && (c.delta.content ?? "") !== "") || c.finish_reason !== null,
+  );
 }
 
 export class LoadBalancedClient {
@@ -49,7 +63,13 @@ export class LoadBalancedClient {
     private readonly options: LoadBalancedOptions = {},
   ) {
     if (servers.length === 0) throw new Error("LoadBalancedClient needs at least one server");
-    this.replicas = servers.map((url) => ({ url: url.replace(/\/+$/, "").replace(/\/v1$/, ""), client: new InferneoClient(url, { ...options, maxRetries: 0 }), downUntil: 0, failures: 0, load: null }));
+    this.replicas = servers.map((url) => ({
+      url: url.replace(/\/+$/, "").replace(/\/v1$/, ""),
+      client: new InferneoClient(url, { ...options, maxRetries: 0 }),
+      downUntil: 0,
+      failures: 0,
+      load: null,
+    }));
     const post = (kind: "completions" | "chat") => (params: CompletionRequest | ChatCompletionRequest) =>
       params.stream ? this.stream(kind, params) : this.once(kind, params);
     this.completions = { create: post("completions") as InferneoClient["completions"]["create"] };
@@ -63,7 +83,9 @@ export class LoadBalancedClient {
   }
 
   private call(r: Replica, kind: "completions" | "chat", params: CompletionRequest | ChatCompletionRequest) {
-    return kind === "chat" ? r.client.chat.completions.create(params as ChatCompletionRequest & { stream?: false }) : r.client.completions.create(params as CompletionRequest & { stream?: false });
+    return kind === "chat"
+      ? r.client.chat.completions.create(params as ChatCompletionRequest & { stream?: false })
+      : r.client.completions.create(params as CompletionRequest & { stream?: false });
   }
 
   private markDown(r: Replica): void {
@@ -95,7 +117,10 @@ export class LoadBalancedClient {
   private async loadOf(r: Replica): Promise<number> {
     if (r.load && Date.now() - r.load.at < LOAD_TTL_MS) return r.load.value;
     try {
-      const m = (await (await fetch(`${r.url}/metrics`, { signal: AbortSignal.timeout(1000) })).json()) as { active_requests?: number; queue_size?: number };
+      const m = (await (await fetch(`${r.url}/metrics`, { signal: AbortSignal.timeout(1000) })).json()) as {
+        active_requests?: number;
+        queue_size?: number;
+      };
       r.load = { at: Date.now(), value: (m.active_requests ?? 0) + (m.queue_size ?? 0) };
     } catch {
       r.load = { at: Date.now(), value: Number.POSITIVE_INFINITY };
@@ -126,7 +151,7 @@ export class LoadBalancedClient {
     let tried = new Set<Replica>();
     let last: unknown = new Error("no replica is available");
     let waitMs = 250;
-    for (let n = 0; n < maxAttempts; ) {
+    for (let n = 0; n < maxAttempts;) {
       const r = await this.pick(tried);
       if (r === null) {
         tried = new Set();
@@ -152,15 +177,23 @@ export class LoadBalancedClient {
     throw last;
   }
 
-  private once(kind: "completions" | "chat", params: CompletionRequest | ChatCompletionRequest): Promise<CompletionResponse | ChatCompletionResponse> {
-    return this.withFailover((r) => this.call(r, kind, { ...params, stream: false }) as Promise<CompletionResponse | ChatCompletionResponse>);
+  private once(
+    kind: "completions" | "chat",
+    params: CompletionRequest | ChatCompletionRequest,
+  ): Promise<CompletionResponse | ChatCompletionResponse> {
+    return this.withFailover(
+      (r) => this.call(r, kind, { ...params, stream: false }) as Promise<CompletionResponse | ChatCompletionResponse>,
+    );
   }
 
   /**
    * A stream whose chunks are held until the first that carries a token: until then a
    * failure moves the whole request to another replica, and the caller sees one stream.
    */
-  private async stream(kind: "completions" | "chat", params: CompletionRequest | ChatCompletionRequest): Promise<AsyncIterable<CompletionChunk | ChatCompletionChunk>> {
+  private async stream(
+    kind: "completions" | "chat",
+    params: CompletionRequest | ChatCompletionRequest,
+  ): Promise<AsyncIterable<CompletionChunk | ChatCompletionChunk>> {
     type Chunk = CompletionChunk | ChatCompletionChunk;
     const opened = await this.withFailover(async (r) => {
       const it = (await this.call(r, kind, params)) as unknown as AsyncIterable<Chunk>;

@@ -10,7 +10,15 @@ import { KvCacheManager } from "./kv_cache_manager.ts";
 import { EngineMetrics, type MetricsPrefix } from "./metrics.ts";
 import { ModelRunner, type SampledToken } from "./model_runner.ts";
 import { OutputText } from "./output.ts";
-import { finishReason, isFinished, Request, RequestStatus, type FinishReason, type SamplingParams, type TokenLogprob } from "./request.ts";
+import {
+  finishReason,
+  isFinished,
+  Request,
+  RequestStatus,
+  type FinishReason,
+  type SamplingParams,
+  type TokenLogprob,
+} from "./request.ts";
 import { Scheduler, type ScheduledRequest } from "./scheduler.ts";
 
 export interface EngineOptions {
@@ -120,21 +128,33 @@ export class LLMEngine {
   stepObserver: ((scheduled: readonly ScheduledRequest[]) => void) | null = null;
 
   static async create(modelArg: string, options: Partial<EngineOptions> = {}): Promise<LLMEngine> {
-    return new LLMEngine(await loadModel(modelArg), { ...DEFAULT_ENGINE_OPTIONS, servedModelName: modelArg, ...options });
+    return new LLMEngine(await loadModel(modelArg), {
+      ...DEFAULT_ENGINE_OPTIONS,
+      servedModelName: modelArg,
+      ...options,
+    });
   }
 
-  constructor(model: LoadedModel, readonly options: EngineOptions) {
+  constructor(
+    model: LoadedModel,
+    readonly options: EngineOptions,
+  ) {
     this.model = model;
     const c = model.spec.config;
     const maxModelLen = options.maxModelLen ?? c.maxPosition;
     if (!Number.isInteger(maxModelLen) || maxModelLen < 1 || maxModelLen > c.maxPosition) {
-      throw new InvalidRequestError(`max model length ${maxModelLen} must be between 1 and the model's context length ${c.maxPosition}`, "max_model_len");
+      throw new InvalidRequestError(
+        `max model length ${maxModelLen} must be between 1 and the model's context length ${c.maxPosition}`,
+        "max_model_len",
+      );
     }
     this.maxModelLen = maxModelLen;
     const bs = options.blockSizeTokens;
     const maxBlocksPerSeq = Math.ceil(maxModelLen / bs);
     const perBlock = LLMEngine.kvBytesPerBlock(model, bs, options.kvCacheDtype);
-    const numBlocks = options.numBlocksOverride ?? Math.max(1, Math.min(Math.floor(options.kvCacheMemoryBytes / perBlock), options.maxNumSeqs * maxBlocksPerSeq));
+    const numBlocks =
+      options.numBlocksOverride ??
+      Math.max(1, Math.min(Math.floor(options.kvCacheMemoryBytes / perBlock), options.maxNumSeqs * maxBlocksPerSeq));
     this.native = new NativeEngine(
       c,
       {
@@ -152,7 +172,11 @@ export class LLMEngine {
     );
     this.kv = new KvCacheManager(this.native, bs, numBlocks, maxBlocksPerSeq, options.enablePrefixCaching);
     this.scheduler = new Scheduler(
-      { maxNumBatchedTokens: options.maxNumBatchedTokens, maxNumSeqs: options.maxNumSeqs, maxQueueLen: options.maxQueueLen },
+      {
+        maxNumBatchedTokens: options.maxNumBatchedTokens,
+        maxNumSeqs: options.maxNumSeqs,
+        maxQueueLen: options.maxQueueLen,
+      },
       this.kv,
     );
     this.runner = new ModelRunner(this.native, bs, model.spec.eosTokenIds);
@@ -179,9 +203,11 @@ export class LLMEngine {
     const vocab = this.model.spec.config.vocabSize;
     const inVocab = (id: number) => Number.isInteger(id) && id >= 0 && id < vocab;
     for (const id of promptTokenIds) {
-      if (!inVocab(id)) throw new InvalidRequestError(`token id ${id} is outside the vocabulary (0..${vocab - 1})`, "prompt");
+      if (!inVocab(id))
+        throw new InvalidRequestError(`token id ${id} is outside the vocabulary (0..${vocab - 1})`, "prompt");
     }
-    if (!Number.isInteger(params.maxTokens) || params.maxTokens < 1) throw new InvalidRequestError(`max_tokens must be at least 1, got ${params.maxTokens}`, "max_tokens");
+    if (!Number.isInteger(params.maxTokens) || params.maxTokens < 1)
+      throw new InvalidRequestError(`max_tokens must be at least 1, got ${params.maxTokens}`, "max_tokens");
     const total = promptTokenIds.length + params.maxTokens;
     if (total > this.maxModelLen) {
       throw new InvalidRequestError(
@@ -190,26 +216,73 @@ export class LLMEngine {
       );
     }
     if (this.kv.blocksFor(total) > this.kv.numBlocks) {
-      throw new InvalidRequestError(`the request needs ${this.kv.blocksFor(total)} KV blocks but the pool has ${this.kv.numBlocks}`, "max_tokens");
+      throw new InvalidRequestError(
+        `the request needs ${this.kv.blocksFor(total)} KV blocks but the pool has ${this.kv.numBlocks}`,
+        "max_tokens",
+      );
     }
     const check = (ok: boolean, param: string, message: string) => {
       if (!ok) throw new InvalidRequestError(message, param);
     };
-    check(params.temperature >= 0 && params.temperature <= 100, "temperature", `temperature must be in [0, 100], got ${params.temperature}`);
+    check(
+      params.temperature >= 0 && params.temperature <= 100,
+      "temperature",
+      `temperature must be in [0, 100], got ${params.temperature}`,
+    );
     check(params.topP > 0 && params.topP <= 1, "top_p", `top_p must be in (0, 1], got ${params.topP}`);
     check(params.minP >= 0 && params.minP <= 1, "min_p", `min_p must be in [0, 1], got ${params.minP}`);
-    check(Number.isInteger(params.topK) && params.topK >= 0, "top_k", `top_k must be a non-negative integer, got ${params.topK}`);
-    check(params.presencePenalty >= -2 && params.presencePenalty <= 2, "presence_penalty", `presence_penalty must be in [-2, 2], got ${params.presencePenalty}`);
-    check(params.frequencyPenalty >= -2 && params.frequencyPenalty <= 2, "frequency_penalty", `frequency_penalty must be in [-2, 2], got ${params.frequencyPenalty}`);
-    check(params.repetitionPenalty > 0 && params.repetitionPenalty <= 10, "repetition_penalty", `repetition_penalty must be in (0, 10], got ${params.repetitionPenalty}`);
-    check(Number.isInteger(params.minTokens) && params.minTokens >= 0 && params.minTokens <= params.maxTokens, "min_tokens", `min_tokens must be between 0 and max_tokens, got ${params.minTokens}`);
-    check(params.logprobs === null || (Number.isInteger(params.logprobs) && params.logprobs >= 0 && params.logprobs <= TOP_LOGPROBS_MAX), "logprobs", `logprobs must be between 0 and ${TOP_LOGPROBS_MAX}`);
+    check(
+      Number.isInteger(params.topK) && params.topK >= 0,
+      "top_k",
+      `top_k must be a non-negative integer, got ${params.topK}`,
+    );
+    check(
+      params.presencePenalty >= -2 && params.presencePenalty <= 2,
+      "presence_penalty",
+      `presence_penalty must be in [-2, 2], got ${params.presencePenalty}`,
+    );
+    check(
+      params.frequencyPenalty >= -2 && params.frequencyPenalty <= 2,
+      "frequency_penalty",
+      `frequency_penalty must be in [-2, 2], got ${params.frequencyPenalty}`,
+    );
+    check(
+      params.repetitionPenalty > 0 && params.repetitionPenalty <= 10,
+      "repetition_penalty",
+      `repetition_penalty must be in (0, 10], got ${params.repetitionPenalty}`,
+    );
+    check(
+      Number.isInteger(params.minTokens) && params.minTokens >= 0 && params.minTokens <= params.maxTokens,
+      "min_tokens",
+      `min_tokens must be between 0 and max_tokens, got ${params.minTokens}`,
+    );
+    check(
+      params.logprobs === null ||
+        (Number.isInteger(params.logprobs) && params.logprobs >= 0 && params.logprobs <= TOP_LOGPROBS_MAX),
+      "logprobs",
+      `logprobs must be between 0 and ${TOP_LOGPROBS_MAX}`,
+    );
     const biasIds = Object.keys(params.logitBias ?? {}).map(Number);
-    for (const id of biasIds) check(inVocab(id), "logit_bias", `logit_bias names token ${id}, outside the vocabulary (0..${vocab - 1})`);
-    for (const v of Object.values(params.logitBias ?? {})) check(Number.isFinite(v) && v >= -100 && v <= 100, "logit_bias", `logit_bias values must be in [-100, 100], got ${v}`);
-    for (const id of params.stopTokenIds) check(inVocab(id), "stop_token_ids", `stop token ${id} is outside the vocabulary`);
-    check(biasIds.length + params.stopTokenIds.length + this.model.spec.eosTokenIds.length <= LOGIT_BIAS_MAX, "logit_bias", `at most ${LOGIT_BIAS_MAX} logit_bias entries`);
-    check(params.stop.every((s) => typeof s === "string" && s.length > 0), "stop", "stop strings must be non-empty");
+    for (const id of biasIds)
+      check(inVocab(id), "logit_bias", `logit_bias names token ${id}, outside the vocabulary (0..${vocab - 1})`);
+    for (const v of Object.values(params.logitBias ?? {}))
+      check(
+        Number.isFinite(v) && v >= -100 && v <= 100,
+        "logit_bias",
+        `logit_bias values must be in [-100, 100], got ${v}`,
+      );
+    for (const id of params.stopTokenIds)
+      check(inVocab(id), "stop_token_ids", `stop token ${id} is outside the vocabulary`);
+    check(
+      biasIds.length + params.stopTokenIds.length + this.model.spec.eosTokenIds.length <= LOGIT_BIAS_MAX,
+      "logit_bias",
+      `at most ${LOGIT_BIAS_MAX} logit_bias entries`,
+    );
+    check(
+      params.stop.every((s) => typeof s === "string" && s.length > 0),
+      "stop",
+      "stop strings must be non-empty",
+    );
   }
 
   /**
@@ -231,7 +304,11 @@ export class LLMEngine {
   }
 
   /** submit() as an async stream of outputs; leaving the loop early aborts the request. */
-  addRequest(promptTokenIds: readonly number[], params: SamplingParams, groupId?: string): AsyncIterable<RequestOutput> & { requestId: string } {
+  addRequest(
+    promptTokenIds: readonly number[],
+    params: SamplingParams,
+    groupId?: string,
+  ): AsyncIterable<RequestOutput> & { requestId: string } {
     let id = "";
     const queue = new AsyncQueue<RequestOutput>(() => this.abort(id));
     id = this.submit(promptTokenIds, params, queue, groupId);
@@ -320,7 +397,9 @@ export class LLMEngine {
     req.lastTokenMs = now;
     this.metrics.generationTokens.inc();
 
-    const stopToken = !heldOff && ((!p.ignoreEos && this.model.spec.eosTokenIds.includes(s.tokenId)) || p.stopTokenIds.includes(s.tokenId));
+    const stopToken =
+      !heldOff &&
+      ((!p.ignoreEos && this.model.spec.eosTokenIds.includes(s.tokenId)) || p.stopTokenIds.includes(s.tokenId));
     const atLength = req.numOutputTokens >= p.maxTokens || req.numTokens >= this.maxModelLen;
     entry.pending.push({ tokenId: s.tokenId, logprob: s.logprob, top: s.top });
     let text = "";
@@ -335,7 +414,8 @@ export class LLMEngine {
       ({ delta: text, released } = u);
       stopString = u.stopped;
     }
-    const status = stopToken || stopString ? RequestStatus.FINISHED_STOPPED : atLength ? RequestStatus.FINISHED_LENGTH : null;
+    const status =
+      stopToken || stopString ? RequestStatus.FINISHED_STOPPED : atLength ? RequestStatus.FINISHED_LENGTH : null;
     const tokens = entry.pending.splice(0, released);
     entry.sink.push({
       requestId: req.id,
@@ -344,7 +424,11 @@ export class LLMEngine {
       text,
       finished: status !== null,
       finishReason: status !== null ? finishReason(status) : null,
-      stopReason: stopString ? req.output!.stopString : stopToken && !this.model.spec.eosTokenIds.includes(s.tokenId) ? s.tokenId : null,
+      stopReason: stopString
+        ? req.output!.stopString
+        : stopToken && !this.model.spec.eosTokenIds.includes(s.tokenId)
+          ? s.tokenId
+          : null,
       numPromptTokens: req.promptTokenIds.length,
       numOutputTokens: req.numOutputTokens,
       numCachedTokens: req.numCachedPromptTokens ?? 0,

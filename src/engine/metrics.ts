@@ -4,7 +4,9 @@
 // Every value is read from fields the event loop holds: a scrape never waits on a step.
 import { Counter, Gauge, Histogram, Registry } from "prom-client";
 
-const LATENCY_BUCKETS_S = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20, 40, 80];
+const LATENCY_BUCKETS_S = [
+  0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20, 40, 80,
+];
 
 export interface EngineGauges {
   numRunning(): number;
@@ -39,25 +41,115 @@ export class EngineMetrics {
     return `${this.prefix}:${short}`;
   }
 
-  constructor(gauges: EngineGauges, modelName: string, cache: CacheConfig, readonly prefix: MetricsPrefix = "inferneo") {
+  constructor(
+    gauges: EngineGauges,
+    modelName: string,
+    cache: CacheConfig,
+    readonly prefix: MetricsPrefix = "inferneo",
+  ) {
     const r = [this.registry];
     const p = prefix;
     this.registry.setDefaultLabels({ model_name: modelName });
-    new Gauge({ name: `${p}:num_requests_running`, help: "Requests in the running set.", registers: r, collect() { this.set(gauges.numRunning()); } });
-    new Gauge({ name: `${p}:num_requests_waiting`, help: "Requests waiting to be scheduled.", registers: r, collect() { this.set(gauges.numWaiting()); } });
-    new Gauge({ name: `${p}:kv_cache_usage_perc`, help: "Fraction of KV blocks in use (1 = full).", registers: r, collect() { this.set(gauges.kvCacheUsage()); } });
-    new Gauge({ name: `${p}:gpu_cache_usage_perc`, help: "The same as kv_cache_usage_perc, under the name older routers read.", registers: r, collect() { this.set(gauges.kvCacheUsage()); } });
-    const info = new Gauge({ name: `${p}:cache_config_info`, help: "The KV cache's configuration, as labels.", labelNames: ["block_size", "num_gpu_blocks", "enable_prefix_caching"], registers: r });
-    info.set({ block_size: String(cache.blockSizeTokens), num_gpu_blocks: String(cache.numBlocks), enable_prefix_caching: String(cache.enablePrefixCaching) }, 1);
-    this.promptTokens = new Counter({ name: `${p}:prompt_tokens_total`, help: "Prompt tokens processed.", registers: r });
-    this.generationTokens = new Counter({ name: `${p}:generation_tokens_total`, help: "Tokens generated.", registers: r });
-    this.preemptions = new Counter({ name: `${p}:num_preemptions_total`, help: "Preemptions of running requests.", registers: r });
-    this.prefixCacheQueries = new Counter({ name: `${p}:prefix_cache_queries_total`, help: "Prompt tokens looked up in the prefix cache.", registers: r });
-    this.prefixCacheHits = new Counter({ name: `${p}:prefix_cache_hits_total`, help: "Prompt tokens served from the prefix cache.", registers: r });
-    this.requestSuccess = new Counter({ name: `${p}:request_success_total`, help: "Finished requests by finish reason.", labelNames: ["finished_reason"], registers: r });
-    this.timeToFirstToken = new Histogram({ name: `${p}:time_to_first_token_seconds`, help: "Time to first token.", buckets: LATENCY_BUCKETS_S, registers: r });
-    this.interTokenLatency = new Histogram({ name: `${p}:inter_token_latency_seconds`, help: "Time between consecutive output tokens.", buckets: LATENCY_BUCKETS_S, registers: r });
-    this.e2eLatency = new Histogram({ name: `${p}:e2e_request_latency_seconds`, help: "Arrival to finish.", buckets: LATENCY_BUCKETS_S, registers: r });
-    this.queueTime = new Histogram({ name: `${p}:request_queue_time_seconds`, help: "Arrival to first scheduled.", buckets: LATENCY_BUCKETS_S, registers: r });
+    new Gauge({
+      name: `${p}:num_requests_running`,
+      help: "Requests in the running set.",
+      registers: r,
+      collect() {
+        this.set(gauges.numRunning());
+      },
+    });
+    new Gauge({
+      name: `${p}:num_requests_waiting`,
+      help: "Requests waiting to be scheduled.",
+      registers: r,
+      collect() {
+        this.set(gauges.numWaiting());
+      },
+    });
+    new Gauge({
+      name: `${p}:kv_cache_usage_perc`,
+      help: "Fraction of KV blocks in use (1 = full).",
+      registers: r,
+      collect() {
+        this.set(gauges.kvCacheUsage());
+      },
+    });
+    new Gauge({
+      name: `${p}:gpu_cache_usage_perc`,
+      help: "The same as kv_cache_usage_perc, under the name older routers read.",
+      registers: r,
+      collect() {
+        this.set(gauges.kvCacheUsage());
+      },
+    });
+    const info = new Gauge({
+      name: `${p}:cache_config_info`,
+      help: "The KV cache's configuration, as labels.",
+      labelNames: ["block_size", "num_gpu_blocks", "enable_prefix_caching"],
+      registers: r,
+    });
+    info.set(
+      {
+        block_size: String(cache.blockSizeTokens),
+        num_gpu_blocks: String(cache.numBlocks),
+        enable_prefix_caching: String(cache.enablePrefixCaching),
+      },
+      1,
+    );
+    this.promptTokens = new Counter({
+      name: `${p}:prompt_tokens_total`,
+      help: "Prompt tokens processed.",
+      registers: r,
+    });
+    this.generationTokens = new Counter({
+      name: `${p}:generation_tokens_total`,
+      help: "Tokens generated.",
+      registers: r,
+    });
+    this.preemptions = new Counter({
+      name: `${p}:num_preemptions_total`,
+      help: "Preemptions of running requests.",
+      registers: r,
+    });
+    this.prefixCacheQueries = new Counter({
+      name: `${p}:prefix_cache_queries_total`,
+      help: "Prompt tokens looked up in the prefix cache.",
+      registers: r,
+    });
+    this.prefixCacheHits = new Counter({
+      name: `${p}:prefix_cache_hits_total`,
+      help: "Prompt tokens served from the prefix cache.",
+      registers: r,
+    });
+    this.requestSuccess = new Counter({
+      name: `${p}:request_success_total`,
+      help: "Finished requests by finish reason.",
+      labelNames: ["finished_reason"],
+      registers: r,
+    });
+    this.timeToFirstToken = new Histogram({
+      name: `${p}:time_to_first_token_seconds`,
+      help: "Time to first token.",
+      buckets: LATENCY_BUCKETS_S,
+      registers: r,
+    });
+    this.interTokenLatency = new Histogram({
+      name: `${p}:inter_token_latency_seconds`,
+      help: "Time between consecutive output tokens.",
+      buckets: LATENCY_BUCKETS_S,
+      registers: r,
+    });
+    this.e2eLatency = new Histogram({
+      name: `${p}:e2e_request_latency_seconds`,
+      help: "Arrival to finish.",
+      buckets: LATENCY_BUCKETS_S,
+      registers: r,
+    });
+    this.queueTime = new Histogram({
+      name: `${p}:request_queue_time_seconds`,
+      help: "Arrival to first scheduled.",
+      buckets: LATENCY_BUCKETS_S,
+      registers: r,
+    });
   }
 }

@@ -58,7 +58,8 @@ export class ModelRunner {
           b.logitBiasValues[biasCursor++] = -Infinity;
         }
       }
-      if (biasCursor - biasOffset > LOGIT_BIAS_MAX) throw new Error(`request ${req.id} carries more than ${LOGIT_BIAS_MAX} logit biases`);
+      if (biasCursor - biasOffset > LOGIT_BIAS_MAX)
+        throw new Error(`request ${req.id} carries more than ${LOGIT_BIAS_MAX} logit biases`);
       this.engine.setSampling(row, {
         temperature: p.temperature,
         topP: p.topP,
@@ -89,7 +90,11 @@ export class ModelRunner {
     return sampled.map((req, i) => {
       const k = Math.min(req.params.logprobs ?? 0, TOP_LOGPROBS_MAX);
       const top = [];
-      for (let j = 0; j < k; j++) top.push({ tokenId: b.outTopIds[i * TOP_LOGPROBS_MAX + j], logprob: b.outTopLogprobs[i * TOP_LOGPROBS_MAX + j] });
+      for (let j = 0; j < k; j++)
+        top.push({
+          tokenId: b.outTopIds[i * TOP_LOGPROBS_MAX + j],
+          logprob: b.outTopLogprobs[i * TOP_LOGPROBS_MAX + j],
+        });
       return {
         req,
         tokenId: b.outTokenIds[i],

@@ -28,7 +28,9 @@ export function readPromptsFile(path: string, check: (value: unknown) => Offline
   try {
     text = readFileSync(path, "utf8");
   } catch (e) {
-    throw new PromptsFileError(`${path}: ${(e as NodeJS.ErrnoException).code === "ENOENT" ? "no such file" : (e as Error).message}`);
+    throw new PromptsFileError(
+      `${path}: ${(e as NodeJS.ErrnoException).code === "ENOENT" ? "no such file" : (e as Error).message}`,
+    );
   }
   const out: OfflinePrompt[] = [];
   text.split("\n").forEach((line, i) => {
@@ -52,10 +54,18 @@ function progress(done: number, total: number, tokens: number, startMs: number):
   const width = 30;
   const bar = "#".repeat(Math.round((done / total) * width)).padEnd(width, ".");
   const s = (performance.now() - startMs) / 1000;
-  process.stderr.write(`\r[${bar}] ${done}/${total} requests, ${tokens} tokens, ${(tokens / Math.max(s, 1e-3)).toFixed(1)} tok/s`);
+  process.stderr.write(
+    `\r[${bar}] ${done}/${total} requests, ${tokens} tokens, ${(tokens / Math.max(s, 1e-3)).toFixed(1)} tok/s`,
+  );
 }
 
-export async function runOffline(engine: LLMEngine, prompts: OfflinePrompt[], defaults: SamplingParams, write: (line: string) => void, showProgress = true): Promise<OfflineResult[]> {
+export async function runOffline(
+  engine: LLMEngine,
+  prompts: OfflinePrompt[],
+  defaults: SamplingParams,
+  write: (line: string) => void,
+  showProgress = true,
+): Promise<OfflineResult[]> {
   const results: (OfflineResult | undefined)[] = new Array(prompts.length);
   let next = 0; // results are written in input order as soon as they are contiguous
   let done = 0;
@@ -73,7 +83,13 @@ export async function runOffline(engine: LLMEngine, prompts: OfflinePrompt[], de
       const index = cursor++;
       const p = prompts[index];
       try {
-        const ids = p.messages ? tok.applyChatTemplate(p.messages).ids : typeof p.prompt === "string" ? tok.encode(p.prompt) : Array.isArray(p.prompt) ? p.prompt : null;
+        const ids = p.messages
+          ? tok.applyChatTemplate(p.messages).ids
+          : typeof p.prompt === "string"
+            ? tok.encode(p.prompt)
+            : Array.isArray(p.prompt)
+              ? p.prompt
+              : null;
         if (ids === null) throw new Error("each line needs a prompt (string or token ids) or messages");
         let text = "";
         const outIds: number[] = [];
@@ -90,7 +106,11 @@ export async function runOffline(engine: LLMEngine, prompts: OfflinePrompt[], de
           text,
           token_ids: outIds,
           finish_reason: last?.finishReason ?? null,
-          usage: { prompt_tokens: ids.length, completion_tokens: outIds.length, cached_tokens: last?.numCachedTokens ?? 0 },
+          usage: {
+            prompt_tokens: ids.length,
+            completion_tokens: outIds.length,
+            cached_tokens: last?.numCachedTokens ?? 0,
+          },
         };
       } catch (e) {
         results[index] = { index, error: (e as Error).message };

@@ -34,14 +34,19 @@ export class OutputText {
    * many tokens (oldest first, this one included) that text completes.
    * checkStops: false while min_tokens holds stops off. final: the request ends here.
    */
-  update(ids: readonly number[], checkStops: boolean, final: boolean): { delta: string; stopped: boolean; released: number } {
+  update(
+    ids: readonly number[],
+    checkStops: boolean,
+    final: boolean,
+  ): { delta: string; stopped: boolean; released: number } {
     const before = this.text.length;
     this.pendingEnds.push(-1);
     this.text += this.detokenizer.next(ids);
     if (final) this.text += this.detokenizer.flush(ids);
     // Text grew: every token so far is decoded (a token that adds nothing waits for the next).
     if (this.text.length > before) {
-      for (let i = 0; i < this.pendingEnds.length; i++) if (this.pendingEnds[i] < 0) this.pendingEnds[i] = this.text.length;
+      for (let i = 0; i < this.pendingEnds.length; i++)
+        if (this.pendingEnds[i] < 0) this.pendingEnds[i] = this.text.length;
     }
     let stopped = false;
     if (checkStops && this.stops.length > 0) {

@@ -20,7 +20,9 @@ export interface SnakeSampling {
 }
 
 export function samplingFromSnake(s: SnakeSampling, defaults: SamplingParams = DEFAULT_SAMPLING): SamplingParams {
-  const bias: Record<number, number> | null = s.logit_bias ? Object.fromEntries(Object.entries(s.logit_bias).map(([k, v]) => [Number(k), v])) : null;
+  const bias: Record<number, number> | null = s.logit_bias
+    ? Object.fromEntries(Object.entries(s.logit_bias).map(([k, v]) => [Number(k), v]))
+    : null;
   return {
     maxTokens: s.max_tokens ?? defaults.maxTokens,
     minTokens: s.min_tokens ?? defaults.minTokens,

@@ -9,10 +9,27 @@ const LEVEL_FLAGS: Record<string, string[]> = {
   x86_64: [],
   x86_64_v2: ["sse4_2", "popcnt", "ssse3"],
   x86_64_v3: ["sse4_2", "popcnt", "avx2", "fma", "bmi2", "f16c", "movbe"],
-  x86_64_v4: ["sse4_2", "popcnt", "avx2", "fma", "bmi2", "f16c", "movbe", "avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"],
+  x86_64_v4: [
+    "sse4_2",
+    "popcnt",
+    "avx2",
+    "fma",
+    "bmi2",
+    "f16c",
+    "movbe",
+    "avx512f",
+    "avx512bw",
+    "avx512cd",
+    "avx512dq",
+    "avx512vl",
+  ],
 };
 /** Zig feature names after "+" and their /proc/cpuinfo names. */
-const FEATURE_FLAGS: Record<string, string> = { avx512vnni: "avx512_vnni", avx512bf16: "avx512_bf16", avxvnni: "avx_vnni" };
+const FEATURE_FLAGS: Record<string, string> = {
+  avx512vnni: "avx512_vnni",
+  avx512bf16: "avx512_bf16",
+  avxvnni: "avx_vnni",
+};
 
 /** The CPU flags a level name such as "x86_64_v4+avx512vnni" needs; null for a name not known here. */
 export function flagsNeeded(level: string): string[] | null {
@@ -37,7 +54,9 @@ export function pickLevel(levels: readonly string[], cpu: ReadonlySet<string>): 
 /** This machine's CPU flags (empty where /proc/cpuinfo cannot be read). */
 export function cpuFlags(): Set<string> {
   try {
-    const line = readFileSync("/proc/cpuinfo", "utf8").split("\n").find((l) => l.startsWith("flags"));
+    const line = readFileSync("/proc/cpuinfo", "utf8")
+      .split("\n")
+      .find((l) => l.startsWith("flags"));
     return new Set(line?.split(":")[1]?.trim().split(/\s+/) ?? []);
   } catch {
     return new Set();

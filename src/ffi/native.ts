@@ -124,7 +124,11 @@ export function libraryPath(): string {
   if (existsSync(native) || !existsSync(levelsDir)) return native;
   const levels = readdirSync(levelsDir).filter((l) => existsSync(join(levelsDir, l, "lib", "libinferneo.so")));
   const level = pickLevel(levels, cpuFlags());
-  if (level === null) throw new EngineError(Status.UNSUPPORTED, `no engine build in ${levelsDir} runs on this CPU (built: ${levels.join(", ") || "none"})`);
+  if (level === null)
+    throw new EngineError(
+      Status.UNSUPPORTED,
+      `no engine build in ${levelsDir} runs on this CPU (built: ${levels.join(", ") || "none"})`,
+    );
   return join(levelsDir, level, "lib", "libinferneo.so");
 }
 
@@ -170,7 +174,10 @@ function load(): Lib["symbols"] {
   if (lib) return lib.symbols;
   const path = libraryPath();
   if (!existsSync(path)) {
-    throw new EngineError(Status.IO, `the native engine is not built (${path} is missing): run \`npm run build:engine\``);
+    throw new EngineError(
+      Status.IO,
+      `the native engine is not built (${path} is missing): run \`npm run build:engine\``,
+    );
   }
   const opened = open(path);
   const version = opened.symbols.ifn_abi_version();
@@ -259,9 +266,16 @@ export class NativeEngine {
 
     const modelBuf = new ArrayBuffer(48);
     const m = new DataView(modelBuf);
-    [model.vocabSize, model.hiddenSize, model.intermediateSize, model.numLayers, model.numHeads, model.numKvHeads, model.headDim, model.maxPosition].forEach(
-      (v, i) => m.setUint32(i * 4, v, true),
-    );
+    [
+      model.vocabSize,
+      model.hiddenSize,
+      model.intermediateSize,
+      model.numLayers,
+      model.numHeads,
+      model.numKvHeads,
+      model.headDim,
+      model.maxPosition,
+    ].forEach((v, i) => m.setUint32(i * 4, v, true));
     m.setFloat32(32, model.ropeTheta, true);
     m.setFloat32(36, model.rmsNormEps, true);
     m.setUint32(40, model.ropeInterleaved ? 1 : 0, true);
@@ -269,9 +283,16 @@ export class NativeEngine {
 
     const configBuf = new ArrayBuffer(32);
     const c = new DataView(configBuf);
-    [config.numBlocks, config.blockSizeTokens, config.maxNumBatchedTokens, config.maxNumSeqs, config.maxBlocksPerSeq, config.numThreads, config.kvCacheDtype, config.computeDtype].forEach(
-      (v, i) => c.setUint32(i * 4, v, true),
-    );
+    [
+      config.numBlocks,
+      config.blockSizeTokens,
+      config.maxNumBatchedTokens,
+      config.maxNumSeqs,
+      config.maxBlocksPerSeq,
+      config.numThreads,
+      config.kvCacheDtype,
+      config.computeDtype,
+    ].forEach((v, i) => c.setUint32(i * 4, v, true));
 
     const filesBuf = Buffer.from(files.map((f) => `${f}\0`).join(""), "utf8");
     const tensorBuf = new ArrayBuffer(48 * Math.max(1, tensors.length));
@@ -288,7 +309,15 @@ export class NativeEngine {
       t.setBigUint64(o + 40, BigInt(e.cols), true);
     });
     const out = new BigUint64Array(1);
-    const status = symbols.ifn_engine_create(ptr(modelBuf), ptr(configBuf), ptr(filesBuf), files.length, ptr(tensorBuf), tensors.length, ptr(out));
+    const status = symbols.ifn_engine_create(
+      ptr(modelBuf),
+      ptr(configBuf),
+      ptr(filesBuf),
+      files.length,
+      ptr(tensorBuf),
+      tensors.length,
+      ptr(out),
+    );
     check(status, () => String(symbols.ifn_last_error()));
     this.handle = Number(out[0]) as Pointer;
 
@@ -316,7 +345,9 @@ export class NativeEngine {
       outTopIds: view(BATCH.outTopIds, s * TOP_LOGPROBS_MAX, Int32Array),
       outTopLogprobs: view(BATCH.outTopLogprobs, s * TOP_LOGPROBS_MAX, Float32Array),
     };
-    this.sampling = new DataView(toArrayBuffer(read.ptr(batchPtr, BATCH.sampling) as Pointer, 0, s * SAMPLING_ROW_BYTES));
+    this.sampling = new DataView(
+      toArrayBuffer(read.ptr(batchPtr, BATCH.sampling) as Pointer, 0, s * SAMPLING_ROW_BYTES),
+    );
   }
 
   private get ptr(): Pointer {
@@ -441,7 +472,9 @@ export class NativeEngine {
     const symbols = load();
     const idBuf = new Int32Array(ids);
     const hashBuf = new BigUint64Array(hashes);
-    check(symbols.ifn_blocks_cache_insert(this.ptr, ids.length, ptr(idBuf), ptr(hashBuf)), () => String(symbols.ifn_last_error()));
+    check(symbols.ifn_blocks_cache_insert(this.ptr, ids.length, ptr(idBuf), ptr(hashBuf)), () =>
+      String(symbols.ifn_last_error()),
+    );
   }
 
   /** References the cached blocks holding the leading hashes; returns their ids (stops at the first miss). */

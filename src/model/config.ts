@@ -61,7 +61,15 @@ const DTYPE_NAMES: Record<number, string> = {
   [DType.Q6_K]: "q6_k",
 };
 // GGML type ids are the engine's dtype codes; these are the ones it computes with.
-const GGUF_DTYPES: Record<number, DTypeCode> = { 0: DType.F32, 1: DType.F16, 2: DType.Q4_0, 8: DType.Q8_0, 12: DType.Q4_K, 14: DType.Q6_K, 30: DType.BF16 };
+const GGUF_DTYPES: Record<number, DTypeCode> = {
+  0: DType.F32,
+  1: DType.F16,
+  2: DType.Q4_0,
+  8: DType.Q8_0,
+  12: DType.Q4_K,
+  14: DType.Q6_K,
+  30: DType.BF16,
+};
 const SUPPORTED_GGUF_TYPES = "F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q6_K";
 
 function roleOf(table: [RegExp, RoleCode][], name: string): { role: RoleCode; layer: number } | null {
@@ -92,7 +100,8 @@ function idList(v: unknown): number[] {
 
 export function specFromHfFolder(dir: string): ModelSpec {
   const configPath = join(dir, "config.json");
-  if (!existsSync(configPath)) throw new ModelLoadError(`${dir}: no config.json (is this a Hugging Face model folder?)`);
+  if (!existsSync(configPath))
+    throw new ModelLoadError(`${dir}: no config.json (is this a Hugging Face model folder?)`);
   let cfg: Record<string, unknown>;
   try {
     cfg = JSON.parse(readFileSync(configPath, "utf8")) as Record<string, unknown>;
@@ -101,21 +110,30 @@ export function specFromHfFolder(dir: string): ModelSpec {
   }
   const archs = Array.isArray(cfg.architectures) ? (cfg.architectures as string[]) : [];
   if (!archs.some((a) => SUPPORTED_ARCHITECTURES.includes(a))) {
-    throw new ModelLoadError(`${dir}: architecture ${archs.join(", ") || String(cfg.model_type)} is not supported (supported: ${SUPPORTED_ARCHITECTURES.join(", ")})`);
+    throw new ModelLoadError(
+      `${dir}: architecture ${archs.join(", ") || String(cfg.model_type)} is not supported (supported: ${SUPPORTED_ARCHITECTURES.join(", ")})`,
+    );
   }
   if (cfg.rope_scaling !== null && cfg.rope_scaling !== undefined) {
     throw new ModelLoadError(`${dir}: rope_scaling ${JSON.stringify(cfg.rope_scaling)} is not supported yet`);
   }
-  if (cfg.attention_bias === true || cfg.mlp_bias === true) throw new ModelLoadError(`${dir}: attention or MLP biases are not supported`);
-  if (cfg.hidden_act !== undefined && cfg.hidden_act !== "silu") throw new ModelLoadError(`${dir}: hidden_act ${String(cfg.hidden_act)} is not supported (silu is)`);
+  if (cfg.attention_bias === true || cfg.mlp_bias === true)
+    throw new ModelLoadError(`${dir}: attention or MLP biases are not supported`);
+  if (cfg.hidden_act !== undefined && cfg.hidden_act !== "silu")
+    throw new ModelLoadError(`${dir}: hidden_act ${String(cfg.hidden_act)} is not supported (silu is)`);
   const where = "config.json";
   const hidden = positiveInt(cfg.hidden_size, "hidden_size", where);
   const heads = positiveInt(cfg.num_attention_heads, "num_attention_heads", where);
-  const kvHeads = cfg.num_key_value_heads === undefined || cfg.num_key_value_heads === null ? heads : positiveInt(cfg.num_key_value_heads, "num_key_value_heads", where);
-  const headDim = cfg.head_dim === undefined || cfg.head_dim === null ? hidden / heads : positiveInt(cfg.head_dim, "head_dim", where);
+  const kvHeads =
+    cfg.num_key_value_heads === undefined || cfg.num_key_value_heads === null
+      ? heads
+      : positiveInt(cfg.num_key_value_heads, "num_key_value_heads", where);
+  const headDim =
+    cfg.head_dim === undefined || cfg.head_dim === null ? hidden / heads : positiveInt(cfg.head_dim, "head_dim", where);
   let maxPosition = positiveInt(cfg.max_position_embeddings, "max_position_embeddings", where);
   // Sliding-window attention equals full attention while the context stays inside the window.
-  if (typeof cfg.sliding_window === "number" && cfg.sliding_window > 0) maxPosition = Math.min(maxPosition, cfg.sliding_window);
+  if (typeof cfg.sliding_window === "number" && cfg.sliding_window > 0)
+    maxPosition = Math.min(maxPosition, cfg.sliding_window);
 
   const stored = readSafetensorsFolder(dir);
   const files = [...new Set(stored.map((t) => t.file))];
@@ -125,10 +143,24 @@ export function specFromHfFolder(dir: string): ModelSpec {
     const r = roleOf(HF_ROLES, t.name);
     if (!r) throw new ModelLoadError(`${dir}: tensor ${t.name} is not part of the Llama architecture this engine runs`);
     const dtype = SAFETENSORS_DTYPES[t.dtype];
-    if (dtype === undefined) throw new ModelLoadError(`${dir}: tensor ${t.name} has dtype ${t.dtype}, which is not supported (supported: F32, F16, BF16)`);
-    const [rows, cols] = t.shape.length === 1 ? [1, t.shape[0]] : t.shape.length === 2 ? [t.shape[0], t.shape[1]] : [-1, -1];
+    if (dtype === undefined)
+      throw new ModelLoadError(
+        `${dir}: tensor ${t.name} has dtype ${t.dtype}, which is not supported (supported: F32, F16, BF16)`,
+      );
+    const [rows, cols] =
+      t.shape.length === 1 ? [1, t.shape[0]] : t.shape.length === 2 ? [t.shape[0], t.shape[1]] : [-1, -1];
     if (rows < 0) throw new ModelLoadError(`${dir}: tensor ${t.name} has ${t.shape.length} dimensions`);
-    tensors.push({ name: t.name, role: r.role, layer: r.layer, dtype, fileIndex: files.indexOf(t.file), offset: t.offset, sizeBytes: t.sizeBytes, rows, cols });
+    tensors.push({
+      name: t.name,
+      role: r.role,
+      layer: r.layer,
+      dtype,
+      fileIndex: files.indexOf(t.file),
+      offset: t.offset,
+      sizeBytes: t.sizeBytes,
+      rows,
+      cols,
+    });
   }
   const config: NativeModelConfig = {
     vocabSize: positiveInt(cfg.vocab_size, "vocab_size", where),
@@ -144,7 +176,8 @@ export function specFromHfFolder(dir: string): ModelSpec {
     ropeInterleaved: false,
     tieWordEmbeddings: cfg.tie_word_embeddings === true || !tensors.some((t) => t.role === Role.OUTPUT),
   };
-  if (!Number.isInteger(headDim)) throw new ModelLoadError(`${dir}: hidden_size ${hidden} is not divisible by num_attention_heads ${heads}`);
+  if (!Number.isInteger(headDim))
+    throw new ModelLoadError(`${dir}: hidden_size ${hidden} is not divisible by num_attention_heads ${heads}`);
   checkTensorShapes(dir, config, tensors);
   let generation: Record<string, unknown> = {};
   const genPath = join(dir, "generation_config.json");
@@ -176,34 +209,52 @@ function metaNumber(g: GgufFile, key: string): number | undefined {
 export function specFromGguf(g: GgufFile): ModelSpec {
   const where = g.path;
   const arch = g.metadata.get("general.architecture");
-  if (arch !== "llama") throw new ModelLoadError(`${where}: architecture ${String(arch)} is not supported (supported: llama)`);
+  if (arch !== "llama")
+    throw new ModelLoadError(`${where}: architecture ${String(arch)} is not supported (supported: llama)`);
   const need = (key: string) => {
     const v = metaNumber(g, `llama.${key}`);
     if (v === undefined) throw new ModelLoadError(`${where}: metadata llama.${key} is missing`);
     return positiveInt(v, `llama.${key}`, where);
   };
   if (g.metadata.has("llama.rope.scaling.type") && g.metadata.get("llama.rope.scaling.type") !== "none") {
-    throw new ModelLoadError(`${where}: RoPE scaling ${String(g.metadata.get("llama.rope.scaling.type"))} is not supported yet`);
+    throw new ModelLoadError(
+      `${where}: RoPE scaling ${String(g.metadata.get("llama.rope.scaling.type"))} is not supported yet`,
+    );
   }
   const hidden = need("embedding_length");
   const heads = need("attention.head_count");
   const tokens = g.metadata.get("tokenizer.ggml.tokens");
   const vocab = metaNumber(g, "llama.vocab_size") ?? (Array.isArray(tokens) ? tokens.length : undefined);
-  if (vocab === undefined) throw new ModelLoadError(`${where}: neither llama.vocab_size nor tokenizer.ggml.tokens is present`);
+  if (vocab === undefined)
+    throw new ModelLoadError(`${where}: neither llama.vocab_size nor tokenizer.ggml.tokens is present`);
   const tensors: TensorEntry[] = [];
   for (const t of g.tensors) {
-    if (t.name === "rope_freqs.weight") throw new ModelLoadError(`${where}: rope_freqs (Llama 3.1 RoPE scaling) is not supported yet`);
+    if (t.name === "rope_freqs.weight")
+      throw new ModelLoadError(`${where}: rope_freqs (Llama 3.1 RoPE scaling) is not supported yet`);
     const r = roleOf(GGUF_ROLES, t.name);
-    if (!r) throw new ModelLoadError(`${where}: tensor ${t.name} is not part of the Llama architecture this engine runs`);
+    if (!r)
+      throw new ModelLoadError(`${where}: tensor ${t.name} is not part of the Llama architecture this engine runs`);
     const dtype = GGUF_DTYPES[t.type];
     if (dtype === undefined) {
       const typeName = GGML_TYPES[t.type]?.name ?? `type ${t.type}`;
-      throw new ModelLoadError(`${where}: tensor ${t.name} is ${typeName}, which is not supported yet (supported: ${SUPPORTED_GGUF_TYPES})`);
+      throw new ModelLoadError(
+        `${where}: tensor ${t.name} is ${typeName}, which is not supported yet (supported: ${SUPPORTED_GGUF_TYPES})`,
+      );
     }
     if (t.dims.length > 2) throw new ModelLoadError(`${where}: tensor ${t.name} has ${t.dims.length} dimensions`);
     const cols = t.dims[0];
     const rows = t.dims.length === 2 ? t.dims[1] : 1;
-    tensors.push({ name: t.name, role: r.role, layer: r.layer, dtype, fileIndex: 0, offset: t.offset, sizeBytes: t.sizeBytes, rows, cols });
+    tensors.push({
+      name: t.name,
+      role: r.role,
+      layer: r.layer,
+      dtype,
+      fileIndex: 0,
+      offset: t.offset,
+      sizeBytes: t.sizeBytes,
+      rows,
+      cols,
+    });
   }
   const config: NativeModelConfig = {
     vocabSize: vocab,
@@ -220,7 +271,8 @@ export function specFromGguf(g: GgufFile): ModelSpec {
     ropeInterleaved: true,
     tieWordEmbeddings: !tensors.some((t) => t.role === Role.OUTPUT),
   };
-  if (!Number.isInteger(config.headDim)) throw new ModelLoadError(`${where}: embedding_length ${hidden} is not divisible by head_count ${heads}`);
+  if (!Number.isInteger(config.headDim))
+    throw new ModelLoadError(`${where}: embedding_length ${hidden} is not divisible by head_count ${heads}`);
   checkTensorShapes(where, config, tensors);
   const eos = metaNumber(g, "tokenizer.ggml.eos_token_id");
   const eot = metaNumber(g, "tokenizer.ggml.eot_token_id");
@@ -255,8 +307,11 @@ function checkTensorShapes(where: string, c: NativeModelConfig, tensors: TensorE
   for (const t of tensors) {
     const [rows, cols] = expected[t.role];
     if (t.rows !== rows || t.cols !== cols) {
-      throw new ModelLoadError(`${where}: tensor ${t.name} has shape (${t.rows}, ${t.cols}) but the config needs (${rows}, ${cols})`);
+      throw new ModelLoadError(
+        `${where}: tensor ${t.name} has shape (${t.rows}, ${t.cols}) but the config needs (${rows}, ${cols})`,
+      );
     }
-    if (t.layer >= c.numLayers) throw new ModelLoadError(`${where}: tensor ${t.name} is for layer ${t.layer} but the model has ${c.numLayers}`);
+    if (t.layer >= c.numLayers)
+      throw new ModelLoadError(`${where}: tensor ${t.name} is for layer ${t.layer} but the model has ${c.numLayers}`);
   }
 }

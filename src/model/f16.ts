@@ -47,4 +47,3 @@ export function fromBf16Bits(b: number): number {
   u32buf[0] = b << 16;
   return f32buf[0];
 }
-

@@ -67,7 +67,8 @@ class Reader {
     this.need(8);
     const v = this.view.getBigUint64(this.pos, true);
     this.pos += 8;
-    if (v > BigInt(Number.MAX_SAFE_INTEGER)) throw new ModelLoadError(`value ${v} at byte ${this.pos - 8} is out of range`);
+    if (v > BigInt(Number.MAX_SAFE_INTEGER))
+      throw new ModelLoadError(`value ${v} at byte ${this.pos - 8} is out of range`);
     return Number(v);
   }
   str(): string {
@@ -80,15 +81,42 @@ class Reader {
   }
   value(type: number): GgufValue {
     switch (type) {
-      case 0: return this.u8();
-      case 1: { this.need(1); return this.view.getInt8(this.pos++); }
-      case 2: { this.need(2); const v = this.view.getUint16(this.pos, true); this.pos += 2; return v; }
-      case 3: { this.need(2); const v = this.view.getInt16(this.pos, true); this.pos += 2; return v; }
-      case 4: return this.u32();
-      case 5: { this.need(4); const v = this.view.getInt32(this.pos, true); this.pos += 4; return v; }
-      case 6: { this.need(4); const v = this.view.getFloat32(this.pos, true); this.pos += 4; return v; }
-      case 7: return this.u8() !== 0;
-      case 8: return this.str();
+      case 0:
+        return this.u8();
+      case 1: {
+        this.need(1);
+        return this.view.getInt8(this.pos++);
+      }
+      case 2: {
+        this.need(2);
+        const v = this.view.getUint16(this.pos, true);
+        this.pos += 2;
+        return v;
+      }
+      case 3: {
+        this.need(2);
+        const v = this.view.getInt16(this.pos, true);
+        this.pos += 2;
+        return v;
+      }
+      case 4:
+        return this.u32();
+      case 5: {
+        this.need(4);
+        const v = this.view.getInt32(this.pos, true);
+        this.pos += 4;
+        return v;
+      }
+      case 6: {
+        this.need(4);
+        const v = this.view.getFloat32(this.pos, true);
+        this.pos += 4;
+        return v;
+      }
+      case 7:
+        return this.u8() !== 0;
+      case 8:
+        return this.str();
       case 9: {
         const itemType = this.u32();
         const count = this.u64();
@@ -97,9 +125,24 @@ class Reader {
         for (let i = 0; i < count; i++) items[i] = this.value(itemType);
         return items;
       }
-      case 10: { this.need(8); const v = this.view.getBigUint64(this.pos, true); this.pos += 8; return v <= BigInt(Number.MAX_SAFE_INTEGER) ? Number(v) : v; }
-      case 11: { this.need(8); const v = this.view.getBigInt64(this.pos, true); this.pos += 8; return v; }
-      case 12: { this.need(8); const v = this.view.getFloat64(this.pos, true); this.pos += 8; return v; }
+      case 10: {
+        this.need(8);
+        const v = this.view.getBigUint64(this.pos, true);
+        this.pos += 8;
+        return v <= BigInt(Number.MAX_SAFE_INTEGER) ? Number(v) : v;
+      }
+      case 11: {
+        this.need(8);
+        const v = this.view.getBigInt64(this.pos, true);
+        this.pos += 8;
+        return v;
+      }
+      case 12: {
+        this.need(8);
+        const v = this.view.getFloat64(this.pos, true);
+        this.pos += 8;
+        return v;
+      }
       default:
         throw new ModelLoadError(`unknown GGUF value type ${type}: the file is corrupt or newer than this reader`);
     }
@@ -126,7 +169,10 @@ export function readGguf(path: string): GgufFile {
         return parse(path, buf, fileBytes);
       } catch (e) {
         if (!(e instanceof NeedMore)) throw e;
-        if (window >= fileBytes) throw new ModelLoadError(`${basename(path)}: the GGUF header runs past the end of the file (${fileBytes} bytes): truncated`);
+        if (window >= fileBytes)
+          throw new ModelLoadError(
+            `${basename(path)}: the GGUF header runs past the end of the file (${fileBytes} bytes): truncated`,
+          );
         window = Math.min(fileBytes, window * 4);
       }
     }
@@ -141,10 +187,12 @@ function parse(path: string, buf: Uint8Array, fileBytes: number): GgufFile {
   const magic = r.u32();
   if (magic !== 0x46554747) throw new ModelLoadError(`${name}: not a GGUF file (bad magic)`);
   const version = r.u32();
-  if (version !== 2 && version !== 3) throw new ModelLoadError(`${name}: GGUF version ${version} is not supported (2 and 3 are)`);
+  if (version !== 2 && version !== 3)
+    throw new ModelLoadError(`${name}: GGUF version ${version} is not supported (2 and 3 are)`);
   const tensorCount = r.u64();
   const kvCount = r.u64();
-  if (tensorCount > 1 << 20 || kvCount > 1 << 20) throw new ModelLoadError(`${name}: ${tensorCount} tensors / ${kvCount} keys: the file is corrupt`);
+  if (tensorCount > 1 << 20 || kvCount > 1 << 20)
+    throw new ModelLoadError(`${name}: ${tensorCount} tensors / ${kvCount} keys: the file is corrupt`);
   const metadata = new Map<string, GgufValue>();
   const kvStart = r.pos;
   for (let i = 0; i < kvCount; i++) {
@@ -171,7 +219,9 @@ function parse(path: string, buf: Uint8Array, fileBytes: number): GgufFile {
     const bytes = ggmlTensorBytes(info.type, elements);
     const offset = dataStart + relOffsets[i];
     if (bytes !== null && offset + bytes > fileBytes) {
-      throw new ModelLoadError(`${name}: tensor ${info.name} ends at byte ${offset + bytes} but the file has ${fileBytes}: the file is truncated`);
+      throw new ModelLoadError(
+        `${name}: tensor ${info.name} ends at byte ${offset + bytes} but the file has ${fileBytes}: the file is truncated`,
+      );
     }
     return { ...info, offset, sizeBytes: bytes ?? -1 };
   });

@@ -60,7 +60,8 @@ function q4_k(x: ArrayLike<number>, o: number, out: DataView, at: number): void 
   }
   const q = (s: number, v: number) => clamp(Math.round((v + dmin * mn[s]) / (d * sc[s])), 0, 15);
   for (let g = 0; g < 4; g++)
-    for (let l = 0; l < 32; l++) out.setUint8(at + 16 + 32 * g + l, q(2 * g, x[o + 64 * g + l]) | (q(2 * g + 1, x[o + 64 * g + 32 + l]) << 4));
+    for (let l = 0; l < 32; l++)
+      out.setUint8(at + 16 + 32 * g + l, q(2 * g, x[o + 64 * g + l]) | (q(2 * g + 1, x[o + 64 * g + 32 + l]) << 4));
 }
 
 function q6_k(x: ArrayLike<number>, o: number, out: DataView, at: number): void {
@@ -129,7 +130,9 @@ export function dequantize(type: QuantType, buf: Uint8Array): Float64Array {
       const dmin = fromF16Bits(view.getUint16(at + 2, true));
       const s = (i: number) => view.getUint8(at + 4 + i);
       const scaleMin = (j: number) =>
-        j < 4 ? [s(j) & 63, s(j + 4) & 63] : [(s(j + 4) & 0xf) | ((s(j - 4) >> 6) << 4), (s(j + 4) >> 4) | ((s(j) >> 6) << 4)];
+        j < 4
+          ? [s(j) & 63, s(j + 4) & 63]
+          : [(s(j + 4) & 0xf) | ((s(j - 4) >> 6) << 4), (s(j + 4) >> 4) | ((s(j) >> 6) << 4)];
       for (let g = 0; g < 4; g++) {
         const [sc1, m1] = scaleMin(2 * g);
         const [sc2, m2] = scaleMin(2 * g + 1);

@@ -15,7 +15,12 @@ function readTensor(fd: number, offset: number, bytes: number): Buffer {
   return buf;
 }
 
-export function quantizeGguf(input: string, output: string, type: QuantType, progress: (done: number, total: number) => void = () => {}): { quantized: number; kept: number } {
+export function quantizeGguf(
+  input: string,
+  output: string,
+  type: QuantType,
+  progress: (done: number, total: number) => void = () => {},
+): { quantized: number; kept: number } {
   const g = readGguf(input);
   const inFd = openSync(input, "r");
   const outFd = openSync(output, "w");

@@ -13,7 +13,8 @@ export type ModelSource = { kind: "hf"; dir: string } | { kind: "gguf"; path: st
 
 const HUB_ID = /^[A-Za-z0-9][\w.-]*\/[\w.-]+$/;
 // What a Llama model needs from a hub repository; everything else (other formats, images) is skipped.
-const WANTED_FILE = /^(config\.json|generation_config\.json|tokenizer\.json|tokenizer_config\.json|special_tokens_map\.json|chat_template\.jinja|model\.safetensors\.index\.json|[^/]*\.safetensors)$/;
+const WANTED_FILE =
+  /^(config\.json|generation_config\.json|tokenizer\.json|tokenizer_config\.json|special_tokens_map\.json|chat_template\.jinja|model\.safetensors\.index\.json|[^/]*\.safetensors)$/;
 
 export function hubCacheDir(env: NodeJS.ProcessEnv = process.env): string {
   if (env.HF_HUB_CACHE) return env.HF_HUB_CACHE;
@@ -42,25 +43,35 @@ export async function resolveModel(arg: string, env: NodeJS.ProcessEnv = process
   if (cached) return { kind: "hf", dir: cached };
   const offline = env.HF_HUB_OFFLINE === "1" || env.HF_HUB_OFFLINE === "true";
   const hint = `pass a local path instead: --model /path/to/model-folder or --model /path/to/model.gguf`;
-  if (offline) throw new ModelLoadError(`model ${arg} is not in the Hugging Face cache (${hubCacheDir(env)}) and HF_HUB_OFFLINE is set: ${hint}`);
+  if (offline)
+    throw new ModelLoadError(
+      `model ${arg} is not in the Hugging Face cache (${hubCacheDir(env)}) and HF_HUB_OFFLINE is set: ${hint}`,
+    );
   try {
     return { kind: "hf", dir: await downloadSnapshot(arg, env) };
   } catch (e) {
     if (e instanceof ModelLoadError) throw e;
-    throw new ModelLoadError(`model ${arg} is not in the Hugging Face cache (${hubCacheDir(env)}) and the hub could not be reached (${(e as Error).message}): ${hint}`);
+    throw new ModelLoadError(
+      `model ${arg} is not in the Hugging Face cache (${hubCacheDir(env)}) and the hub could not be reached (${(e as Error).message}): ${hint}`,
+    );
   }
 }
 
 async function downloadSnapshot(id: string, env: NodeJS.ProcessEnv): Promise<string> {
   const endpoint = (env.HF_ENDPOINT ?? "https://huggingface.co").replace(/\/$/, "");
   const headers: Record<string, string> = env.HF_TOKEN ? { authorization: `Bearer ${env.HF_TOKEN}` } : {};
-  const info = await fetch(`${endpoint}/api/models/${id}/revision/main`, { headers, signal: AbortSignal.timeout(15_000) });
-  if (info.status === 401 || info.status === 403) throw new ModelLoadError(`model ${id} needs access rights on the hub: set HF_TOKEN`);
+  const info = await fetch(`${endpoint}/api/models/${id}/revision/main`, {
+    headers,
+    signal: AbortSignal.timeout(15_000),
+  });
+  if (info.status === 401 || info.status === 403)
+    throw new ModelLoadError(`model ${id} needs access rights on the hub: set HF_TOKEN`);
   if (info.status === 404) throw new ModelLoadError(`model ${id} does not exist on ${endpoint}`);
   if (!info.ok) throw new Error(`hub answered ${info.status}`);
   const meta = (await info.json()) as { sha: string; siblings: { rfilename: string }[] };
   const files = meta.siblings.map((s) => s.rfilename).filter((f) => WANTED_FILE.test(f));
-  if (!files.includes("config.json")) throw new ModelLoadError(`model ${id} has no config.json on the hub: not a Transformers model`);
+  if (!files.includes("config.json"))
+    throw new ModelLoadError(`model ${id} has no config.json on the hub: not a Transformers model`);
   const repoDir = join(hubCacheDir(env), `models--${id.replace("/", "--")}`);
   const snapshot = join(repoDir, "snapshots", meta.sha);
   for (const file of files) {

@@ -17,19 +17,35 @@ export interface StoredTensor {
 
 const HEADER_BYTES_MAX = 100 * 1024 * 1024;
 
-const ELEMENT_BYTES: Record<string, number> = { F64: 8, F32: 4, F16: 2, BF16: 2, I64: 8, I32: 4, I16: 2, I8: 1, U8: 1, BOOL: 1, F8_E4M3: 1, F8_E5M2: 1 };
+const ELEMENT_BYTES: Record<string, number> = {
+  F64: 8,
+  F32: 4,
+  F16: 2,
+  BF16: 2,
+  I64: 8,
+  I32: 4,
+  I16: 2,
+  I8: 1,
+  U8: 1,
+  BOOL: 1,
+  F8_E4M3: 1,
+  F8_E5M2: 1,
+};
 
 export function readSafetensorsHeader(file: string): StoredTensor[] {
   const fd = openSync(file, "r");
   try {
     const fileBytes = fstatSync(fd).size;
     const name = basename(file);
-    if (fileBytes < 8) throw new ModelLoadError(`${name}: ${fileBytes} bytes is too short for a safetensors file (truncated?)`);
+    if (fileBytes < 8)
+      throw new ModelLoadError(`${name}: ${fileBytes} bytes is too short for a safetensors file (truncated?)`);
     const lenBuf = Buffer.alloc(8);
     readSync(fd, lenBuf, 0, 8, 0);
     const headerBytes = Number(lenBuf.readBigUInt64LE(0));
     if (headerBytes === 0 || headerBytes > HEADER_BYTES_MAX || 8 + headerBytes > fileBytes) {
-      throw new ModelLoadError(`${name}: header length ${headerBytes} does not fit the file (${fileBytes} bytes): truncated or not a safetensors file`);
+      throw new ModelLoadError(
+        `${name}: header length ${headerBytes} does not fit the file (${fileBytes} bytes): truncated or not a safetensors file`,
+      );
     }
     const headerBuf = Buffer.alloc(headerBytes);
     readSync(fd, headerBuf, 0, headerBytes, 8);
@@ -53,12 +69,23 @@ export function readSafetensorsHeader(file: string): StoredTensor[] {
       const elements = (shape as number[]).reduce((a, b) => a * b, 1);
       const elemBytes = ELEMENT_BYTES[info.dtype];
       if (elemBytes !== undefined && end - begin !== elements * elemBytes) {
-        throw new ModelLoadError(`${name}: tensor ${tensorName} spans ${end - begin} bytes but its shape [${shape.join(", ")}] of ${info.dtype} needs ${elements * elemBytes}`);
+        throw new ModelLoadError(
+          `${name}: tensor ${tensorName} spans ${end - begin} bytes but its shape [${shape.join(", ")}] of ${info.dtype} needs ${elements * elemBytes}`,
+        );
       }
       if (dataStart + end > fileBytes) {
-        throw new ModelLoadError(`${name}: tensor ${tensorName} ends at byte ${dataStart + end} but the file has ${fileBytes}: the file is truncated`);
+        throw new ModelLoadError(
+          `${name}: tensor ${tensorName} ends at byte ${dataStart + end} but the file has ${fileBytes}: the file is truncated`,
+        );
       }
-      tensors.push({ name: tensorName, file, dtype: info.dtype, shape: shape as number[], offset: dataStart + begin, sizeBytes: end - begin });
+      tensors.push({
+        name: tensorName,
+        file,
+        dtype: info.dtype,
+        shape: shape as number[],
+        offset: dataStart + begin,
+        sizeBytes: end - begin,
+      });
     }
     return tensors;
   } finally {
@@ -80,12 +107,16 @@ export function readSafetensorsFolder(dir: string): StoredTensor[] {
     const tensors: StoredTensor[] = [];
     for (const shard of shards) {
       const path = join(dir, shard);
-      if (!existsSync(path)) throw new ModelLoadError(`${dir}: shard ${shard} named in model.safetensors.index.json is missing`);
+      if (!existsSync(path))
+        throw new ModelLoadError(`${dir}: shard ${shard} named in model.safetensors.index.json is missing`);
       tensors.push(...readSafetensorsHeader(path));
     }
     const found = new Set(tensors.map((t) => t.name));
     const missing = Object.keys(weightMap).filter((n) => !found.has(n));
-    if (missing.length > 0) throw new ModelLoadError(`${dir}: tensors listed in the index but absent from the shards: ${missing.slice(0, 3).join(", ")}`);
+    if (missing.length > 0)
+      throw new ModelLoadError(
+        `${dir}: tensors listed in the index but absent from the shards: ${missing.slice(0, 3).join(", ")}`,
+      );
     return tensors;
   }
   const single = join(dir, "model.safetensors");

@@ -90,19 +90,30 @@ export class ModelTokenizer {
  */
 function longestPiece(tokenizerJson: Json): number {
   let longest = 1;
-  const model = tokenizerJson.model as { type?: string; vocab?: Record<string, number> | [string, number][]; byte_fallback?: boolean; unk_token?: string | null; unk_id?: number | null } | undefined;
-  const unknownsFuse = model?.type !== "BPE" ? model?.unk_id !== null && model?.unk_id !== undefined : Boolean(model?.unk_token);
+  const model = tokenizerJson.model as
+    | {
+        type?: string;
+        vocab?: Record<string, number> | [string, number][];
+        byte_fallback?: boolean;
+        unk_token?: string | null;
+        unk_id?: number | null;
+      }
+    | undefined;
+  const unknownsFuse =
+    model?.type !== "BPE" ? model?.unk_id !== null && model?.unk_id !== undefined : Boolean(model?.unk_token);
   if (unknownsFuse && !model?.byte_fallback) return Infinity;
   const vocab = model?.vocab;
   const pieces = Array.isArray(vocab) ? vocab.map(([p]) => p) : Object.keys(vocab ?? {});
   for (const p of pieces) longest = Math.max(longest, p.length);
-  for (const t of (tokenizerJson.added_tokens as { content?: string }[] | undefined) ?? []) longest = Math.max(longest, t.content?.length ?? 0);
+  for (const t of (tokenizerJson.added_tokens as { content?: string }[] | undefined) ?? [])
+    longest = Math.max(longest, t.content?.length ?? 0);
   return longest;
 }
 
 function tokenText(v: unknown): string | null {
   if (typeof v === "string") return v;
-  if (v && typeof v === "object" && typeof (v as { content?: unknown }).content === "string") return (v as { content: string }).content;
+  if (v && typeof v === "object" && typeof (v as { content?: unknown }).content === "string")
+    return (v as { content: string }).content;
   return null;
 }
 
@@ -117,7 +128,8 @@ function pickTemplate(v: unknown): string | null {
 
 export function tokenizerFromHfFolder(dir: string): ModelTokenizer {
   const tokPath = join(dir, "tokenizer.json");
-  if (!existsSync(tokPath)) throw new ModelLoadError(`${dir}: no tokenizer.json (slow SentencePiece-only tokenizers are not supported)`);
+  if (!existsSync(tokPath))
+    throw new ModelLoadError(`${dir}: no tokenizer.json (slow SentencePiece-only tokenizers are not supported)`);
   const read = (p: string): Json => {
     try {
       return JSON.parse(readFileSync(p, "utf8")) as Json;
@@ -159,7 +171,15 @@ export function tokenizerFromGguf(g: GgufFile): ModelTokenizer {
   const addedTokens = tokens
     .map((content, id) => ({ id, content, type: types[id] }))
     .filter((t) => t.type === TOKEN_TYPE.CONTROL || t.type === TOKEN_TYPE.USER_DEFINED || t.type === TOKEN_TYPE.UNKNOWN)
-    .map((t) => ({ id: t.id, content: t.content, single_word: false, lstrip: false, rstrip: false, normalized: false, special: t.type !== TOKEN_TYPE.USER_DEFINED }));
+    .map((t) => ({
+      id: t.id,
+      content: t.content,
+      single_word: false,
+      lstrip: false,
+      rstrip: false,
+      normalized: false,
+      special: t.type !== TOKEN_TYPE.USER_DEFINED,
+    }));
   const vocab: Record<string, number> = {};
   tokens.forEach((t, i) => {
     if (!(t in vocab)) vocab[t] = i;
@@ -169,7 +189,11 @@ export function tokenizerFromGguf(g: GgufFile): ModelTokenizer {
       ? {
           type: "TemplateProcessing",
           single: [{ SpecialToken: { id: tokens[bos], type_id: 0 } }, { Sequence: { id: "A", type_id: 0 } }],
-          pair: [{ SpecialToken: { id: tokens[bos], type_id: 0 } }, { Sequence: { id: "A", type_id: 0 } }, { Sequence: { id: "B", type_id: 1 } }],
+          pair: [
+            { SpecialToken: { id: tokens[bos], type_id: 0 } },
+            { Sequence: { id: "A", type_id: 0 } },
+            { Sequence: { id: "B", type_id: 1 } },
+          ],
           special_tokens: { [tokens[bos]]: { id: tokens[bos], ids: [bos], tokens: [tokens[bos]] } },
         }
       : null;
@@ -180,12 +204,23 @@ export function tokenizerFromGguf(g: GgufFile): ModelTokenizer {
     tokenizerJson = {
       version: "1.0",
       added_tokens: addedTokens,
-      normalizer: { type: "Sequence", normalizers: [{ type: "Prepend", prepend: SPIECE }, { type: "Replace", pattern: { String: " " }, content: SPIECE }] },
+      normalizer: {
+        type: "Sequence",
+        normalizers: [
+          { type: "Prepend", prepend: SPIECE },
+          { type: "Replace", pattern: { String: " " }, content: SPIECE },
+        ],
+      },
       pre_tokenizer: null,
       post_processor: postProcessor,
       decoder: {
         type: "Sequence",
-        decoders: [{ type: "Replace", pattern: { String: SPIECE }, content: " " }, { type: "ByteFallback" }, { type: "Fuse" }, { type: "Strip", content: " ", start: 1, stop: 0 }],
+        decoders: [
+          { type: "Replace", pattern: { String: SPIECE }, content: " " },
+          { type: "ByteFallback" },
+          { type: "Fuse" },
+          { type: "Strip", content: " ", start: 1, stop: 0 },
+        ],
       },
       model: {
         type: "BPE",
@@ -212,7 +247,10 @@ export function tokenizerFromGguf(g: GgufFile): ModelTokenizer {
         pretokenizers: [
           {
             type: "Split",
-            pattern: { Regex: "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+" },
+            pattern: {
+              Regex:
+                "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+",
+            },
             behavior: "Isolated",
             invert: false,
           },
@@ -221,7 +259,18 @@ export function tokenizerFromGguf(g: GgufFile): ModelTokenizer {
       },
       post_processor: postProcessor,
       decoder: { type: "ByteLevel", add_prefix_space: true, trim_offsets: true, use_regex: true },
-      model: { type: "BPE", dropout: null, unk_token: null, continuing_subword_prefix: null, end_of_word_suffix: null, fuse_unk: false, byte_fallback: false, ignore_merges: true, vocab, merges },
+      model: {
+        type: "BPE",
+        dropout: null,
+        unk_token: null,
+        continuing_subword_prefix: null,
+        end_of_word_suffix: null,
+        fuse_unk: false,
+        byte_fallback: false,
+        ignore_merges: true,
+        vocab,
+        merges,
+      },
     };
   } else {
     throw new ModelLoadError(`${g.path}: tokenizer model ${String(kind)} is not supported (supported: llama, gpt2)`);
@@ -242,7 +291,12 @@ export function tokenizerFromGguf(g: GgufFile): ModelTokenizer {
  * halves are both pieces, ranked by the merged piece's score (higher first). Merging
  * by that rank is exactly SentencePiece's (and llama2.c's) "best-scoring pair first".
  */
-function sentencePieceMerges(tokens: string[], types: number[], scores: number[], vocab: Record<string, number>): [string, string][] {
+function sentencePieceMerges(
+  tokens: string[],
+  types: number[],
+  scores: number[],
+  vocab: Record<string, number>,
+): [string, string][] {
   const merges: { a: string; b: string; score: number; id: number; split: number }[] = [];
   tokens.forEach((piece, id) => {
     if (types[id] !== TOKEN_TYPE.NORMAL && types[id] !== TOKEN_TYPE.USER_DEFINED) return;

@@ -10,7 +10,9 @@ const IN_PLACE_MESSAGES_MAX = 16;
 /** Jobs waiting for the worker; more is a sign of a flood, refused rather than queued. */
 export const WORKER_JOBS_MAX = 256;
 
-type JobBody = { kind: "encode"; text: string; addSpecialTokens: boolean } | { kind: "chat"; messages: ChatMessage[]; addGenerationPrompt: boolean };
+type JobBody =
+  | { kind: "encode"; text: string; addSpecialTokens: boolean }
+  | { kind: "chat"; messages: ChatMessage[]; addGenerationPrompt: boolean };
 export type TokenizeJob = JobBody & { id: number };
 export type TokenizeResult = { id: number; ids: number[] } | { id: number; error: string };
 
@@ -45,7 +47,8 @@ export class TokenizerThread {
   }
 
   private run(job: JobBody): Promise<number[]> {
-    if (this.pending.size >= WORKER_JOBS_MAX) return Promise.reject(new TokenizerBusyError(`${WORKER_JOBS_MAX} large inputs are already being tokenized`));
+    if (this.pending.size >= WORKER_JOBS_MAX)
+      return Promise.reject(new TokenizerBusyError(`${WORKER_JOBS_MAX} large inputs are already being tokenized`));
     const id = this.nextId++;
     const promise = new Promise<number[]>((resolve, reject) => this.pending.set(id, { resolve, reject }));
     this.start().postMessage({ ...job, id });

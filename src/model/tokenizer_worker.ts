@@ -15,7 +15,10 @@ self.onmessage = (event: MessageEvent<{ init: TokenizerSource } | TokenizeJob>) 
   }
   let reply: TokenizeResult;
   try {
-    const ids = m.kind === "encode" ? tokenizer!.encode(m.text, m.addSpecialTokens) : tokenizer!.applyChatTemplate(m.messages, m.addGenerationPrompt).ids;
+    const ids =
+      m.kind === "encode"
+        ? tokenizer!.encode(m.text, m.addSpecialTokens)
+        : tokenizer!.applyChatTemplate(m.messages, m.addGenerationPrompt).ids;
     reply = { id: m.id, ids };
   } catch (e) {
     reply = { id: m.id, error: (e as Error).message };

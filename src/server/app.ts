@@ -39,18 +39,29 @@ function screen(ctx: ServerContext, request: Request, server: Server<unknown> | 
   const { guard, options } = ctx;
   const { path } = splitUrl(request.url);
   try {
-    if (request.method === "OPTIONS" && request.headers.has("access-control-request-method")) return guard.preflight(request);
+    if (request.method === "OPTIONS" && request.headers.has("access-control-request-method"))
+      return guard.preflight(request);
     guard.checkOrigin(request);
     if (headerBytes(request) > options.maxHeaderBytes) {
-      throw new ApiError(431, `The request's headers are over the limit of ${options.maxHeaderBytes} bytes.`, "invalid_request_error", null, "headers_too_large");
+      throw new ApiError(
+        431,
+        `The request's headers are over the limit of ${options.maxHeaderBytes} bytes.`,
+        "invalid_request_error",
+        null,
+        "headers_too_large",
+      );
     }
     const length = Number(request.headers.get("content-length") ?? 0);
     if (length > options.maxBodyBytes) throw tooLarge(options.maxBodyBytes);
     // A WebSocket upgrade needs the key; each message on it is counted, not the upgrade.
-    if (guard.guarded(path)) guard.admit(request, server, request.headers.get("upgrade")?.toLowerCase() !== "websocket");
+    if (guard.guarded(path))
+      guard.admit(request, server, request.headers.get("upgrade")?.toLowerCase() !== "websocket");
   } catch (e) {
     const error = toApiError(e);
-    return Response.json(error.body, { status: error.status, headers: { ...error.headers, ...guard.corsHeaders(request) } });
+    return Response.json(error.body, {
+      status: error.status,
+      headers: { ...error.headers, ...guard.corsHeaders(request) },
+    });
   }
 }
 
@@ -82,9 +93,16 @@ export function createApp(state: ServerState, options: ServerOptions) {
         case "NOT_FOUND": {
           const allowed = (methods ??= methodsByPath(app)).get(splitUrl(request.url).path);
           if (allowed) {
-            const e = new ApiError(405, `Method ${request.method} is not allowed here; use ${allowed.join(" or ")}.`, "invalid_request_error", null, "method_not_allowed", {
-              allow: allowed.join(", "),
-            });
+            const e = new ApiError(
+              405,
+              `Method ${request.method} is not allowed here; use ${allowed.join(" or ")}.`,
+              "invalid_request_error",
+              null,
+              "method_not_allowed",
+              {
+                allow: allowed.join(", "),
+              },
+            );
             return e.toResponse();
           }
           return new ApiError(404, "Not found.", "invalid_request_error", null, "not_found").toResponse();

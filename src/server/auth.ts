@@ -20,7 +20,14 @@ export class ApiKeys {
     const header = request.headers.get("authorization") ?? "";
     const fromQuery = query.get("api_key"); // browsers cannot set WebSocket headers
     const key = header.toLowerCase().startsWith("bearer ") ? header.slice(7).trim() : (fromQuery ?? "");
-    if (key === "") throw new ApiError(401, "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.", "invalid_request_error", null, "missing_api_key");
+    if (key === "")
+      throw new ApiError(
+        401,
+        "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.",
+        "invalid_request_error",
+        null,
+        "missing_api_key",
+      );
     const d = digest(key);
     // Every stored key is compared, so the time taken does not depend on which one matched.
     let ok = false;
@@ -82,13 +89,27 @@ export class RateLimiter {
     const tpm = this.config.tokensPerMinute;
     if (tpm !== null && b.tokens >= tpm) {
       const retry = Math.ceil((b.minuteStart + 60_000 - now) / 1000);
-      throw new ApiError(429, `Rate limit reached: ${tpm} tokens per minute.`, "rate_limit_error", null, "rate_limit_exceeded", { "retry-after": String(Math.max(1, retry)) });
+      throw new ApiError(
+        429,
+        `Rate limit reached: ${tpm} tokens per minute.`,
+        "rate_limit_error",
+        null,
+        "rate_limit_exceeded",
+        { "retry-after": String(Math.max(1, retry)) },
+      );
     }
     if (b.requests >= this.config.requests) {
       const retry = Math.ceil((b.windowStart + this.config.windowMs - now) / 1000);
-      throw new ApiError(429, `Rate limit reached: ${this.config.requests} requests per ${this.config.windowMs / 1000} s.`, "rate_limit_error", null, "rate_limit_exceeded", {
-        "retry-after": String(Math.max(1, retry)),
-      });
+      throw new ApiError(
+        429,
+        `Rate limit reached: ${this.config.requests} requests per ${this.config.windowMs / 1000} s.`,
+        "rate_limit_error",
+        null,
+        "rate_limit_exceeded",
+        {
+          "retry-after": String(Math.max(1, retry)),
+        },
+      );
     }
     b.requests += 1;
   }

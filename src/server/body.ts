@@ -8,7 +8,13 @@ import { ApiError } from "./errors.ts";
 export const JSON_DEPTH_MAX = 64;
 
 export const tooLarge = (limit: number) =>
-  new ApiError(413, `The request body is over the limit of ${limit} bytes (--max-body-bytes).`, "invalid_request_error", null, "request_too_large");
+  new ApiError(
+    413,
+    `The request body is over the limit of ${limit} bytes (--max-body-bytes).`,
+    "invalid_request_error",
+    null,
+    "request_too_large",
+  );
 
 /** Reads a body as bytes, refusing it as soon as it passes `limit`. */
 export async function readBody(request: Request, limit: number): Promise<Uint8Array> {
@@ -43,7 +49,8 @@ export function jsonDepth(text: string, max: number): number {
   for (let i = 0; i < text.length; i++) {
     const c = text.charCodeAt(i);
     if (inString) {
-      if (c === 0x5c) i++; // backslash: skip the escaped character
+      if (c === 0x5c)
+        i++; // backslash: skip the escaped character
       else if (c === 0x22) inString = false;
     } else if (c === 0x22) inString = true;
     else if (c === 0x5b || c === 0x7b) {
@@ -58,7 +65,13 @@ export function jsonDepth(text: string, max: number): number {
 /** JSON text to a value, refusing what is nested too deep before parsing it. */
 export function parseJsonText(text: string, what = "request body"): unknown {
   if (jsonDepth(text, JSON_DEPTH_MAX) > JSON_DEPTH_MAX) {
-    throw new ApiError(400, `The ${what} nests arrays or objects deeper than ${JSON_DEPTH_MAX} levels.`, "invalid_request_error", null, "too_deep");
+    throw new ApiError(
+      400,
+      `The ${what} nests arrays or objects deeper than ${JSON_DEPTH_MAX} levels.`,
+      "invalid_request_error",
+      null,
+      "too_deep",
+    );
   }
   try {
     return JSON.parse(text);
@@ -80,7 +93,8 @@ export function parseJsonBytes(bytes: Uint8Array, what = "request body"): unknow
 
 /** A short rendering of a value for an error message, without serializing all of a large one. */
 export function preview(value: unknown, chars = 80): string {
-  if (typeof value === "number") return Number.isFinite(value) ? String(value) : value > 0 ? "Infinity" : value < 0 ? "-Infinity" : "NaN";
+  if (typeof value === "number")
+    return Number.isFinite(value) ? String(value) : value > 0 ? "Infinity" : value < 0 ? "-Infinity" : "NaN";
   if (typeof value === "string") return JSON.stringify(value.length > chars ? `${value.slice(0, chars)}...` : value);
   if (Array.isArray(value)) {
     const head = value.slice(0, 8).map((v) => preview(v, 20));
@@ -88,7 +102,9 @@ export function preview(value: unknown, chars = 80): string {
   }
   if (value !== null && typeof value === "object") {
     const keys = Object.keys(value);
-    const head = keys.slice(0, 6).map((k) => `${JSON.stringify(k.slice(0, 20))}:${preview((value as Record<string, unknown>)[k], 20)}`);
+    const head = keys
+      .slice(0, 6)
+      .map((k) => `${JSON.stringify(k.slice(0, 20))}:${preview((value as Record<string, unknown>)[k], 20)}`);
     return `{${head.join(",")}${keys.length > 6 ? ",..." : ""}}`.slice(0, chars * 2);
   }
   return String(JSON.stringify(value));

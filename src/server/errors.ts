@@ -24,15 +24,24 @@ export class ApiError extends Error {
   }
 }
 
-export const notFoundModel = (model: string) => new ApiError(404, `The model \`${model}\` does not exist.`, "invalid_request_error", "model", "model_not_found");
+export const notFoundModel = (model: string) =>
+  new ApiError(404, `The model \`${model}\` does not exist.`, "invalid_request_error", "model", "model_not_found");
 
 export const unavailable = (why: "loading" | "draining") =>
-  new ApiError(503, why === "loading" ? "The model is still loading; try again shortly." : "The server is shutting down.", "service_unavailable", null, why, { "retry-after": "5" });
+  new ApiError(
+    503,
+    why === "loading" ? "The model is still loading; try again shortly." : "The server is shutting down.",
+    "service_unavailable",
+    null,
+    why,
+    { "retry-after": "5" },
+  );
 
 /** Maps anything thrown while serving a request to an ApiError. */
 export function toApiError(e: unknown): ApiError {
   if (e instanceof ApiError) return e;
   if (e instanceof InvalidRequestError) return new ApiError(400, e.message, "invalid_request_error", e.param, null);
-  if (e instanceof QueueFullError) return new ApiError(429, e.message, "rate_limit_error", null, "queue_full", { "retry-after": "1" });
+  if (e instanceof QueueFullError)
+    return new ApiError(429, e.message, "rate_limit_error", null, "queue_full", { "retry-after": "1" });
   return new ApiError(500, `internal error: ${(e as Error)?.message ?? String(e)}`, "internal_error", null, null);
 }

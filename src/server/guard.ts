@@ -10,7 +10,9 @@ export function splitUrl(url: string): { path: string; query: URLSearchParams } 
   const slash = url.indexOf("/", scheme < 0 ? 0 : scheme + 3);
   const rest = slash < 0 ? "/" : url.slice(slash);
   const q = rest.indexOf("?");
-  return q < 0 ? { path: rest, query: new URLSearchParams() } : { path: rest.slice(0, q), query: new URLSearchParams(rest.slice(q + 1)) };
+  return q < 0
+    ? { path: rest, query: new URLSearchParams() }
+    : { path: rest.slice(0, q), query: new URLSearchParams(rest.slice(q + 1)) };
 }
 
 const forbidden = (message: string) => new ApiError(403, message, "invalid_request_error", null, "forbidden_origin");
@@ -34,7 +36,12 @@ export class Guard {
 
   /** Routes that need a key and count against the rate limit. */
   guarded(path: string): boolean {
-    return path.startsWith("/v1/") || path === "/tokenize" || path === "/detokenize" || (this.options.protectMetrics && path === "/metrics");
+    return (
+      path.startsWith("/v1/") ||
+      path === "/tokenize" ||
+      path === "/detokenize" ||
+      (this.options.protectMetrics && path === "/metrics")
+    );
   }
 
   private originAllowed(origin: string): boolean {
@@ -50,7 +57,8 @@ export class Guard {
     const origin = request.headers.get("origin");
     const site = request.headers.get("sec-fetch-site");
     const host = request.headers.get("host");
-    const sameOrigin = origin !== null && host !== null && (origin === `http://${host}` || origin === `https://${host}`);
+    const sameOrigin =
+      origin !== null && host !== null && (origin === `http://${host}` || origin === `https://${host}`);
     if (origin !== null && origin !== "null" && sameOrigin) return;
     if (origin !== null && this.originAllowed(origin)) return;
     if (origin !== null) throw forbidden(`Requests from origin ${origin} are not allowed (see --allowed-origins).`);
@@ -65,19 +73,25 @@ export class Guard {
   corsHeaders(request: Request): Record<string, string> {
     const origin = request.headers.get("origin");
     if (origin === null || !this.originAllowed(origin)) return {};
-    return { "access-control-allow-origin": origin, vary: "Origin", "access-control-expose-headers": "retry-after, x-request-id" };
+    return {
+      "access-control-allow-origin": origin,
+      vary: "Origin",
+      "access-control-expose-headers": "retry-after, x-request-id",
+    };
   }
 
   /** The answer to a CORS preflight (OPTIONS with Access-Control-Request-Method). */
   preflight(request: Request): Response {
     const origin = request.headers.get("origin");
-    if (origin === null || !this.originAllowed(origin)) return forbidden(`Requests from origin ${origin} are not allowed (see --allowed-origins).`).toResponse();
+    if (origin === null || !this.originAllowed(origin))
+      return forbidden(`Requests from origin ${origin} are not allowed (see --allowed-origins).`).toResponse();
     return new Response(null, {
       status: 204,
       headers: {
         ...this.corsHeaders(request),
         "access-control-allow-methods": "GET, POST, OPTIONS",
-        "access-control-allow-headers": request.headers.get("access-control-request-headers") ?? "authorization, content-type",
+        "access-control-allow-headers":
+          request.headers.get("access-control-request-headers") ?? "authorization, content-type",
         "access-control-max-age": "600",
       },
     });

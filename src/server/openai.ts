@@ -11,7 +11,13 @@ import { DEFAULT_SAMPLING, type SamplingParams, type TokenLogprob } from "../eng
 import type { ChatMessage, ModelTokenizer } from "../model/tokenizer.ts";
 import { TokenizerBusyError, TokenizeError, TokenizerThread } from "../model/tokenizer_thread.ts";
 import { ApiError, notFoundModel } from "./errors.ts";
-import type { BatchCompletionRequest, ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse } from "./schemas.ts";
+import type {
+  BatchCompletionRequest,
+  ChatCompletionRequest,
+  ChatCompletionResponse,
+  CompletionRequest,
+  CompletionResponse,
+} from "./schemas.ts";
 
 type Json = Record<string, unknown>;
 
@@ -75,7 +81,12 @@ export class Running {
       prompt += job.promptIds.length;
       cached += last?.numCachedTokens ?? 0;
     }
-    return { prompt_tokens: prompt, completion_tokens: completion, total_tokens: prompt + completion, prompt_tokens_details: { cached_tokens: cached } };
+    return {
+      prompt_tokens: prompt,
+      completion_tokens: completion,
+      total_tokens: prompt + completion,
+      prompt_tokens_details: { cached_tokens: cached },
+    };
   }
 }
 
@@ -86,7 +97,12 @@ interface CompletionLogprobs {
   text_offset: number[];
 }
 interface ChatLogprobs {
-  content: { token: string; logprob: number; bytes: number[]; top_logprobs: { token: string; logprob: number; bytes: number[] }[] }[];
+  content: {
+    token: string;
+    logprob: number;
+    bytes: number[];
+    top_logprobs: { token: string; logprob: number; bytes: number[] }[];
+  }[];
 }
 interface ChoiceChunk {
   index: number;
@@ -151,8 +167,22 @@ export class OpenAIService {
   }
 
   private static tokenizerFailure(e: unknown, param: string): never {
-    if (e instanceof TokenizerBusyError) throw new ApiError(429, `The server is busy tokenizing: ${e.message}.`, "rate_limit_error", null, "tokenizer_busy", { "retry-after": "1" });
-    if (e instanceof TokenizeError) throw new ApiError(400, `the chat template could not render these messages: ${e.message}`, "invalid_request_error", param);
+    if (e instanceof TokenizerBusyError)
+      throw new ApiError(
+        429,
+        `The server is busy tokenizing: ${e.message}.`,
+        "rate_limit_error",
+        null,
+        "tokenizer_busy",
+        { "retry-after": "1" },
+      );
+    if (e instanceof TokenizeError)
+      throw new ApiError(
+        400,
+        `the chat template could not render these messages: ${e.message}`,
+        "invalid_request_error",
+        param,
+      );
     throw e;
   }
 
@@ -162,10 +192,18 @@ export class OpenAIService {
   }
 
   async chatPromptIds(messages: ChatCompletionRequest["messages"], addGenerationPrompt = true): Promise<number[]> {
-    const flat: ChatMessage[] = messages.map((m) => ({ role: m.role, content: typeof m.content === "string" ? m.content : m.content.map((p) => p.text).join("") }));
+    const flat: ChatMessage[] = messages.map((m) => ({
+      role: m.role,
+      content: typeof m.content === "string" ? m.content : m.content.map((p) => p.text).join(""),
+    }));
     // A template renders every message's content (real ones do), so their sum bounds the prompt.
-    this.checkChars(flat.reduce((a, m) => a + m.content.length, 0), "messages");
-    return this.tokenizerThread.chat(flat, addGenerationPrompt).catch((e) => OpenAIService.tokenizerFailure(e, "messages"));
+    this.checkChars(
+      flat.reduce((a, m) => a + m.content.length, 0),
+      "messages",
+    );
+    return this.tokenizerThread
+      .chat(flat, addGenerationPrompt)
+      .catch((e) => OpenAIService.tokenizerFailure(e, "messages"));
   }
 
   /** A token's text as OpenAI reports it in logprobs: "▁" as a space, byte tokens as their byte. */
@@ -183,8 +221,15 @@ export class OpenAIService {
     return [...Buffer.from(this.tokenText(id), "utf8")];
   }
 
-  private params(body: CompletionRequest | ChatCompletionRequest | BatchCompletionRequest, maxTokens: number | null, logprobs: number | null): SamplingParams {
-    return samplingFromSnake({ ...body, max_tokens: maxTokens ?? undefined, logprobs } as never, { ...DEFAULT_SAMPLING, maxTokens: maxTokens ?? 16 });
+  private params(
+    body: CompletionRequest | ChatCompletionRequest | BatchCompletionRequest,
+    maxTokens: number | null,
+    logprobs: number | null,
+  ): SamplingParams {
+    return samplingFromSnake({ ...body, max_tokens: maxTokens ?? undefined, logprobs } as never, {
+      ...DEFAULT_SAMPLING,
+      maxTokens: maxTokens ?? 16,
+    });
   }
 
   /** n choices a prompt, each checked by the engine; refused past --max-seqs-per-request first. */
@@ -204,7 +249,12 @@ export class OpenAIService {
   private checkSequences(numPrompts: number, n: number): void {
     const max = this.limits.maxSeqsPerRequest;
     if (numPrompts * n > max) {
-      throw new ApiError(400, `the request asks for ${numPrompts * n} sequences (${numPrompts} prompts x n=${n}); the limit is ${max} (--max-seqs-per-request)`, "invalid_request_error", "n");
+      throw new ApiError(
+        400,
+        `the request asks for ${numPrompts * n} sequences (${numPrompts} prompts x n=${n}); the limit is ${max} (--max-seqs-per-request)`,
+        "invalid_request_error",
+        "n",
+      );
     }
   }
 
@@ -222,7 +272,13 @@ export class OpenAIService {
 
   /** OpenAI refuses stream_options on a request that does not stream. */
   private static checkStreamOptions(body: { stream?: boolean | null; stream_options?: unknown }): void {
-    if (body.stream_options && !body.stream) throw new ApiError(400, "stream_options is only allowed when stream is true.", "invalid_request_error", "stream_options");
+    if (body.stream_options && !body.stream)
+      throw new ApiError(
+        400,
+        "stream_options is only allowed when stream is true.",
+        "invalid_request_error",
+        "stream_options",
+      );
   }
 
   private static newId(prefix: string): { id: string; created: number } {
@@ -251,18 +307,27 @@ export class OpenAIService {
     const prompts: number[][] = [];
     for (const p of body.prompts) prompts.push(typeof p === "string" ? await this.encode(p, true, "prompts") : p);
     const params = this.params(body, body.max_tokens ?? 16, body.logprobs ?? null);
-    return { kind: "completion", ...OpenAIService.newId("cmpl"), jobs: this.jobs(prompts, params, body.n ?? 1), logprobs: body.logprobs ?? null, includeUsage: false, echo: false };
+    return {
+      kind: "completion",
+      ...OpenAIService.newId("cmpl"),
+      jobs: this.jobs(prompts, params, body.n ?? 1),
+      logprobs: body.logprobs ?? null,
+      includeUsage: false,
+      echo: false,
+    };
   }
 
   async prepareChat(body: ChatCompletionRequest): Promise<Prepared> {
     this.checkModel(body.model);
     OpenAIService.checkStreamOptions(body);
     this.checkSequences(1, body.n ?? 1);
-    if (!body.logprobs && body.top_logprobs) throw new ApiError(400, "top_logprobs requires logprobs to be true", "invalid_request_error", "top_logprobs");
+    if (!body.logprobs && body.top_logprobs)
+      throw new ApiError(400, "top_logprobs requires logprobs to be true", "invalid_request_error", "top_logprobs");
     const promptIds = await this.chatPromptIds(body.messages, body.add_generation_prompt ?? true);
     const logprobs = body.logprobs ? (body.top_logprobs ?? 0) : null;
     // Without a limit, a chat reply may use the rest of the context, as vLLM does.
-    const maxTokens = body.max_completion_tokens ?? body.max_tokens ?? Math.max(1, this.engine.maxModelLen - promptIds.length);
+    const maxTokens =
+      body.max_completion_tokens ?? body.max_tokens ?? Math.max(1, this.engine.maxModelLen - promptIds.length);
     const params = this.params(body, maxTokens, logprobs);
     return {
       kind: "chat",
@@ -288,7 +353,10 @@ export class OpenAIService {
     let open = prepared.jobs.length;
     try {
       for (const job of prepared.jobs) {
-        const sink = { push: (out: RequestOutput) => merged.push({ choice: job.choice, out }), close: () => --open === 0 && merged.push(null) };
+        const sink = {
+          push: (out: RequestOutput) => merged.push({ choice: job.choice, out }),
+          close: () => --open === 0 && merged.push(null),
+        };
         ids.push(this.engine.submit(job.promptIds, job.params, sink, prepared.id));
       }
     } catch (e) {
@@ -334,7 +402,11 @@ export class OpenAIService {
         token: this.tokenText(lp.tokenId),
         logprob: lp.logprob,
         bytes: this.tokenBytes(lp.tokenId),
-        top_logprobs: lp.top.map((t) => ({ token: this.tokenText(t.tokenId), logprob: t.logprob, bytes: this.tokenBytes(t.tokenId) })),
+        top_logprobs: lp.top.map((t) => ({
+          token: this.tokenText(t.tokenId),
+          logprob: t.logprob,
+          bytes: this.tokenBytes(t.tokenId),
+        })),
       })),
     };
   }
@@ -347,10 +419,21 @@ export class OpenAIService {
   async *chunks(running: Running): AsyncGenerator<Chunk> {
     const prepared = running.prepared;
     const chat = prepared.kind === "chat";
-    const base = { id: prepared.id, object: chat ? "chat.completion.chunk" : "text_completion", created: prepared.created, model: this.servedModelName };
+    const base = {
+      id: prepared.id,
+      object: chat ? "chat.completion.chunk" : "text_completion",
+      created: prepared.created,
+      model: this.servedModelName,
+    };
     const offsets = new Map<number, number>(); // completions: text so far, for text_offset
     for (const job of prepared.jobs) {
-      if (chat) yield { ...base, choices: [{ index: job.choice, delta: { role: "assistant", content: "" }, logprobs: null, finish_reason: null }] };
+      if (chat)
+        yield {
+          ...base,
+          choices: [
+            { index: job.choice, delta: { role: "assistant", content: "" }, logprobs: null, finish_reason: null },
+          ],
+        };
       else if (prepared.echo) {
         const prefix = this.tok.decode(job.promptIds);
         offsets.set(job.choice, prefix.length);
@@ -362,9 +445,16 @@ export class OpenAIService {
       if (out.text === "" && out.newLogprobs.length === 0 && !out.finished) continue;
       const offset = offsets.get(choice) ?? 0;
       offsets.set(choice, offset + out.text.length);
-      const logprobs = prepared.logprobs === null ? null : chat ? this.chatLogprobs(out.newLogprobs) : this.completionLogprobs(out.newLogprobs, offset);
+      const logprobs =
+        prepared.logprobs === null
+          ? null
+          : chat
+            ? this.chatLogprobs(out.newLogprobs)
+            : this.completionLogprobs(out.newLogprobs, offset);
       const text = chat ? { delta: out.text === "" ? {} : { content: out.text } } : { text: out.text };
-      const end = out.finished ? { finish_reason: out.finishReason, stop_reason: out.stopReason } : { finish_reason: null };
+      const end = out.finished
+        ? { finish_reason: out.finishReason, stop_reason: out.stopReason }
+        : { finish_reason: null };
       yield { ...base, choices: [{ index: choice, ...text, logprobs, ...end }] };
     }
     if (prepared.includeUsage) yield { ...base, choices: [], usage: running.usage() };
@@ -374,9 +464,17 @@ export class OpenAIService {
   async collect(running: Running): Promise<CompletionResponse | ChatCompletionResponse> {
     const prepared = running.prepared;
     const chat = prepared.kind === "chat";
-    const folded = new Map<number, { text: string; logprobs: ChoiceChunk["logprobs"]; finish: string | null; stop: string | number | null }>();
+    const folded = new Map<
+      number,
+      { text: string; logprobs: ChoiceChunk["logprobs"]; finish: string | null; stop: string | number | null }
+    >();
     for (const job of prepared.jobs) {
-      const empty = prepared.logprobs === null ? null : chat ? { content: [] } : { tokens: [], token_logprobs: [], top_logprobs: [], text_offset: [] };
+      const empty =
+        prepared.logprobs === null
+          ? null
+          : chat
+            ? { content: [] }
+            : { tokens: [], token_logprobs: [], top_logprobs: [], text_offset: [] };
       folded.set(job.choice, { text: "", logprobs: empty, finish: null, stop: null });
     }
     for await (const chunk of this.chunks(running)) {
@@ -393,7 +491,14 @@ export class OpenAIService {
       return { index: job.choice, ...body, logprobs: f.logprobs, finish_reason: f.finish, stop_reason: f.stop };
     });
     const object = chat ? "chat.completion" : "text_completion";
-    return { id: prepared.id, object, created: prepared.created, model: this.servedModelName, choices, usage: running.usage() } as CompletionResponse | ChatCompletionResponse;
+    return {
+      id: prepared.id,
+      object,
+      created: prepared.created,
+      model: this.servedModelName,
+      choices,
+      usage: running.usage(),
+    } as CompletionResponse | ChatCompletionResponse;
   }
 
   /** The batch route's answer: one completion a prompt, in order, each with its own choices and usage. */

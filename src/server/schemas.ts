@@ -7,25 +7,41 @@ import { t } from "elysia";
 
 const strict = { additionalProperties: false } as const;
 
-const Stop = t.Union([t.String(), t.Array(t.String(), { maxItems: 16 }), t.Null()], { description: "Up to 16 sequences where generation stops; not included in the output." });
+const Stop = t.Union([t.String(), t.Array(t.String(), { maxItems: 16 }), t.Null()], {
+  description: "Up to 16 sequences where generation stops; not included in the output.",
+});
 
 // Sampling fields shared by completions, chat and batch.
 const samplingFields = {
-  temperature: t.Optional(t.Union([T.Number({ minimum: 0, maximum: 2 }), t.Null()], { description: "0 = greedy. Default 1." })),
+  temperature: t.Optional(
+    t.Union([T.Number({ minimum: 0, maximum: 2 }), t.Null()], { description: "0 = greedy. Default 1." }),
+  ),
   top_p: t.Optional(t.Union([T.Number({ exclusiveMinimum: 0, maximum: 1 }), t.Null()])),
   top_k: t.Optional(t.Union([T.Integer({ minimum: -1 }), t.Null()], { description: "vLLM extra: -1 or 0 = off." })),
   min_p: t.Optional(t.Union([T.Number({ minimum: 0, maximum: 1 }), t.Null()], { description: "vLLM extra." })),
   presence_penalty: t.Optional(t.Union([T.Number({ minimum: -2, maximum: 2 }), t.Null()])),
   frequency_penalty: t.Optional(t.Union([T.Number({ minimum: -2, maximum: 2 }), t.Null()])),
-  repetition_penalty: t.Optional(t.Union([T.Number({ exclusiveMinimum: 0, maximum: 10 }), t.Null()], { description: "vLLM extra: 1 = off." })),
+  repetition_penalty: t.Optional(
+    t.Union([T.Number({ exclusiveMinimum: 0, maximum: 10 }), t.Null()], { description: "vLLM extra: 1 = off." }),
+  ),
   logit_bias: t.Optional(
-    t.Union([t.Record(t.String({ pattern: "^[0-9]+$" }), T.Number({ minimum: -100, maximum: 100 }), { additionalProperties: false }), t.Null()], {
-      description: "A map of token ids (as strings) to biases in [-100, 100].",
-    }),
+    t.Union(
+      [
+        t.Record(t.String({ pattern: "^[0-9]+$" }), T.Number({ minimum: -100, maximum: 100 }), {
+          additionalProperties: false,
+        }),
+        t.Null(),
+      ],
+      {
+        description: "A map of token ids (as strings) to biases in [-100, 100].",
+      },
+    ),
   ),
   seed: t.Optional(t.Union([T.Integer({ minimum: -(2 ** 53), maximum: 2 ** 53 }), t.Null()])),
   stop: t.Optional(Stop),
-  stop_token_ids: t.Optional(t.Union([t.Array(T.Integer({ minimum: 0 }), { maxItems: 256 }), t.Null()], { description: "vLLM extra." })),
+  stop_token_ids: t.Optional(
+    t.Union([t.Array(T.Integer({ minimum: 0 }), { maxItems: 256 }), t.Null()], { description: "vLLM extra." }),
+  ),
   ignore_eos: t.Optional(T.Boolean({ description: "vLLM extra." })),
   min_tokens: t.Optional(T.Integer({ minimum: 0, description: "vLLM extra." })),
   n: t.Optional(t.Union([T.Integer({ minimum: 1, maximum: 16 }), t.Null()])),
@@ -35,9 +51,17 @@ const samplingFields = {
 };
 
 const TokenIds = t.Array(T.Integer({ minimum: 0 }), { minItems: 1 });
-export const PromptSchema = t.Union([t.String(), t.Array(t.String(), { minItems: 1, maxItems: 64 }), TokenIds, t.Array(TokenIds, { minItems: 1, maxItems: 64 })], {
-  description: "A string, a list of strings, a list of token ids, or a list of lists of token ids.",
-});
+export const PromptSchema = t.Union(
+  [
+    t.String(),
+    t.Array(t.String(), { minItems: 1, maxItems: 64 }),
+    TokenIds,
+    t.Array(TokenIds, { minItems: 1, maxItems: 64 }),
+  ],
+  {
+    description: "A string, a list of strings, a list of token ids, or a list of lists of token ids.",
+  },
+);
 
 export const CompletionRequest = t.Object(
   {
@@ -46,7 +70,9 @@ export const CompletionRequest = t.Object(
     max_tokens: t.Optional(t.Union([T.Integer({ minimum: 1 }), t.Null()], { description: "Default 16." })),
     echo: t.Optional(t.Union([T.Boolean(), t.Null()])),
     logprobs: t.Optional(t.Union([T.Integer({ minimum: 0, maximum: 20 }), t.Null()])),
-    best_of: t.Optional(t.Union([T.Integer({ minimum: 1, maximum: 1 }), t.Null()], { description: "Only 1 is supported." })),
+    best_of: t.Optional(
+      t.Union([T.Integer({ minimum: 1, maximum: 1 }), t.Null()], { description: "Only 1 is supported." }),
+    ),
     suffix: t.Optional(t.Null({ description: "Not supported; must be null." })),
     ...samplingFields,
   },
@@ -93,7 +119,14 @@ export type BatchCompletionRequest = typeof BatchCompletionRequest.static;
 
 export const TokenizeRequest = t.Union([
   t.Object({ model: t.Optional(t.String()), prompt: t.String(), add_special_tokens: t.Optional(T.Boolean()) }, strict),
-  t.Object({ model: t.Optional(t.String()), messages: t.Array(ChatMessage, { minItems: 1 }), add_generation_prompt: t.Optional(T.Boolean()) }, strict),
+  t.Object(
+    {
+      model: t.Optional(t.String()),
+      messages: t.Array(ChatMessage, { minItems: 1 }),
+      add_generation_prompt: t.Optional(T.Boolean()),
+    },
+    strict,
+  ),
 ]);
 export type TokenizeRequest = typeof TokenizeRequest.static;
 
@@ -104,7 +137,9 @@ export const PromptsFileLine = t.Object(
   {
     model: t.Optional(t.String()),
     prompt: t.Optional(t.Union([t.String(), TokenIds], { description: "A string or a list of token ids." })),
-    messages: t.Optional(t.Array(t.Object({ role: t.String({ minLength: 1 }), content: t.String() }, strict), { minItems: 1 })),
+    messages: t.Optional(
+      t.Array(t.Object({ role: t.String({ minLength: 1 }), content: t.String() }, strict), { minItems: 1 }),
+    ),
     max_tokens: t.Optional(T.Integer({ minimum: 1 })),
     logprobs: t.Optional(t.Union([T.Integer({ minimum: 0, maximum: 20 }), t.Null()])),
     ...offlineSampling,
@@ -112,7 +147,10 @@ export const PromptsFileLine = t.Object(
   strict,
 );
 
-export const DetokenizeRequest = t.Object({ model: t.Optional(t.String()), tokens: t.Array(T.Integer({ minimum: 0 })) }, strict);
+export const DetokenizeRequest = t.Object(
+  { model: t.Optional(t.String()), tokens: t.Array(T.Integer({ minimum: 0 })) },
+  strict,
+);
 
 export const ErrorResponse = t.Object(
   {
@@ -187,10 +225,22 @@ export const BatchCompletionResponse = t.Object({ object: t.Literal("list"), dat
 
 export const ModelList = t.Object({
   object: t.Literal("list"),
-  data: t.Array(t.Object({ id: t.String(), object: t.Literal("model"), created: T.Integer(), owned_by: t.String(), max_model_len: T.Integer() })),
+  data: t.Array(
+    t.Object({
+      id: t.String(),
+      object: t.Literal("model"),
+      created: T.Integer(),
+      owned_by: t.String(),
+      max_model_len: T.Integer(),
+    }),
+  ),
 });
 
 export const Health = t.Object({ status: t.String() });
 export const Version = t.Object({ version: t.String() });
-export const TokenizeResponse = t.Object({ tokens: t.Array(T.Integer()), count: T.Integer(), max_model_len: T.Integer() });
+export const TokenizeResponse = t.Object({
+  tokens: t.Array(T.Integer()),
+  count: T.Integer(),
+  max_model_len: T.Integer(),
+});
 export const DetokenizeResponse = t.Object({ prompt: t.String() });

@@ -4,7 +4,17 @@ import { existsSync } from "node:fs";
 import { availableParallelism, cpus } from "node:os";
 import { parseArgs } from "node:util";
 import { DEFAULT_ENGINE_OPTIONS, LLMEngine, type EngineOptions } from "../engine/llm_engine.ts";
-import { argOptions, ConfigError, ENGINE_USAGE, engineOptionsOf, FLAGS, readConfigFile, valuesFromArgs, type Key, type Values } from "../flags.ts";
+import {
+  argOptions,
+  ConfigError,
+  ENGINE_USAGE,
+  engineOptionsOf,
+  FLAGS,
+  readConfigFile,
+  valuesFromArgs,
+  type Key,
+  type Values,
+} from "../flags.ts";
 import { libraryBuild } from "../ffi/native.ts";
 import { loadModel } from "../model/load.ts";
 import { EMBEDDED_MODEL, EMBEDDED_MODEL_NAME } from "../model/resolve.ts";
@@ -30,10 +40,17 @@ model path in a config file is taken from the file's folder when it exists there
 ${ENGINE_USAGE}`;
 
 export function parseServeArgs(argv: string[], env: NodeJS.ProcessEnv = process.env): Values & { help?: boolean } {
-  const options = { config: { type: "string" as const }, help: { type: "boolean" as const, short: "h" }, ...argOptions(Object.keys(FLAGS) as Key[]) };
+  const options = {
+    config: { type: "string" as const },
+    help: { type: "boolean" as const, short: "h" },
+    ...argOptions(Object.keys(FLAGS) as Key[]),
+  };
   let parsed;
   try {
-    parsed = parseArgs({ args: argv, options, strict: true, allowPositionals: false }).values as Record<string, unknown>;
+    parsed = parseArgs({ args: argv, options, strict: true, allowPositionals: false }).values as Record<
+      string,
+      unknown
+    >;
   } catch (e) {
     throw new ConfigError((e as Error).message);
   }
@@ -41,7 +58,8 @@ export function parseServeArgs(argv: string[], env: NodeJS.ProcessEnv = process.
   const fromFile = typeof parsed.config === "string" ? readConfigFile(parsed.config) : {};
   const fromFlags = valuesFromArgs(parsed, Object.keys(FLAGS) as Key[]);
   const values: Values = { ...fromFile, ...fromFlags };
-  if (values.api_key === undefined && env.INFERNEO_API_KEY) values.api_key = env.INFERNEO_API_KEY.split(",").filter(Boolean);
+  if (values.api_key === undefined && env.INFERNEO_API_KEY)
+    values.api_key = env.INFERNEO_API_KEY.split(",").filter(Boolean);
   return values;
 }
 
@@ -60,23 +78,34 @@ export function serveConfig(v: Values): ServeConfig {
   const notes: string[] = [];
   if (v.model === undefined) {
     v = { ...v, model: EMBEDDED_MODEL, served_model_name: v.served_model_name ?? EMBEDDED_MODEL_NAME };
-    notes.push(`no --model given: serving the embedded ${EMBEDDED_MODEL_NAME} demo model (260K parameters, tiny stories); pass --model for a real one`);
+    notes.push(
+      `no --model given: serving the embedded ${EMBEDDED_MODEL_NAME} demo model (260K parameters, tiny stories); pass --model for a real one`,
+    );
   }
   if (typeof v.model !== "string") throw new ConfigError("--model must be a path or a hub id");
   if (typeof v.tensor_parallel_size === "number" && v.tensor_parallel_size > 1) {
-    throw new ConfigError(`tensor_parallel_size ${v.tensor_parallel_size} needs several GPUs; this build runs on one CPU process (use 1)`);
+    throw new ConfigError(
+      `tensor_parallel_size ${v.tensor_parallel_size} needs several GPUs; this build runs on one CPU process (use 1)`,
+    );
   }
   if (v.gpu_memory_utilization !== undefined) {
     const g = v.gpu_memory_utilization as number;
     if (!(g > 0 && g <= 1)) throw new ConfigError(`gpu_memory_utilization must be in (0, 1], got ${g}`);
-    notes.push(`gpu_memory_utilization ${g} has no effect: this build has no GPU backend; the KV pool is sized by --kv-cache-memory`);
+    notes.push(
+      `gpu_memory_utilization ${g} has no effect: this build has no GPU backend; the KV pool is sized by --kv-cache-memory`,
+    );
   }
-  const engine: Partial<EngineOptions> = { servedModelName: (v.served_model_name as string) ?? v.model, ...engineOptionsOf(v) };
+  const engine: Partial<EngineOptions> = {
+    servedModelName: (v.served_model_name as string) ?? v.model,
+    ...engineOptionsOf(v),
+  };
   if (v.metrics_prefix !== undefined) {
-    if (v.metrics_prefix !== "inferneo" && v.metrics_prefix !== "vllm") throw new ConfigError(`metrics_prefix must be inferneo or vllm, got '${String(v.metrics_prefix)}'`);
+    if (v.metrics_prefix !== "inferneo" && v.metrics_prefix !== "vllm")
+      throw new ConfigError(`metrics_prefix must be inferneo or vllm, got '${String(v.metrics_prefix)}'`);
     engine.metricsPrefix = v.metrics_prefix;
   }
-  if ((v.ssl_certfile === undefined) !== (v.ssl_keyfile === undefined)) throw new ConfigError("--ssl-certfile and --ssl-keyfile go together");
+  if ((v.ssl_certfile === undefined) !== (v.ssl_keyfile === undefined))
+    throw new ConfigError("--ssl-certfile and --ssl-keyfile go together");
   for (const f of [v.ssl_certfile, v.ssl_keyfile]) {
     if (typeof f === "string" && !existsSync(f)) throw new ConfigError(`${f} does not exist`);
   }
@@ -94,7 +123,10 @@ export function serveConfig(v: Values): ServeConfig {
   }
   return {
     model: v.model,
-    tls: typeof v.ssl_certfile === "string" && typeof v.ssl_keyfile === "string" ? { certFile: v.ssl_certfile, keyFile: v.ssl_keyfile } : null,
+    tls:
+      typeof v.ssl_certfile === "string" && typeof v.ssl_keyfile === "string"
+        ? { certFile: v.ssl_certfile, keyFile: v.ssl_keyfile }
+        : null,
     host: (v.host as string) ?? "127.0.0.1",
     port: (v.port as number) ?? 8000,
     drainTimeoutS: (v.drain_timeout as number) ?? 30,
@@ -122,7 +154,10 @@ async function warmWeights(files: string[], log: (line: string) => void): Promis
   for (const f of files) {
     for await (const chunk of Bun.file(f).stream()) {
       done += chunk.byteLength;
-      if (tty) process.stderr.write(`\rloading weights [${"#".repeat(Math.round((done / total) * 30)).padEnd(30, ".")}] ${(done / 1e6).toFixed(0)}/${(total / 1e6).toFixed(0)} MB`);
+      if (tty)
+        process.stderr.write(
+          `\rloading weights [${"#".repeat(Math.round((done / total) * 30)).padEnd(30, ".")}] ${(done / 1e6).toFixed(0)}/${(total / 1e6).toFixed(0)} MB`,
+        );
     }
   }
   if (tty) process.stderr.write("\n");
@@ -136,7 +171,13 @@ export async function startServer(config: ServeConfig, log: (line: string) => vo
   const app = createApp(state, config.server);
   try {
     const tls = config.tls ? { tls: { cert: Bun.file(config.tls.certFile), key: Bun.file(config.tls.keyFile) } } : {};
-    app.listen({ hostname: config.host, port: config.port, idleTimeout: 255, maxRequestBodySize: config.server.maxBodyBytes + 1024 * 1024, ...tls });
+    app.listen({
+      hostname: config.host,
+      port: config.port,
+      idleTimeout: 255,
+      maxRequestBodySize: config.server.maxBodyBytes + 1024 * 1024,
+      ...tls,
+    });
   } catch (e) {
     throw new ConfigError(`cannot listen on ${config.host}:${config.port}: ${(e as Error).message}`);
   }
@@ -155,9 +196,15 @@ export async function startServer(config: ServeConfig, log: (line: string) => vo
   state.ready(engine, config.server);
   const c = engine.model.spec.config;
   const kvBytes = engine.native.kvCacheBytes;
-  log(`model: ${config.server.servedModelName} (${c.numLayers} layers, hidden ${c.hiddenSize}, ${c.numHeads} heads / ${c.numKvHeads} KV heads, vocab ${c.vocabSize}), weights ${engine.model.spec.dtype}, products ${engine.options.computeDtype === "bf16" ? "bf16 (--dtype bfloat16)" : "f32"}`);
-  log(`device: CPU (${cpus()[0]?.model ?? "unknown"}), ${engine.options.threads} of ${availableParallelism()} threads; engine built for ${libraryBuild()}`);
-  log(`KV cache: ${engine.numBlocks} blocks x ${engine.options.blockSizeTokens} tokens = ${engine.numBlocks * engine.options.blockSizeTokens} tokens, ${(kvBytes / 2 ** 20).toFixed(1)} MiB ${engine.options.kvCacheDtype}; max model len ${engine.maxModelLen}; prefix caching ${engine.options.enablePrefixCaching ? "on" : "off"}`);
+  log(
+    `model: ${config.server.servedModelName} (${c.numLayers} layers, hidden ${c.hiddenSize}, ${c.numHeads} heads / ${c.numKvHeads} KV heads, vocab ${c.vocabSize}), weights ${engine.model.spec.dtype}, products ${engine.options.computeDtype === "bf16" ? "bf16 (--dtype bfloat16)" : "f32"}`,
+  );
+  log(
+    `device: CPU (${cpus()[0]?.model ?? "unknown"}), ${engine.options.threads} of ${availableParallelism()} threads; engine built for ${libraryBuild()}`,
+  );
+  log(
+    `KV cache: ${engine.numBlocks} blocks x ${engine.options.blockSizeTokens} tokens = ${engine.numBlocks * engine.options.blockSizeTokens} tokens, ${(kvBytes / 2 ** 20).toFixed(1)} MiB ${engine.options.kvCacheDtype}; max model len ${engine.maxModelLen}; prefix caching ${engine.options.enablePrefixCaching ? "on" : "off"}`,
+  );
   log(`ready: ${url}/v1  docs: ${url}/docs${config.server.apiKeys.length > 0 ? "  (API key required)" : ""}`);
 
   let stopping: Promise<void> | null = null;
@@ -171,7 +218,10 @@ export async function startServer(config: ServeConfig, log: (line: string) => vo
       await engine.shutdown();
       state.service?.tokenizerThread.terminate();
       // Let responses still being written reach their clients, then close what is left.
-      const graceful = app.stop(false).then(() => true, () => true);
+      const graceful = app.stop(false).then(
+        () => true,
+        () => true,
+      );
       if (!(await Promise.race([graceful, Bun.sleep(2000).then(() => false)]))) await app.stop(true).catch(() => {});
       log("stopped");
     })();

@@ -3,9 +3,19 @@
 // goes away cancels the request (its KV blocks come back at once).
 import { toApiError } from "./errors.ts";
 
-const SSE_HEADERS = { "content-type": "text/event-stream; charset=utf-8", "cache-control": "no-cache", connection: "keep-alive", "x-accel-buffering": "no" };
+const SSE_HEADERS = {
+  "content-type": "text/event-stream; charset=utf-8",
+  "cache-control": "no-cache",
+  connection: "keep-alive",
+  "x-accel-buffering": "no",
+};
 
-export function sse(chunks: AsyncGenerator<unknown>, cancel: () => void, heartbeatMs: number, headers: Record<string, string> = {}): Response {
+export function sse(
+  chunks: AsyncGenerator<unknown>,
+  cancel: () => void,
+  heartbeatMs: number,
+  headers: Record<string, string> = {},
+): Response {
   const encoder = new TextEncoder();
   let heartbeat: ReturnType<typeof setInterval> | undefined;
   const end = (controller: ReadableStreamDefaultController<Uint8Array>) => {

@@ -8,7 +8,9 @@ import { unavailable } from "./errors.ts";
 import type { Guard } from "./guard.ts";
 import { OpenAIService } from "./openai.ts";
 
-export const VERSION = (JSON.parse(readFileSync(join(import.meta.dir, "..", "..", "package.json"), "utf8")) as { version: string }).version;
+export const VERSION = (
+  JSON.parse(readFileSync(join(import.meta.dir, "..", "..", "package.json"), "utf8")) as { version: string }
+).version;
 
 export interface ServerOptions {
   servedModelName: string;
@@ -48,7 +50,8 @@ export class ServerState {
 
   /** The service, or 503 while loading or draining. */
   serving(): OpenAIService {
-    if (this.status !== "ready" || this.service === null) throw unavailable(this.status === "draining" ? "draining" : "loading");
+    if (this.status !== "ready" || this.service === null)
+      throw unavailable(this.status === "draining" ? "draining" : "loading");
     return this.service;
   }
 }

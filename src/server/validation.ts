@@ -20,7 +20,8 @@ function describe(schema: TSchema): string {
   if (Array.isArray(schema.anyOf)) {
     // A description that names the value ("A string, a list of ...") says it best; others
     // are notes for the docs ("Default 16."), not what the value must be.
-    if (typeof schema.description === "string" && /^An? /.test(schema.description)) return schema.description.replace(/^A/, "a").replace(/\.$/, "");
+    if (typeof schema.description === "string" && /^An? /.test(schema.description))
+      return schema.description.replace(/^A/, "a").replace(/\.$/, "");
     return (schema.anyOf as TSchema[]).map(describe).join(" or ");
   }
   if (schema.const !== undefined) return JSON.stringify(schema.const);
@@ -33,7 +34,11 @@ function describe(schema: TSchema): string {
     case "string":
       return schema.minLength ? "a non-empty string" : "a string";
     case "array":
-      return schema.minItems ? `a non-empty array${schema.maxItems ? ` of at most ${schema.maxItems} items` : ""}` : schema.maxItems ? `an array of at most ${schema.maxItems} items` : "an array";
+      return schema.minItems
+        ? `a non-empty array${schema.maxItems ? ` of at most ${schema.maxItems} items` : ""}`
+        : schema.maxItems
+          ? `an array of at most ${schema.maxItems} items`
+          : "an array";
     case "null":
       return "null";
     default:
@@ -52,7 +57,10 @@ interface SchemaError {
 export function validationError(errors: readonly SchemaError[], what = "body"): ApiError {
   const first = errors.find((e) => e.path !== undefined);
   if (!first) return new ApiError(400, `The ${what} is not valid.`, "invalid_request_error");
-  const parts = first.path!.replace(/^\//, "").split("/").filter((p) => p !== "");
+  const parts = first
+    .path!.replace(/^\//, "")
+    .split("/")
+    .filter((p) => p !== "");
   const param = parts.join(".") || null;
   if (/unexpected property/i.test(first.message)) {
     if (parts.length > 1) {
@@ -61,9 +69,15 @@ export function validationError(errors: readonly SchemaError[], what = "body"): 
     }
     return new ApiError(400, `Unrecognized request argument supplied: ${param}`, "invalid_request_error", param);
   }
-  if (first.value === undefined) return new ApiError(400, `Missing required parameter: '${param}'.`, "invalid_request_error", param);
+  if (first.value === undefined)
+    return new ApiError(400, `Missing required parameter: '${param}'.`, "invalid_request_error", param);
   const expected = first.schema ? describe(first.schema) : first.message;
-  return new ApiError(400, `Invalid value for '${param ?? what}': ${preview(first.value)} is not ${expected}.`, "invalid_request_error", param);
+  return new ApiError(
+    400,
+    `Invalid value for '${param ?? what}': ${preview(first.value)} is not ${expected}.`,
+    "invalid_request_error",
+    param,
+  );
 }
 
 /** Checks a parsed value against a schema: the value, typed, or a 400. */

@@ -10,7 +10,8 @@ export const SHARED: string | null = (() => {
   return existsSync(join(dir, "models", "stories260K")) ? dir : null;
 })();
 
-export const SKIP_SHARED_MESSAGE = "skipped: ../shared/models/stories260K is absent (set INFERNEO_SHARED to its folder to run these)";
+export const SKIP_SHARED_MESSAGE =
+  "skipped: ../shared/models/stories260K is absent (set INFERNEO_SHARED to its folder to run these)";
 
 if (SHARED === null) console.warn(SKIP_SHARED_MESSAGE);
 
@@ -32,7 +33,11 @@ export const EMBEDDED_GGUF = resolve(import.meta.dir, "..", "..", "assets", "sto
 
 /** run.c's greedy goldens for stories260K, a copy of the shared folder's golden.json kept with the tests. */
 export function goldens(): GoldenCase[] {
-  return (JSON.parse(readFileSync(join(import.meta.dir, "..", "data", "stories260K", "golden.json"), "utf8")) as { cases: GoldenCase[] }).cases;
+  return (
+    JSON.parse(readFileSync(join(import.meta.dir, "..", "data", "stories260K", "golden.json"), "utf8")) as {
+      cases: GoldenCase[];
+    }
+  ).cases;
 }
 
 export const GREEDY: SamplingParams = { ...DEFAULT_SAMPLING, temperature: 0, ignoreEos: true };

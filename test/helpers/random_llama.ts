@@ -20,9 +20,33 @@ export interface RandomLlamaShape {
   seed: number;
 }
 
-export const TINY: RandomLlamaShape = { dim: 64, layers: 2, heads: 4, kvHeads: 2, ffn: 172, vocab: 512, ctx: 256, ropeTheta: 10000, tied: true, std: 0.1, seed: 1 };
+export const TINY: RandomLlamaShape = {
+  dim: 64,
+  layers: 2,
+  heads: 4,
+  kvHeads: 2,
+  ffn: 172,
+  vocab: 512,
+  ctx: 256,
+  ropeTheta: 10000,
+  tied: true,
+  std: 0.1,
+  seed: 1,
+};
 // Grouped-query 4:1 with head_dim 64, an untied LM head and Llama 3's rope_theta.
-export const GQA: RandomLlamaShape = { dim: 256, layers: 2, heads: 4, kvHeads: 1, ffn: 512, vocab: 512, ctx: 512, ropeTheta: 500000, tied: false, std: 0.08, seed: 2 };
+export const GQA: RandomLlamaShape = {
+  dim: 256,
+  layers: 2,
+  heads: 4,
+  kvHeads: 1,
+  ffn: 512,
+  vocab: 512,
+  ctx: 512,
+  ropeTheta: 500000,
+  tied: false,
+  std: 0.08,
+  seed: 2,
+};
 
 export type WeightDType = "f32" | "f16" | "bf16";
 
@@ -78,7 +102,8 @@ export function makeWeights(s: RandomLlamaShape, dtype: WeightDType): RefTensor[
     const rand = mulberry32(s.seed * 100003 + i);
     const n = shape.reduce((a, b) => a * b, 1);
     const data = new Float64Array(n);
-    for (let j = 0; j < n; j++) data[j] = roundTo(dtype, kind === "norm" ? 1 + 0.1 * normal(rand) : s.std * normal(rand));
+    for (let j = 0; j < n; j++)
+      data[j] = roundTo(dtype, kind === "norm" ? 1 + 0.1 * normal(rand) : s.std * normal(rand));
     return { name, shape, data };
   });
 }
@@ -116,22 +141,59 @@ function tokenizerJson(pieces: string[]): object {
       if (a in vocab && b in vocab) merges.push([a, b]);
     }
   });
-  const special = (id: number) => ({ id, content: pieces[id], single_word: false, lstrip: false, rstrip: false, normalized: false, special: true });
+  const special = (id: number) => ({
+    id,
+    content: pieces[id],
+    single_word: false,
+    lstrip: false,
+    rstrip: false,
+    normalized: false,
+    special: true,
+  });
   return {
     version: "1.0",
     truncation: null,
     padding: null,
     added_tokens: [special(0), special(1), special(2)],
-    normalizer: { type: "Sequence", normalizers: [{ type: "Prepend", prepend: "\u2581" }, { type: "Replace", pattern: { String: " " }, content: "\u2581" }] },
+    normalizer: {
+      type: "Sequence",
+      normalizers: [
+        { type: "Prepend", prepend: "\u2581" },
+        { type: "Replace", pattern: { String: " " }, content: "\u2581" },
+      ],
+    },
     pre_tokenizer: null,
     post_processor: {
       type: "TemplateProcessing",
       single: [{ SpecialToken: { id: "<s>", type_id: 0 } }, { Sequence: { id: "A", type_id: 0 } }],
-      pair: [{ SpecialToken: { id: "<s>", type_id: 0 } }, { Sequence: { id: "A", type_id: 0 } }, { Sequence: { id: "B", type_id: 1 } }],
+      pair: [
+        { SpecialToken: { id: "<s>", type_id: 0 } },
+        { Sequence: { id: "A", type_id: 0 } },
+        { Sequence: { id: "B", type_id: 1 } },
+      ],
       special_tokens: { "<s>": { id: "<s>", ids: [1], tokens: ["<s>"] } },
     },
-    decoder: { type: "Sequence", decoders: [{ type: "Replace", pattern: { String: "\u2581" }, content: " " }, { type: "ByteFallback" }, { type: "Fuse" }, { type: "Strip", content: " ", start: 1, stop: 0 }] },
-    model: { type: "BPE", dropout: null, unk_token: "<unk>", continuing_subword_prefix: null, end_of_word_suffix: null, fuse_unk: true, byte_fallback: true, ignore_merges: false, vocab, merges },
+    decoder: {
+      type: "Sequence",
+      decoders: [
+        { type: "Replace", pattern: { String: "\u2581" }, content: " " },
+        { type: "ByteFallback" },
+        { type: "Fuse" },
+        { type: "Strip", content: " ", start: 1, stop: 0 },
+      ],
+    },
+    model: {
+      type: "BPE",
+      dropout: null,
+      unk_token: "<unk>",
+      continuing_subword_prefix: null,
+      end_of_word_suffix: null,
+      fuse_unk: true,
+      byte_fallback: true,
+      ignore_merges: false,
+      vocab,
+      merges,
+    },
   };
 }
 
@@ -188,7 +250,14 @@ export function writeHfModel(dir: string, s: RandomLlamaShape, dtype: WeightDTyp
   writeFileSync(join(hf, "tokenizer.json"), JSON.stringify(tokenizerJson(vocabPieces(s.vocab))));
   writeFileSync(
     join(hf, "tokenizer_config.json"),
-    JSON.stringify({ add_bos_token: true, bos_token: "<s>", eos_token: "</s>", unk_token: "<unk>", clean_up_tokenization_spaces: false, legacy: true }),
+    JSON.stringify({
+      add_bos_token: true,
+      bos_token: "<s>",
+      eos_token: "</s>",
+      unk_token: "<unk>",
+      clean_up_tokenization_spaces: false,
+      legacy: true,
+    }),
   );
   writeSafetensors(join(hf, "model.safetensors"), weights, dtype);
   return hf;
@@ -283,20 +352,31 @@ class GgufWriter {
 
 /** The weights a quantized GGUF really holds, decoded: what a reference forward pass must use. */
 export function quantizedWeights(weights: RefTensor[], type: QuantType): RefTensor[] {
-  return weights.map((t) => (t.shape.length === 1 ? t : { ...t, data: dequantize(type, quantize(type, t.data, t.shape[1])) }));
+  return weights.map((t) =>
+    t.shape.length === 1 ? t : { ...t, data: dequantize(type, quantize(type, t.data, t.shape[1])) },
+  );
 }
 
-export function writeGguf(path: string, s: RandomLlamaShape, dtype: "f32" | "f16" | QuantType, weights: RefTensor[]): void {
+export function writeGguf(
+  path: string,
+  s: RandomLlamaShape,
+  dtype: "f32" | "f16" | QuantType,
+  weights: RefTensor[],
+): void {
   const pieces = vocabPieces(s.vocab);
   const w = new GgufWriter();
   const tensors = weights.map((t) => {
-    const name = GGUF_NAMES.reduce<string | null>((acc, [re, to]) => acc ?? (re.test(t.name) ? t.name.replace(re, to) : null), null)!;
+    const name = GGUF_NAMES.reduce<string | null>(
+      (acc, [re, to]) => acc ?? (re.test(t.name) ? t.name.replace(re, to) : null),
+      null,
+    )!;
     let data = t.data;
     if (name.endsWith("attn_q.weight")) data = permuteRope(t, s.heads);
     if (name.endsWith("attn_k.weight")) data = permuteRope(t, s.kvHeads);
     // Norm vectors stay f32, as llama.cpp's converter keeps 1-D tensors.
     const tdtype = t.shape.length === 1 ? "f32" : dtype;
-    const bytes = tdtype === "f32" || tdtype === "f16" ? encodeTensor(data, tdtype) : quantize(tdtype, data, t.shape[1]);
+    const bytes =
+      tdtype === "f32" || tdtype === "f16" ? encodeTensor(data, tdtype) : quantize(tdtype, data, t.shape[1]);
     const typeId = tdtype === "f32" ? 0 : tdtype === "f16" ? 1 : GGML_TYPE_ID[tdtype];
     return { name, dims: [...t.shape].reverse(), typeId, bytes };
   });
@@ -316,8 +396,16 @@ export function writeGguf(path: string, s: RandomLlamaShape, dtype: "f32" | "f16
   w.kv("llama.attention.layer_norm_rms_epsilon", "f32", 1e-5);
   w.kv("tokenizer.ggml.model", "str", "llama");
   w.array("tokenizer.ggml.tokens", "str", pieces);
-  w.array("tokenizer.ggml.scores", "f32", pieces.map((_, i) => -i));
-  w.array("tokenizer.ggml.token_type", "i32", pieces.map((_, i) => (i === 0 ? 2 : i < 3 ? 3 : i < 259 ? 6 : 1)));
+  w.array(
+    "tokenizer.ggml.scores",
+    "f32",
+    pieces.map((_, i) => -i),
+  );
+  w.array(
+    "tokenizer.ggml.token_type",
+    "i32",
+    pieces.map((_, i) => (i === 0 ? 2 : i < 3 ? 3 : i < 259 ? 6 : 1)),
+  );
   let offset = 0;
   for (const t of tensors) {
     w.str(t.name);

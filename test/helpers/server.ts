@@ -8,13 +8,23 @@ export interface TestServer {
 
 /** An in-process server on a free loopback port. `args` are `inferneo serve` flags. */
 export async function startTestServer(model: string, args: string[] = []): Promise<TestServer> {
-  const config = serveConfig(parseServeArgs(["--model", model, "--host", "127.0.0.1", "--port", "0", "--threads", "2", ...args], {}));
+  const config = serveConfig(
+    parseServeArgs(["--model", model, "--host", "127.0.0.1", "--port", "0", "--threads", "2", ...args], {}),
+  );
   const server = await startServer(config, () => {});
   return { url: server.url, server, stop: () => server.stop("test") };
 }
 
-export async function postJson(url: string, body: unknown, headers: Record<string, string> = {}): Promise<{ status: number; json: Record<string, unknown>; headers: Headers }> {
-  const res = await fetch(url, { method: "POST", headers: { "content-type": "application/json", ...headers }, body: JSON.stringify(body) });
+export async function postJson(
+  url: string,
+  body: unknown,
+  headers: Record<string, string> = {},
+): Promise<{ status: number; json: Record<string, unknown>; headers: Headers }> {
+  const res = await fetch(url, {
+    method: "POST",
+    headers: { "content-type": "application/json", ...headers },
+    body: JSON.stringify(body),
+  });
   return { status: res.status, json: (await res.json()) as Record<string, unknown>, headers: res.headers };
 }
 

@@ -17,10 +17,17 @@ import {
 } from "../schemas.ts";
 
 export function completionRoutes({ state, options, guard }: ServerContext) {
-  const charge = (request: Request, running: Running) => guard.charge(guard.callerOf(request), running.usage().total_tokens);
+  const charge = (request: Request, running: Running) =>
+    guard.charge(guard.callerOf(request), running.usage().total_tokens);
 
   /** Streams as SSE or answers once, with the same chunks either way. */
-  async function answer(service: OpenAIService, running: Running, stream: boolean, request: Request, server: Server<unknown> | null): Promise<Response> {
+  async function answer(
+    service: OpenAIService,
+    running: Running,
+    stream: boolean,
+    request: Request,
+    server: Server<unknown> | null,
+  ): Promise<Response> {
     if (stream) {
       const chunks = (async function* () {
         try {
@@ -51,7 +58,11 @@ export function completionRoutes({ state, options, guard }: ServerContext) {
         const running = service.start(await service.prepareCompletion(body));
         return answer(service, running, body.stream === true, request, server);
       },
-      { body: CompletionRequest, response: { 200: CompletionResponse, ...errors }, detail: { summary: "Text completion (stream: SSE)" } },
+      {
+        body: CompletionRequest,
+        response: { 200: CompletionResponse, ...errors },
+        detail: { summary: "Text completion (stream: SSE)" },
+      },
     )
     .post(
       "/v1/chat/completions",
@@ -65,7 +76,8 @@ export function completionRoutes({ state, options, guard }: ServerContext) {
         response: { 200: ChatCompletionResponse, ...errors },
         detail: {
           summary: "Chat completion (stream: SSE)",
-          description: "A WebSocket on the same path streams the same chunks; see the protocol in this document's description.",
+          description:
+            "A WebSocket on the same path streams the same chunks; see the protocol in this document's description.",
         },
       },
     )
@@ -82,6 +94,10 @@ export function completionRoutes({ state, options, guard }: ServerContext) {
           charge(request, running);
         }
       },
-      { body: BatchCompletionRequest, response: { 200: BatchCompletionResponse, ...errors }, detail: { summary: "Several prompts at once, one completion each, in order" } },
+      {
+        body: BatchCompletionRequest,
+        response: { 200: BatchCompletionResponse, ...errors },
+        detail: { summary: "Several prompts at once, one completion each, in order" },
+      },
     );
 }

@@ -9,7 +9,13 @@ import { Elysia, type AnyElysia } from "elysia";
 import { createRequire } from "node:module";
 import { dirname, join } from "node:path";
 import { ApiError } from "../errors.ts";
-import { BatchCompletionRequest, ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest } from "../schemas.ts";
+import {
+  BatchCompletionRequest,
+  ChatCompletionRequest,
+  CompletionRequest,
+  DetokenizeRequest,
+  TokenizeRequest,
+} from "../schemas.ts";
 import type { ServerContext } from "../state.ts";
 import { VERSION } from "../state.ts";
 
@@ -43,21 +49,40 @@ Each message counts against the rate limit as an HTTP request does.`;
 
 /** Request schemas by route, named in components.schemas. */
 const REQUEST_BODIES: Record<string, { name: string; schema: TSchema; example: (model: string) => unknown }> = {
-  "/v1/completions": { name: "CompletionRequest", schema: CompletionRequest, example: (model) => ({ model, prompt: "Once upon a time", max_tokens: 32, temperature: 0 }) },
+  "/v1/completions": {
+    name: "CompletionRequest",
+    schema: CompletionRequest,
+    example: (model) => ({ model, prompt: "Once upon a time", max_tokens: 32, temperature: 0 }),
+  },
   "/v1/chat/completions": {
     name: "ChatCompletionRequest",
     schema: ChatCompletionRequest,
     example: (model) => ({ model, messages: [{ role: "user", content: "Tell me a story." }], max_tokens: 32 }),
   },
-  "/v1/completions/batch": { name: "BatchCompletionRequest", schema: BatchCompletionRequest, example: (model) => ({ model, prompts: ["Once upon a time", "Lily wanted to"], max_tokens: 16 }) },
-  "/tokenize": { name: "TokenizeRequest", schema: TokenizeRequest, example: (model) => ({ model, prompt: "Once upon a time" }) },
-  "/detokenize": { name: "DetokenizeRequest", schema: DetokenizeRequest, example: (model) => ({ model, tokens: [1, 403, 407] }) },
+  "/v1/completions/batch": {
+    name: "BatchCompletionRequest",
+    schema: BatchCompletionRequest,
+    example: (model) => ({ model, prompts: ["Once upon a time", "Lily wanted to"], max_tokens: 16 }),
+  },
+  "/tokenize": {
+    name: "TokenizeRequest",
+    schema: TokenizeRequest,
+    example: (model) => ({ model, prompt: "Once upon a time" }),
+  },
+  "/detokenize": {
+    name: "DetokenizeRequest",
+    schema: DetokenizeRequest,
+    example: (model) => ({ model, tokens: [1, 403, 407] }),
+  },
 };
 
 type Operation = { requestBody?: { content?: Record<string, unknown>; required?: boolean } };
 
 function buildDocument(app: AnyElysia, { options }: ServerContext): Record<string, unknown> {
-  const { paths } = toOpenAPISchema(app, { methods: ["ws"], paths: ["/docs", "/docs/assets/:file", "/openapi.json"] }) as { paths: Record<string, Record<string, Operation>> };
+  const { paths } = toOpenAPISchema(app, {
+    methods: ["ws"],
+    paths: ["/docs", "/docs/assets/:file", "/openapi.json"],
+  }) as { paths: Record<string, Record<string, Operation>> };
   const schemas: Record<string, unknown> = {};
   for (const [path, body] of Object.entries(REQUEST_BODIES)) {
     const post = paths[path]?.post;
@@ -65,12 +90,21 @@ function buildDocument(app: AnyElysia, { options }: ServerContext): Record<strin
     schemas[body.name] = JSON.parse(JSON.stringify(body.schema));
     post.requestBody = {
       required: true,
-      content: { "application/json": { schema: { $ref: `#/components/schemas/${body.name}` }, example: body.example(options.servedModelName) } },
+      content: {
+        "application/json": {
+          schema: { $ref: `#/components/schemas/${body.name}` },
+          example: body.example(options.servedModelName),
+        },
+      },
     };
   }
   return {
     openapi: "3.0.3",
-    info: { title: "Inferneo", version: VERSION, description: `OpenAI-compatible inference server.\n${WEBSOCKET_PROTOCOL}` },
+    info: {
+      title: "Inferneo",
+      version: VERSION,
+      description: `OpenAI-compatible inference server.\n${WEBSOCKET_PROTOCOL}`,
+    },
     paths,
     components: { schemas, securitySchemes: { bearer: { type: "http", scheme: "bearer" } } },
     security: options.apiKeys.length > 0 ? [{ bearer: [] }] : [],
@@ -82,13 +116,17 @@ export function docsRoutes(ctx: ServerContext, root: () => AnyElysia) {
   let document: Record<string, unknown> | null = null;
   return new Elysia({ name: "docs" })
     .get("/openapi.json", () => (document ??= buildDocument(root(), ctx)), { detail: { hide: true } })
-    .get("/docs", () => new Response(SWAGGER_HTML, { headers: { "content-type": "text/html; charset=utf-8" } }), { detail: { hide: true } })
+    .get("/docs", () => new Response(SWAGGER_HTML, { headers: { "content-type": "text/html; charset=utf-8" } }), {
+      detail: { hide: true },
+    })
     .get(
       "/docs/assets/:file",
       ({ params }) => {
         const type = SWAGGER_ASSETS[params.file];
         if (!type) throw new ApiError(404, `no asset ${params.file}`, "invalid_request_error", null, "not_found");
-        return new Response(Bun.file(join(swaggerDir, params.file)), { headers: { "content-type": type, "cache-control": "public, max-age=86400" } });
+        return new Response(Bun.file(join(swaggerDir, params.file)), {
+          headers: { "content-type": type, "cache-control": "public, max-age=86400" },
+        });
       },
       { detail: { hide: true } },
     );

@@ -10,14 +10,20 @@ function wantsPrometheus(accept: string | null): boolean {
 
 export function opsRoutes({ state, options }: ServerContext) {
   return new Elysia({ name: "ops" })
-    .get("/live", () => ({ status: "ok" }), { response: Health, detail: { summary: "Liveness: 200 while the process serves, also while loading and draining" } })
+    .get("/live", () => ({ status: "ok" }), {
+      response: Health,
+      detail: { summary: "Liveness: 200 while the process serves, also while loading and draining" },
+    })
     .get(
       "/health",
       ({ set }) => {
         if (state.status !== "ready") set.status = 503;
         return { status: state.status === "ready" ? "ok" : state.status };
       },
-      { response: { 200: Health, 503: Health }, detail: { summary: "Liveness and readiness: 503 while loading or draining" } },
+      {
+        response: { 200: Health, 503: Health },
+        detail: { summary: "Liveness and readiness: 503 while loading or draining" },
+      },
     )
     .get("/version", () => ({ version: VERSION }), { response: Version })
     .get(
@@ -29,7 +35,9 @@ export function opsRoutes({ state, options }: ServerContext) {
           return new Response(text, { headers: { "content-type": "text/plain; version=0.0.4; charset=utf-8" } });
         }
         const scalar = async (name: string) => {
-          const m = engine ? await engine.metrics.registry.getSingleMetric(engine.metrics.name(name))?.get() : undefined;
+          const m = engine
+            ? await engine.metrics.registry.getSingleMetric(engine.metrics.name(name))?.get()
+            : undefined;
           return m?.values.reduce((a, v) => a + v.value, 0) ?? 0;
         };
         return {
@@ -56,7 +64,15 @@ export function opsRoutes({ state, options }: ServerContext) {
       () => ({
         object: "list" as const,
         data: state.engine
-          ? [{ id: options.servedModelName, object: "model" as const, created: Math.floor(state.startedMs / 1000), owned_by: "inferneo", max_model_len: state.engine.maxModelLen }]
+          ? [
+              {
+                id: options.servedModelName,
+                object: "model" as const,
+                created: Math.floor(state.startedMs / 1000),
+                owned_by: "inferneo",
+                max_model_len: state.engine.maxModelLen,
+              },
+            ]
           : [],
       }),
       { response: { 200: ModelList, 401: ErrorResponse } },

@@ -29,7 +29,12 @@ function takeRequestId(body: unknown): string | null {
   const id = (body as { request_id: unknown }).request_id;
   delete (body as { request_id?: unknown }).request_id;
   if (typeof id !== "string" || id.length === 0 || id.length > REQUEST_ID_CHARS_MAX) {
-    throw new ApiError(400, `request_id must be a non-empty string of at most ${REQUEST_ID_CHARS_MAX} characters`, "invalid_request_error", "request_id");
+    throw new ApiError(
+      400,
+      `request_id must be a non-empty string of at most ${REQUEST_ID_CHARS_MAX} characters`,
+      "invalid_request_error",
+      "request_id",
+    );
   }
   return id;
 }
@@ -47,15 +52,27 @@ export function websocketRoutes({ state, options, guard }: ServerContext) {
     async message(ws, message) {
       const socket = ws.data as unknown as Socket;
       let requestId: string | null = null;
-      const send = (v: Record<string, unknown>) => ws.send(JSON.stringify(requestId === null ? v : { request_id: requestId, ...v }));
+      const send = (v: Record<string, unknown>) =>
+        ws.send(JSON.stringify(requestId === null ? v : { request_id: requestId, ...v }));
       let running: Running | null = null;
       try {
-        const text = typeof message === "string" ? message : message instanceof Uint8Array || message instanceof ArrayBuffer ? new TextDecoder().decode(message) : JSON.stringify(message);
+        const text =
+          typeof message === "string"
+            ? message
+            : message instanceof Uint8Array || message instanceof ArrayBuffer
+              ? new TextDecoder().decode(message)
+              : JSON.stringify(message);
         const raw = parseJsonText(text, "message");
         requestId = takeRequestId(raw);
         const body = checkBody(ChatCompletionRequest, raw, "message");
         if (socket.running.size >= WS_REQUESTS_IN_FLIGHT_MAX) {
-          throw new ApiError(429, `${WS_REQUESTS_IN_FLIGHT_MAX} requests are already running on this socket.`, "rate_limit_error", null, "too_many_requests");
+          throw new ApiError(
+            429,
+            `${WS_REQUESTS_IN_FLIGHT_MAX} requests are already running on this socket.`,
+            "rate_limit_error",
+            null,
+            "too_many_requests",
+          );
         }
         guard.admitAnother(socket.caller);
         const service = state.serving();
