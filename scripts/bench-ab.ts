@@ -49,6 +49,7 @@ async function open(lib: string): Promise<Side> {
     config,
     {
       numBlocks: contextMax / blockSize,
+      kvCacheBytes: 0,
       blockSizeTokens: blockSize,
       maxNumBatchedTokens: 16,
       maxNumSeqs: 1,

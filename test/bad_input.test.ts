@@ -148,6 +148,7 @@ describe("model loading refuses", () => {
       numThreads: 1,
       kvCacheDtype: DType.F32,
       computeDtype: DType.F32,
+      kvCacheBytes: 0,
     };
     const badShape = spec.tensors.map((t) =>
       t.name.endsWith("layers.1.self_attn.k_proj.weight") ? { ...t, rows: t.rows * 2, sizeBytes: t.sizeBytes * 2 } : t,

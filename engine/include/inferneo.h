@@ -9,7 +9,17 @@
  * Conventions: every symbol is prefixed ifn_, integers are sized, every
  * fallible call returns an int32_t status (IFN_OK == 0), and
  * ifn_status_string()/ifn_last_error() describe failures. Structs are mirrored
- * field for field by `extern struct`s in engine/src/abi.zig.
+ * field for field by `extern struct`s in engine/src/abi.zig, and the library reports
+ * every struct's size and field offsets (ifn_struct_layout): callers lay out what
+ * they send by that report, not by a table of their own. Fields are only ever
+ * appended, with 0 meaning "as before", so a newer library reads an older caller.
+ *
+ * Threads: everything may be called from one thread at a time. While an async step
+ * is in flight (ifn_engine_step_async until its callback), the engine thread owns the
+ * batch and the KV cache: the caller must not write the batch, start another step or
+ * destroy the engine; the block-pool calls (ifn_blocks_*) and the getters
+ * (ifn_engine_num_blocks, ifn_engine_kv_cache_bytes, ifn_blocks_num_*) stay safe, as
+ * they touch only the pool's bookkeeping, which the step does not.
  */
 #ifndef INFERNEO_H
 #define INFERNEO_H
@@ -21,7 +31,7 @@ extern "C" {
 #endif
 
 /* Bumped on any change to a struct layout or a function signature. */
-#define IFN_ABI_VERSION 4
+#define IFN_ABI_VERSION 5
 
 /* Most alternatives a sampled row reports with its log-probability. */
 #define IFN_TOP_LOGPROBS_MAX 20
@@ -44,6 +54,10 @@ enum ifn_status {
 enum ifn_dtype {
     IFN_DTYPE_F32 = 0,
     IFN_DTYPE_F16 = 1,
+    IFN_DTYPE_Q4_0 = 2,   /* blocks of 32: f16 scale, 16 bytes of 4-bit weights */
+    IFN_DTYPE_Q8_0 = 8,   /* blocks of 32: f16 scale, 32 int8 weights */
+    IFN_DTYPE_Q4_K = 12,  /* super-blocks of 256 */
+    IFN_DTYPE_Q6_K = 14,  /* super-blocks of 256 */
     IFN_DTYPE_BF16 = 30,
 };
 
@@ -92,7 +106,8 @@ typedef struct ifn_tensor {
 } ifn_tensor;
 
 typedef struct ifn_engine_config {
-    uint32_t num_blocks;             /* KV pool size, in blocks */
+    uint32_t num_blocks;             /* KV pool size, in blocks; 0: as many as kv_cache_bytes holds, at most
+                                        max_num_seqs * max_blocks_per_seq (read back: ifn_engine_num_blocks) */
     uint32_t block_size;             /* tokens per KV block */
     uint32_t max_num_batched_tokens; /* tokens in one step, all sequences together */
     uint32_t max_num_seqs;           /* sequences (and sampled rows) in one step */
@@ -102,13 +117,16 @@ typedef struct ifn_engine_config {
     uint32_t compute_dtype;          /* IFN_DTYPE_F32: float weights in f32 products (exact);
                                         IFN_DTYPE_BF16: bf16 products where four or more tokens
                                         share a float weight (prefill, batched decode) */
+    uint64_t kv_cache_bytes;         /* the KV pool's byte budget when num_blocks is 0 */
 } ifn_engine_config;
 
 /*
- * One sampled row. Order of processing, as vLLM applies it: logit_bias, then
- * penalties (repetition over prompt and output, presence and frequency over the
- * output), then temperature, top-k, top-p, min-p, and a draw. Reported
- * log-probabilities are the model's own (before any of that).
+ * One sampled row. Order of processing, as vLLM applies it: the allowed-token mask
+ * (structured output; disallowed tokens get -inf), logit_bias, then penalties
+ * (repetition over prompt and output, presence and frequency over the output), then
+ * temperature; greedy rows (temperature 0 or top_k 1) take the argmax (lowest id on
+ * ties), others keep top-k, then top-p, then min-p, and draw. Reported
+ * log-probabilities and alternatives are the model's own (before any of that).
  */
 typedef struct ifn_sampling_params {
     float temperature;        /* 0 = greedy (argmax, lowest id on ties) */
@@ -126,7 +144,7 @@ typedef struct ifn_sampling_params {
     int32_t history_len;      /*   the rest (history_len - history_prompt_len) the output */
     int32_t bias_offset;      /* this row's entries in batch.logit_bias_ids/values */
     int32_t bias_count;       /* <= IFN_LOGIT_BIAS_MAX */
-    int32_t _reserved;
+    int32_t use_mask;         /* 1: draw only tokens allowed by this row of batch.allowed_token_mask */
 } ifn_sampling_params;
 
 /*
@@ -141,7 +159,9 @@ typedef struct ifn_batch {
     uint32_t num_tokens;          /* <= max_num_batched_tokens */
     uint32_t num_seqs;            /* <= max_num_seqs */
     uint32_t num_samples;         /* <= max_num_seqs */
-    uint32_t return_logits;       /* 1: keep the sampled rows' logits in `logits` */
+    uint32_t return_logits;       /* 1: the caller reads the sampled rows' logits from `logits` after the step
+                                     (bias, penalties and the mask may have changed them); 0: the engine
+                                     keeps them to itself (a GPU never copies them to the host) */
     int32_t* token_ids;           /* (max_num_batched_tokens) */
     int32_t* positions;           /* (max_num_batched_tokens) position of each token in its sequence */
     int32_t* slot_mapping;        /* (max_num_batched_tokens) block * block_size + offset where its K/V go */
@@ -160,17 +180,33 @@ typedef struct ifn_batch {
     float* logit_bias_values;     /* (bias_capacity) */
     int32_t* out_top_ids;         /* (max_num_seqs, IFN_TOP_LOGPROBS_MAX) */
     float* out_top_logprobs;      /* (max_num_seqs, IFN_TOP_LOGPROBS_MAX) */
+    uint32_t mask_words;          /* 32-bit words in one mask row: ceil(vocab_size / 32) */
+    uint32_t _pad;
+    uint32_t* allowed_token_mask; /* (max_num_seqs, mask_words): bit t % 32 of word t / 32 allows token t;
+                                     read only for rows with use_mask = 1 (at least one bit set) */
 } ifn_batch;
 
 typedef struct ifn_engine ifn_engine;
 
-/* Called on the engine thread when an async step ends. */
-typedef void (*ifn_step_callback)(int32_t status);
+/* Called on the engine thread when an async step ends, with the user_data given to set_callback. */
+typedef void (*ifn_step_callback)(int32_t status, void* user_data);
+
+/* Structs ifn_struct_layout describes, in order. */
+enum ifn_struct_id {
+    IFN_STRUCT_MODEL_CONFIG = 0,
+    IFN_STRUCT_TENSOR = 1,
+    IFN_STRUCT_ENGINE_CONFIG = 2,
+    IFN_STRUCT_SAMPLING_PARAMS = 3,
+    IFN_STRUCT_BATCH = 4,
+};
 
 int32_t ifn_abi_version(void);
 const char* ifn_status_string(int32_t status);
 /* Detail of the last failure on the calling thread (or of the last async step). */
 const char* ifn_last_error(void);
+/* out[0] = sizeof the struct, out[1 + i] = offset of its i-th field (declaration order);
+ * returns how many numbers were written (0: unknown struct or capacity too small). */
+uint32_t ifn_struct_layout(uint32_t which, uint32_t* out, uint32_t capacity);
 
 /* files: n_files NUL-terminated paths laid end to end in one buffer. */
 int32_t ifn_engine_create(const ifn_model_config* model, const ifn_engine_config* config,
@@ -179,11 +215,12 @@ int32_t ifn_engine_create(const ifn_model_config* model, const ifn_engine_config
 void ifn_engine_destroy(ifn_engine* engine);
 ifn_batch* ifn_engine_batch(ifn_engine* engine);
 uint64_t ifn_engine_kv_cache_bytes(const ifn_engine* engine);
+uint32_t ifn_engine_num_blocks(const ifn_engine* engine);
 
 /* Runs the step described by ifn_engine_batch() on the calling thread. */
 int32_t ifn_engine_step(ifn_engine* engine);
 /* Hands the step to the engine thread and returns at once; `callback` fires when done. */
-int32_t ifn_engine_set_callback(ifn_engine* engine, ifn_step_callback callback);
+int32_t ifn_engine_set_callback(ifn_engine* engine, ifn_step_callback callback, void* user_data);
 int32_t ifn_engine_step_async(ifn_engine* engine);
 const char* ifn_engine_last_error(const ifn_engine* engine);
 

@@ -1,7 +1,7 @@
 //! Mirrors of the `extern struct`s and enums in engine/include/inferneo.h.
 //! Field order and types must match the header exactly.
 
-pub const abi_version: i32 = 4;
+pub const abi_version: i32 = 5;
 pub const top_logprobs_max = 20;
 pub const logit_bias_max = 1024;
 
@@ -93,7 +93,7 @@ pub const Tensor = extern struct {
 };
 
 pub const EngineConfig = extern struct {
-    num_blocks: u32,
+    num_blocks: u32, // 0: as many as kv_cache_bytes holds, capped at max_num_seqs full sequences
     block_size: u32,
     max_num_batched_tokens: u32,
     max_num_seqs: u32,
@@ -101,6 +101,7 @@ pub const EngineConfig = extern struct {
     num_threads: u32,
     kv_cache_dtype: u32, // DType.f32 or DType.f16
     compute_dtype: u32, // DType.f32 or DType.bf16 (float weights repacked to bf16 at load, every product in bf16)
+    kv_cache_bytes: u64, // the KV pool's budget when num_blocks is 0
 };
 
 pub const SamplingParams = extern struct {
@@ -119,7 +120,7 @@ pub const SamplingParams = extern struct {
     history_len: i32 = 0,
     bias_offset: i32 = 0,
     bias_count: i32 = 0,
-    _reserved: i32 = 0,
+    use_mask: i32 = 0, // 1: only tokens whose bit is set in this row of batch.allowed_token_mask may be drawn
 
     pub fn hasPenalties(p: SamplingParams) bool {
         return p.presence_penalty != 0 or p.frequency_penalty != 0 or p.repetition_penalty != 1;
@@ -149,13 +150,19 @@ pub const Batch = extern struct {
     logit_bias_values: [*]f32,
     out_top_ids: [*]i32,
     out_top_logprobs: [*]f32,
+    mask_words: u32, // 32-bit words a mask row holds: ceil(vocab_size / 32)
+    _pad: u32 = 0,
+    allowed_token_mask: [*]u32, // (max_num_seqs, mask_words): bit t % 32 of word t / 32 allows token t
 };
+
+/// The structs whose layout the library reports (ifn_struct_layout), by number.
+pub const layout_structs = [_]type{ ModelConfig, Tensor, EngineConfig, SamplingParams, Batch };
 
 comptime {
     const std = @import("std");
     std.debug.assert(@sizeOf(ModelConfig) == 48);
     std.debug.assert(@sizeOf(Tensor) == 48);
-    std.debug.assert(@sizeOf(EngineConfig) == 32);
+    std.debug.assert(@sizeOf(EngineConfig) == 40);
     std.debug.assert(@sizeOf(SamplingParams) == 72);
-    std.debug.assert(@sizeOf(Batch) == 16 + 11 * 8 + 8 + 5 * 8);
+    std.debug.assert(@sizeOf(Batch) == 16 + 11 * 8 + 8 + 5 * 8 + 8 + 8);
 }

@@ -48,13 +48,15 @@ pub const Engine = struct {
     step_requested: bool = false,
     busy: bool = false,
     stopping: bool = false,
-    callback: ?*const fn (status: i32) callconv(.C) void = null,
+    callback: ?*const fn (status: i32, user_data: ?*anyopaque) callconv(.C) void = null,
+    callback_user_data: ?*anyopaque = null,
     async_error: [1024:0]u8 = [_:0]u8{0} ** 1024,
 
     const BatchArrays = struct {
         i32s: []i32,
         sampling: []abi.SamplingParams,
         f32s: []f32,
+        masks: []u32, // (max_num_seqs, mask_words), all ones until the caller writes a row
     };
 
     /// Room for every row's full token history (prompt and output) in one step.
@@ -161,10 +163,14 @@ pub const Engine = struct {
         const i32s = try e.allocator.alloc(i32, i32_count);
         errdefer e.allocator.free(i32s);
         @memset(i32s, 0);
+        const mask_words = (@as(usize, e.model.vocab_size) + 31) / 32;
+        const masks = try e.allocator.alloc(u32, s * mask_words);
+        errdefer e.allocator.free(masks);
+        @memset(masks, 0xFFFF_FFFF);
         const sampling = try e.allocator.alloc(abi.SamplingParams, s);
         errdefer e.allocator.free(sampling);
         const f32s = try e.allocator.alloc(f32, s + s * @as(usize, e.model.vocab_size) + bias + k);
-        e.batch_arrays = .{ .i32s = i32s, .sampling = sampling, .f32s = f32s };
+        e.batch_arrays = .{ .i32s = i32s, .sampling = sampling, .f32s = f32s, .masks = masks };
         var rest = i32s;
         const take = struct {
             fn f(r: *[]i32, n: usize) [*]i32 {
@@ -196,6 +202,8 @@ pub const Engine = struct {
             .out_top_ids = take(&rest, k),
             .logit_bias_values = f32s.ptr + s + s * @as(usize, e.model.vocab_size),
             .out_top_logprobs = f32s.ptr + s + s * @as(usize, e.model.vocab_size) + bias,
+            .mask_words = @intCast(mask_words),
+            .allowed_token_mask = masks.ptr,
         };
         assert(rest.len == 0);
     }
@@ -204,6 +212,7 @@ pub const Engine = struct {
         e.allocator.free(e.batch_arrays.i32s);
         e.allocator.free(e.batch_arrays.sampling);
         e.allocator.free(e.batch_arrays.f32s);
+        e.allocator.free(e.batch_arrays.masks);
     }
 
     /// Checks every index the step will follow, so a bad batch is refused rather than
@@ -258,6 +267,13 @@ pub const Engine = struct {
             for (b.history_token_ids[@intCast(p.history_offset)..][0..@intCast(p.history_len)]) |tok| {
                 if (tok < 0 or tok >= e.model.vocab_size) return errors.fail(.invalid_argument, "row {d} history holds token {d}", .{ i, tok });
             }
+            if (p.use_mask != 0 and p.use_mask != 1) return errors.fail(.invalid_argument, "row {d} use_mask is {d} (0 or 1)", .{ i, p.use_mask });
+            if (p.use_mask == 1) {
+                const words = b.allowed_token_mask[i * b.mask_words ..][0..b.mask_words];
+                var any: u32 = 0;
+                for (words) |w| any |= w;
+                if (any == 0) return errors.fail(.invalid_argument, "row {d} allows no token (its mask is empty)", .{i});
+            }
             if (p.bias_offset < 0 or p.bias_count < 0 or p.bias_count > abi.logit_bias_max or
                 @as(u64, @intCast(p.bias_offset)) + @as(u64, @intCast(p.bias_count)) > b.bias_capacity)
                 return errors.fail(.invalid_argument, "row {d} logit bias out of range", .{i});
@@ -300,7 +316,7 @@ pub const Engine = struct {
                 break :blk e.callback;
             };
             // The caller may start the next step from inside the callback.
-            if (callback) |cb| cb(@intFromEnum(status));
+            if (callback) |cb| cb(@intFromEnum(status), e.callback_user_data);
         }
     }
 

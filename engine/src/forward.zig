@@ -265,6 +265,7 @@ const SampleCtx = struct {
                 .history = b.history_token_ids[history_offset..][0..@intCast(p.history_len)],
                 .bias_ids = b.logit_bias_ids[bias_offset..][0..@intCast(p.bias_count)],
                 .bias_values = b.logit_bias_values[bias_offset..][0..@intCast(p.bias_count)],
+                .mask = if (p.use_mask == 1) b.allowed_token_mask[i * b.mask_words ..][0..b.mask_words] else null,
             };
             const s = sampler.sample(b.logits[i * vocab ..][0..vocab], row, scratch, b.out_top_ids[i * k_max ..][0..k_max], b.out_top_logprobs[i * k_max ..][0..k_max]);
             b.out_token_ids[i] = @intCast(s.token_id);

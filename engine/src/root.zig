@@ -47,8 +47,9 @@ fn checkModelConfig(m: abi.ModelConfig) abi.Status {
 }
 
 fn checkEngineConfig(c: abi.EngineConfig) abi.Status {
-    if (c.num_blocks == 0 or c.block_size == 0 or c.max_num_batched_tokens == 0 or c.max_num_seqs == 0 or c.max_blocks_per_seq == 0)
+    if (c.block_size == 0 or c.max_num_batched_tokens == 0 or c.max_num_seqs == 0 or c.max_blocks_per_seq == 0)
         return errors.fail(.invalid_argument, "engine config has a zero size", .{});
+    if (c.num_blocks == 0 and c.kv_cache_bytes == 0) return errors.fail(.invalid_argument, "engine config gives neither num_blocks nor kv_cache_bytes", .{});
     if (c.num_threads == 0 or c.num_threads > 256) return errors.fail(.invalid_argument, "num_threads {d} not in [1, 256]", .{c.num_threads});
     if (c.kv_cache_dtype != @intFromEnum(abi.DType.f32) and c.kv_cache_dtype != @intFromEnum(abi.DType.f16))
         return errors.fail(.unsupported, "KV cache dtype {d}: f32 (0) and f16 (1) are supported", .{c.kv_cache_dtype});
@@ -76,6 +77,9 @@ export fn ifn_engine_create(
     if (status != .ok) return code(status);
     status = checkEngineConfig(c.*);
     if (status != .ok) return code(status);
+    var sized = c.*;
+    if (sized.num_blocks == 0) sized.num_blocks = blocksForBudget(m.*, sized);
+    if (sized.num_blocks == 0) return code(errors.fail(.out_of_memory, "kv_cache_bytes {d} holds no KV block of {d} bytes", .{ sized.kv_cache_bytes, kvBytesPerBlock(m.*, sized) }));
     if (n_files == 0 or n_files > weights.files_max) return code(errors.fail(.invalid_argument, "n_files {d} not in [1, {d}]", .{ n_files, weights.files_max }));
 
     var paths: [weights.files_max][:0]const u8 = undefined;
@@ -85,14 +89,48 @@ export fn ifn_engine_create(
         cursor += p.len + 1;
     }
     var load_status: abi.Status = .internal;
-    const engine = Engine.create(allocator, m.*, c.*, paths[0..n_files], tensors.?[0..n_tensors], &load_status) catch |err| {
+    const engine = Engine.create(allocator, m.*, sized, paths[0..n_files], tensors.?[0..n_tensors], &load_status) catch |err| {
         return switch (err) {
             error.LoadFailed => code(load_status),
-            error.OutOfMemory => code(errors.fail(.out_of_memory, "out of memory while creating the engine (KV pool of {d} blocks)", .{c.num_blocks})),
+            error.OutOfMemory => code(errors.fail(.out_of_memory, "out of memory while creating the engine (KV pool of {d} blocks)", .{sized.num_blocks})),
             else => code(errors.fail(.internal, "cannot start the engine threads: {s}", .{@errorName(err)})),
         };
     };
     out_ptr.* = engine;
+    return 0;
+}
+
+/// Bytes one KV block takes: K and V of every layer for block_size tokens.
+fn kvBytesPerBlock(m: abi.ModelConfig, c: abi.EngineConfig) u64 {
+    const elem: u64 = if (c.kv_cache_dtype == @intFromEnum(abi.DType.f16)) 2 else 4;
+    return @as(u64, c.block_size) * m.num_layers * 2 * m.num_kv_heads * m.head_dim * elem;
+}
+
+/// As many blocks as the budget holds, but no more than max_num_seqs full-length sequences use.
+fn blocksForBudget(m: abi.ModelConfig, c: abi.EngineConfig) u32 {
+    const by_budget = c.kv_cache_bytes / kvBytesPerBlock(m, c);
+    const by_seqs = @as(u64, c.max_num_seqs) * c.max_blocks_per_seq;
+    return @intCast(@min(by_budget, by_seqs, std.math.maxInt(i32)));
+}
+
+export fn ifn_engine_num_blocks(engine: ?*const Engine) u32 {
+    const e = engine orelse return 0;
+    return e.config.num_blocks;
+}
+
+/// Writes a struct's size, then each field's byte offset in declaration order, to `out`;
+/// returns how many numbers that is (0 for an unknown struct or too small an `out`).
+export fn ifn_struct_layout(which: u32, out: ?[*]u32, capacity: u32) u32 {
+    const o = out orelse return 0;
+    inline for (abi.layout_structs, 0..) |T, index| {
+        if (which == index) {
+            const fields = std.meta.fields(T);
+            if (capacity < fields.len + 1) return 0;
+            o[0] = @sizeOf(T);
+            inline for (fields, 1..) |f, i| o[i] = @offsetOf(T, f.name);
+            return fields.len + 1;
+        }
+    }
     return 0;
 }
 
@@ -116,12 +154,13 @@ export fn ifn_engine_step(engine: ?*Engine) i32 {
     return code(e.stepSync());
 }
 
-export fn ifn_engine_set_callback(engine: ?*Engine, callback: ?*const fn (status: i32) callconv(.C) void) i32 {
+export fn ifn_engine_set_callback(engine: ?*Engine, callback: ?*const fn (status: i32, user_data: ?*anyopaque) callconv(.C) void, user_data: ?*anyopaque) i32 {
     const e = engine orelse return code(errors.fail(.invalid_argument, "engine is null", .{}));
     e.mutex.lock();
     defer e.mutex.unlock();
     if (e.busy) return code(errors.fail(.busy, "cannot change the callback while a step runs", .{}));
     e.callback = callback;
+    e.callback_user_data = user_data;
     return 0;
 }
 

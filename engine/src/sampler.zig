@@ -24,6 +24,8 @@ pub const Row = struct {
     history: []const i32 = &.{}, // prompt tokens, then output tokens
     bias_ids: []const i32 = &.{},
     bias_values: []const f32 = &.{},
+    /// Allowed tokens (structured output): bit t % 32 of word t / 32; null when any token may be drawn.
+    mask: ?[]const u32 = null,
 };
 
 fn splitmix64(x: u64) u64 {
@@ -70,9 +72,10 @@ pub fn sample(logits: []f32, row: Row, scratch: Scratch, top_ids: []i32, top_log
     assert(n_top <= top_ids.len);
     if (n_top > 0) topK(logits, top_ids[0..n_top], top_logprobs[0..n_top], log_z);
 
-    const modified = row.bias_ids.len > 0 or (params.hasPenalties() and row.history.len > 0);
+    const modified = row.mask != null or row.bias_ids.len > 0 or (params.hasPenalties() and row.history.len > 0);
     if (modified) {
         @memcpy(scratch.raw[0..n], logits);
+        if (row.mask) |mask| applyMask(logits, mask);
         for (row.bias_ids, row.bias_values) |id, v| logits[@intCast(id)] += v;
         if (params.hasPenalties()) applyPenalties(logits, row, scratch.counts);
     }
@@ -82,6 +85,20 @@ pub fn sample(logits: []f32, row: Row, scratch: Scratch, top_ids: []i32, top_log
         sampleRandom(logits, params, scratch);
     const raw_logit = if (modified) scratch.raw[token] else logits[token];
     return .{ .token_id = token, .logprob = @floatCast(@as(f64, raw_logit) - log_z) };
+}
+
+/// Tokens the mask leaves out can never be drawn: their logits become -inf, before bias,
+/// penalties and temperature, as vLLM applies a grammar's bitmask.
+fn applyMask(logits: []f32, mask: []const u32) void {
+    assert(mask.len * 32 >= logits.len);
+    for (mask, 0..) |word, w| {
+        if (word == 0xFFFF_FFFF) continue;
+        const base = w * 32;
+        const end = @min(base + 32, logits.len);
+        for (base..end) |t| {
+            if (word & (@as(u32, 1) << @intCast(t - base)) == 0) logits[t] = -std.math.inf(f32);
+        }
+    }
 }
 
 /// log sum exp(logits): exps in f32 vectors (kernels.expVec), summed in f64.
@@ -348,4 +365,28 @@ test "logit bias and penalties steer greedy choice; the reported logprob stays t
         try testing.expectEqual(@as(f32, -2), logits[0]);
     }
     for (testScratch(4, &probs, &order).counts) |c| try testing.expectEqual(@as(u32, 0), c);
+}
+
+test "a mask leaves only its tokens drawable, greedy and random, and logprobs stay the model's own" {
+    var logits = [_]f32{ 5, 1, 4, 3, 2, 0, -1, 6 } ** 5; // 40 tokens: the largest is token 7
+    const n = logits.len;
+    var probs: [n]f32 = undefined;
+    var order: [n]u32 = undefined;
+    var counts = [_]u32{0} ** n;
+    var raw: [n]f32 = undefined;
+    const scratch = Scratch{ .probs = &probs, .order = &order, .counts = &counts, .raw = &raw };
+    const mask = [_]u32{ (1 << 2) | (1 << 3), 1 << (33 - 32) }; // tokens 2, 3 and 33
+    var top_ids: [4]i32 = undefined;
+    var top_lp: [4]f32 = undefined;
+    const unmasked_lp = logprobOf(&logits, 2);
+    var copy = logits;
+    const greedy = sample(&copy, .{ .params = .{ .temperature = 0, .top_p = 1, .min_p = 0, .top_k = 0, .seed = 1, .draw_index = 0, .num_top_logprobs = 2 }, .mask = &mask }, scratch, &top_ids, &top_lp);
+    try std.testing.expectEqual(@as(u32, 2), greedy.token_id); // 4 beats 3; token 7's 6 is masked out
+    try std.testing.expectApproxEqAbs(unmasked_lp, greedy.logprob, 1e-6);
+    try std.testing.expectEqual(@as(i32, 7), top_ids[0]); // alternatives are the model's own
+    for (0..200) |draw| {
+        copy = logits;
+        const r = sample(&copy, .{ .params = .{ .temperature = 1, .top_p = 1, .min_p = 0, .top_k = 0, .seed = 9, .draw_index = draw }, .mask = &mask }, scratch, &top_ids, &top_lp);
+        try std.testing.expect(r.token_id == 2 or r.token_id == 3 or r.token_id == 33);
+    }
 }

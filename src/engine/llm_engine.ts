@@ -151,14 +151,12 @@ export class LLMEngine {
     this.maxModelLen = maxModelLen;
     const bs = options.blockSizeTokens;
     const maxBlocksPerSeq = Math.ceil(maxModelLen / bs);
-    const perBlock = LLMEngine.kvBytesPerBlock(model, bs, options.kvCacheDtype);
-    const numBlocks =
-      options.numBlocksOverride ??
-      Math.max(1, Math.min(Math.floor(options.kvCacheMemoryBytes / perBlock), options.maxNumSeqs * maxBlocksPerSeq));
+    // The engine sizes the pool from the byte budget (it knows what a block costs on its device).
     this.native = new NativeEngine(
       c,
       {
-        numBlocks,
+        numBlocks: options.numBlocksOverride ?? 0,
+        kvCacheBytes: options.kvCacheMemoryBytes,
         blockSizeTokens: bs,
         maxNumBatchedTokens: options.maxNumBatchedTokens,
         maxNumSeqs: options.maxNumSeqs,
@@ -170,6 +168,7 @@ export class LLMEngine {
       model.spec.files,
       model.spec.tensors,
     );
+    const numBlocks = this.native.numBlocks;
     this.kv = new KvCacheManager(this.native, bs, numBlocks, maxBlocksPerSeq, options.enablePrefixCaching);
     this.scheduler = new Scheduler(
       {
@@ -186,11 +185,6 @@ export class LLMEngine {
       { blockSizeTokens: bs, numBlocks, enablePrefixCaching: options.enablePrefixCaching },
       options.metricsPrefix,
     );
-  }
-
-  static kvBytesPerBlock(model: LoadedModel, blockSizeTokens: number, dtype: "f32" | "f16"): number {
-    const c = model.spec.config;
-    return blockSizeTokens * c.numLayers * 2 * c.numKvHeads * c.headDim * (dtype === "f16" ? 2 : 4);
   }
 
   get numBlocks(): number {

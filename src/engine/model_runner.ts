@@ -76,6 +76,7 @@ export class ModelRunner {
         historyLen: penalties ? req.tokenIds.length : 0,
         biasOffset,
         biasCount: biasCursor - biasOffset,
+        useMask: false, // structured output fills batch.allowedTokenMask and sets this
       });
       sampled.push(req);
     });

@@ -5,7 +5,7 @@ import { existsSync, readdirSync } from "node:fs";
 import { basename, dirname, join } from "node:path";
 import { cpuFlags, pickLevel } from "./cpu_levels.ts";
 
-export const ABI_VERSION = 4;
+export const ABI_VERSION = 5;
 export const TOP_LOGPROBS_MAX = 20;
 export const LOGIT_BIAS_MAX = 1024;
 
@@ -58,7 +58,8 @@ export interface NativeModelConfig {
 
 /** Mirrors ifn_engine_config. */
 export interface NativeEngineConfig {
-  numBlocks: number;
+  numBlocks: number; // 0: the engine sizes the pool from kvCacheBytes (read back: NativeEngine.numBlocks)
+  kvCacheBytes: number;
   blockSizeTokens: number;
   maxNumBatchedTokens: number;
   maxNumSeqs: number;
@@ -98,6 +99,7 @@ export interface SamplingRow {
   historyLen: number;
   biasOffset: number;
   biasCount: number;
+  useMask: boolean; // draw only tokens allowed by this row of batch.allowedTokenMask
 }
 
 export class EngineError extends Error {
@@ -153,8 +155,10 @@ function open(path: string) {
     ifn_engine_destroy: { args: [FFIType.ptr], returns: FFIType.void },
     ifn_engine_batch: { args: [FFIType.ptr], returns: FFIType.ptr },
     ifn_engine_kv_cache_bytes: { args: [FFIType.ptr], returns: FFIType.u64 },
+    ifn_engine_num_blocks: { args: [FFIType.ptr], returns: FFIType.u32 },
+    ifn_struct_layout: { args: [FFIType.u32, FFIType.ptr, FFIType.u32], returns: FFIType.u32 },
     ifn_engine_step: { args: [FFIType.ptr], returns: FFIType.i32 },
-    ifn_engine_set_callback: { args: [FFIType.ptr, FFIType.function], returns: FFIType.i32 },
+    ifn_engine_set_callback: { args: [FFIType.ptr, FFIType.function, FFIType.ptr], returns: FFIType.i32 },
     ifn_engine_step_async: { args: [FFIType.ptr], returns: FFIType.i32 },
     ifn_engine_last_error: { args: [FFIType.ptr], returns: FFIType.cstring },
     ifn_blocks_allocate: { args: [FFIType.ptr, FFIType.u32, FFIType.ptr], returns: FFIType.i32 },
@@ -169,6 +173,7 @@ function open(path: string) {
 }
 
 let lib: Lib | null = null;
+let layouts: Layouts | null = null;
 
 function load(): Lib["symbols"] {
   if (lib) return lib.symbols;
@@ -188,6 +193,7 @@ function load(): Lib["symbols"] {
       `libinferneo speaks ABI ${version}, this code expects ${ABI_VERSION}: rebuild with \`npm run build:engine\``,
     );
   }
+  layouts = readLayouts(opened.symbols);
   lib = opened;
   return opened.symbols;
 }
@@ -201,33 +207,115 @@ function check(status: number, detail: () => string): void {
   if (status !== Status.OK) throw engineError(status, detail());
 }
 
-// Byte offsets inside ifn_batch (engine/include/inferneo.h).
-const BATCH = {
-  numTokens: 0,
-  numSeqs: 4,
-  numSamples: 8,
-  returnLogits: 12,
-  tokenIds: 16,
-  positions: 24,
-  slotMapping: 32,
-  queryStartLoc: 40,
-  seqLens: 48,
-  blockTables: 56,
-  sampleIndices: 64,
-  sampling: 72,
-  outTokenIds: 80,
-  outLogprobs: 88,
-  logits: 96,
-  historyCapacity: 104,
-  biasCapacity: 108,
-  historyTokenIds: 112,
-  logitBiasIds: 120,
-  logitBiasValues: 128,
-  outTopIds: 136,
-  outTopLogprobs: 144,
-  size: 152,
+// The fields of each struct of engine/include/inferneo.h, in declaration order. Their
+// offsets and the structs' sizes come from the library (ifn_struct_layout), so these
+// names are the only mirror of the header here; a field the library lacks is an error.
+const STRUCT_FIELDS = {
+  model: [
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+    "max_position",
+    "rope_theta",
+    "rms_norm_eps",
+    "rope_interleaved",
+    "tie_word_embeddings",
+  ],
+  tensor: ["role", "layer", "dtype", "file_index", "offset", "size_bytes", "rows", "cols"],
+  engineConfig: [
+    "num_blocks",
+    "block_size",
+    "max_num_batched_tokens",
+    "max_num_seqs",
+    "max_blocks_per_seq",
+    "num_threads",
+    "kv_cache_dtype",
+    "compute_dtype",
+    "kv_cache_bytes",
+  ],
+  sampling: [
+    "temperature",
+    "top_p",
+    "min_p",
+    "top_k",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "num_top_logprobs",
+    "seed",
+    "draw_index",
+    "history_offset",
+    "history_prompt_len",
+    "history_len",
+    "bias_offset",
+    "bias_count",
+    "use_mask",
+  ],
+  batch: [
+    "num_tokens",
+    "num_seqs",
+    "num_samples",
+    "return_logits",
+    "token_ids",
+    "positions",
+    "slot_mapping",
+    "query_start_loc",
+    "seq_lens",
+    "block_tables",
+    "sample_indices",
+    "sampling",
+    "out_token_ids",
+    "out_logprobs",
+    "logits",
+    "history_capacity",
+    "bias_capacity",
+    "history_token_ids",
+    "logit_bias_ids",
+    "logit_bias_values",
+    "out_top_ids",
+    "out_top_logprobs",
+    "mask_words",
+    "_pad",
+    "allowed_token_mask",
+  ],
 } as const;
-const SAMPLING_ROW_BYTES = 72;
+type StructName = keyof typeof STRUCT_FIELDS;
+type FieldOf<S extends StructName> = (typeof STRUCT_FIELDS)[S][number];
+/** ifn_struct_id, in STRUCT_FIELDS' order. */
+const STRUCT_IDS: Record<StructName, number> = { model: 0, tensor: 1, engineConfig: 2, sampling: 3, batch: 4 };
+
+export interface StructLayout<S extends StructName> {
+  size: number;
+  at: Record<FieldOf<S>, number>; // byte offset of each field
+}
+type Layouts = { [S in StructName]: StructLayout<S> };
+
+function readLayouts(symbols: Lib["symbols"]): Layouts {
+  const out = new Uint32Array(64);
+  const layouts = {} as Record<StructName, { size: number; at: Record<string, number> }>;
+  for (const name of Object.keys(STRUCT_FIELDS) as StructName[]) {
+    const fields = STRUCT_FIELDS[name];
+    const count = symbols.ifn_struct_layout(STRUCT_IDS[name], ptr(out), out.length);
+    if (count < fields.length + 1) {
+      throw new EngineError(
+        Status.UNSUPPORTED,
+        `libinferneo describes ${name} with ${Math.max(0, count - 1)} fields; this code needs ${fields.length}: rebuild with \`npm run build:engine\``,
+      );
+    }
+    layouts[name] = { size: out[0], at: Object.fromEntries(fields.map((f, i) => [f, out[1 + i]])) };
+  }
+  return layouts as unknown as Layouts;
+}
+
+/** Struct layouts as this build of the library reports them. */
+export function structLayouts(): Layouts {
+  load();
+  return layouts!;
+}
 
 /** Typed views over the engine-owned step descriptor; filled in place, never reallocated. */
 export interface BatchView {
@@ -246,15 +334,92 @@ export interface BatchView {
   logitBiasValues: Float32Array;
   outTopIds: Int32Array;
   outTopLogprobs: Float32Array;
+  maskWords: number; // 32-bit words in one mask row: ceil(vocab / 32)
+  allowedTokenMask: Uint32Array; // (maxNumSeqs, maskWords): bit t % 32 of word t / 32 allows token t
+}
+
+/** Writes fields by name into a struct laid out as the library reports. */
+class StructWriter<S extends StructName> {
+  readonly buffer: ArrayBuffer;
+  private readonly view: DataView;
+  constructor(
+    private readonly layout: StructLayout<S>,
+    count = 1,
+    buffer?: ArrayBuffer,
+  ) {
+    this.buffer = buffer ?? new ArrayBuffer(layout.size * Math.max(1, count));
+    this.view = new DataView(this.buffer);
+  }
+  u32(field: FieldOf<S>, v: number, index = 0): void {
+    this.view.setUint32(index * this.layout.size + this.layout.at[field], v, true);
+  }
+  i32(field: FieldOf<S>, v: number, index = 0): void {
+    this.view.setInt32(index * this.layout.size + this.layout.at[field], v, true);
+  }
+  f32(field: FieldOf<S>, v: number, index = 0): void {
+    this.view.setFloat32(index * this.layout.size + this.layout.at[field], v, true);
+  }
+  u64(field: FieldOf<S>, v: bigint | number, index = 0): void {
+    this.view.setBigUint64(index * this.layout.size + this.layout.at[field], BigInt.asUintN(64, BigInt(v)), true);
+  }
+}
+
+function modelStruct(model: NativeModelConfig): ArrayBuffer {
+  const w = new StructWriter(structLayouts().model);
+  w.u32("vocab_size", model.vocabSize);
+  w.u32("hidden_size", model.hiddenSize);
+  w.u32("intermediate_size", model.intermediateSize);
+  w.u32("num_layers", model.numLayers);
+  w.u32("num_heads", model.numHeads);
+  w.u32("num_kv_heads", model.numKvHeads);
+  w.u32("head_dim", model.headDim);
+  w.u32("max_position", model.maxPosition);
+  w.f32("rope_theta", model.ropeTheta);
+  w.f32("rms_norm_eps", model.rmsNormEps);
+  w.u32("rope_interleaved", model.ropeInterleaved ? 1 : 0);
+  w.u32("tie_word_embeddings", model.tieWordEmbeddings ? 1 : 0);
+  return w.buffer;
+}
+
+function engineConfigStruct(config: NativeEngineConfig): ArrayBuffer {
+  const w = new StructWriter(structLayouts().engineConfig);
+  w.u32("num_blocks", config.numBlocks);
+  w.u32("block_size", config.blockSizeTokens);
+  w.u32("max_num_batched_tokens", config.maxNumBatchedTokens);
+  w.u32("max_num_seqs", config.maxNumSeqs);
+  w.u32("max_blocks_per_seq", config.maxBlocksPerSeq);
+  w.u32("num_threads", config.numThreads);
+  w.u32("kv_cache_dtype", config.kvCacheDtype);
+  w.u32("compute_dtype", config.computeDtype);
+  w.u64("kv_cache_bytes", config.kvCacheBytes);
+  return w.buffer;
+}
+
+function tensorStructs(tensors: TensorEntry[]): ArrayBuffer {
+  const w = new StructWriter(structLayouts().tensor, tensors.length);
+  tensors.forEach((e, i) => {
+    w.u32("role", e.role, i);
+    w.u32("layer", e.layer, i);
+    w.u32("dtype", e.dtype, i);
+    w.u32("file_index", e.fileIndex, i);
+    w.u64("offset", e.offset, i);
+    w.u64("size_bytes", e.sizeBytes, i);
+    w.u64("rows", e.rows, i);
+    w.u64("cols", e.cols, i);
+  });
+  return w.buffer;
 }
 
 export class NativeEngine {
   readonly config: NativeEngineConfig;
   readonly model: NativeModelConfig;
   readonly batch: BatchView;
+  /** The KV pool's size in blocks, as the engine sized it. */
+  readonly numBlocks: number;
   private handle: Pointer | null;
   private readonly header: DataView;
-  private readonly sampling: DataView;
+  private readonly batchLayout: StructLayout<"batch">;
+  private readonly sampling: StructWriter<"sampling">;
   private callback: JSCallback | null = null;
   private pendingStep: { resolve: (status: number) => void } | null = null;
   private readonly idsScratch = new Int32Array(new ArrayBuffer(4 * 4096));
@@ -263,51 +428,10 @@ export class NativeEngine {
     const symbols = load();
     this.model = model;
     this.config = config;
-
-    const modelBuf = new ArrayBuffer(48);
-    const m = new DataView(modelBuf);
-    [
-      model.vocabSize,
-      model.hiddenSize,
-      model.intermediateSize,
-      model.numLayers,
-      model.numHeads,
-      model.numKvHeads,
-      model.headDim,
-      model.maxPosition,
-    ].forEach((v, i) => m.setUint32(i * 4, v, true));
-    m.setFloat32(32, model.ropeTheta, true);
-    m.setFloat32(36, model.rmsNormEps, true);
-    m.setUint32(40, model.ropeInterleaved ? 1 : 0, true);
-    m.setUint32(44, model.tieWordEmbeddings ? 1 : 0, true);
-
-    const configBuf = new ArrayBuffer(32);
-    const c = new DataView(configBuf);
-    [
-      config.numBlocks,
-      config.blockSizeTokens,
-      config.maxNumBatchedTokens,
-      config.maxNumSeqs,
-      config.maxBlocksPerSeq,
-      config.numThreads,
-      config.kvCacheDtype,
-      config.computeDtype,
-    ].forEach((v, i) => c.setUint32(i * 4, v, true));
-
+    const modelBuf = modelStruct(model);
+    const configBuf = engineConfigStruct(config);
+    const tensorBuf = tensorStructs(tensors);
     const filesBuf = Buffer.from(files.map((f) => `${f}\0`).join(""), "utf8");
-    const tensorBuf = new ArrayBuffer(48 * Math.max(1, tensors.length));
-    const t = new DataView(tensorBuf);
-    tensors.forEach((e, i) => {
-      const o = i * 48;
-      t.setUint32(o, e.role, true);
-      t.setUint32(o + 4, e.layer, true);
-      t.setUint32(o + 8, e.dtype, true);
-      t.setUint32(o + 12, e.fileIndex, true);
-      t.setBigUint64(o + 16, BigInt(e.offset), true);
-      t.setBigUint64(o + 24, BigInt(e.sizeBytes), true);
-      t.setBigUint64(o + 32, BigInt(e.rows), true);
-      t.setBigUint64(o + 40, BigInt(e.cols), true);
-    });
     const out = new BigUint64Array(1);
     const status = symbols.ifn_engine_create(
       ptr(modelBuf),
@@ -320,34 +444,40 @@ export class NativeEngine {
     );
     check(status, () => String(symbols.ifn_last_error()));
     this.handle = Number(out[0]) as Pointer;
+    this.numBlocks = symbols.ifn_engine_num_blocks(this.handle);
 
     const batchPtr = symbols.ifn_engine_batch(this.handle);
     if (batchPtr === null) throw new EngineError(Status.INTERNAL, "engine returned no batch descriptor");
-    this.header = new DataView(toArrayBuffer(batchPtr, 0, BATCH.size));
+    const L = (this.batchLayout = structLayouts().batch);
+    this.header = new DataView(toArrayBuffer(batchPtr, 0, L.size));
     const s = config.maxNumSeqs;
     const t32 = config.maxNumBatchedTokens;
-    const view = <T>(offset: number, count: number, Ctor: new (b: ArrayBuffer) => T): T =>
-      new Ctor(toArrayBuffer(read.ptr(batchPtr, offset) as Pointer, 0, count * 4));
+    const view = <T>(field: FieldOf<"batch">, count: number, Ctor: new (b: ArrayBuffer) => T): T =>
+      new Ctor(toArrayBuffer(read.ptr(batchPtr, L.at[field]) as Pointer, 0, count * 4));
+    const u32 = (field: FieldOf<"batch">) => this.header.getUint32(L.at[field], true);
+    const maskWords = u32("mask_words");
     this.batch = {
-      tokenIds: view(BATCH.tokenIds, t32, Int32Array),
-      positions: view(BATCH.positions, t32, Int32Array),
-      slotMapping: view(BATCH.slotMapping, t32, Int32Array),
-      queryStartLoc: view(BATCH.queryStartLoc, s + 1, Int32Array),
-      seqLens: view(BATCH.seqLens, s, Int32Array),
-      blockTables: view(BATCH.blockTables, s * config.maxBlocksPerSeq, Int32Array),
-      sampleIndices: view(BATCH.sampleIndices, s, Int32Array),
-      outTokenIds: view(BATCH.outTokenIds, s, Int32Array),
-      outLogprobs: view(BATCH.outLogprobs, s, Float32Array),
-      logits: view(BATCH.logits, s * model.vocabSize, Float32Array),
-      historyTokenIds: view(BATCH.historyTokenIds, this.header.getUint32(BATCH.historyCapacity, true), Int32Array),
-      logitBiasIds: view(BATCH.logitBiasIds, this.header.getUint32(BATCH.biasCapacity, true), Int32Array),
-      logitBiasValues: view(BATCH.logitBiasValues, this.header.getUint32(BATCH.biasCapacity, true), Float32Array),
-      outTopIds: view(BATCH.outTopIds, s * TOP_LOGPROBS_MAX, Int32Array),
-      outTopLogprobs: view(BATCH.outTopLogprobs, s * TOP_LOGPROBS_MAX, Float32Array),
+      tokenIds: view("token_ids", t32, Int32Array),
+      positions: view("positions", t32, Int32Array),
+      slotMapping: view("slot_mapping", t32, Int32Array),
+      queryStartLoc: view("query_start_loc", s + 1, Int32Array),
+      seqLens: view("seq_lens", s, Int32Array),
+      blockTables: view("block_tables", s * config.maxBlocksPerSeq, Int32Array),
+      sampleIndices: view("sample_indices", s, Int32Array),
+      outTokenIds: view("out_token_ids", s, Int32Array),
+      outLogprobs: view("out_logprobs", s, Float32Array),
+      logits: view("logits", s * model.vocabSize, Float32Array),
+      historyTokenIds: view("history_token_ids", u32("history_capacity"), Int32Array),
+      logitBiasIds: view("logit_bias_ids", u32("bias_capacity"), Int32Array),
+      logitBiasValues: view("logit_bias_values", u32("bias_capacity"), Float32Array),
+      outTopIds: view("out_top_ids", s * TOP_LOGPROBS_MAX, Int32Array),
+      outTopLogprobs: view("out_top_logprobs", s * TOP_LOGPROBS_MAX, Float32Array),
+      maskWords,
+      allowedTokenMask: view("allowed_token_mask", s * maskWords, Uint32Array),
     };
-    this.sampling = new DataView(
-      toArrayBuffer(read.ptr(batchPtr, BATCH.sampling) as Pointer, 0, s * SAMPLING_ROW_BYTES),
-    );
+    const samplingLayout = structLayouts().sampling;
+    const samplingBuf = toArrayBuffer(read.ptr(batchPtr, L.at.sampling) as Pointer, 0, s * samplingLayout.size);
+    this.sampling = new StructWriter(samplingLayout, s, samplingBuf);
   }
 
   private get ptr(): Pointer {
@@ -360,30 +490,31 @@ export class NativeEngine {
   }
 
   setCounts(numTokens: number, numSeqs: number, numSamples: number, returnLogits: boolean): void {
-    this.header.setUint32(BATCH.numTokens, numTokens, true);
-    this.header.setUint32(BATCH.numSeqs, numSeqs, true);
-    this.header.setUint32(BATCH.numSamples, numSamples, true);
-    this.header.setUint32(BATCH.returnLogits, returnLogits ? 1 : 0, true);
+    const at = this.batchLayout.at;
+    this.header.setUint32(at.num_tokens, numTokens, true);
+    this.header.setUint32(at.num_seqs, numSeqs, true);
+    this.header.setUint32(at.num_samples, numSamples, true);
+    this.header.setUint32(at.return_logits, returnLogits ? 1 : 0, true);
   }
 
   setSampling(row: number, p: SamplingRow): void {
-    const o = row * SAMPLING_ROW_BYTES;
-    this.sampling.setFloat32(o, p.temperature, true);
-    this.sampling.setFloat32(o + 4, p.topP, true);
-    this.sampling.setFloat32(o + 8, p.minP, true);
-    this.sampling.setInt32(o + 12, p.topK, true);
-    this.sampling.setFloat32(o + 16, p.presencePenalty, true);
-    this.sampling.setFloat32(o + 20, p.frequencyPenalty, true);
-    this.sampling.setFloat32(o + 24, p.repetitionPenalty, true);
-    this.sampling.setInt32(o + 28, p.numTopLogprobs, true);
-    this.sampling.setBigUint64(o + 32, BigInt.asUintN(64, p.seed), true);
-    this.sampling.setBigUint64(o + 40, BigInt(p.drawIndex), true);
-    this.sampling.setInt32(o + 48, p.historyOffset, true);
-    this.sampling.setInt32(o + 52, p.historyPromptLen, true);
-    this.sampling.setInt32(o + 56, p.historyLen, true);
-    this.sampling.setInt32(o + 60, p.biasOffset, true);
-    this.sampling.setInt32(o + 64, p.biasCount, true);
-    this.sampling.setInt32(o + 68, 0, true);
+    const w = this.sampling;
+    w.f32("temperature", p.temperature, row);
+    w.f32("top_p", p.topP, row);
+    w.f32("min_p", p.minP, row);
+    w.i32("top_k", p.topK, row);
+    w.f32("presence_penalty", p.presencePenalty, row);
+    w.f32("frequency_penalty", p.frequencyPenalty, row);
+    w.f32("repetition_penalty", p.repetitionPenalty, row);
+    w.i32("num_top_logprobs", p.numTopLogprobs, row);
+    w.u64("seed", p.seed, row);
+    w.u64("draw_index", p.drawIndex, row);
+    w.i32("history_offset", p.historyOffset, row);
+    w.i32("history_prompt_len", p.historyPromptLen, row);
+    w.i32("history_len", p.historyLen, row);
+    w.i32("bias_offset", p.biasOffset, row);
+    w.i32("bias_count", p.biasCount, row);
+    w.i32("use_mask", p.useMask ? 1 : 0, row);
   }
 
   /** Runs the filled batch on the calling thread (blocks the event loop: tests and tools only). */
@@ -401,7 +532,7 @@ export class NativeEngine {
       // Fires on the engine thread and is queued onto the JS thread. An exception
       // inside a JSCallback would kill the process, so nothing here may throw.
       this.callback = new JSCallback(
-        (status: number) => {
+        (status: number, _userData: Pointer | null) => {
           try {
             const pending = this.pendingStep;
             this.pendingStep = null;
@@ -410,9 +541,9 @@ export class NativeEngine {
             // Nothing to do: the awaiting side sees no resolution only if it is gone.
           }
         },
-        { args: [FFIType.i32], returns: FFIType.void, threadsafe: true },
+        { args: [FFIType.i32, FFIType.ptr], returns: FFIType.void, threadsafe: true },
       );
-      check(symbols.ifn_engine_set_callback(handle, this.callback.ptr), () => String(symbols.ifn_last_error()));
+      check(symbols.ifn_engine_set_callback(handle, this.callback.ptr, null), () => String(symbols.ifn_last_error()));
     }
     if (this.pendingStep !== null) return Promise.reject(new EngineError(Status.BUSY, "a step is already in flight"));
     // A threadsafe callback does not keep the process alive; this timer does, for the step's duration.

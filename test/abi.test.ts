@@ -1,0 +1,157 @@
+// The C ABI (v5) as TypeScript meets it: struct layouts come from the library, the
+// engine sizes its KV pool from a byte budget, and a sampled row's allowed-token mask
+// (structured output's hook) limits what is drawn while logprobs stay the model's own.
+import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { LLMEngine } from "../src/engine/llm_engine.ts";
+import { DType, NativeEngine, structLayouts, type SamplingRow } from "../src/ffi/native.ts";
+import { specFromHfFolder } from "../src/model/config.ts";
+import { nextTokenLogits } from "./helpers/engine.ts";
+import { makeWeights, TINY, writeHfModel } from "./helpers/random_llama.ts";
+
+setDefaultTimeout(60_000);
+
+const dir = mkdtempSync(join(tmpdir(), "inferneo-abi-"));
+let modelPath: string;
+beforeAll(() => {
+  modelPath = writeHfModel(dir, TINY, "f32", makeWeights(TINY, "f32"));
+});
+afterAll(() => rmSync(dir, { recursive: true, force: true }));
+
+const GREEDY_ROW: SamplingRow = {
+  temperature: 0,
+  topP: 1,
+  minP: 0,
+  topK: 0,
+  presencePenalty: 0,
+  frequencyPenalty: 0,
+  repetitionPenalty: 1,
+  numTopLogprobs: 1,
+  seed: 1n,
+  drawIndex: 0,
+  historyOffset: 0,
+  historyPromptLen: 0,
+  historyLen: 0,
+  biasOffset: 0,
+  biasCount: 0,
+  useMask: false,
+};
+
+describe("ABI v5", () => {
+  test("the library reports each struct's size and field offsets, and they are what the header declares", () => {
+    const l = structLayouts();
+    expect(l.sampling.size).toBe(72);
+    expect(l.sampling.at.use_mask).toBe(68);
+    expect(l.engineConfig.size).toBe(40);
+    expect(l.engineConfig.at.kv_cache_bytes).toBe(32);
+    expect(l.tensor.size).toBe(48);
+    expect(l.model.size).toBe(48);
+    expect(l.batch.at.allowed_token_mask).toBe(160);
+    expect(l.batch.size).toBe(168);
+    // Offsets increase in declaration order and stay inside the struct.
+    for (const layout of Object.values(l)) {
+      const offsets = Object.values(layout.at as Record<string, number>);
+      expect(offsets).toEqual([...offsets].sort((a, b) => a - b));
+      expect(offsets.at(-1)!).toBeLessThan(layout.size);
+    }
+  });
+
+  test("the engine sizes the KV pool from a byte budget, capped at max_num_seqs full sequences", () => {
+    const spec = specFromHfFolder(modelPath);
+    const c = spec.config;
+    const base = {
+      blockSizeTokens: 16,
+      maxNumBatchedTokens: 64,
+      maxNumSeqs: 2,
+      maxBlocksPerSeq: 16,
+      numThreads: 1,
+      kvCacheDtype: DType.F16,
+      computeDtype: DType.F32,
+    };
+    const perBlock = 16 * c.numLayers * 2 * c.numKvHeads * c.headDim * 2; // f16
+    const budgeted = new NativeEngine(
+      c,
+      { ...base, numBlocks: 0, kvCacheBytes: 10 * perBlock + perBlock / 2 },
+      spec.files,
+      spec.tensors,
+    );
+    expect(budgeted.numBlocks).toBe(10);
+    expect(budgeted.kvCacheBytes).toBe(10 * perBlock);
+    budgeted.destroy();
+    const capped = new NativeEngine(c, { ...base, numBlocks: 0, kvCacheBytes: 1e9 }, spec.files, spec.tensors);
+    expect(capped.numBlocks).toBe(2 * 16);
+    capped.destroy();
+    const fixed = new NativeEngine(c, { ...base, numBlocks: 7, kvCacheBytes: 1e9 }, spec.files, spec.tensors);
+    expect(fixed.numBlocks).toBe(7);
+    fixed.destroy();
+    expect(
+      () => new NativeEngine(c, { ...base, numBlocks: 0, kvCacheBytes: perBlock - 1 }, spec.files, spec.tensors),
+    ).toThrow(/holds no KV block/);
+  });
+
+  describe("an allowed-token mask", () => {
+    let engine: LLMEngine;
+    beforeAll(async () => {
+      engine = await LLMEngine.create(modelPath, { threads: 1, maxNumSeqs: 2, maxNumBatchedTokens: 64 });
+    });
+    afterAll(async () => engine?.shutdown());
+
+    /** One greedy step over `prompt` (a fresh sequence in block 0) with row 0 masked to `allowed`. */
+    function maskedStep(prompt: number[], allowed: number[] | null) {
+      const n = engine.native;
+      const b = n.batch;
+      prompt.forEach((t, i) => {
+        b.tokenIds[i] = t;
+        b.positions[i] = i;
+        b.slotMapping[i] = i;
+      });
+      b.queryStartLoc[0] = 0;
+      b.queryStartLoc[1] = prompt.length;
+      b.seqLens[0] = prompt.length;
+      b.blockTables[0] = 0;
+      b.sampleIndices[0] = prompt.length - 1;
+      const row = b.allowedTokenMask.subarray(0, b.maskWords);
+      row.fill(0);
+      for (const t of allowed ?? []) row[t >>> 5] |= 1 << (t & 31);
+      n.setCounts(prompt.length, 1, 1, false);
+      n.setSampling(0, { ...GREEDY_ROW, useMask: allowed !== null });
+      n.stepSync();
+      return { token: b.outTokenIds[0], logprob: b.outLogprobs[0], top: b.outTopIds[0] };
+    }
+
+    test("greedy draws the best allowed token; its logprob and the alternatives are the model's own", () => {
+      const prompt = [1, 17, 42, 99];
+      const blocks = engine.native.allocateBlocks(1);
+      try {
+        expect(blocks).toEqual([0]);
+        const logits = nextTokenLogits(engine, prompt);
+        const best = logits.indexOf(Math.max(...logits));
+        const logZ = Math.log(logits.reduce((a, v) => a + Math.exp(v - Math.max(...logits)), 0)) + Math.max(...logits);
+        // Allow three tokens other than the model's favourite (one past the first mask word).
+        const allowed = [3, 40, 300].filter((t) => t !== best).slice(0, 2);
+        allowed.push(best === 500 ? 501 : 500);
+        const want = allowed.reduce((a, t) => (logits[t] > logits[a] ? t : a), allowed[0]);
+        const masked = maskedStep(prompt, allowed);
+        expect(masked.token).toBe(want);
+        expect(masked.logprob).toBeCloseTo(logits[want] - logZ, 4);
+        expect(masked.top).toBe(best); // the top alternative ignores the mask
+        const free = maskedStep(prompt, null);
+        expect(free.token).toBe(best);
+      } finally {
+        engine.native.freeBlocks(blocks);
+      }
+    });
+
+    test("a row whose mask allows nothing is refused, and the engine keeps working", () => {
+      const blocks = engine.native.allocateBlocks(1);
+      try {
+        expect(() => maskedStep([1, 2], [])).toThrow(/row 0 allows no token/);
+        expect(maskedStep([1, 2], [7]).token).toBe(7);
+      } finally {
+        engine.native.freeBlocks(blocks);
+      }
+    });
+  });
+});
