@@ -11,6 +11,7 @@ export class ConfigError extends Error {}
 // Every serve flag, by its config-file key. `kind` says how a value is read.
 export const FLAGS = {
   model: "string",
+  device: "string",
   host: "string",
   port: "int",
   served_model_name: "string",
@@ -45,6 +46,7 @@ export type Values = Partial<Record<Key, string | number | boolean | string[]>>;
 
 /** The engine options, as both commands' usage texts list them. */
 export const ENGINE_USAGE = `engine options (serve and generate; in a config file as snake_case keys):
+  --device auto|cpu|cuda  (auto: a GPU when this build has a backend for it, else the CPU)
   --threads N           compute threads (default: all cores)
   --max-model-len N     context length (default: the model's)
   --max-num-batched-tokens N  --max-num-seqs N  --max-queue-len N
@@ -58,6 +60,7 @@ export const ENGINE_USAGE = `engine options (serve and generate; in a config fil
 /** The options that size and configure the engine (generate takes these and no others). */
 export const ENGINE_KEYS = [
   "model",
+  "device",
   "threads",
   "max_model_len",
   "max_num_batched_tokens",
@@ -168,6 +171,14 @@ export function readConfigFile(path: string): Values {
 
 /** Engine options from option values: dtypes by name, and the minimums each needs. */
 export function engineOptionsOf(v: Values): Partial<EngineOptions> {
+  if (v.device !== undefined && !["auto", "cpu", "cuda"].includes(String(v.device))) {
+    throw new ConfigError(`device must be auto, cpu or cuda, got '${String(v.device)}'`);
+  }
+  if (v.device === "cuda") {
+    throw new ConfigError(
+      "device cuda: this build has no CUDA backend yet; use --device cpu (or auto, which takes the CPU)",
+    );
+  }
   const engine: Partial<EngineOptions> = {};
   const set = <K extends keyof EngineOptions>(k: K, x: unknown) => {
     if (x !== undefined) engine[k] = x as EngineOptions[K];

@@ -429,6 +429,14 @@ describe("configuration", () => {
     );
     expect(serveConfig(parseServeArgs(["--model", "m", "--dtype", "bfloat16"], {})).engine.computeDtype).toBe("bf16");
     expect(serveConfig(parseServeArgs(["--model", "m", "--dtype", "auto"], {})).engine.computeDtype).toBe("f32");
+    // No CUDA backend yet: cuda is one clear refusal, auto takes the CPU.
+    expect(() => serveConfig(parseServeArgs(["--model", "m", "--device", "cuda"], {}))).toThrow(
+      /device cuda: this build has no CUDA backend yet/,
+    );
+    expect(() => serveConfig(parseServeArgs(["--model", "m", "--device", "auto"], {}))).not.toThrow();
+    expect(() => serveConfig(parseServeArgs(["--model", "m", "--device", "tpu"], {}))).toThrow(
+      /device must be auto, cpu or cuda/,
+    );
     expect(() => serveConfig(parseServeArgs(["--model", "m", "--dtype", "float16"], {}))).toThrow(
       /dtype must be auto, float32 or bfloat16/,
     );

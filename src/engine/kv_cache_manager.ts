@@ -63,7 +63,7 @@ export class KvCacheManager {
     const usable = Math.floor((req.numTokens - 1) / this.blockSizeTokens);
     const hits = this.pool.lookupCachedBlocks(this.hashesUpTo(req, usable));
     req.blockTable = hits;
-    req.numCachedBlocks = hits.length;
+    req.numOfferedBlocks = hits.length;
     req.numComputedTokens = hits.length * this.blockSizeTokens;
     return req.numComputedTokens;
   }
@@ -83,18 +83,18 @@ export class KvCacheManager {
     return true;
   }
 
-  /** After a step: names the request's newly full blocks so later requests can share them. */
+  /** After a step: offers the request's newly full blocks to the pool's cache, so later requests can share them. */
   cacheFullBlocks(req: Request): void {
     if (!this.enablePrefixCaching) return;
     const full = Math.floor(req.numComputedTokens / this.blockSizeTokens);
-    if (full <= req.numCachedBlocks) return;
+    if (full <= req.numOfferedBlocks) return;
     const hashes = this.hashesUpTo(req, full);
-    this.pool.cacheBlocks(req.blockTable.slice(req.numCachedBlocks, full), hashes.slice(req.numCachedBlocks));
-    req.numCachedBlocks = full;
+    this.pool.cacheBlocks(req.blockTable.slice(req.numOfferedBlocks, full), hashes.slice(req.numOfferedBlocks));
+    req.numOfferedBlocks = full;
   }
 
   free(req: Request): void {
-    req.numCachedBlocks = 0;
+    req.numOfferedBlocks = 0;
     if (req.blockTable.length === 0) return;
     // Tail first: cached blocks are evicted least recently freed first, so a prefix outlives its tail.
     this.pool.freeBlocks([...req.blockTable].reverse());

@@ -83,8 +83,12 @@ export class Request {
   blockTable: number[] = [];
   /** Chained hashes of the full blocks of tokenIds, as far as computed (prefix caching). */
   readonly blockHashes: bigint[] = [];
-  /** Leading blocks of blockTable already named in the cache. */
-  numCachedBlocks = 0;
+  /**
+   * Leading blocks of blockTable already offered to the pool's prefix cache. The pool (in
+   * the engine) decides what is named: a block whose tokens another block already holds
+   * stays unnamed. Only the pool knows which blocks are cached; this is where to resume.
+   */
+  numOfferedBlocks = 0;
   /** Prompt tokens served from the prefix cache at first admission (null until admitted). */
   numCachedPromptTokens: number | null = null;
   readonly arrivalMs = performance.now();
