@@ -7,6 +7,8 @@ import { DType, LOGIT_BIAS_MAX, NativeEngine, TOP_LOGPROBS_MAX } from "../ffi/na
 import { loadModel, type LoadedModel } from "../model/load.ts";
 import { AsyncQueue } from "./async_queue.ts";
 import { KvCacheManager } from "./kv_cache_manager.ts";
+import { GrammarService } from "./grammar.ts";
+import { Utf8Guard } from "./utf8_guard.ts";
 import { EngineMetrics, type MetricsPrefix } from "./metrics.ts";
 import { ModelRunner, type SampledToken } from "./model_runner.ts";
 import { OutputText } from "./output.ts";
@@ -117,6 +119,8 @@ export class LLMEngine {
   readonly kv: KvCacheManager;
   readonly scheduler: Scheduler;
   readonly metrics: EngineMetrics;
+  /** Structured output's matchers (xgrammar on a worker thread, started on first use). */
+  readonly grammar: GrammarService;
   readonly maxModelLen: number;
   private readonly runner: ModelRunner;
   // pending: sampled tokens whose text is held back (stop strings, half a character), oldest first.
@@ -179,6 +183,7 @@ export class LLMEngine {
       this.kv,
     );
     this.runner = new ModelRunner(this.native, bs, model.spec.eosTokenIds);
+    this.grammar = new GrammarService(model.tokenizer, c.vocabSize, model.spec.eosTokenIds);
     this.metrics = new EngineMetrics(
       { numRunning: () => this.numRunning, numWaiting: () => this.numWaiting, kvCacheUsage: () => this.kv.usage },
       options.servedModelName ?? "model",
@@ -284,13 +289,20 @@ export class LLMEngine {
    * groupId: the API call it belongs to; the scheduler is fair between groups (default: its own).
    * Returns the request id (for abort).
    */
-  submit(promptTokenIds: readonly number[], params: SamplingParams, sink: OutputSink, groupId?: string): string {
+  submit(
+    promptTokenIds: readonly number[],
+    params: SamplingParams,
+    sink: OutputSink,
+    groupId?: string,
+    matcher: number | null = null,
+  ): string {
     this.validate(promptTokenIds, params);
     const id = `req-${this.nextId++}`;
     const seed = params.seed === null ? BigInt(Math.floor(Math.random() * 2 ** 53)) : BigInt(params.seed);
     const output = new OutputText(this.model.tokenizer, promptTokenIds.length, params.stop);
     const req = new Request(id, promptTokenIds, params, seed, output, groupId ?? id);
-    this.scheduler.add(req); // throws QueueFullError when the waiting queue is at its bound
+    this.scheduler.add(req);
+    req.matcher = matcher; // the request owns it from here: finish() closes it // throws QueueFullError when the waiting queue is at its bound
     this.requests.set(id, { req, sink, pending: [] });
     this.metrics.promptTokens.inc(promptTokenIds.length);
     this.kick();
@@ -352,12 +364,14 @@ export class LLMEngine {
         continue;
       }
       this.stepObserver?.(scheduled);
-      // The observer may abort; an aborted request has already given its blocks back.
+      const masks = await this.grammarMasks(scheduled);
+      // The observer may abort, and so may a client while masks are made; an aborted
+      // request has already given its blocks back.
       scheduled = scheduled.filter((s) => !isFinished(s.req.status));
       if (scheduled.length === 0) continue;
       let sampled: SampledToken[];
       try {
-        sampled = await this.runner.execute(scheduled);
+        sampled = await this.runner.execute(scheduled, false, masks);
       } catch (e) {
         for (const { req } of scheduled) this.finish(req, RequestStatus.FINISHED_ERROR, (e as Error).message);
         continue;
@@ -375,12 +389,43 @@ export class LLMEngine {
     }
   }
 
+  /** The allowed-token masks of the constrained requests that sample in this step (a failed one ends its request). */
+  private guard: Utf8Guard | null = null;
+  /** Built on the first constrained request: it reads every token's bytes once. */
+  private get utf8Guard(): Utf8Guard {
+    const c = this.model.spec.config;
+    return (this.guard ??= new Utf8Guard(this.model.tokenizer, c.vocabSize, this.model.spec.eosTokenIds));
+  }
+
+  private async grammarMasks(scheduled: readonly ScheduledRequest[]): Promise<Map<Request, Int32Array>> {
+    const masks = new Map<Request, Int32Array>();
+    const constrained = scheduled.filter(
+      ({ req, numNewTokens }) => req.matcher !== null && req.numComputedTokens + numNewTokens === req.numTokens,
+    );
+    await Promise.all(
+      constrained.map(async ({ req }) => {
+        try {
+          masks.set(req, this.utf8Guard.apply(await this.grammar.mask(req.matcher!), req.utf8State));
+        } catch (e) {
+          this.finish(req, RequestStatus.FINISHED_ERROR, (e as Error).message);
+        }
+      }),
+    );
+    return masks;
+  }
+
   private append(s: SampledToken): void {
     const req = s.req;
     const entry = this.requests.get(req.id);
     if (!entry) return;
     const p = req.params;
-    const heldOff = req.numOutputTokens < p.minTokens; // before this token
+    // Before this token; a grammar that allows only the end ends the request whatever min_tokens says.
+    const heldOff = req.matcher === null && req.numOutputTokens < p.minTokens;
+    // The grammar follows every token; it allowed this one, and its next mask will follow.
+    if (req.matcher !== null) {
+      void this.grammar.accept(req.matcher, s.tokenId).catch(() => {});
+      req.utf8State = this.utf8Guard.next(req.utf8State, s.tokenId);
+    }
     req.tokenIds.push(s.tokenId);
     const now = performance.now();
     if (req.firstTokenMs === null) {
@@ -393,7 +438,8 @@ export class LLMEngine {
 
     const stopToken =
       !heldOff &&
-      ((!p.ignoreEos && this.model.spec.eosTokenIds.includes(s.tokenId)) || p.stopTokenIds.includes(s.tokenId));
+      (((!p.ignoreEos || req.matcher !== null) && this.model.spec.eosTokenIds.includes(s.tokenId)) ||
+        p.stopTokenIds.includes(s.tokenId));
     const atLength = req.numOutputTokens >= p.maxTokens || req.numTokens >= this.maxModelLen;
     entry.pending.push({ tokenId: s.tokenId, logprob: s.logprob, top: s.top });
     let text = "";
@@ -436,6 +482,7 @@ export class LLMEngine {
     if (!entry) return;
     this.requests.delete(req.id);
     this.scheduler.remove(req);
+    if (req.matcher !== null) this.grammar.close(req.matcher);
     const alreadyReported = status === RequestStatus.FINISHED_STOPPED || status === RequestStatus.FINISHED_LENGTH;
     req.status = status;
     this.metrics.e2eLatency.observe((performance.now() - req.arrivalMs) / 1000);
@@ -466,5 +513,6 @@ export class LLMEngine {
     for (const id of [...this.requests.keys()]) this.abort(id);
     while (this.looping) await Bun.sleep(1);
     this.native.destroy();
+    this.grammar.terminate();
   }
 }

@@ -18,7 +18,12 @@ export class ModelRunner {
   ) {}
 
   /** Fills the step descriptor; returns the requests whose last token is in this step (they sample). */
-  private prepare(scheduled: readonly ScheduledRequest[], returnLogits: boolean): Request[] {
+  /** masks: the allowed-token bitmask of each sampling request that has a grammar. */
+  private prepare(
+    scheduled: readonly ScheduledRequest[],
+    returnLogits: boolean,
+    masks: ReadonlyMap<Request, Int32Array>,
+  ): Request[] {
     const b = this.engine.batch;
     const bs = this.blockSizeTokens;
     const maxBlocks = this.engine.config.maxBlocksPerSeq;
@@ -51,8 +56,11 @@ export class ModelRunner {
       b.logitBiasIds.set(req.biasIds, biasCursor);
       b.logitBiasValues.set(req.biasValues, biasCursor);
       biasCursor += req.biasIds.length;
-      // min_tokens: the tokens that would end the request are banned until it has that many.
-      if (req.numOutputTokens < p.minTokens) {
+      const mask = masks.get(req);
+      if (mask) b.allowedTokenMask.set(new Uint32Array(mask.buffer, mask.byteOffset, b.maskWords), row * b.maskWords);
+      // min_tokens: the tokens that would end the request are banned until it has that many
+      // (not under a grammar: where it allows only the end, the end comes).
+      if (req.numOutputTokens < p.minTokens && !mask) {
         for (const id of [...(p.ignoreEos ? [] : this.eosTokenIds), ...p.stopTokenIds]) {
           b.logitBiasIds[biasCursor] = id;
           b.logitBiasValues[biasCursor++] = -Infinity;
@@ -76,7 +84,7 @@ export class ModelRunner {
         historyLen: penalties ? req.tokenIds.length : 0,
         biasOffset,
         biasCount: biasCursor - biasOffset,
-        useMask: false, // structured output fills batch.allowedTokenMask and sets this
+        useMask: mask !== undefined,
       });
       sampled.push(req);
     });
@@ -107,15 +115,19 @@ export class ModelRunner {
   }
 
   /** Runs on the engine thread; the event loop stays free. */
-  async execute(scheduled: readonly ScheduledRequest[], returnLogits = false): Promise<SampledToken[]> {
-    const sampled = this.prepare(scheduled, returnLogits);
+  async execute(
+    scheduled: readonly ScheduledRequest[],
+    returnLogits = false,
+    masks: ReadonlyMap<Request, Int32Array> = new Map(),
+  ): Promise<SampledToken[]> {
+    const sampled = this.prepare(scheduled, returnLogits, masks);
     await this.engine.step();
     return this.collect(sampled, returnLogits);
   }
 
   /** Runs on the calling thread (tools and tests that want no event loop in between). */
   executeSync(scheduled: readonly ScheduledRequest[], returnLogits = false): SampledToken[] {
-    const sampled = this.prepare(scheduled, returnLogits);
+    const sampled = this.prepare(scheduled, returnLogits, new Map());
     this.engine.stepSync();
     return this.collect(sampled, returnLogits);
   }

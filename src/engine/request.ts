@@ -99,6 +99,10 @@ export class Request {
   /** params.logitBias as the arrays each step copies into the batch (built once). */
   readonly biasIds: Int32Array;
   readonly biasValues: Float32Array;
+  /** Structured output: the grammar matcher that says which tokens may come next (null: any). */
+  matcher: number | null = null;
+  /** Continuation bytes the output owes its last character (structured output's UTF-8 guard). */
+  utf8State = 0;
 
   constructor(
     readonly id: string,

@@ -30,6 +30,8 @@ export class ModelTokenizer {
   readonly source: TokenizerSource;
   /** The longest text one token stands for (UTF-16 units): bounds how much text fits in N tokens. */
   readonly maxTokenChars: number;
+  /** How token pieces spell bytes, as a grammar engine must read them (xgrammar's names). */
+  readonly vocabType: "byte_fallback" | "byte_level" | "raw";
   readonly bosToken: string | null;
   readonly eosToken: string | null;
   readonly chatTemplateSource: "model" | "fallback";
@@ -51,6 +53,7 @@ export class ModelTokenizer {
     const added = (tokenizerJson.added_tokens as { id: number; special?: boolean }[] | undefined) ?? [];
     this.specialIds = new Set(added.filter((t) => t.special).map((t) => t.id));
     this.maxTokenChars = longestPiece(tokenizerJson);
+    this.vocabType = vocabTypeOf(tokenizerJson);
   }
 
   encode(text: string, addSpecialTokens = true): number[] {
@@ -68,6 +71,16 @@ export class ModelTokenizer {
 
   idToToken(id: number): string | undefined {
     return this.tokenizer.id_to_token(id);
+  }
+
+  /** The bytes a token stands for (byte-fallback pieces as their byte, byte-level pieces decoded). */
+  tokenBytes(id: number): Uint8Array {
+    const piece = this.idToToken(id) ?? "";
+    if (this.vocabType === "byte_level")
+      return Uint8Array.from([...piece].map((ch) => BYTE_LEVEL_DECODE.get(ch) ?? 0x3f));
+    const byte = /^<0x([0-9A-Fa-f]{2})>$/.exec(piece);
+    if (byte && this.vocabType === "byte_fallback") return Uint8Array.of(parseInt(byte[1], 16));
+    return new TextEncoder().encode(piece.replaceAll("\u2581", " "));
   }
 
   /** Renders the chat template; the prompt's BOS comes from the template when it writes one. */
@@ -108,6 +121,21 @@ function longestPiece(tokenizerJson: Json): number {
   for (const t of (tokenizerJson.added_tokens as { content?: string }[] | undefined) ?? [])
     longest = Math.max(longest, t.content?.length ?? 0);
   return longest;
+}
+
+/** GPT-2's byte-level alphabet: each byte as a printable character, and back. */
+const BYTE_LEVEL_DECODE: Map<string, number> = (() => {
+  const printable = (b: number) => (b >= 0x21 && b <= 0x7e) || (b >= 0xa1 && b <= 0xac) || (b >= 0xae && b <= 0xff);
+  const map = new Map<string, number>();
+  let extra = 0;
+  for (let b = 0; b < 256; b++) map.set(String.fromCharCode(printable(b) ? b : 256 + extra++), b);
+  return map;
+})();
+
+function vocabTypeOf(tokenizerJson: Json): "byte_fallback" | "byte_level" | "raw" {
+  if ((tokenizerJson.model as { byte_fallback?: boolean } | undefined)?.byte_fallback) return "byte_fallback";
+  const parts = JSON.stringify([tokenizerJson.decoder ?? null, tokenizerJson.pre_tokenizer ?? null]);
+  return parts.includes('"ByteLevel"') ? "byte_level" : "raw";
 }
 
 function tokenText(v: unknown): string | null {

@@ -10,6 +10,8 @@ import { samplingFromSnake } from "../engine/params.ts";
 import { DEFAULT_SAMPLING, type SamplingParams, type TokenLogprob } from "../engine/request.ts";
 import type { ChatMessage, ModelTokenizer } from "../model/tokenizer.ts";
 import { TokenizerBusyError, TokenizeError, TokenizerThread } from "../model/tokenizer_thread.ts";
+import { GrammarError, type GrammarSpec } from "../engine/grammar.ts";
+import { grammarSpecOf } from "./structured.ts";
 import { ApiError, notFoundModel } from "./errors.ts";
 import type {
   BatchCompletionRequest,
@@ -32,6 +34,7 @@ interface Job {
   prompt: number; // which prompt of the request
   promptIds: number[];
   params: SamplingParams;
+  matcher: number | null; // structured output: the grammar matcher this sequence follows
 }
 
 export interface Prepared {
@@ -240,7 +243,7 @@ export class OpenAIService {
       for (let i = 0; i < n; i++) {
         // Each of the n choices draws its own stream; a seeded request stays reproducible.
         const seed = params.seed === null ? null : params.seed + i;
-        jobs.push({ choice: p * n + i, prompt: p, promptIds, params: { ...params, seed } });
+        jobs.push({ choice: p * n + i, prompt: p, promptIds, params: { ...params, seed }, matcher: null });
       }
     });
     return jobs;
@@ -256,6 +259,31 @@ export class OpenAIService {
         "n",
       );
     }
+  }
+
+  /**
+   * Compiles the response format's grammar (cached by schema) and opens a matcher for each
+   * job; a schema the compiler refuses is a 400. The engine closes each matcher when its
+   * request finishes; start() closes those it never submitted.
+   */
+  private async constrain(jobs: Job[], spec: GrammarSpec | null): Promise<Job[]> {
+    if (spec === null) return jobs;
+    const grammar = this.engine.grammar;
+    try {
+      const key = await grammar.compile(spec);
+      for (const job of jobs) job.matcher = await grammar.open(key);
+    } catch (e) {
+      for (const job of jobs) if (job.matcher !== null) grammar.close(job.matcher);
+      if (e instanceof GrammarError)
+        throw new ApiError(
+          400,
+          `the response format cannot be compiled: ${e.message}`,
+          "invalid_request_error",
+          "response_format",
+        );
+      throw e;
+    }
+    return jobs;
   }
 
   private async promptIds(prompt: CompletionRequest["prompt"]): Promise<number[][]> {
@@ -289,12 +317,13 @@ export class OpenAIService {
     this.checkModel(body.model);
     OpenAIService.checkStreamOptions(body);
     this.checkSequences(OpenAIService.numPrompts(body.prompt), body.n ?? 1);
+    const spec = grammarSpecOf(body.response_format);
     const prompts = await this.promptIds(body.prompt);
     const params = this.params(body, body.max_tokens ?? 16, body.logprobs ?? null);
     return {
       kind: "completion",
       ...OpenAIService.newId("cmpl"),
-      jobs: this.jobs(prompts, params, body.n ?? 1),
+      jobs: await this.constrain(this.jobs(prompts, params, body.n ?? 1), spec),
       logprobs: body.logprobs ?? null,
       includeUsage: body.stream_options?.include_usage === true,
       echo: body.echo === true,
@@ -321,6 +350,7 @@ export class OpenAIService {
     this.checkModel(body.model);
     OpenAIService.checkStreamOptions(body);
     this.checkSequences(1, body.n ?? 1);
+    const spec = grammarSpecOf(body.response_format);
     if (!body.logprobs && body.top_logprobs)
       throw new ApiError(400, "top_logprobs requires logprobs to be true", "invalid_request_error", "top_logprobs");
     const promptIds = await this.chatPromptIds(body.messages, body.add_generation_prompt ?? true);
@@ -332,7 +362,7 @@ export class OpenAIService {
     return {
       kind: "chat",
       ...OpenAIService.newId("chatcmpl"),
-      jobs: this.jobs([promptIds], params, body.n ?? 1),
+      jobs: await this.constrain(this.jobs([promptIds], params, body.n ?? 1), spec),
       logprobs,
       includeUsage: body.stream_options?.include_usage === true,
       echo: false,
@@ -357,10 +387,13 @@ export class OpenAIService {
           push: (out: RequestOutput) => merged.push({ choice: job.choice, out }),
           close: () => --open === 0 && merged.push(null),
         };
-        ids.push(this.engine.submit(job.promptIds, job.params, sink, prepared.id));
+        ids.push(this.engine.submit(job.promptIds, job.params, sink, prepared.id, job.matcher));
       }
     } catch (e) {
       cancel();
+      // Matchers of jobs the engine never took are still ours to close.
+      for (const job of prepared.jobs.slice(ids.length))
+        if (job.matcher !== null) this.engine.grammar.close(job.matcher);
       throw e;
     }
     const running: Running = new Running(prepared, outputs(), cancel);

@@ -50,6 +50,30 @@ const samplingFields = {
   user: t.Optional(t.String({ maxLength: 256 })),
 };
 
+export const ResponseFormat = t.Union(
+  [
+    t.Object({ type: t.Literal("text") }, strict),
+    t.Object({ type: t.Literal("json_object") }, strict),
+    t.Object(
+      {
+        type: t.Literal("json_schema"),
+        json_schema: t.Object(
+          {
+            name: t.String({ minLength: 1, maxLength: 64, pattern: "^[a-zA-Z0-9_-]+$" }),
+            description: t.Optional(t.String()),
+            schema: t.Optional(t.Record(t.String(), t.Unknown())),
+            strict: t.Optional(t.Union([T.Boolean(), t.Null()])),
+          },
+          strict,
+        ),
+      },
+      strict,
+    ),
+  ],
+  { description: "A response format: text, any JSON object, or JSON valid against a JSON schema." },
+);
+export type ResponseFormat = typeof ResponseFormat.static;
+
 const TokenIds = t.Array(T.Integer({ minimum: 0 }), { minItems: 1 });
 export const PromptSchema = t.Union(
   [
@@ -74,6 +98,7 @@ export const CompletionRequest = t.Object(
       t.Union([T.Integer({ minimum: 1, maximum: 1 }), t.Null()], { description: "Only 1 is supported." }),
     ),
     suffix: t.Optional(t.Null({ description: "Not supported; must be null." })),
+    response_format: t.Optional(t.Union([ResponseFormat, t.Null()], { description: "vLLM extra on completions." })),
     ...samplingFields,
   },
   { ...strict, description: "OpenAI text completion request" },
@@ -99,6 +124,7 @@ export const ChatCompletionRequest = t.Object(
     logprobs: t.Optional(t.Union([T.Boolean(), t.Null()])),
     top_logprobs: t.Optional(t.Union([T.Integer({ minimum: 0, maximum: 20 }), t.Null()])),
     add_generation_prompt: t.Optional(T.Boolean({ description: "vLLM extra. Default true." })),
+    response_format: t.Optional(t.Union([ResponseFormat, t.Null()])),
     ...samplingFields,
   },
   { ...strict, description: "OpenAI chat completion request" },

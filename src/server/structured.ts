@@ -1,0 +1,119 @@
+// Structured output's request side: response_format to a grammar spec, checked before
+// any compute. A schema must be valid JSON Schema (checked by ajv against its
+// meta-schema) and use only keywords the grammar compiler honours; anything else is
+// a 400 that names the keyword, rather than output that only looks constrained.
+import Ajv2020 from "ajv/dist/2020.js";
+import type { GrammarSpec } from "../engine/grammar.ts";
+import { ApiError } from "./errors.ts";
+import type { ResponseFormat } from "./schemas.ts";
+
+/** Keywords that constrain what is generated (xgrammar's JSON-schema converter). */
+const CONSTRAINING = new Set([
+  "type",
+  "properties",
+  "required",
+  "additionalProperties",
+  "items",
+  "prefixItems",
+  "minItems",
+  "maxItems",
+  "enum",
+  "const",
+  "anyOf",
+  "oneOf",
+  "allOf",
+  "$ref",
+  "$defs",
+  "definitions",
+  "minLength",
+  "maxLength",
+  "pattern",
+  "format",
+  "minimum",
+  "maximum",
+  "exclusiveMinimum",
+  "exclusiveMaximum",
+  "minProperties",
+  "maxProperties",
+]);
+/** Keywords that describe and constrain nothing: allowed and ignored. */
+const ANNOTATIONS = new Set([
+  "title",
+  "description",
+  "default",
+  "examples",
+  "$schema",
+  "$id",
+  "$comment",
+  "deprecated",
+  "readOnly",
+  "writeOnly",
+]);
+/** Where subschemas sit: keywords whose value is a schema, a list of them, or a map of them. */
+const ONE = ["items", "additionalProperties"];
+const LIST = ["anyOf", "oneOf", "allOf", "prefixItems"];
+const MAP = ["properties", "$defs", "definitions"];
+const SCHEMA_NODES_MAX = 10_000;
+
+const ajv = new Ajv2020({ strict: false, validateFormats: false });
+/** Bounds the grammar enforces on integers only (xgrammar 0.1.27 ignores them on numbers). */
+const INTEGER_ONLY = ["minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"];
+
+type Unsupported = { path: string; why: string } | null;
+
+/** The first keyword the grammar cannot honour, as a path ("properties.a.not") and why, or null. */
+export function unsupportedKeyword(schema: unknown, path = "", budget = { nodes: SCHEMA_NODES_MAX }): Unsupported {
+  if (typeof schema === "boolean") return null;
+  if (schema === null || typeof schema !== "object" || Array.isArray(schema))
+    return { path: path || "(root)", why: "is not a schema" };
+  if (--budget.nodes < 0) return { path, why: `makes the schema larger than ${SCHEMA_NODES_MAX} parts` };
+  const node = schema as Record<string, unknown>;
+  const at = (k: string) => (path ? `${path}.${k}` : k);
+  for (const key of Object.keys(node)) {
+    if (!CONSTRAINING.has(key) && !ANNOTATIONS.has(key))
+      return { path: at(key), why: "is not supported by structured output" };
+    if (INTEGER_ONLY.includes(key) && node.type !== "integer")
+      return { path: at(key), why: "is supported on integers only" };
+  }
+  for (const k of ONE)
+    if (node[k] !== undefined && typeof node[k] === "object") {
+      const bad = unsupportedKeyword(node[k], at(k), budget);
+      if (bad) return bad;
+    }
+  for (const k of LIST)
+    for (const [i, sub] of ((node[k] as unknown[]) ?? []).entries()) {
+      const bad = unsupportedKeyword(sub, `${at(k)}.${i}`, budget);
+      if (bad) return bad;
+    }
+  for (const k of MAP)
+    for (const [name, sub] of Object.entries((node[k] as Record<string, unknown>) ?? {})) {
+      const bad = unsupportedKeyword(sub, `${at(k)}.${name}`, budget);
+      if (bad) return bad;
+    }
+  return null;
+}
+
+/** The grammar a response_format asks for (null for text), or a 400. */
+export function grammarSpecOf(format: ResponseFormat | null | undefined): GrammarSpec | null {
+  if (!format || format.type === "text") return null;
+  if (format.type === "json_object") return { kind: "json_object" };
+  const schema = format.json_schema.schema ?? {};
+  if (!ajv.validateSchema(schema)) {
+    const e = ajv.errors?.[0];
+    throw new ApiError(
+      400,
+      `response_format.json_schema.schema is not a valid JSON Schema: ${e?.instancePath || "(root)"} ${e?.message ?? ""}`.trim(),
+      "invalid_request_error",
+      "response_format",
+    );
+  }
+  const bad = unsupportedKeyword(schema);
+  if (bad)
+    throw new ApiError(
+      400,
+      `response_format.json_schema.schema: '${bad.path}' ${bad.why}`,
+      "invalid_request_error",
+      "response_format",
+    );
+  return { kind: "json_schema", schema };
+}
