@@ -7,12 +7,12 @@ import { Elysia } from "elysia";
 import { mkdtempSync, rmSync } from "node:fs";
 import { connect } from "node:net";
 import { tmpdir } from "node:os";
-import { dirname, join } from "node:path";
+import { join } from "node:path";
 import { loadModel } from "../src/model/load.ts";
 import { IN_PLACE_CHARS_MAX, TokenizerThread } from "../src/model/tokenizer_thread.ts";
 import { CompletionRequest } from "../src/server/schemas.ts";
 import { makeWeights, TINY, writeHfModel } from "./helpers/random_llama.ts";
-import { postJson, settled, startTestServer, type TestServer } from "./helpers/server.ts";
+import { postJson, settled, spawnServer, startTestServer, type TestServer } from "./helpers/server.ts";
 
 setDefaultTimeout(60_000);
 
@@ -345,21 +345,8 @@ describe("numbers, statuses and shapes", () => {
   });
 
   test("the installed command lifts Bun's own 16 KiB header limit, so the server's 431 carries a body", async () => {
-    const bin = join(import.meta.dir, "..", "bin", "inferneo");
-    const proc = Bun.spawn([bin, "serve", "--model", modelPath, "--port", "0", "--threads", "1"], {
-      stdout: "pipe",
-      stderr: "pipe",
-      env: { ...process.env, PATH: `${dirname(process.execPath)}:${process.env.PATH}` },
-    });
+    const { url, proc } = await spawnServer(["--model", modelPath, "--threads", "1"]);
     try {
-      const reader = proc.stderr.getReader();
-      let log = "";
-      while (!/ready: (http:\/\/\S+)\/v1/.test(log)) {
-        const { value, done } = await reader.read();
-        if (done) throw new Error(`server exited: ${log}`);
-        log += new TextDecoder().decode(value);
-      }
-      const url = /ready: (http:\/\/\S+)\/v1/.exec(log)![1];
       expect((await fetch(`${url}/v1/models`, { headers: { "x-padding": "a".repeat(20_000) } })).status).toBe(200);
       const big = await fetch(`${url}/v1/models`, { headers: { "x-padding": "a".repeat(40_000) } });
       expect(big.status).toBe(431);

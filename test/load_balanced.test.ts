@@ -7,10 +7,11 @@ import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from "
 import { spawnSync } from "node:child_process";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
-import { dirname, join } from "node:path";
+import { join } from "node:path";
 import type { Subprocess } from "bun";
 import { LoadBalancedClient } from "../src/client/index.ts";
 import { makeWeights, TINY, writeHfModel } from "./helpers/random_llama.ts";
+import { spawnServer } from "./helpers/server.ts";
 
 setDefaultTimeout(180_000);
 
@@ -32,36 +33,8 @@ interface Replica {
   proc: Subprocess<"ignore", "pipe", "pipe">;
 }
 
-async function startReplica(): Promise<Replica> {
-  const bin = join(import.meta.dir, "..", "bin", "inferneo");
-  const args = [
-    "serve",
-    "--model",
-    modelPath,
-    "--port",
-    "0",
-    "--threads",
-    "1",
-    "--served-model-name",
-    M,
-    "--drain-timeout",
-    "60",
-  ];
-  const proc = Bun.spawn([bin, ...args], {
-    stdout: "pipe",
-    stderr: "pipe",
-    env: { ...process.env, PATH: `${dirname(process.execPath)}:${process.env.PATH}` },
-  });
-  const reader = proc.stderr.getReader();
-  let log = "";
-  while (!/ready: (http:\/\/\S+)\/v1/.test(log)) {
-    const { value, done } = await reader.read();
-    if (done) throw new Error(`replica exited: ${log}`);
-    log += new TextDecoder().decode(value);
-  }
-  reader.releaseLock();
-  void proc.stderr.pipeTo(new WritableStream()); // keep draining its log
-  return { url: /ready: (http:\/\/\S+)\/v1/.exec(log)![1], proc };
+function startReplica(): Promise<Replica> {
+  return spawnServer(["--model", modelPath, "--threads", "1", "--served-model-name", M, "--drain-timeout", "60"]);
 }
 
 const pct = (xs: number[], p: number) => {

@@ -6,7 +6,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { ConfigError, parseServeArgs, serveConfig } from "../src/server/serve.ts";
 import { makeWeights, TINY, writeHfModel } from "./helpers/random_llama.ts";
-import { postJson, settled, startTestServer, type TestServer } from "./helpers/server.ts";
+import { postJson, settled, spawnServer, startTestServer, type TestServer } from "./helpers/server.ts";
 
 // Model loads, servers and browsers take seconds on two cores; `bun test` alone defaults to 5 s.
 setDefaultTimeout(60_000);
@@ -443,35 +443,16 @@ describe("configuration", () => {
   });
 
   test("SIGTERM drains: new requests get 503, the ones in flight finish, exit code 0", async () => {
-    const proc = Bun.spawn(
-      [
-        process.execPath,
-        join(import.meta.dir, "..", "src", "cli.ts"),
-        "serve",
-        "--model",
-        modelPath,
-        "--port",
-        "0",
-        "--served-model-name",
-        M,
-        "--threads",
-        "1",
-        "--max-num-seqs",
-        "1",
-      ],
-      {
-        stdout: "pipe",
-        stderr: "pipe",
-      },
-    );
-    const reader = proc.stderr.getReader();
-    let log = "";
-    while (!/ready: (http:\/\/\S+)\/v1/.test(log)) {
-      const { value, done } = await reader.read();
-      if (done) throw new Error(`server exited: ${log}`);
-      log += new TextDecoder().decode(value);
-    }
-    const url = /ready: (http:\/\/\S+)\/v1/.exec(log)![1];
+    const { url, proc } = await spawnServer([
+      "--model",
+      modelPath,
+      "--served-model-name",
+      M,
+      "--threads",
+      "1",
+      "--max-num-seqs",
+      "1",
+    ]);
     // One at a time, so that the drain outlasts the checks below.
     const inflight = Promise.all(
       Array.from({ length: 6 }, (_, i) =>

@@ -1,3 +1,4 @@
+import { dirname, join } from "node:path";
 import { parseServeArgs, serveConfig, startServer } from "../../src/server/serve.ts";
 
 export interface TestServer {
@@ -37,4 +38,27 @@ export async function settled(s: TestServer, timeoutMs = 10_000): Promise<boolea
     await Bun.sleep(10);
   }
   return false;
+}
+
+/** A real `inferneo serve` process (bin/inferneo, as a user runs it) on a free loopback port, once ready. */
+export async function spawnServer(
+  args: string[],
+): Promise<{ url: string; proc: Bun.Subprocess<"ignore", "pipe", "pipe"> }> {
+  const bin = join(import.meta.dir, "..", "..", "bin", "inferneo");
+  const proc = Bun.spawn([bin, "serve", "--port", "0", ...args], {
+    stdout: "pipe",
+    stderr: "pipe",
+    env: { ...process.env, PATH: `${dirname(process.execPath)}:${process.env.PATH}` },
+  });
+  const reader = proc.stderr.getReader();
+  let log = "";
+  const ready = /ready: (https?:\/\/\S+)\/v1/;
+  while (!ready.test(log)) {
+    const { value, done } = await reader.read();
+    if (done) throw new Error(`server exited: ${log}`);
+    log += new TextDecoder().decode(value);
+  }
+  reader.releaseLock();
+  void proc.stderr.pipeTo(new WritableStream()); // keep draining its log
+  return { url: ready.exec(log)![1], proc };
 }
