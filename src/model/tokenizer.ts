@@ -8,9 +8,11 @@ import { join } from "node:path";
 import { ModelLoadError } from "./errors.ts";
 import type { GgufFile, GgufValue } from "./gguf.ts";
 
+/** A message as chat templates read it (tool calls with arguments as objects, tool_call_id, name). */
 export interface ChatMessage {
   role: string;
   content: string;
+  [field: string]: unknown;
 }
 
 // Used when a model ships no chat template (base models): plain "role: content" turns.
@@ -84,9 +86,19 @@ export class ModelTokenizer {
   }
 
   /** Renders the chat template; the prompt's BOS comes from the template when it writes one. */
-  applyChatTemplate(messages: ChatMessage[], addGenerationPrompt = true): { text: string; ids: number[] } {
+  /** The chat template's source (to tell which tool-call syntax its model writes). */
+  get chatTemplate(): string {
+    return this.source.chatTemplate ?? FALLBACK_CHAT_TEMPLATE;
+  }
+
+  applyChatTemplate(
+    messages: ChatMessage[],
+    addGenerationPrompt = true,
+    tools: unknown[] | null = null,
+  ): { text: string; ids: number[] } {
     const text = this.template.render({
       messages,
+      ...(tools ? { tools } : {}),
       add_generation_prompt: addGenerationPrompt,
       bos_token: this.bosToken ?? "",
       eos_token: this.eosToken ?? "",

@@ -12,7 +12,7 @@ export const WORKER_JOBS_MAX = 256;
 
 type JobBody =
   | { kind: "encode"; text: string; addSpecialTokens: boolean }
-  | { kind: "chat"; messages: ChatMessage[]; addGenerationPrompt: boolean };
+  | { kind: "chat"; messages: ChatMessage[]; addGenerationPrompt: boolean; tools: unknown[] | null };
 export type TokenizeJob = JobBody & { id: number };
 export type TokenizeResult = { id: number; ids: number[] } | { id: number; error: string };
 
@@ -34,16 +34,16 @@ export class TokenizerThread {
     return this.run({ kind: "encode", text, addSpecialTokens });
   }
 
-  async chat(messages: ChatMessage[], addGenerationPrompt = true): Promise<number[]> {
+  async chat(messages: ChatMessage[], addGenerationPrompt = true, tools: unknown[] | null = null): Promise<number[]> {
     const chars = messages.reduce((a, m) => a + m.content.length, 0);
     if (chars <= IN_PLACE_CHARS_MAX && messages.length <= IN_PLACE_MESSAGES_MAX) {
       try {
-        return this.tokenizer.applyChatTemplate(messages, addGenerationPrompt).ids;
+        return this.tokenizer.applyChatTemplate(messages, addGenerationPrompt, tools).ids;
       } catch (e) {
         throw new TokenizeError((e as Error).message);
       }
     }
-    return this.run({ kind: "chat", messages, addGenerationPrompt });
+    return this.run({ kind: "chat", messages, addGenerationPrompt, tools });
   }
 
   private run(job: JobBody): Promise<number[]> {

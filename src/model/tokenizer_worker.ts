@@ -18,7 +18,7 @@ self.onmessage = (event: MessageEvent<{ init: TokenizerSource } | TokenizeJob>) 
     const ids =
       m.kind === "encode"
         ? tokenizer!.encode(m.text, m.addSpecialTokens)
-        : tokenizer!.applyChatTemplate(m.messages, m.addGenerationPrompt).ids;
+        : tokenizer!.applyChatTemplate(m.messages, m.addGenerationPrompt, m.tools).ids;
     reply = { id: m.id, ids };
   } catch (e) {
     reply = { id: m.id, error: (e as Error).message };

@@ -9,6 +9,7 @@ import type { LLMEngine, RequestOutput } from "../engine/llm_engine.ts";
 import { samplingFromSnake } from "../engine/params.ts";
 import { DEFAULT_SAMPLING, type SamplingParams, type TokenLogprob } from "../engine/request.ts";
 import type { ChatMessage, ModelTokenizer } from "../model/tokenizer.ts";
+import { toolFamilyOf, toolModeOf, ToolCallStream, type ToolCall, type ToolMode } from "./tools.ts";
 import { TokenizerBusyError, TokenizeError, TokenizerThread } from "../model/tokenizer_thread.ts";
 import { GrammarError, type GrammarSpec } from "../engine/grammar.ts";
 import { grammarSpecOf } from "./structured.ts";
@@ -45,6 +46,7 @@ export interface Prepared {
   logprobs: number | null;
   includeUsage: boolean;
   echo: boolean;
+  tools: ToolMode | null; // chat with tools: how calls are made and found
 }
 
 /** One engine output, tagged with the choice it belongs to. */
@@ -110,7 +112,7 @@ interface ChatLogprobs {
 interface ChoiceChunk {
   index: number;
   text?: string;
-  delta?: { role?: "assistant"; content?: string };
+  delta?: { role?: "assistant"; content?: string; tool_calls?: (ToolCall & { index: number })[] };
   logprobs: CompletionLogprobs | ChatLogprobs | null;
   finish_reason: string | null;
   stop_reason?: string | number | null;
@@ -194,18 +196,19 @@ export class OpenAIService {
     return this.tokenizerThread.encode(text, addSpecialTokens).catch((e) => OpenAIService.tokenizerFailure(e, param));
   }
 
-  async chatPromptIds(messages: ChatCompletionRequest["messages"], addGenerationPrompt = true): Promise<number[]> {
-    const flat: ChatMessage[] = messages.map((m) => ({
-      role: m.role,
-      content: typeof m.content === "string" ? m.content : m.content.map((p) => p.text).join(""),
-    }));
+  async chatPromptIds(
+    messages: ChatCompletionRequest["messages"],
+    addGenerationPrompt = true,
+    tools: ChatCompletionRequest["tools"] = null,
+  ): Promise<number[]> {
+    const flat = messages.map(templateMessage);
     // A template renders every message's content (real ones do), so their sum bounds the prompt.
     this.checkChars(
       flat.reduce((a, m) => a + m.content.length, 0),
       "messages",
     );
     return this.tokenizerThread
-      .chat(flat, addGenerationPrompt)
+      .chat(flat, addGenerationPrompt, tools && tools.length > 0 ? tools : null)
       .catch((e) => OpenAIService.tokenizerFailure(e, "messages"));
   }
 
@@ -327,6 +330,7 @@ export class OpenAIService {
       logprobs: body.logprobs ?? null,
       includeUsage: body.stream_options?.include_usage === true,
       echo: body.echo === true,
+      tools: null,
     };
   }
 
@@ -343,6 +347,7 @@ export class OpenAIService {
       logprobs: body.logprobs ?? null,
       includeUsage: false,
       echo: false,
+      tools: null,
     };
   }
 
@@ -350,10 +355,11 @@ export class OpenAIService {
     this.checkModel(body.model);
     OpenAIService.checkStreamOptions(body);
     this.checkSequences(1, body.n ?? 1);
-    const spec = grammarSpecOf(body.response_format);
+    const tools = toolModeOf(body, toolFamilyOf(this.tok.chatTemplate));
+    const spec = tools.grammar ?? grammarSpecOf(body.response_format);
     if (!body.logprobs && body.top_logprobs)
       throw new ApiError(400, "top_logprobs requires logprobs to be true", "invalid_request_error", "top_logprobs");
-    const promptIds = await this.chatPromptIds(body.messages, body.add_generation_prompt ?? true);
+    const promptIds = await this.chatPromptIds(body.messages, body.add_generation_prompt ?? true, body.tools);
     const logprobs = body.logprobs ? (body.top_logprobs ?? 0) : null;
     // Without a limit, a chat reply may use the rest of the context, as vLLM does.
     const maxTokens =
@@ -366,6 +372,7 @@ export class OpenAIService {
       logprobs,
       includeUsage: body.stream_options?.include_usage === true,
       echo: false,
+      tools: tools.mode,
     };
   }
 
@@ -473,8 +480,24 @@ export class OpenAIService {
         yield { ...base, choices: [{ index: job.choice, text: prefix, logprobs: null, finish_reason: null }] };
       }
     }
-    for await (const { choice, out } of running.outputs) {
-      if (out.error) throw new ApiError(500, `generation failed: ${out.error}`, "internal_error");
+    // With tools, each choice's text passes a ToolCallStream: calls are held and sent whole.
+    const toolStreams = new Map(
+      prepared.jobs.map((j) => [j.choice, prepared.tools ? new ToolCallStream(prepared.tools) : null]),
+    );
+    for await (const { choice, out: raw } of running.outputs) {
+      if (raw.error) throw new ApiError(500, `generation failed: ${raw.error}`, "internal_error");
+      const tools = toolStreams.get(choice);
+      let calls: ToolCall[] = [];
+      let out = raw;
+      if (tools) {
+        let text = tools.push(raw.text);
+        if (raw.finished) {
+          const end = tools.finish();
+          text += end.content;
+          calls = end.calls;
+        }
+        out = { ...raw, text };
+      }
       if (out.text === "" && out.newLogprobs.length === 0 && !out.finished) continue;
       const offset = offsets.get(choice) ?? 0;
       offsets.set(choice, offset + out.text.length);
@@ -485,6 +508,20 @@ export class OpenAIService {
             ? this.chatLogprobs(out.newLogprobs)
             : this.completionLogprobs(out.newLogprobs, offset);
       const text = chat ? { delta: out.text === "" ? {} : { content: out.text } } : { text: out.text };
+      if (calls.length > 0) {
+        // The calls, whole, then the end: "tool_calls" (a named tool_choice ends with "stop", as vLLM does).
+        const deltas = calls.map((c, index) => ({ index, ...c }));
+        yield {
+          ...base,
+          choices: [{ index: choice, delta: { ...text.delta, tool_calls: deltas }, logprobs, finish_reason: null }],
+        };
+        const reason = prepared.tools?.kind === "forced" && prepared.tools.named !== null ? "stop" : "tool_calls";
+        yield {
+          ...base,
+          choices: [{ index: choice, delta: {}, logprobs: null, finish_reason: reason, stop_reason: null }],
+        };
+        continue;
+      }
       const end = out.finished
         ? { finish_reason: out.finishReason, stop_reason: out.stopReason }
         : { finish_reason: null };
@@ -499,7 +536,13 @@ export class OpenAIService {
     const chat = prepared.kind === "chat";
     const folded = new Map<
       number,
-      { text: string; logprobs: ChoiceChunk["logprobs"]; finish: string | null; stop: string | number | null }
+      {
+        text: string;
+        logprobs: ChoiceChunk["logprobs"];
+        finish: string | null;
+        stop: string | number | null;
+        calls: ToolCall[];
+      }
     >();
     for (const job of prepared.jobs) {
       const empty =
@@ -508,19 +551,31 @@ export class OpenAIService {
           : chat
             ? { content: [] }
             : { tokens: [], token_logprobs: [], top_logprobs: [], text_offset: [] };
-      folded.set(job.choice, { text: "", logprobs: empty, finish: null, stop: null });
+      folded.set(job.choice, { text: "", logprobs: empty, finish: null, stop: null, calls: [] });
     }
     for await (const chunk of this.chunks(running)) {
       for (const c of chunk.choices) {
         const f = folded.get(c.index)!;
         f.text += (chat ? c.delta?.content : c.text) ?? "";
         if (c.logprobs !== null && f.logprobs !== null) appendLogprobs(f.logprobs, c.logprobs);
+        for (const d of c.delta?.tool_calls ?? []) {
+          const call = (f.calls[d.index] ??= {
+            id: d.id,
+            type: "function",
+            function: { name: d.function.name, arguments: "" },
+          });
+          call.function.arguments += d.function.arguments;
+        }
         if (c.finish_reason !== null) [f.finish, f.stop] = [c.finish_reason, c.stop_reason ?? null];
       }
     }
     const choices = prepared.jobs.map((job) => {
       const f = folded.get(job.choice)!;
-      const body = chat ? { message: { role: "assistant" as const, content: f.text } } : { text: f.text };
+      const message =
+        f.calls.length > 0
+          ? { role: "assistant" as const, content: f.text === "" ? null : f.text, tool_calls: f.calls }
+          : { role: "assistant" as const, content: f.text };
+      const body = chat ? { message } : { text: f.text };
       return { index: job.choice, ...body, logprobs: f.logprobs, finish_reason: f.finish, stop_reason: f.stop };
     });
     const object = chat ? "chat.completion" : "text_completion";
@@ -545,6 +600,45 @@ export class OpenAIService {
       usage: running.usage((job) => job.prompt === p),
     }));
   }
+}
+
+/**
+ * A message as chat templates read it: content as one string, an assistant's tool calls with
+ * their arguments as objects (Llama 3.x and Qwen templates write them with tojson), a tool
+ * message's call id. Content is required except on an assistant message with tool calls.
+ */
+function templateMessage(m: ChatCompletionRequest["messages"][number], i: number): ChatMessage {
+  const content = typeof m.content === "string" ? m.content : m.content ? m.content.map((p) => p.text).join("") : null;
+  if (content === null && !(m.role === "assistant" && m.tool_calls?.length)) {
+    throw new ApiError(
+      400,
+      `messages[${i}] (${m.role}) needs content`,
+      "invalid_request_error",
+      `messages.${i}.content`,
+    );
+  }
+  if (m.role === "tool" && !m.tool_call_id)
+    throw new ApiError(
+      400,
+      `messages[${i}] (tool) needs tool_call_id`,
+      "invalid_request_error",
+      `messages.${i}.tool_call_id`,
+    );
+  const out: ChatMessage = { role: m.role, content: content ?? "" };
+  if (m.name !== undefined) out.name = m.name;
+  if (m.tool_call_id !== undefined) out.tool_call_id = m.tool_call_id;
+  if (m.tool_calls) {
+    out.tool_calls = m.tool_calls.map((c) => {
+      let args: unknown = c.function.arguments;
+      try {
+        args = JSON.parse(c.function.arguments);
+      } catch {
+        // left as the string it came as
+      }
+      return { id: c.id, type: "function", function: { name: c.function.name, arguments: args } };
+    });
+  }
+  return out;
 }
 
 function appendLogprobs(into: CompletionLogprobs | ChatLogprobs, from: CompletionLogprobs | ChatLogprobs): void {

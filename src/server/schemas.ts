@@ -106,13 +106,62 @@ export const CompletionRequest = t.Object(
 export type CompletionRequest = typeof CompletionRequest.static;
 
 const TextPart = t.Object({ type: t.Literal("text"), text: t.String() }, strict);
-export const ChatMessage = t.Object(
+const FunctionName = t.String({
+  pattern: "^[a-zA-Z0-9_-]{1,64}$",
+  description: "Letters, digits, _ and -; at most 64.",
+});
+export const ToolCallSchema = t.Object(
   {
-    role: t.Union([t.Literal("system"), t.Literal("developer"), t.Literal("user"), t.Literal("assistant")]),
-    content: t.Union([t.String(), t.Array(TextPart, { minItems: 1 })]),
-    name: t.Optional(t.String()),
+    id: t.String({ maxLength: 256 }),
+    type: t.Literal("function"),
+    function: t.Object(
+      { name: FunctionName, arguments: t.String({ description: "The arguments, a JSON string." }) },
+      strict,
+    ),
   },
   strict,
+);
+export const ChatMessage = t.Object(
+  {
+    role: t.Union([
+      t.Literal("system"),
+      t.Literal("developer"),
+      t.Literal("user"),
+      t.Literal("assistant"),
+      t.Literal("tool"),
+    ]),
+    content: t.Optional(t.Union([t.String(), t.Array(TextPart, { minItems: 1 }), t.Null()])),
+    name: t.Optional(t.String()),
+    tool_calls: t.Optional(t.Array(ToolCallSchema, { maxItems: 128, description: "An assistant message's calls." })),
+    tool_call_id: t.Optional(t.String({ maxLength: 256, description: "A tool message's answer to this call." })),
+  },
+  strict,
+);
+
+const Tool = t.Object(
+  {
+    type: t.Literal("function"),
+    function: t.Object(
+      {
+        name: FunctionName,
+        description: t.Optional(t.String()),
+        parameters: t.Optional(t.Record(t.String(), t.Unknown(), { description: "A JSON schema of the arguments." })),
+        strict: t.Optional(t.Union([T.Boolean(), t.Null()])),
+      },
+      strict,
+    ),
+  },
+  strict,
+);
+const ToolChoice = t.Union(
+  [
+    t.Literal("none"),
+    t.Literal("auto"),
+    t.Literal("required"),
+    t.Object({ type: t.Literal("function"), function: t.Object({ name: FunctionName }, strict) }, strict),
+    t.Null(),
+  ],
+  { description: "A string none, auto or required, or a named function." },
 );
 
 export const ChatCompletionRequest = t.Object(
@@ -125,6 +174,9 @@ export const ChatCompletionRequest = t.Object(
     top_logprobs: t.Optional(t.Union([T.Integer({ minimum: 0, maximum: 20 }), t.Null()])),
     add_generation_prompt: t.Optional(T.Boolean({ description: "vLLM extra. Default true." })),
     response_format: t.Optional(t.Union([ResponseFormat, t.Null()])),
+    tools: t.Optional(t.Union([t.Array(Tool, { maxItems: 128 }), t.Null()])),
+    tool_choice: t.Optional(ToolChoice),
+    parallel_tool_calls: t.Optional(t.Union([T.Boolean(), t.Null()])),
     ...samplingFields,
   },
   { ...strict, description: "OpenAI chat completion request" },
@@ -237,7 +289,11 @@ export const ChatCompletionResponse = t.Object({
   choices: t.Array(
     t.Object({
       index: T.Integer(),
-      message: t.Object({ role: t.Literal("assistant"), content: t.String() }),
+      message: t.Object({
+        role: t.Literal("assistant"),
+        content: t.Union([t.String(), t.Null()]),
+        tool_calls: t.Optional(t.Array(ToolCallSchema)),
+      }),
       logprobs: t.Union([t.Object({ content: t.Array(ChatTokenLogprob) }), t.Null()]),
       finish_reason: t.Union([t.String(), t.Null()]),
       stop_reason: t.Optional(t.Union([t.String(), T.Integer(), t.Null()])),

@@ -98,7 +98,20 @@ export function grammarSpecOf(format: ResponseFormat | null | undefined): Gramma
   if (!format || format.type === "text") return null;
   if (format.type === "json_object") return { kind: "json_object" };
   const schema = format.json_schema.schema ?? {};
-  if (!ajv.validateSchema(schema)) {
+  // Judged by the 2020-12 meta-schema whatever $schema says (zod writes draft-07's URI).
+  const { $schema: _declared, ...body } = schema;
+  let valid: boolean;
+  try {
+    valid = ajv.validateSchema(body) as boolean;
+  } catch (e) {
+    throw new ApiError(
+      400,
+      `response_format.json_schema.schema cannot be read: ${(e as Error).message}`,
+      "invalid_request_error",
+      "response_format",
+    );
+  }
+  if (!valid) {
     const e = ajv.errors?.[0];
     throw new ApiError(
       400,

@@ -53,9 +53,30 @@ interface SchemaError {
   value?: unknown;
 }
 
+const jsonType = (v: unknown) =>
+  v === null ? "null" : Array.isArray(v) ? "array" : Number.isInteger(v) ? "integer" : typeof v;
+
+/**
+ * A union's error says only that no branch fits; when the value is an array or object and
+ * one branch is (a list where "a list of tools or null" is wanted), that branch's own
+ * first error names the part that is wrong.
+ */
+function narrowUnion(error: SchemaError): SchemaError {
+  const branches = error.schema?.anyOf as TSchema[] | undefined;
+  if (!branches || error.value === undefined) return error;
+  const t = jsonType(error.value);
+  if (t !== "array" && t !== "object") return error; // for a plain value, "an integer >= 1 or null" says it best
+  const matching = branches.filter((b) => b.type === t);
+  if (matching.length !== 1) return error;
+  const inner = Value.Errors(matching[0], error.value).First();
+  if (!inner) return error;
+  return narrowUnion({ ...inner, path: `${error.path ?? ""}${inner.path}` });
+}
+
 /** The first schema error as a 400 naming the field. */
 export function validationError(errors: readonly SchemaError[], what = "body"): ApiError {
-  const first = errors.find((e) => e.path !== undefined);
+  const found = errors.find((e) => e.path !== undefined);
+  const first = found ? narrowUnion(found) : undefined;
   if (!first) return new ApiError(400, `The ${what} is not valid.`, "invalid_request_error");
   const parts = first
     .path!.replace(/^\//, "")

@@ -1,0 +1,228 @@
+// Tool calling. `required` and a named tool_choice are enforced by a grammar (the output
+// is a JSON array of calls, or one call's arguments, valid by construction); `auto` lets
+// the model write free text and parses the tool-call syntax of its chat template's
+// family: Hermes/Qwen `<tool_call>{...}</tool_call>`, Mistral `[TOOL_CALLS][...]`, Llama 3.x
+// JSON `{"name", "parameters"}` (after `<|python_tag|>`), or plain JSON.
+import { randomBytes } from "node:crypto";
+import type { GrammarSpec } from "../engine/grammar.ts";
+import { ApiError } from "./errors.ts";
+import type { ChatCompletionRequest } from "./schemas.ts";
+import { grammarSpecOf } from "./structured.ts";
+
+export type Tool = NonNullable<ChatCompletionRequest["tools"]>[number];
+export type ToolFamily = "hermes" | "mistral" | "llama3" | "json";
+
+export interface ToolCall {
+  id: string;
+  type: "function";
+  function: { name: string; arguments: string };
+}
+
+/** How a request's tools shape its output: none, forced by a grammar, or parsed after the fact. */
+export type ToolMode =
+  { kind: "forced"; named: string | null; parallel: boolean } | { kind: "auto"; family: ToolFamily };
+
+export function toolFamilyOf(chatTemplate: string): ToolFamily {
+  if (chatTemplate.includes("<tool_call>")) return "hermes";
+  if (chatTemplate.includes("[TOOL_CALLS]")) return "mistral";
+  if (chatTemplate.includes("<|python_tag|>") || chatTemplate.includes("ipython")) return "llama3";
+  return "json";
+}
+
+const newCallId = () => `call_${randomBytes(12).toString("hex")}`;
+
+/** The tool mode and, when forced, the grammar for a chat request; 400s for a choice that names no tool. */
+export function toolModeOf(
+  body: ChatCompletionRequest,
+  family: ToolFamily,
+): { mode: ToolMode | null; grammar: GrammarSpec | null } {
+  const tools = body.tools ?? [];
+  const choice = body.tool_choice ?? (tools.length > 0 ? "auto" : "none");
+  if (choice === "none") return { mode: null, grammar: null };
+  if (tools.length === 0)
+    throw new ApiError(
+      400,
+      `tool_choice '${typeof choice === "string" ? choice : choice.function.name}' needs tools`,
+      "invalid_request_error",
+      "tool_choice",
+    );
+  const names = new Set<string>();
+  for (const t of tools) {
+    if (names.has(t.function.name))
+      throw new ApiError(400, `two tools are named '${t.function.name}'`, "invalid_request_error", "tools");
+    names.add(t.function.name);
+  }
+  if (choice === "auto") return { mode: { kind: "auto", family }, grammar: null };
+  if (body.response_format && body.response_format.type !== "text") {
+    throw new ApiError(
+      400,
+      "response_format and a tool_choice that forces a call both constrain the output; send one",
+      "invalid_request_error",
+      "response_format",
+    );
+  }
+  const parameters = (t: Tool) => {
+    const schema = t.function.parameters ?? { type: "object" };
+    // The same checks as response_format: valid JSON Schema, only keywords the grammar honours.
+    grammarSpecOf({ type: "json_schema", json_schema: { name: t.function.name, schema } });
+    return schema;
+  };
+  if (typeof choice === "object") {
+    const tool = tools.find((t) => t.function.name === choice.function.name);
+    if (!tool)
+      throw new ApiError(
+        400,
+        `tool_choice names '${choice.function.name}', which is not among the tools`,
+        "invalid_request_error",
+        "tool_choice",
+      );
+    return {
+      mode: { kind: "forced", named: tool.function.name, parallel: false },
+      grammar: { kind: "json_schema", schema: parameters(tool) },
+    };
+  }
+  const parallel = body.parallel_tool_calls !== false;
+  const call = (t: Tool) => ({
+    type: "object",
+    properties: { name: { const: t.function.name }, parameters: parameters(t) },
+    required: ["name", "parameters"],
+    additionalProperties: false,
+  });
+  const schema = {
+    type: "array",
+    items: { anyOf: tools.map(call) },
+    minItems: 1,
+    ...(parallel ? {} : { maxItems: 1 }),
+  };
+  return { mode: { kind: "forced", named: null, parallel }, grammar: { kind: "json_schema", schema } };
+}
+
+/** A call from an object of {name, arguments | parameters}; null if it is not one. */
+function callOf(v: unknown): ToolCall | null {
+  if (v === null || typeof v !== "object" || Array.isArray(v)) return null;
+  const o = v as { name?: unknown; arguments?: unknown; parameters?: unknown };
+  if (typeof o.name !== "string") return null;
+  const args = o.arguments ?? o.parameters ?? {};
+  return {
+    id: newCallId(),
+    type: "function",
+    function: { name: o.name, arguments: typeof args === "string" ? args : JSON.stringify(args) },
+  };
+}
+
+function callsOfJson(text: string): ToolCall[] | null {
+  try {
+    const v = JSON.parse(text) as unknown;
+    const calls = (Array.isArray(v) ? v : [v]).map(callOf);
+    return calls.length > 0 && calls.every((c) => c !== null) ? (calls as ToolCall[]) : null;
+  } catch {
+    return null;
+  }
+}
+
+/** Forced output: a JSON array of {name, parameters}, or (named) the arguments alone. */
+export function parseForcedCalls(text: string, named: string | null): ToolCall[] | null {
+  if (named !== null) {
+    try {
+      JSON.parse(text);
+    } catch {
+      return null;
+    }
+    return [{ id: newCallId(), type: "function", function: { name: named, arguments: text } }];
+  }
+  return callsOfJson(text);
+}
+
+/** The text before a family's calls begin, and where they begin (-1: none). */
+function callStart(text: string, family: ToolFamily): number {
+  switch (family) {
+    case "hermes":
+      return text.indexOf("<tool_call>");
+    case "mistral":
+      return text.indexOf("[TOOL_CALLS]");
+    case "llama3": {
+      const tag = text.indexOf("<|python_tag|>");
+      if (tag >= 0) return tag;
+      return text.trimStart().startsWith("{") ? text.length - text.trimStart().length : -1;
+    }
+    case "json": {
+      const t = text.trimStart();
+      return t.startsWith("{") || t.startsWith("[") ? text.length - t.length : -1;
+    }
+  }
+}
+
+/** Auto mode: the content and the calls the model wrote in its family's syntax. */
+export function parseAutoCalls(text: string, family: ToolFamily): { content: string; calls: ToolCall[] } {
+  const start = callStart(text, family);
+  if (start < 0) return { content: text, calls: [] };
+  const content = text.slice(0, start);
+  const rest = text.slice(start);
+  let calls: ToolCall[] | null = null;
+  if (family === "hermes") {
+    const bodies = [...rest.matchAll(/<tool_call>\s*([\s\S]*?)\s*(?:<\/tool_call>|$)/g)].map((m) => m[1]);
+    const parsed = bodies.map((b) => callsOfJson(b));
+    calls = parsed.every((p) => p !== null) ? parsed.flatMap((p) => p!) : null;
+  } else if (family === "mistral") calls = callsOfJson(rest.slice("[TOOL_CALLS]".length).trim());
+  else if (family === "llama3") {
+    const body = rest.replace("<|python_tag|>", "").trim();
+    calls =
+      callsOfJson(body) ?? (body.includes(";") ? mergeCalls(body.split(";").map((p) => callsOfJson(p.trim()))) : null);
+  } else calls = callsOfJson(rest.trim());
+  return calls === null ? { content: text, calls: [] } : { content, calls };
+}
+
+function mergeCalls(parts: (ToolCall[] | null)[]): ToolCall[] | null {
+  return parts.every((p) => p !== null) ? parts.flatMap((p) => p!) : null;
+}
+
+/**
+ * One choice's text on its way out when tools are on: forced output is held whole (it is
+ * the calls); in auto mode, text is held while it could still be the start of a call,
+ * and released as content as soon as it cannot.
+ */
+export class ToolCallStream {
+  private text = "";
+  private released = 0; // characters of text already given out as content
+  private inCall = false;
+
+  constructor(private readonly mode: ToolMode) {}
+
+  /** Takes new text; returns what may go out as content now. */
+  push(delta: string): string {
+    this.text += delta;
+    if (this.mode.kind === "forced" || this.inCall) return "";
+    const family = this.mode.family;
+    if (callStart(this.text, family) >= 0) {
+      this.inCall = true; // a call has begun: everything from here waits for the end
+      return "";
+    }
+    // Hold a tail that might grow into a marker ("<tool", "[TOOL_", "<|python"), and
+    // leading whitespace where a call may start with "{".
+    const marker = { hermes: "<tool_call>", mistral: "[TOOL_CALLS]", llama3: "<|python_tag|>", json: "" }[family];
+    let hold = 0;
+    for (let k = Math.min(marker.length - 1, this.text.length); k > 0; k--) {
+      if (this.text.endsWith(marker.slice(0, k))) {
+        hold = k;
+        break;
+      }
+    }
+    if ((family === "json" || family === "llama3") && this.text.trim() === "") hold = this.text.length;
+    const end = Math.max(this.released, this.text.length - hold);
+    const out = this.text.slice(this.released, end);
+    this.released = end;
+    return out;
+  }
+
+  /** At the end: the content still to go out, and the calls (none if the text held none). */
+  finish(): { content: string; calls: ToolCall[] } {
+    if (this.mode.kind === "forced") {
+      const calls = parseForcedCalls(this.text, this.mode.named);
+      return calls ? { content: "", calls } : { content: this.text, calls: [] };
+    }
+    if (!this.inCall) return { content: this.text.slice(this.released), calls: [] };
+    const { content, calls } = parseAutoCalls(this.text, this.mode.family);
+    // Text before the calls was never released past the marker's start.
+    return { content: (calls.length > 0 ? content : this.text).slice(this.released), calls };
+  }
+}
