@@ -360,9 +360,7 @@ describe("numbers, statuses and shapes", () => {
   test("400 messages name what is wrong", async () => {
     const bias = await postJson(`${s.url}/v1/completions`, { model: M, prompt: "x", logit_bias: { abc: 1 } });
     expect(bias.status).toBe(400);
-    expect(errorOf(bias.json).message).toBe(
-      `Invalid key "abc" in 'logit_bias'.`,
-    );
+    expect(errorOf(bias.json).message).toBe(`Invalid key "abc" in 'logit_bias'.`);
     const temp = await fetch(`${s.url}/v1/completions`, {
       method: "POST",
       body: `{"model":"${M}","prompt":"x","temperature":1e999}`,

@@ -190,4 +190,72 @@ describe("structured output", () => {
     });
     expect(ok.status).toBe(200);
   });
+
+  test("structured_outputs (vLLM): choice, regex and json on completions and chat", async () => {
+    const choice = ["positive", "negative", "neutral"];
+    for (let seed = 0; seed < 6; seed++) {
+      const r = await postJson(`${s.url}/v1/completions`, {
+        model: M,
+        prompt: "sentiment:",
+        max_tokens: 40,
+        seed,
+        structured_outputs: { choice },
+      });
+      const c = (r.json.choices as { text: string; finish_reason: string }[])[0];
+      expect(choice).toContain(c.text);
+      expect(c.finish_reason).toBe("stop");
+    }
+    const regex = "[0-9]{3}-[a-z]{2}";
+    for (let seed = 0; seed < 6; seed++) {
+      const r = await postJson(`${s.url}/v1/chat/completions`, {
+        model: M,
+        messages: [{ role: "user", content: "code" }],
+        max_tokens: 40,
+        seed,
+        structured_outputs: { regex },
+      });
+      expect((r.json.choices as { message: { content: string } }[])[0].message.content).toMatch(
+        new RegExp(`^${regex}$`),
+      );
+    }
+    const json = await postJson(`${s.url}/v1/completions`, {
+      model: M,
+      prompt: "x",
+      max_tokens: 100,
+      seed: 2,
+      structured_outputs: { json: SCHEMAS.threeFields },
+    });
+    expect(ajv.validate(SCHEMAS.threeFields, JSON.parse((json.json.choices as { text: string }[])[0].text))).toBe(true);
+    for (const [so, message] of [
+      [{ choice: ["a"], regex: "b" }, /exactly one of choice, regex and json \(got choice, regex\)/],
+      [{}, /exactly one of choice, regex and json \(got none\)/],
+    ] as const) {
+      const r = await postJson(`${s.url}/v1/completions`, { model: M, prompt: "x", structured_outputs: so });
+      expect(r.status).toBe(400);
+      expect((r.json.error as { message: string }).message).toMatch(message);
+    }
+    const both = await postJson(`${s.url}/v1/completions`, {
+      model: M,
+      prompt: "x",
+      structured_outputs: { regex: "a" },
+      response_format: { type: "json_object" },
+    });
+    expect((both.json.error as { message: string }).message).toMatch(/both constrain the output/);
+    // A regex the grammar engine cannot compile is a 400, and the engine serves the next one.
+    const broken = await postJson(`${s.url}/v1/completions`, {
+      model: M,
+      prompt: "x",
+      structured_outputs: { regex: "(ab" },
+    });
+    expect(broken.status).toBe(400);
+    expect((broken.json.error as { param: string }).param).toBe("structured_outputs");
+    const after = await postJson(`${s.url}/v1/completions`, {
+      model: M,
+      prompt: "x",
+      max_tokens: 20,
+      structured_outputs: { choice: ["yes", "no"] },
+    });
+    expect(["yes", "no"]).toContain((after.json.choices as { text: string }[])[0].text);
+    expect(await settled(s)).toBe(true);
+  });
 });

@@ -13,7 +13,7 @@ export type GrammarJob =
       vocabSize: number;
       stopTokenIds: number[];
     }
-  | { id: number; op: "compile"; key: string; schema: string }
+  | { id: number; op: "compile"; key: string; schema: string | null; regex: string | null }
   | { id: number; op: "open"; key: string }
   | { id: number; op: "accept"; matcher: number; token: number }
   | { id: number; op: "mask"; matcher: number }
@@ -32,13 +32,17 @@ type JobBody = GrammarJob extends infer J ? (J extends { id: number } ? Omit<J, 
 export class GrammarError extends Error {}
 
 /** What a constrained request asks for: any JSON object, or JSON valid against a schema. */
-export type GrammarSpec = { kind: "json_object" } | { kind: "json_schema"; schema: Record<string, unknown> };
+export type GrammarSpec =
+  | { kind: "json_object" }
+  | { kind: "json_schema"; schema: Record<string, unknown> }
+  | { kind: "regex"; pattern: string };
 
 export class GrammarService {
   private worker: Worker | null = null;
   private ready: Promise<void> | null = null;
   private nextId = 0;
   private readonly pending = new Map<number, { resolve: (r: GrammarReply) => void; reject: (e: Error) => void }>();
+  private readonly jsonMatchers = new Set<number>();
 
   constructor(
     private readonly tokenizer: ModelTokenizer,
@@ -96,15 +100,27 @@ export class GrammarService {
   /** Compiles (or finds) the grammar for a spec; its key opens matchers. */
   async compile(spec: GrammarSpec): Promise<string> {
     await this.init();
-    const schema = spec.kind === "json_object" ? { type: "object" } : spec.schema;
-    const key = JSON.stringify(schema);
-    await this.post({ op: "compile", key, schema: key });
+    if (spec.kind === "regex") {
+      const key = `regex:${spec.pattern}`;
+      await this.post({ op: "compile", key, schema: null, regex: spec.pattern });
+      return key;
+    }
+    const schema = JSON.stringify(spec.kind === "json_object" ? { type: "object" } : spec.schema);
+    const key = `json:${schema}`;
+    await this.post({ op: "compile", key, schema, regex: null });
     return key;
   }
 
   async open(key: string): Promise<number> {
     await this.init();
-    return (await this.post({ op: "open", key })).matcher!;
+    const matcher = (await this.post({ op: "open", key })).matcher!;
+    if (key.startsWith("json:")) this.jsonMatchers.add(matcher);
+    return matcher;
+  }
+
+  /** Whether a matcher's grammar is JSON (whose text may hold no raw control character). */
+  isJson(matcher: number): boolean {
+    return this.jsonMatchers.has(matcher);
   }
 
   /** The tokens allowed next, as 32-bit words (bit t % 32 of word t / 32). */
@@ -118,6 +134,7 @@ export class GrammarService {
   }
 
   close(matcher: number): void {
+    this.jsonMatchers.delete(matcher);
     if (this.worker) void this.post({ op: "close", matcher }).catch(() => {});
   }
 

@@ -30,7 +30,10 @@ async function handle(job: GrammarJob): Promise<GrammarReply> {
     case "compile": {
       if (!compiled.has(job.key)) {
         // Compact JSON (no indent, "," and ":"): whitespace cannot run on until max_tokens.
-        const grammar = await compiler!.compileJSONSchema(job.schema, false, -1, [",", ":"], true);
+        const grammar =
+          job.regex !== null
+            ? await compiler!.compileGrammar(await xgr.Grammar.fromStructuralTag({ type: "regex", pattern: job.regex }))
+            : await compiler!.compileJSONSchema(job.schema!, false, -1, [",", ":"], true);
         if (compiled.size >= COMPILED_MAX) {
           const [oldest, g] = compiled.entries().next().value!;
           g.dispose();

@@ -301,8 +301,8 @@ export class LLMEngine {
     const seed = params.seed === null ? BigInt(Math.floor(Math.random() * 2 ** 53)) : BigInt(params.seed);
     const output = new OutputText(this.model.tokenizer, promptTokenIds.length, params.stop);
     const req = new Request(id, promptTokenIds, params, seed, output, groupId ?? id);
-    this.scheduler.add(req);
-    req.matcher = matcher; // the request owns it from here: finish() closes it // throws QueueFullError when the waiting queue is at its bound
+    this.scheduler.add(req); // throws QueueFullError when the waiting queue is at its bound
+    req.matcher = matcher; // the request owns it from here: finish() closes it
     this.requests.set(id, { req, sink, pending: [] });
     this.metrics.promptTokens.inc(promptTokenIds.length);
     this.kick();
@@ -390,11 +390,15 @@ export class LLMEngine {
   }
 
   /** The allowed-token masks of the constrained requests that sample in this step (a failed one ends its request). */
-  private guard: Utf8Guard | null = null;
-  /** Built on the first constrained request: it reads every token's bytes once. */
-  private get utf8Guard(): Utf8Guard {
-    const c = this.model.spec.config;
-    return (this.guard ??= new Utf8Guard(this.model.tokenizer, c.vocabSize, this.model.spec.eosTokenIds));
+  private readonly guards = new Map<boolean, Utf8Guard>();
+  /** Built on first use (it reads every token's bytes once); JSON also bans raw control characters. */
+  private utf8Guard(json: boolean): Utf8Guard {
+    let g = this.guards.get(json);
+    if (!g) {
+      g = new Utf8Guard(this.model.tokenizer, this.model.spec.config.vocabSize, this.model.spec.eosTokenIds, json);
+      this.guards.set(json, g);
+    }
+    return g;
   }
 
   private async grammarMasks(scheduled: readonly ScheduledRequest[]): Promise<Map<Request, Int32Array>> {
@@ -405,7 +409,8 @@ export class LLMEngine {
     await Promise.all(
       constrained.map(async ({ req }) => {
         try {
-          masks.set(req, this.utf8Guard.apply(await this.grammar.mask(req.matcher!), req.utf8State));
+          const guard = this.utf8Guard(this.grammar.isJson(req.matcher!));
+          masks.set(req, guard.apply(await this.grammar.mask(req.matcher!), req.utf8State));
         } catch (e) {
           this.finish(req, RequestStatus.FINISHED_ERROR, (e as Error).message);
         }
@@ -424,7 +429,7 @@ export class LLMEngine {
     // The grammar follows every token; it allowed this one, and its next mask will follow.
     if (req.matcher !== null) {
       void this.grammar.accept(req.matcher, s.tokenId).catch(() => {});
-      req.utf8State = this.utf8Guard.next(req.utf8State, s.tokenId);
+      req.utf8State = this.utf8Guard(true).next(req.utf8State, s.tokenId);
     }
     req.tokenIds.push(s.tokenId);
     const now = performance.now();

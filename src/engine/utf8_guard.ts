@@ -15,7 +15,7 @@ interface TokenShape {
   ok: boolean; // the rest is a valid UTF-8 prefix with no control character
 }
 
-function shapeOf(b: Uint8Array): TokenShape {
+function shapeOf(b: Uint8Array, allowControl: boolean): TokenShape {
   let i = 0;
   while (i < b.length && (b[i] & 0xc0) === 0x80) i++;
   let pending = 0;
@@ -26,7 +26,7 @@ function shapeOf(b: Uint8Array): TokenShape {
       ok = (x & 0xc0) === 0x80;
       pending--;
     } else if (x < 0x80)
-      ok = x >= 0x20; // JSON strings need control characters escaped
+      ok = allowControl || x >= 0x20; // JSON strings need control characters escaped
     else if ((x & 0xe0) === 0xc0) [ok, pending] = [x >= 0xc2, 1];
     else if ((x & 0xf0) === 0xe0) pending = 2;
     else if ((x & 0xf8) === 0xf0) [ok, pending] = [x <= 0xf4, 3];
@@ -40,10 +40,11 @@ export class Utf8Guard {
   readonly masks: Uint32Array[];
   private readonly shapes: TokenShape[];
 
-  constructor(tokenizer: ModelTokenizer, vocabSize: number, specialIds: readonly number[]) {
+  /** json: raw control characters are never valid in JSON text, so its tokens may hold none. */
+  constructor(tokenizer: ModelTokenizer, vocabSize: number, specialIds: readonly number[], json: boolean) {
     const words = Math.ceil(vocabSize / 32);
     this.masks = [0, 1, 2, 3].map(() => new Uint32Array(words));
-    this.shapes = Array.from({ length: vocabSize }, (_, t) => shapeOf(tokenizer.tokenBytes(t)));
+    this.shapes = Array.from({ length: vocabSize }, (_, t) => shapeOf(tokenizer.tokenBytes(t), !json));
     const special = new Set(specialIds);
     this.shapes.forEach((s, t) => {
       for (let k = 0; k < 4; k++) {

@@ -12,7 +12,7 @@ import type { ChatMessage, ModelTokenizer } from "../model/tokenizer.ts";
 import { toolFamilyOf, toolModeOf, ToolCallStream, type ToolCall, type ToolMode } from "./tools.ts";
 import { TokenizerBusyError, TokenizeError, TokenizerThread } from "../model/tokenizer_thread.ts";
 import { GrammarError, type GrammarSpec } from "../engine/grammar.ts";
-import { grammarSpecOf } from "./structured.ts";
+import { grammarSpecFor } from "./structured.ts";
 import { ApiError, notFoundModel } from "./errors.ts";
 import type {
   BatchCompletionRequest,
@@ -269,7 +269,7 @@ export class OpenAIService {
    * job; a schema the compiler refuses is a 400. The engine closes each matcher when its
    * request finishes; start() closes those it never submitted.
    */
-  private async constrain(jobs: Job[], spec: GrammarSpec | null): Promise<Job[]> {
+  private async constrain(jobs: Job[], spec: GrammarSpec | null, param: string): Promise<Job[]> {
     if (spec === null) return jobs;
     const grammar = this.engine.grammar;
     try {
@@ -278,12 +278,7 @@ export class OpenAIService {
     } catch (e) {
       for (const job of jobs) if (job.matcher !== null) grammar.close(job.matcher);
       if (e instanceof GrammarError)
-        throw new ApiError(
-          400,
-          `the response format cannot be compiled: ${e.message}`,
-          "invalid_request_error",
-          "response_format",
-        );
+        throw new ApiError(400, `the ${param} cannot be compiled: ${e.message}`, "invalid_request_error", param);
       throw e;
     }
     return jobs;
@@ -320,13 +315,17 @@ export class OpenAIService {
     this.checkModel(body.model);
     OpenAIService.checkStreamOptions(body);
     this.checkSequences(OpenAIService.numPrompts(body.prompt), body.n ?? 1);
-    const spec = grammarSpecOf(body.response_format);
+    const spec = grammarSpecFor(body);
     const prompts = await this.promptIds(body.prompt);
     const params = this.params(body, body.max_tokens ?? 16, body.logprobs ?? null);
     return {
       kind: "completion",
       ...OpenAIService.newId("cmpl"),
-      jobs: await this.constrain(this.jobs(prompts, params, body.n ?? 1), spec),
+      jobs: await this.constrain(
+        this.jobs(prompts, params, body.n ?? 1),
+        spec,
+        body.structured_outputs ? "structured_outputs" : "response_format",
+      ),
       logprobs: body.logprobs ?? null,
       includeUsage: body.stream_options?.include_usage === true,
       echo: body.echo === true,
@@ -356,7 +355,7 @@ export class OpenAIService {
     OpenAIService.checkStreamOptions(body);
     this.checkSequences(1, body.n ?? 1);
     const tools = toolModeOf(body, toolFamilyOf(this.tok.chatTemplate));
-    const spec = tools.grammar ?? grammarSpecOf(body.response_format);
+    const spec = tools.grammar ?? grammarSpecFor(body);
     if (!body.logprobs && body.top_logprobs)
       throw new ApiError(400, "top_logprobs requires logprobs to be true", "invalid_request_error", "top_logprobs");
     const promptIds = await this.chatPromptIds(body.messages, body.add_generation_prompt ?? true, body.tools);
@@ -368,7 +367,11 @@ export class OpenAIService {
     return {
       kind: "chat",
       ...OpenAIService.newId("chatcmpl"),
-      jobs: await this.constrain(this.jobs([promptIds], params, body.n ?? 1), spec),
+      jobs: await this.constrain(
+        this.jobs([promptIds], params, body.n ?? 1),
+        spec,
+        tools.grammar ? "tools" : body.structured_outputs ? "structured_outputs" : "response_format",
+      ),
       logprobs,
       includeUsage: body.stream_options?.include_usage === true,
       echo: false,

@@ -74,6 +74,19 @@ export const ResponseFormat = t.Union(
 );
 export type ResponseFormat = typeof ResponseFormat.static;
 
+export const StructuredOutputs = t.Object(
+  {
+    choice: t.Optional(t.Array(t.String({ minLength: 1 }), { minItems: 1, maxItems: 256 })),
+    regex: t.Optional(t.String({ minLength: 1, maxLength: 2000 })),
+    json: t.Optional(t.Record(t.String(), t.Unknown())),
+  },
+  {
+    ...strict,
+    description: "vLLM extra: exactly one of choice (one of these strings), regex, or json (a JSON schema).",
+  },
+);
+export type StructuredOutputs = typeof StructuredOutputs.static;
+
 const TokenIds = t.Array(T.Integer({ minimum: 0 }), { minItems: 1 });
 export const PromptSchema = t.Union(
   [
@@ -99,6 +112,7 @@ export const CompletionRequest = t.Object(
     ),
     suffix: t.Optional(t.Null({ description: "Not supported; must be null." })),
     response_format: t.Optional(t.Union([ResponseFormat, t.Null()], { description: "vLLM extra on completions." })),
+    structured_outputs: t.Optional(t.Union([StructuredOutputs, t.Null()])),
     ...samplingFields,
   },
   { ...strict, description: "OpenAI text completion request" },
@@ -174,6 +188,7 @@ export const ChatCompletionRequest = t.Object(
     top_logprobs: t.Optional(t.Union([T.Integer({ minimum: 0, maximum: 20 }), t.Null()])),
     add_generation_prompt: t.Optional(T.Boolean({ description: "vLLM extra. Default true." })),
     response_format: t.Optional(t.Union([ResponseFormat, t.Null()])),
+    structured_outputs: t.Optional(t.Union([StructuredOutputs, t.Null()])),
     tools: t.Optional(t.Union([t.Array(Tool, { maxItems: 128 }), t.Null()])),
     tool_choice: t.Optional(ToolChoice),
     parallel_tool_calls: t.Optional(t.Union([T.Boolean(), t.Null()])),

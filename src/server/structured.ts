@@ -5,7 +5,7 @@
 import Ajv2020 from "ajv/dist/2020.js";
 import type { GrammarSpec } from "../engine/grammar.ts";
 import { ApiError } from "./errors.ts";
-import type { ResponseFormat } from "./schemas.ts";
+import type { ResponseFormat, StructuredOutputs } from "./schemas.ts";
 
 /** Keywords that constrain what is generated (xgrammar's JSON-schema converter). */
 const CONSTRAINING = new Set([
@@ -129,4 +129,38 @@ export function grammarSpecOf(format: ResponseFormat | null | undefined): Gramma
       "response_format",
     );
   return { kind: "json_schema", schema };
+}
+
+const escapeRegex = (text: string) => text.replace(/[.*+?^${}()|[\]\\/]/g, "\\$&");
+
+/**
+ * The grammar a request asks for: response_format (OpenAI) or structured_outputs (vLLM's
+ * choice, regex or json), one of them; null when neither constrains the output.
+ */
+export function grammarSpecFor(body: {
+  response_format?: ResponseFormat | null;
+  structured_outputs?: StructuredOutputs | null;
+}): GrammarSpec | null {
+  const fromFormat = grammarSpecOf(body.response_format);
+  const so = body.structured_outputs;
+  if (!so) return fromFormat;
+  const given = (["choice", "regex", "json"] as const).filter((k) => so[k] !== undefined);
+  if (given.length !== 1) {
+    throw new ApiError(
+      400,
+      `structured_outputs takes exactly one of choice, regex and json (got ${given.length === 0 ? "none" : given.join(", ")})`,
+      "invalid_request_error",
+      "structured_outputs",
+    );
+  }
+  if (fromFormat !== null)
+    throw new ApiError(
+      400,
+      "response_format and structured_outputs both constrain the output; send one",
+      "invalid_request_error",
+      "structured_outputs",
+    );
+  if (so.choice) return { kind: "regex", pattern: `(${so.choice.map(escapeRegex).join("|")})` };
+  if (so.regex !== undefined) return { kind: "regex", pattern: so.regex };
+  return grammarSpecOf({ type: "json_schema", json_schema: { name: "structured_outputs", schema: so.json } });
 }

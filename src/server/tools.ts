@@ -53,7 +53,7 @@ export function toolModeOf(
     names.add(t.function.name);
   }
   if (choice === "auto") return { mode: { kind: "auto", family }, grammar: null };
-  if (body.response_format && body.response_format.type !== "text") {
+  if (body.structured_outputs || (body.response_format && body.response_format.type !== "text")) {
     throw new ApiError(
       400,
       "response_format and a tool_choice that forces a call both constrain the output; send one",
