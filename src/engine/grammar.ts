@@ -37,20 +37,20 @@ export type GrammarSpec =
   | { kind: "json_schema"; schema: Record<string, unknown> }
   | { kind: "regex"; pattern: string };
 
-export class GrammarService {
+/** Grammar workers: masks of different sequences are made in parallel (two cores here). */
+const GRAMMAR_WORKERS = 2;
+
+/** One worker thread running xgrammar, started (and initialised with the vocabulary) on first use. */
+class GrammarWorker {
   private worker: Worker | null = null;
   private ready: Promise<void> | null = null;
   private nextId = 0;
   private readonly pending = new Map<number, { resolve: (r: GrammarReply) => void; reject: (e: Error) => void }>();
-  private readonly jsonMatchers = new Set<number>();
+  openMatchers = 0;
 
-  constructor(
-    private readonly tokenizer: ModelTokenizer,
-    private readonly vocabSize: number,
-    private readonly stopTokenIds: number[],
-  ) {}
+  constructor(private readonly init: () => JobBody) {}
 
-  private post(body: JobBody): Promise<GrammarReply> {
+  post(body: JobBody): Promise<GrammarReply> {
     const worker = this.start();
     const id = this.nextId++;
     return new Promise<GrammarReply>((resolve, reject) => {
@@ -60,6 +60,14 @@ export class GrammarService {
       if (r.error) throw new GrammarError(r.error);
       return r;
     });
+  }
+
+  /** Posts `body` once the worker knows the vocabulary. */
+  async run(body: JobBody): Promise<GrammarReply> {
+    if (body.op === "close" && this.worker === null) return { id: -1 }; // nothing is open on a stopped worker
+    this.ready ??= this.post(this.init()).then(() => {});
+    await this.ready;
+    return this.post(body);
   }
 
   private start(): Worker {
@@ -76,6 +84,7 @@ export class GrammarService {
       this.pending.clear();
       this.worker = null;
       this.ready = null;
+      this.openMatchers = 0;
       worker.terminate();
     };
     worker.unref();
@@ -83,64 +92,97 @@ export class GrammarService {
     return worker;
   }
 
-  private init(): Promise<void> {
-    this.ready ??= (async () => {
-      const vocab = Array.from({ length: this.vocabSize }, (_, i) => this.tokenizer.idToToken(i) ?? "");
-      await this.post({
+  terminate(): void {
+    this.worker?.terminate();
+    this.worker = null;
+    this.ready = null;
+  }
+}
+
+export class GrammarService {
+  private readonly workers: GrammarWorker[];
+  private nextMatcher = 1;
+  /** Each open matcher: its worker, its id there, and whether its grammar is JSON. */
+  private readonly matchers = new Map<number, { worker: GrammarWorker; local: number; json: boolean }>();
+
+  constructor(
+    private readonly tokenizer: ModelTokenizer,
+    private readonly vocabSize: number,
+    private readonly stopTokenIds: number[],
+  ) {
+    let vocab: string[] | null = null;
+    const init = (): JobBody => {
+      vocab ??= Array.from({ length: this.vocabSize }, (_, i) => this.tokenizer.idToToken(i) ?? "");
+      return {
         op: "init",
         vocab,
         vocabType: this.tokenizer.vocabType,
         vocabSize: this.vocabSize,
         stopTokenIds: this.stopTokenIds,
-      });
-    })();
-    return this.ready;
+      };
+    };
+    this.workers = Array.from({ length: GRAMMAR_WORKERS }, () => new GrammarWorker(init));
   }
 
-  /** Compiles (or finds) the grammar for a spec; its key opens matchers. */
+  /** Compiles (or finds) the grammar for a spec on every worker; its key opens matchers. */
   async compile(spec: GrammarSpec): Promise<string> {
-    await this.init();
-    if (spec.kind === "regex") {
-      const key = `regex:${spec.pattern}`;
-      await this.post({ op: "compile", key, schema: null, regex: spec.pattern });
-      return key;
+    let job: JobBody;
+    if (spec.kind === "regex") job = { op: "compile", key: `regex:${spec.pattern}`, schema: null, regex: spec.pattern };
+    else {
+      const schema = JSON.stringify(spec.kind === "json_object" ? { type: "object" } : spec.schema);
+      job = { op: "compile", key: `json:${schema}`, schema, regex: null };
     }
-    const schema = JSON.stringify(spec.kind === "json_object" ? { type: "object" } : spec.schema);
-    const key = `json:${schema}`;
-    await this.post({ op: "compile", key, schema, regex: null });
-    return key;
+    await Promise.all(this.workers.map((w) => w.run(job)));
+    return (job as { key: string }).key;
   }
 
+  /** A matcher for a compiled grammar, on the worker with the fewest open. */
   async open(key: string): Promise<number> {
-    await this.init();
-    const matcher = (await this.post({ op: "open", key })).matcher!;
-    if (key.startsWith("json:")) this.jsonMatchers.add(matcher);
-    return matcher;
+    const worker = this.workers.reduce((a, w) => (w.openMatchers < a.openMatchers ? w : a));
+    worker.openMatchers += 1;
+    try {
+      const local = (await worker.run({ op: "open", key })).matcher!;
+      const id = this.nextMatcher++;
+      this.matchers.set(id, { worker, local, json: key.startsWith("json:") });
+      return id;
+    } catch (e) {
+      worker.openMatchers -= 1;
+      throw e;
+    }
+  }
+
+  private entry(matcher: number) {
+    const e = this.matchers.get(matcher);
+    if (!e) throw new GrammarError(`no grammar matcher ${matcher}`);
+    return e;
   }
 
   /** Whether a matcher's grammar is JSON (whose text may hold no raw control character). */
   isJson(matcher: number): boolean {
-    return this.jsonMatchers.has(matcher);
+    return this.matchers.get(matcher)?.json ?? false;
   }
 
   /** The tokens allowed next, as 32-bit words (bit t % 32 of word t / 32). */
   async mask(matcher: number): Promise<Int32Array> {
-    return (await this.post({ op: "mask", matcher })).mask!;
+    const e = this.entry(matcher);
+    return (await e.worker.run({ op: "mask", matcher: e.local })).mask!;
   }
 
   /** Advances the matcher by a sampled token; false if the grammar did not allow it. */
   async accept(matcher: number, token: number): Promise<boolean> {
-    return (await this.post({ op: "accept", matcher, token })).ok === true;
+    const e = this.entry(matcher);
+    return (await e.worker.run({ op: "accept", matcher: e.local, token })).ok === true;
   }
 
   close(matcher: number): void {
-    this.jsonMatchers.delete(matcher);
-    if (this.worker) void this.post({ op: "close", matcher }).catch(() => {});
+    const e = this.matchers.get(matcher);
+    if (!e) return;
+    this.matchers.delete(matcher);
+    e.worker.openMatchers = Math.max(0, e.worker.openMatchers - 1);
+    void e.worker.run({ op: "close", matcher: e.local }).catch(() => {});
   }
 
   terminate(): void {
-    this.worker?.terminate();
-    this.worker = null;
-    this.ready = null;
+    for (const w of this.workers) w.terminate();
   }
 }
