@@ -49,7 +49,8 @@ describe("ABI v5", () => {
     expect(l.tensor.size).toBe(48);
     expect(l.model.size).toBe(48);
     expect(l.batch.at.allowed_token_mask).toBe(160);
-    expect(l.batch.size).toBe(168);
+    expect(l.batch.at.masks_pending).toBe(168);
+    expect(l.batch.size).toBe(176);
     // Offsets increase in declaration order and stay inside the struct.
     for (const layout of Object.values(l)) {
       const offsets = Object.values(layout.at as Record<string, number>);
@@ -139,6 +140,37 @@ describe("ABI v5", () => {
         expect(masked.top).toBe(best); // the top alternative ignores the mask
         const free = maskedStep(prompt, null);
         expect(free.token).toBe(best);
+      } finally {
+        engine.native.freeBlocks(blocks);
+      }
+    });
+
+    test("masks written while the step runs: the engine waits for them before sampling", async () => {
+      const blocks = engine.native.allocateBlocks(1);
+      try {
+        const n = engine.native;
+        const b = n.batch;
+        const prompt = [1, 5, 9];
+        prompt.forEach((t, i) => {
+          b.tokenIds[i] = t;
+          b.positions[i] = i;
+          b.slotMapping[i] = i;
+        });
+        b.queryStartLoc[0] = 0;
+        b.queryStartLoc[1] = prompt.length;
+        b.seqLens[0] = prompt.length;
+        b.blockTables[0] = 0;
+        b.sampleIndices[0] = prompt.length - 1;
+        b.allowedTokenMask.fill(0, 0, b.maskWords); // empty: refused if sampled before the real mask
+        n.setCounts(prompt.length, 1, 1, false);
+        n.setSampling(0, { ...GREEDY_ROW, useMask: true });
+        n.setMasksPending(true);
+        const step = n.step();
+        await Bun.sleep(30);
+        b.allowedTokenMask[Math.floor(11 / 32)] = 1 << (11 % 32);
+        n.setMasksPending(false);
+        await step;
+        expect(b.outTokenIds[0]).toBe(11);
       } finally {
         engine.native.freeBlocks(blocks);
       }

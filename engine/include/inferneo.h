@@ -184,6 +184,9 @@ typedef struct ifn_batch {
     uint32_t _pad;
     uint32_t* allowed_token_mask; /* (max_num_seqs, mask_words): bit t % 32 of word t / 32 allows token t;
                                      read only for rows with use_mask = 1 (at least one bit set) */
+    uint32_t masks_pending;       /* non-zero: the caller is still writing mask rows; the step runs its forward
+                                     pass and waits (up to 10 s) for 0, stored atomically, before sampling */
+    uint32_t _pad2;
 } ifn_batch;
 
 typedef struct ifn_engine ifn_engine;

@@ -153,6 +153,10 @@ pub const Batch = extern struct {
     mask_words: u32, // 32-bit words a mask row holds: ceil(vocab_size / 32)
     _pad: u32 = 0,
     allowed_token_mask: [*]u32, // (max_num_seqs, mask_words): bit t % 32 of word t / 32 allows token t
+    // Non-zero: the caller is still writing masks; the engine runs the forward pass and waits
+    // (bounded) for 0 before sampling. Written atomically by the caller, read with acquire.
+    masks_pending: u32 = 0,
+    _pad2: u32 = 0,
 };
 
 /// The structs whose layout the library reports (ifn_struct_layout), by number.
@@ -164,5 +168,5 @@ comptime {
     std.debug.assert(@sizeOf(Tensor) == 48);
     std.debug.assert(@sizeOf(EngineConfig) == 40);
     std.debug.assert(@sizeOf(SamplingParams) == 72);
-    std.debug.assert(@sizeOf(Batch) == 16 + 11 * 8 + 8 + 5 * 8 + 8 + 8);
+    std.debug.assert(@sizeOf(Batch) == 16 + 11 * 8 + 8 + 5 * 8 + 8 + 8 + 8);
 }

@@ -22,6 +22,10 @@ pub fn KvType(comptime dtype: abi.DType) type {
     };
 }
 
+/// How long a step waits for its caller's token masks, and how often it looks.
+const masks_wait_max_ns: u64 = 10 * std.time.ns_per_s;
+const masks_poll_ns: u64 = 20 * std.time.ns_per_us;
+
 pub const Engine = struct {
     allocator: std.mem.Allocator,
     model: abi.ModelConfig,
@@ -268,12 +272,6 @@ pub const Engine = struct {
                 if (tok < 0 or tok >= e.model.vocab_size) return errors.fail(.invalid_argument, "row {d} history holds token {d}", .{ i, tok });
             }
             if (p.use_mask != 0 and p.use_mask != 1) return errors.fail(.invalid_argument, "row {d} use_mask is {d} (0 or 1)", .{ i, p.use_mask });
-            if (p.use_mask == 1) {
-                const words = b.allowed_token_mask[i * b.mask_words ..][0..b.mask_words];
-                var any: u32 = 0;
-                for (words) |w| any |= w;
-                if (any == 0) return errors.fail(.invalid_argument, "row {d} allows no token (its mask is empty)", .{i});
-            }
             if (p.bias_offset < 0 or p.bias_count < 0 or p.bias_count > abi.logit_bias_max or
                 @as(u64, @intCast(p.bias_offset)) + @as(u64, @intCast(p.bias_count)) > b.bias_capacity)
                 return errors.fail(.invalid_argument, "row {d} logit bias out of range", .{i});
@@ -287,7 +285,25 @@ pub const Engine = struct {
     pub fn step(e: *Engine) abi.Status {
         const status = e.validateBatch();
         if (status != .ok) return status;
-        forward.run(e);
+        return forward.run(e);
+    }
+
+    /// Waits until the caller has written this step's masks (bounded), then checks that every
+    /// masked row allows some token.
+    pub fn awaitMasks(e: *Engine) abi.Status {
+        const b = &e.batch;
+        var waited_ns: u64 = 0;
+        while (@atomicLoad(u32, &b.masks_pending, .acquire) != 0) {
+            if (waited_ns >= masks_wait_max_ns) return errors.fail(.internal, "the step's token masks did not come within {d} s", .{masks_wait_max_ns / std.time.ns_per_s});
+            std.time.sleep(masks_poll_ns);
+            waited_ns += masks_poll_ns;
+        }
+        for (0..b.num_samples) |i| {
+            if (b.sampling[i].use_mask != 1) continue;
+            var any: u32 = 0;
+            for (b.allowed_token_mask[i * b.mask_words ..][0..b.mask_words]) |w| any |= w;
+            if (any == 0) return errors.fail(.invalid_argument, "row {d} allows no token (its mask is empty)", .{i});
+        }
         return .ok;
     }
 

@@ -340,7 +340,10 @@ fn storeKv(comptime KV: type, dst: []KV, src: []const f32) void {
     if (KV == f32) @memcpy(dst, src) else for (dst, src) |*d, x| d.* = @floatCast(x);
 }
 
-pub fn run(e: *Engine) void {
+/// The forward pass and sampling of the step in e.batch. Sampling waits for the caller's
+/// masks when they are still being written (structured output), so they are made while
+/// the matmuls run.
+pub fn run(e: *Engine) abi.Status {
     const m = e.model;
     const b = e.batch;
     const s = &e.scratch;
@@ -376,11 +379,14 @@ pub fn run(e: *Engine) void {
 
     // Only the rows that are sampled go through the final norm and the LM head.
     const n_samples: usize = b.num_samples;
-    if (n_samples == 0) return;
+    if (n_samples == 0) return .ok;
     for (0..n_samples) |i| {
         const t: usize = @intCast(b.sample_indices[i]);
         kernels.rmsnorm(s.xs[i * hidden ..][0..hidden], s.x[t * hidden ..][0..hidden], e.weights.output_norm, m.rms_norm_eps);
     }
     matmul(e, b.logits[0 .. n_samples * @as(usize, m.vocab_size)], s.xs, n_samples, &.{e.weights.output});
+    const masks = e.awaitMasks();
+    if (masks != .ok) return masks;
     parallel(pool, n_samples, SampleCtx{ .e = e }, SampleCtx.body);
+    return .ok;
 }

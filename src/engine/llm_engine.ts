@@ -364,14 +364,12 @@ export class LLMEngine {
         continue;
       }
       this.stepObserver?.(scheduled);
-      const masks = await this.grammarMasks(scheduled);
-      // The observer may abort, and so may a client while masks are made; an aborted
-      // request has already given its blocks back.
+      // The observer may abort; an aborted request has already given its blocks back.
       scheduled = scheduled.filter((s) => !isFinished(s.req.status));
       if (scheduled.length === 0) continue;
       let sampled: SampledToken[];
       try {
-        sampled = await this.runner.execute(scheduled, false, masks);
+        sampled = await this.runner.execute(scheduled, false, this.grammarMasks(scheduled), this.overlapMasks);
       } catch (e) {
         for (const { req } of scheduled) this.finish(req, RequestStatus.FINISHED_ERROR, (e as Error).message);
         continue;
@@ -389,7 +387,14 @@ export class LLMEngine {
     }
   }
 
-  /** The allowed-token masks of the constrained requests that sample in this step (a failed one ends its request). */
+  /**
+   * Grammar masks are made while the forward pass runs only where cores are left for them;
+   * with every core in the compute pool, the mask workers would take them from the matmuls.
+   */
+  private get overlapMasks(): boolean {
+    return availableParallelism() > this.options.threads;
+  }
+
   private readonly guards = new Map<boolean, Utf8Guard>();
   /** Built on first use (it reads every token's bytes once); JSON also bans raw control characters. */
   private utf8Guard(json: boolean): Utf8Guard {
@@ -401,21 +406,28 @@ export class LLMEngine {
     return g;
   }
 
-  private async grammarMasks(scheduled: readonly ScheduledRequest[]): Promise<Map<Request, Int32Array>> {
-    const masks = new Map<Request, Int32Array>();
-    const constrained = scheduled.filter(
-      ({ req, numNewTokens }) => req.matcher !== null && req.numComputedTokens + numNewTokens === req.numTokens,
-    );
-    await Promise.all(
-      constrained.map(async ({ req }) => {
-        try {
-          const guard = this.utf8Guard(this.grammar.isJson(req.matcher!));
-          masks.set(req, guard.apply(await this.grammar.mask(req.matcher!), req.utf8State));
-        } catch (e) {
-          this.finish(req, RequestStatus.FINISHED_ERROR, (e as Error).message);
-        }
-      }),
-    );
+  /**
+   * The allowed-token masks of the constrained requests that sample in this step, as they
+   * come (made while the step's forward pass runs). A mask that fails ends its request
+   * once the step is done; its row then allows every token and its sample is dropped.
+   */
+  private grammarMasks(scheduled: readonly ScheduledRequest[]): Map<Request, Promise<Int32Array | null>> {
+    const masks = new Map<Request, Promise<Int32Array | null>>();
+    for (const { req, numNewTokens } of scheduled) {
+      if (req.matcher === null || req.numComputedTokens + numNewTokens !== req.numTokens) continue;
+      const matcher = req.matcher;
+      const guard = this.utf8Guard(this.grammar.isJson(matcher));
+      masks.set(
+        req,
+        this.grammar.mask(matcher).then(
+          (m) => guard.apply(m, req.utf8State),
+          (e: Error) => {
+            queueMicrotask(() => this.finish(req, RequestStatus.FINISHED_ERROR, e.message));
+            return null;
+          },
+        ),
+      );
+    }
     return masks;
   }
 

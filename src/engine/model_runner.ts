@@ -18,11 +18,11 @@ export class ModelRunner {
   ) {}
 
   /** Fills the step descriptor; returns the requests whose last token is in this step (they sample). */
-  /** masks: the allowed-token bitmask of each sampling request that has a grammar. */
+  /** masked: the sampling requests whose rows take a grammar's bitmask (written by writeMask). */
   private prepare(
     scheduled: readonly ScheduledRequest[],
     returnLogits: boolean,
-    masks: ReadonlyMap<Request, Int32Array>,
+    masked: ReadonlySet<Request>,
   ): Request[] {
     const b = this.engine.batch;
     const bs = this.blockSizeTokens;
@@ -56,8 +56,8 @@ export class ModelRunner {
       b.logitBiasIds.set(req.biasIds, biasCursor);
       b.logitBiasValues.set(req.biasValues, biasCursor);
       biasCursor += req.biasIds.length;
-      const mask = masks.get(req);
-      if (mask) b.allowedTokenMask.set(new Uint32Array(mask.buffer, mask.byteOffset, b.maskWords), row * b.maskWords);
+      const mask = masked.has(req);
+      if (mask) this.rowOf.set(req, row);
       // min_tokens: the tokens that would end the request are banned until it has that many
       // (not under a grammar: where it allows only the end, the end comes).
       if (req.numOutputTokens < p.minTokens && !mask) {
@@ -84,7 +84,7 @@ export class ModelRunner {
         historyLen: penalties ? req.tokenIds.length : 0,
         biasOffset,
         biasCount: biasCursor - biasOffset,
-        useMask: mask !== undefined,
+        useMask: mask,
       });
       sampled.push(req);
     });
@@ -114,20 +114,54 @@ export class ModelRunner {
     });
   }
 
-  /** Runs on the engine thread; the event loop stays free. */
+  /** Rows of this step's masked requests (valid from execute until the step ends). */
+  private readonly rowOf = new Map<Request, number>();
+
+  /**
+   * Runs on the engine thread; the event loop stays free. Masked requests' rows are filled
+   * by `masks`: while the forward pass runs (overlap: the engine waits for them only before
+   * sampling), or before the step starts where masks and matmuls would share the same cores.
+   */
   async execute(
     scheduled: readonly ScheduledRequest[],
     returnLogits = false,
-    masks: ReadonlyMap<Request, Int32Array> = new Map(),
+    masks: ReadonlyMap<Request, Promise<Int32Array | null>> = new Map(),
+    overlap = true,
   ): Promise<SampledToken[]> {
-    const sampled = this.prepare(scheduled, returnLogits, masks);
-    await this.engine.step();
+    this.rowOf.clear();
+    const sampled = this.prepare(scheduled, returnLogits, new Set(masks.keys()));
+    if (!overlap) {
+      await Promise.all([...masks].map(async ([req, mask]) => this.writeMask(this.rowOf.get(req), await mask)));
+      this.engine.setMasksPending(false);
+      await this.engine.step();
+      return this.collect(sampled, returnLogits);
+    }
+    this.engine.setMasksPending(masks.size > 0);
+    const step = this.engine.step();
+    if (masks.size > 0) {
+      try {
+        await Promise.all([...masks].map(async ([req, mask]) => this.writeMask(this.rowOf.get(req), await mask)));
+      } finally {
+        this.engine.setMasksPending(false);
+      }
+    }
+    await step;
     return this.collect(sampled, returnLogits);
+  }
+
+  /** A row's mask; null (its grammar failed) allows every token: the request is ended anyway. */
+  private writeMask(row: number | undefined, mask: Int32Array | null): void {
+    if (row === undefined) return;
+    const b = this.engine.batch;
+    const dest = b.allowedTokenMask.subarray(row * b.maskWords, (row + 1) * b.maskWords);
+    if (mask === null) dest.fill(0xffffffff);
+    else dest.set(new Uint32Array(mask.buffer, mask.byteOffset, b.maskWords));
   }
 
   /** Runs on the calling thread (tools and tests that want no event loop in between). */
   executeSync(scheduled: readonly ScheduledRequest[], returnLogits = false): SampledToken[] {
-    const sampled = this.prepare(scheduled, returnLogits, new Map());
+    const sampled = this.prepare(scheduled, returnLogits, new Set());
+    this.engine.setMasksPending(false);
     this.engine.stepSync();
     return this.collect(sampled, returnLogits);
   }

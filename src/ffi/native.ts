@@ -281,6 +281,8 @@ const STRUCT_FIELDS = {
     "mask_words",
     "_pad",
     "allowed_token_mask",
+    "masks_pending",
+    "_pad2",
   ],
 } as const;
 type StructName = keyof typeof STRUCT_FIELDS;
@@ -419,6 +421,7 @@ export class NativeEngine {
   private handle: Pointer | null;
   private readonly header: DataView;
   private readonly batchLayout: StructLayout<"batch">;
+  private readonly masksPending: Int32Array; // over the batch's masks_pending field
   private readonly sampling: StructWriter<"sampling">;
   private callback: JSCallback | null = null;
   private pendingStep: { resolve: (status: number) => void } | null = null;
@@ -450,6 +453,7 @@ export class NativeEngine {
     if (batchPtr === null) throw new EngineError(Status.INTERNAL, "engine returned no batch descriptor");
     const L = (this.batchLayout = structLayouts().batch);
     this.header = new DataView(toArrayBuffer(batchPtr, 0, L.size));
+    this.masksPending = new Int32Array(this.header.buffer, L.at.masks_pending, 1);
     const s = config.maxNumSeqs;
     const t32 = config.maxNumBatchedTokens;
     const view = <T>(field: FieldOf<"batch">, count: number, Ctor: new (b: ArrayBuffer) => T): T =>
@@ -487,6 +491,15 @@ export class NativeEngine {
 
   get kvCacheBytes(): number {
     return Number(load().ifn_engine_kv_cache_bytes(this.ptr));
+  }
+
+  /**
+   * Says whether mask rows are still being written: a step started while pending runs its
+   * forward pass and waits for false before sampling. A sequentially consistent store, so
+   * the rows written before it are seen by the engine thread.
+   */
+  setMasksPending(pending: boolean): void {
+    Atomics.store(this.masksPending, 0, pending ? 1 : 0);
   }
 
   setCounts(numTokens: number, numSeqs: number, numSamples: number, returnLogits: boolean): void {
