@@ -42,7 +42,11 @@ export type ChatCompletionChunk = {
   model: string;
   choices: {
     index: number;
-    delta: { role?: "assistant"; content?: string };
+    delta: {
+      role?: "assistant";
+      content?: string;
+      tool_calls?: { index: number; id: string; type: "function"; function: { name: string; arguments: string } }[];
+    };
     finish_reason: string | null;
     logprobs: unknown;
   }[];
