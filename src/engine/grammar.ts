@@ -2,6 +2,7 @@
 // and each constrained sequence has a matcher that says which tokens may come next
 // (vLLM's bitmask, one bit a token). xgrammar's WASM build does the work on a worker
 // thread (grammar_worker.ts); this class is its main-thread face.
+import { JobWorker } from "../model/job_worker.ts";
 import type { ModelTokenizer } from "../model/tokenizer.ts";
 
 export type GrammarJob =
@@ -40,61 +41,41 @@ export type GrammarSpec =
 /** Grammar workers: masks of different sequences are made in parallel (two cores here). */
 const GRAMMAR_WORKERS = 2;
 
-/** One worker thread running xgrammar, started (and initialised with the vocabulary) on first use. */
+/** One worker thread running xgrammar, initialised with the vocabulary before its first job. */
 class GrammarWorker {
-  private worker: Worker | null = null;
   private ready: Promise<void> | null = null;
-  private nextId = 0;
-  private readonly pending = new Map<number, { resolve: (r: GrammarReply) => void; reject: (e: Error) => void }>();
   openMatchers = 0;
+  private readonly worker: JobWorker<GrammarReply>;
 
-  constructor(private readonly init: () => JobBody) {}
+  constructor(private readonly init: () => JobBody) {
+    this.worker = new JobWorker<GrammarReply>(
+      new URL("./grammar_worker.ts", import.meta.url),
+      // An abort inside xgrammar: everything the worker held is gone; the next job starts afresh.
+      (message) => new GrammarError(`the grammar engine failed: ${message}`),
+      undefined,
+      () => {
+        this.ready = null;
+        this.openMatchers = 0;
+      },
+    );
+  }
 
-  post(body: JobBody): Promise<GrammarReply> {
-    const worker = this.start();
-    const id = this.nextId++;
-    return new Promise<GrammarReply>((resolve, reject) => {
-      this.pending.set(id, { resolve, reject });
-      worker.postMessage({ ...body, id });
-    }).then((r) => {
-      if (r.error) throw new GrammarError(r.error);
-      return r;
-    });
+  private async post(body: JobBody): Promise<GrammarReply> {
+    const r = await this.worker.post(body);
+    if (r.error) throw new GrammarError(r.error);
+    return r;
   }
 
   /** Posts `body` once the worker knows the vocabulary. */
   async run(body: JobBody): Promise<GrammarReply> {
-    if (body.op === "close" && this.worker === null) return { id: -1 }; // nothing is open on a stopped worker
+    if (body.op === "close" && !this.worker.running) return { id: -1 }; // nothing is open on a stopped worker
     this.ready ??= this.post(this.init()).then(() => {});
     await this.ready;
     return this.post(body);
   }
 
-  private start(): Worker {
-    if (this.worker) return this.worker;
-    const worker = new Worker(new URL("./grammar_worker.ts", import.meta.url).href);
-    worker.onmessage = (event: MessageEvent<GrammarReply>) => {
-      const p = this.pending.get(event.data.id);
-      this.pending.delete(event.data.id);
-      p?.resolve(event.data);
-    };
-    worker.onerror = (event) => {
-      // An abort inside xgrammar: everything it held is gone; the next job starts afresh.
-      for (const p of this.pending.values()) p.reject(new GrammarError(`the grammar engine failed: ${event.message}`));
-      this.pending.clear();
-      this.worker = null;
-      this.ready = null;
-      this.openMatchers = 0;
-      worker.terminate();
-    };
-    worker.unref();
-    this.worker = worker;
-    return worker;
-  }
-
   terminate(): void {
-    this.worker?.terminate();
-    this.worker = null;
+    this.worker.terminate();
     this.ready = null;
   }
 }

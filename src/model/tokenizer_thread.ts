@@ -1,6 +1,7 @@
 // Tokenizing off the event loop: small inputs are tokenized in place (a worker round
 // trip costs more than they do), large ones on one worker thread that holds its own
 // copy of the tokenizer. The worker starts on first use and never keeps the process alive.
+import { JobWorker } from "./job_worker.ts";
 import type { ChatMessage, ModelTokenizer } from "./tokenizer.ts";
 
 /** Inputs up to this many characters are tokenized on the calling thread (about 3 ms). */
@@ -23,11 +24,15 @@ export class TokenizeError extends Error {}
 export class TokenizerBusyError extends Error {}
 
 export class TokenizerThread {
-  private worker: Worker | null = null;
-  private nextId = 0;
-  private readonly pending = new Map<number, { resolve: (ids: number[]) => void; reject: (e: Error) => void }>();
+  private readonly worker: JobWorker<TokenizeResult>;
 
-  constructor(private readonly tokenizer: ModelTokenizer) {}
+  constructor(private readonly tokenizer: ModelTokenizer) {
+    this.worker = new JobWorker<TokenizeResult>(
+      new URL("./tokenizer_worker.ts", import.meta.url),
+      (message) => new Error(`the tokenizer thread failed: ${message}`),
+      (w) => w.postMessage({ init: tokenizer.source }),
+    );
+  }
 
   async encode(text: string, addSpecialTokens = true): Promise<number[]> {
     if (text.length <= IN_PLACE_CHARS_MAX) return this.tokenizer.encode(text, addSpecialTokens);
@@ -46,40 +51,16 @@ export class TokenizerThread {
     return this.run({ kind: "chat", messages, addGenerationPrompt, tools });
   }
 
-  private run(job: JobBody): Promise<number[]> {
-    if (this.pending.size >= WORKER_JOBS_MAX)
-      return Promise.reject(new TokenizerBusyError(`${WORKER_JOBS_MAX} large inputs are already being tokenized`));
-    const id = this.nextId++;
-    const promise = new Promise<number[]>((resolve, reject) => this.pending.set(id, { resolve, reject }));
-    this.start().postMessage({ ...job, id });
-    return promise;
-  }
-
-  private start(): Worker {
-    if (this.worker) return this.worker;
-    const worker = new Worker(new URL("./tokenizer_worker.ts", import.meta.url).href);
-    worker.postMessage({ init: this.tokenizer.source });
-    worker.onmessage = (event: MessageEvent<TokenizeResult>) => {
-      const r = event.data;
-      const p = this.pending.get(r.id);
-      this.pending.delete(r.id);
-      if (!p) return;
-      if ("ids" in r) p.resolve(r.ids);
-      else p.reject(new TokenizeError(r.error));
-    };
-    worker.onerror = (event) => {
-      // A crashed worker fails what it held; the next job starts a fresh one.
-      for (const p of this.pending.values()) p.reject(new Error(`the tokenizer thread failed: ${event.message}`));
-      this.pending.clear();
-      this.worker = null;
-    };
-    worker.unref();
-    this.worker = worker;
-    return worker;
+  private async run(job: JobBody): Promise<number[]> {
+    if (this.worker.numPending >= WORKER_JOBS_MAX) {
+      throw new TokenizerBusyError(`${WORKER_JOBS_MAX} large inputs are already being tokenized`);
+    }
+    const r = await this.worker.post(job);
+    if ("ids" in r) return r.ids;
+    throw new TokenizeError(r.error);
   }
 
   terminate(): void {
-    this.worker?.terminate();
-    this.worker = null;
+    this.worker.terminate();
   }
 }
