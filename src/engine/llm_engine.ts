@@ -184,6 +184,7 @@ export class LLMEngine {
     );
     this.runner = new ModelRunner(this.native, bs, model.spec.eosTokenIds);
     this.grammar = new GrammarService(model.tokenizer, c.vocabSize, model.spec.eosTokenIds);
+    this.overlapMasks = availableParallelism() > options.threads;
     this.metrics = new EngineMetrics(
       { numRunning: () => this.numRunning, numWaiting: () => this.numWaiting, kvCacheUsage: () => this.kv.usage },
       options.servedModelName ?? "model",
@@ -391,9 +392,7 @@ export class LLMEngine {
    * Grammar masks are made while the forward pass runs only where cores are left for them;
    * with every core in the compute pool, the mask workers would take them from the matmuls.
    */
-  private get overlapMasks(): boolean {
-    return availableParallelism() > this.options.threads;
-  }
+  private readonly overlapMasks: boolean;
 
   private readonly guards = new Map<boolean, Utf8Guard>();
   /** Built on first use (it reads every token's bytes once); JSON also bans raw control characters. */
@@ -441,7 +440,7 @@ export class LLMEngine {
     // The grammar follows every token; it allowed this one, and its next mask will follow.
     if (req.matcher !== null) {
       void this.grammar.accept(req.matcher, s.tokenId).catch(() => {});
-      req.utf8State = this.utf8Guard(true).next(req.utf8State, s.tokenId);
+      req.utf8State = this.utf8Guard(this.grammar.isJson(req.matcher)).next(req.utf8State, s.tokenId);
     }
     req.tokenIds.push(s.tokenId);
     const now = performance.now();

@@ -130,17 +130,18 @@ export class ModelRunner {
   ): Promise<SampledToken[]> {
     this.rowOf.clear();
     const sampled = this.prepare(scheduled, returnLogits, new Set(masks.keys()));
-    if (!overlap) {
-      await Promise.all([...masks].map(async ([req, mask]) => this.writeMask(this.rowOf.get(req), await mask)));
-      this.engine.setMasksPending(false);
-      await this.engine.step();
-      return this.collect(sampled, returnLogits);
+    const write = () =>
+      Promise.all([...masks].map(async ([req, mask]) => this.writeMask(this.rowOf.get(req), await mask)));
+    let pending = masks.size > 0;
+    if (pending && !overlap) {
+      await write();
+      pending = false;
     }
-    this.engine.setMasksPending(masks.size > 0);
+    this.engine.setMasksPending(pending);
     const step = this.engine.step();
-    if (masks.size > 0) {
+    if (pending) {
       try {
-        await Promise.all([...masks].map(async ([req, mask]) => this.writeMask(this.rowOf.get(req), await mask)));
+        await write();
       } finally {
         this.engine.setMasksPending(false);
       }

@@ -81,7 +81,7 @@ export class ModelTokenizer {
     if (this.vocabType === "byte_level")
       return Uint8Array.from([...piece].map((ch) => BYTE_LEVEL_DECODE.get(ch) ?? 0x3f));
     const byte = /^<0x([0-9A-Fa-f]{2})>$/.exec(piece);
-    if (byte && this.vocabType === "byte_fallback") return Uint8Array.of(parseInt(byte[1], 16));
+    if (byte) return Uint8Array.of(parseInt(byte[1], 16));
     return new TextEncoder().encode(piece.replaceAll("\u2581", " "));
   }
 

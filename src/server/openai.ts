@@ -221,10 +221,7 @@ export class OpenAIService {
   }
 
   private tokenBytes(id: number): number[] {
-    const piece = this.tok.idToToken(id) ?? "";
-    const byte = /^<0x([0-9A-Fa-f]{2})>$/.exec(piece);
-    if (byte) return [parseInt(byte[1], 16)];
-    return [...Buffer.from(this.tokenText(id), "utf8")];
+    return [...this.tok.tokenBytes(id)];
   }
 
   private params(

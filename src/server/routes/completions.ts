@@ -38,12 +38,23 @@ export function completionRoutes({ state, options, guard }: ServerContext) {
       })();
       return sse(chunks, running.cancel, options.heartbeatMs);
     }
-    // A long answer computes for longer than the idle timeout with nothing to send:
-    // lift the timeout for it, and abort its work if the client leaves.
+    return Response.json(await whole(running, request, server, () => service.collect(running)));
+  }
+
+  /**
+   * A non-streamed answer computes for longer than the idle timeout with nothing to send:
+   * lift the timeout for it, abort its work if the client leaves, charge it however it ends.
+   */
+  async function whole<T>(
+    running: Running,
+    request: Request,
+    server: Server<unknown> | null,
+    fold: () => Promise<T>,
+  ): Promise<T> {
     server?.timeout(request, 0);
     request.signal.addEventListener("abort", running.cancel);
     try {
-      return Response.json(await service.collect(running));
+      return await fold();
     } finally {
       charge(request, running);
     }
@@ -86,13 +97,8 @@ export function completionRoutes({ state, options, guard }: ServerContext) {
       async ({ body, request, server }) => {
         const service = state.serving();
         const running = service.start(await service.prepareBatch(body));
-        server?.timeout(request, 0);
-        request.signal.addEventListener("abort", running.cancel);
-        try {
-          return { object: "list" as const, data: await service.collectBatch(running, body.n ?? 1) };
-        } finally {
-          charge(request, running);
-        }
+        const data = await whole(running, request, server, () => service.collectBatch(running, body.n ?? 1));
+        return { object: "list" as const, data };
       },
       {
         body: BatchCompletionRequest,
