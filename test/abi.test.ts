@@ -99,8 +99,8 @@ describe("ABI v5", () => {
     });
     afterAll(async () => engine?.shutdown());
 
-    /** One greedy step over `prompt` (a fresh sequence in block 0) with row 0 masked to `allowed`. */
-    function maskedStep(prompt: number[], allowed: number[] | null) {
+    /** Fills a greedy one-sequence step over `prompt` (a fresh sequence in block 0), row 0 masked to `allowed`. */
+    function fillStep(prompt: number[], allowed: number[] | null): void {
       const n = engine.native;
       const b = n.batch;
       prompt.forEach((t, i) => {
@@ -118,7 +118,13 @@ describe("ABI v5", () => {
       for (const t of allowed ?? []) row[t >>> 5] |= 1 << (t & 31);
       n.setCounts(prompt.length, 1, 1, false);
       n.setSampling(0, { ...GREEDY_ROW, useMask: allowed !== null });
-      n.stepSync();
+    }
+
+    /** One greedy step, run on this thread, with row 0 masked to `allowed`. */
+    function maskedStep(prompt: number[], allowed: number[] | null) {
+      const b = engine.native.batch;
+      fillStep(prompt, allowed);
+      engine.native.stepSync();
       return { token: b.outTokenIds[0], logprob: b.outLogprobs[0], top: b.outTopIds[0] };
     }
 
@@ -150,20 +156,7 @@ describe("ABI v5", () => {
       try {
         const n = engine.native;
         const b = n.batch;
-        const prompt = [1, 5, 9];
-        prompt.forEach((t, i) => {
-          b.tokenIds[i] = t;
-          b.positions[i] = i;
-          b.slotMapping[i] = i;
-        });
-        b.queryStartLoc[0] = 0;
-        b.queryStartLoc[1] = prompt.length;
-        b.seqLens[0] = prompt.length;
-        b.blockTables[0] = 0;
-        b.sampleIndices[0] = prompt.length - 1;
-        b.allowedTokenMask.fill(0, 0, b.maskWords); // empty: refused if sampled before the real mask
-        n.setCounts(prompt.length, 1, 1, false);
-        n.setSampling(0, { ...GREEDY_ROW, useMask: true });
+        fillStep([1, 5, 9], []); // an empty mask: refused if sampled before the real one
         n.setMasksPending(true);
         const step = n.step();
         await Bun.sleep(30);

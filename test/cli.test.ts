@@ -4,17 +4,13 @@ import { describe, expect, setDefaultTimeout, test } from "bun:test";
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { runCli } from "./helpers/cli.ts";
 import { EMBEDDED_GGUF, goldens, SHARED, stories } from "./helpers/engine.ts";
 
 // Model loads, servers and browsers take seconds on two cores; `bun test` alone defaults to 5 s.
 setDefaultTimeout(60_000);
 
-const CLI = join(import.meta.dir, "..", "src", "cli.ts");
-
-function run(args: string[]) {
-  const r = Bun.spawnSync([process.execPath, CLI, ...args], { stdout: "pipe", stderr: "pipe" });
-  return { code: r.exitCode, stdout: r.stdout.toString(), stderr: r.stderr.toString() };
-}
+const run = (args: string[]) => runCli(args);
 
 describe.skipIf(SHARED === null)("inferneo generate (stories260K)", () => {
   test("greedy from the HF folder prints the golden continuation and a figures line", () => {

@@ -13,6 +13,7 @@ import { join, relative } from "node:path";
 import YAML from "yaml";
 import { parseServeArgs, serveConfig } from "../src/server/serve.ts";
 import { makeWeights, TINY, writeHfModel } from "./helpers/random_llama.ts";
+import { runCli } from "./helpers/cli.ts";
 import { startTestServer, type TestServer } from "./helpers/server.ts";
 
 setDefaultTimeout(60_000);
@@ -297,28 +298,20 @@ describe("engine builds per CPU level (what an image carries)", () => {
   test.skipIf(!existsSync(portable))("the x86-64-v3 build (no AVX-512) gives run.c's greedy text", async () => {
     const { EMBEDDED_GGUF, goldens } = await import("./helpers/engine.ts");
     const g = goldens()[0];
-    const r = Bun.spawnSync(
-      [
-        process.execPath,
-        join(ROOT, "src", "cli.ts"),
-        "generate",
-        "--model",
-        EMBEDDED_GGUF,
-        "--prompt",
-        g.prompt,
-        "--max-tokens",
-        "64",
-        "--temperature",
-        "0",
-      ],
-      {
-        env: { ...process.env, INFERNEO_LIB: portable },
-        stdout: "pipe",
-        stderr: "pipe",
-      },
-    );
-    expect(r.exitCode).toBe(0);
-    const text = r.stdout.toString().trimEnd();
+    const args = [
+      "generate",
+      "--model",
+      EMBEDDED_GGUF,
+      "--prompt",
+      g.prompt,
+      "--max-tokens",
+      "64",
+      "--temperature",
+      "0",
+    ];
+    const r = runCli(args, { ...process.env, INFERNEO_LIB: portable });
+    expect(r.code).toBe(0);
+    const text = r.stdout.trimEnd();
     expect(text.length).toBeGreaterThan(100);
     expect(g.completion_text_all!.startsWith(text)).toBe(true);
   });
