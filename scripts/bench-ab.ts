@@ -10,6 +10,7 @@
 import { availableParallelism } from "node:os";
 import { resolve } from "node:path";
 import { parseArgs } from "node:util";
+import { GREEDY_ROW } from "../src/ffi/native.ts";
 import { loadModel } from "../src/model/load.ts";
 
 const { values } = parseArgs({
@@ -75,23 +76,7 @@ function step(side: Side, pos: number): void {
   b.seqLens[0] = pos + 1;
   b.blockTables.set(side.blocks, 0);
   b.sampleIndices[0] = 0;
-  n.setSampling(0, {
-    temperature: 0,
-    topP: 1,
-    minP: 0,
-    topK: 0,
-    presencePenalty: 0,
-    frequencyPenalty: 0,
-    repetitionPenalty: 1,
-    numTopLogprobs: 0,
-    seed: 0n,
-    drawIndex: 0,
-    historyOffset: 0,
-    historyPromptLen: 0,
-    historyLen: 0,
-    biasOffset: 0,
-    biasCount: 0,
-  });
+  n.setSampling(0, GREEDY_ROW);
   n.setCounts(1, 1, 1, false);
   const t = performance.now();
   n.stepSync();

@@ -6,7 +6,7 @@ import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { LLMEngine } from "../src/engine/llm_engine.ts";
-import { DType, NativeEngine, structLayouts, type SamplingRow } from "../src/ffi/native.ts";
+import { DType, GREEDY_ROW as GREEDY, NativeEngine, structLayouts, type SamplingRow } from "../src/ffi/native.ts";
 import { specFromHfFolder } from "../src/model/config.ts";
 import { nextTokenLogits } from "./helpers/engine.ts";
 import { makeWeights, TINY, writeHfModel } from "./helpers/random_llama.ts";
@@ -20,24 +20,8 @@ beforeAll(() => {
 });
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
 
-const GREEDY_ROW: SamplingRow = {
-  temperature: 0,
-  topP: 1,
-  minP: 0,
-  topK: 0,
-  presencePenalty: 0,
-  frequencyPenalty: 0,
-  repetitionPenalty: 1,
-  numTopLogprobs: 1,
-  seed: 1n,
-  drawIndex: 0,
-  historyOffset: 0,
-  historyPromptLen: 0,
-  historyLen: 0,
-  biasOffset: 0,
-  biasCount: 0,
-  useMask: false,
-};
+// Greedy, with one alternative reported.
+const GREEDY_ROW: SamplingRow = { ...GREEDY, numTopLogprobs: 1, seed: 1n };
 
 describe("ABI v5", () => {
   test("the library reports each struct's size and field offsets, and they are what the header declares", () => {

@@ -102,6 +102,26 @@ export interface SamplingRow {
   useMask: boolean; // draw only tokens allowed by this row of batch.allowedTokenMask
 }
 
+/** A greedy row with nothing else on: tools and tests fill from it. */
+export const GREEDY_ROW: SamplingRow = {
+  temperature: 0,
+  topP: 1,
+  minP: 0,
+  topK: 0,
+  presencePenalty: 0,
+  frequencyPenalty: 0,
+  repetitionPenalty: 1,
+  numTopLogprobs: 0,
+  seed: 0n,
+  drawIndex: 0,
+  historyOffset: 0,
+  historyPromptLen: 0,
+  historyLen: 0,
+  biasOffset: 0,
+  biasCount: 0,
+  useMask: false,
+};
+
 export class EngineError extends Error {
   constructor(
     readonly status: number,
