@@ -24,7 +24,6 @@ export type GrammarReply = {
   error?: string;
   matcher?: number;
   ok?: boolean;
-  terminated?: boolean;
   mask?: Int32Array;
 };
 type JobBody = GrammarJob extends infer J ? (J extends { id: number } ? Omit<J, "id"> : never) : never;

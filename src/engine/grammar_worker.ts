@@ -54,7 +54,7 @@ async function handle(job: GrammarJob): Promise<GrammarReply> {
     case "accept": {
       const m = matchers.get(job.matcher);
       const ok = m ? m.acceptToken(job.token) : false;
-      return { id: job.id, ok, terminated: m?.isTerminated() ?? true };
+      return { id: job.id, ok };
     }
     case "mask": {
       const m = matchers.get(job.matcher);
