@@ -149,7 +149,9 @@ describe("LoadBalancedClient strategies", () => {
       );
       await Bun.sleep(100);
       const lb = new LoadBalancedClient([busy.url, idle.url], { strategy: "least-loaded" });
-      const before = busy.server.engine.metrics.requestSuccess;
+      // Prompt tokens count at arrival: busy's total moves only if a short request reaches it
+      // (its long ones all arrived before, and may finish meanwhile).
+      const before = busy.server.engine.metrics.promptTokens;
       const servedBefore = (await before.get()).values.reduce((a, v) => a + v.value, 0);
       for (let i = 0; i < 6; i++) await lb.completions.create({ model: M, prompt: `short ${i}`, max_tokens: 2 });
       const idleServed = (await idle.server.engine.metrics.requestSuccess.get()).values.reduce(
