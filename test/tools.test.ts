@@ -10,7 +10,7 @@ import { join } from "node:path";
 import OpenAI from "openai";
 import { zodFunction, zodResponseFormat } from "openai/helpers/zod";
 import { z } from "zod";
-import { parseAutoCalls, ToolCallStream, toolFamilyOf } from "../src/server/tools.ts";
+import { parseAutoCalls, ToolCallStream, toolFamilyOf, type ToolCallDelta } from "../src/server/tools.ts";
 import { makeWeights, TINY, writeHfModel } from "./helpers/random_llama.ts";
 import { postJson, settled, startTestServer, type TestServer } from "./helpers/server.ts";
 
@@ -54,16 +54,56 @@ describe("tool-call syntax by template family", () => {
 
   test("streaming in auto mode: plain text flows, a marker's prefix is held, calls go out whole at the end", () => {
     const plain = new ToolCallStream({ kind: "auto", family: "hermes" });
-    expect(plain.push("Hello")).toBe("Hello");
-    expect(plain.push(" <tool")).toBe(" "); // could still become <tool_call>
-    expect(plain.push("box>")).toBe("<toolbox>");
-    expect(plain.finish()).toEqual({ content: "", calls: [] });
+    expect(plain.push("Hello").content).toBe("Hello");
+    expect(plain.push(" <tool").content).toBe(" "); // could still become <tool_call>
+    expect(plain.push("box>").content).toBe("<toolbox>");
+    expect(plain.finish()).toEqual({ content: "", calls: [], called: false });
     const call = new ToolCallStream({ kind: "auto", family: "hermes" });
-    expect(call.push("Sure. <tool_")).toBe("Sure. ");
-    expect(call.push('call>{"name": "f", "arguments": {}}')).toBe("");
+    expect(call.push("Sure. <tool_").content).toBe("Sure. ");
+    expect(call.push('call>{"name": "f", "arguments": {}}')).toEqual({ content: "", calls: [] });
     const end = call.finish();
     expect(end.content).toBe("");
-    expect(end.calls.map((c) => c.function.name)).toEqual(["f"]);
+    expect(end.called).toBe(true);
+    expect(end.calls.map((c) => [c.index, c.function.name, c.function.arguments])).toEqual([[0, "f", "{}"]]);
+  });
+
+  // Folds streamed pieces the way a client does: by index, the first piece naming the call.
+  const fold = (pieces: ToolCallDelta[]) => {
+    const calls: { id: string; name: string; arguments: string }[] = [];
+    for (const d of pieces) {
+      if (d.id !== undefined) {
+        expect(calls.length).toBe(d.index); // a call's header comes once, in order
+        calls.push({ id: d.id, name: d.function.name!, arguments: "" });
+      }
+      calls[d.index].arguments += d.function.arguments;
+    }
+    return calls.map(({ name, arguments: args }) => [name, args]);
+  };
+
+  test("forced output streams each call's name, then its argument text as written, however it is cut", () => {
+    const text =
+      String.raw`[{"name":"get_weather","parameters":{"city":"a,}\\\"b\"","days":3}},` +
+      String.raw`{"name":"set_alarm","parameters":{"hour":7e0,"on":true}}]`;
+    const want = [
+      ["get_weather", String.raw`{"city":"a,}\\\"b\"","days":3}`],
+      ["set_alarm", '{"hour":7e0,"on":true}'],
+    ];
+    expect(JSON.parse(text)[0].parameters.city).toBe('a,}\\"b"');
+    for (let cut = 0; cut <= text.length; cut++) {
+      const s = new ToolCallStream({ kind: "forced", named: null, parallel: true });
+      const pieces = [...s.push(text.slice(0, cut)).calls, ...s.push(text.slice(cut)).calls];
+      const end = s.finish();
+      expect(end.called).toBe(true);
+      expect(fold([...pieces, ...end.calls])).toEqual(want);
+    }
+    // One character at a time: the name goes out before any of its arguments.
+    const s = new ToolCallStream({ kind: "forced", named: null, parallel: true });
+    const pieces = [...text].flatMap((c) => s.push(c).calls);
+    expect(pieces[0]).toMatchObject({ index: 0, type: "function", function: { name: "get_weather", arguments: "" } });
+    expect(fold(pieces)).toEqual(want);
+    // A named tool's output is its arguments.
+    const named = new ToolCallStream({ kind: "forced", named: "set_alarm", parallel: false });
+    expect(fold([...named.push('{"hour":').calls, ...named.push("1}").calls])).toEqual([["set_alarm", '{"hour":1}']]);
   });
 });
 
@@ -120,6 +160,38 @@ describe("tool choice on a server", () => {
       ...over,
     });
 
+  /** A streamed answer's calls (folded by index), how many pieces carried them, and its finish reason. */
+  async function streamCalls(over: Record<string, unknown>) {
+    const res = await fetch(`${s.url}/v1/chat/completions`, {
+      method: "POST",
+      body: JSON.stringify({
+        model: M,
+        messages: [{ role: "user", content: "weather?" }],
+        max_tokens: 300,
+        tools: TOOLS,
+        ...over,
+        stream: true,
+      }),
+    });
+    const calls: [string, string][] = [];
+    let pieces = 0;
+    let finish: string | null = null;
+    for (const frame of (await res.text()).split("\n\n").filter((f) => f.startsWith("data: {"))) {
+      const c = (
+        JSON.parse(frame.slice(6)) as {
+          choices: { delta: { tool_calls?: ToolCallDelta[] }; finish_reason: string | null }[];
+        }
+      ).choices[0];
+      finish = c?.finish_reason ?? finish;
+      for (const d of c?.delta.tool_calls ?? []) {
+        pieces += 1;
+        if (d.function.name !== undefined) calls[d.index] = [d.function.name, ""];
+        calls[d.index][1] += d.function.arguments;
+      }
+    }
+    return { calls, pieces, finish };
+  }
+
   test("required: every answer is one or more valid calls of the given tools, finishing with tool_calls", async () => {
     const answers = await Promise.all(
       Array.from({ length: 12 }, (_, seed) =>
@@ -159,31 +231,25 @@ describe("tool choice on a server", () => {
     expect(choice.finish_reason).toBe("stop");
     expect(choice.message.tool_calls.map((c) => c.function.name)).toEqual(["set_alarm"]);
     expect(validArgs("set_alarm", choice.message.tool_calls[0].function.arguments)).toBe(true);
-    const res = await fetch(`${s.url}/v1/chat/completions`, {
-      method: "POST",
-      body: JSON.stringify({
-        model: M,
-        messages: [{ role: "user", content: "weather?" }],
-        max_tokens: 300,
-        tools: TOOLS,
-        ...body,
-        stream: true,
-      }),
-    });
-    let args = "";
-    let name = "";
-    for (const frame of (await res.text()).split("\n\n").filter((f) => f.startsWith("data: {"))) {
-      for (const d of (
-        JSON.parse(frame.slice(6)) as {
-          choices: { delta: { tool_calls?: { function: { name?: string; arguments: string } }[] } }[];
-        }
-      ).choices[0]?.delta.tool_calls ?? []) {
-        name ||= d.function.name ?? "";
-        args += d.function.arguments;
-      }
+    const streamed = await streamCalls(body);
+    expect(streamed.calls).toEqual([["set_alarm", choice.message.tool_calls[0].function.arguments]]);
+    expect(streamed.pieces).toBeGreaterThan(2); // the header, then the arguments as they are written
+    expect(streamed.finish).toBe("stop");
+  });
+
+  test("required, streamed: the same calls as the non-streamed answer, in pieces, ending with tool_calls", async () => {
+    for (const seed of [1, 2, 3]) {
+      const body = { tool_choice: "required", seed };
+      const whole = (
+        (await ask(body)).json.choices as {
+          message: { tool_calls: { function: { name: string; arguments: string } }[] };
+        }[]
+      )[0].message.tool_calls.map((c): [string, string] => [c.function.name, c.function.arguments]);
+      const streamed = await streamCalls(body);
+      expect(streamed.calls).toEqual(whole);
+      expect(streamed.pieces).toBeGreaterThan(whole.length);
+      expect(streamed.finish).toBe("tool_calls");
     }
-    expect(name).toBe("set_alarm");
-    expect(args).toBe(choice.message.tool_calls[0].function.arguments);
   });
 
   test("a conversation with tool calls and tool results renders and answers", async () => {
@@ -234,8 +300,8 @@ describe("tool choice on a server", () => {
           tool_choice: "required",
           tools: [{ type: "function", function: { name: "f", parameters: { type: "object", if: {} } } }],
         },
-        "response_format",
-        /'if' is not supported/,
+        "tools.0.function.parameters",
+        /tools\.0\.function\.parameters: 'if' is not supported/,
       ],
     ];
     for (const [over, param, message] of cases) {

@@ -9,7 +9,7 @@ import type { LLMEngine, RequestOutput } from "../engine/llm_engine.ts";
 import { samplingFromSnake } from "../engine/params.ts";
 import { DEFAULT_SAMPLING, type SamplingParams, type TokenLogprob } from "../engine/request.ts";
 import type { ChatMessage, ModelTokenizer } from "../model/tokenizer.ts";
-import { toolFamilyOf, toolModeOf, ToolCallStream, type ToolCall, type ToolMode } from "./tools.ts";
+import { toolFamilyOf, toolModeOf, ToolCallStream, type ToolCall, type ToolCallDelta, type ToolMode } from "./tools.ts";
 import { TokenizerBusyError, TokenizeError, TokenizerThread } from "../model/tokenizer_thread.ts";
 import { GrammarError, type GrammarSpec } from "../engine/grammar.ts";
 import { grammarSpecFor } from "./structured.ts";
@@ -112,7 +112,7 @@ interface ChatLogprobs {
 interface ChoiceChunk {
   index: number;
   text?: string;
-  delta?: { role?: "assistant"; content?: string; tool_calls?: (ToolCall & { index: number })[] };
+  delta?: { role?: "assistant"; content?: string; tool_calls?: ToolCallDelta[] };
   logprobs: CompletionLogprobs | ChatLogprobs | null;
   finish_reason: string | null;
   stop_reason?: string | number | null;
@@ -480,25 +480,31 @@ export class OpenAIService {
         yield { ...base, choices: [{ index: job.choice, text: prefix, logprobs: null, finish_reason: null }] };
       }
     }
-    // With tools, each choice's text passes a ToolCallStream: calls are held and sent whole.
+    // With tools, each choice's text passes a ToolCallStream, which turns it into content and call pieces.
     const toolStreams = new Map(
       prepared.jobs.map((j) => [j.choice, prepared.tools ? new ToolCallStream(prepared.tools) : null]),
     );
     for await (const { choice, out: raw } of running.outputs) {
       if (raw.error) throw new ApiError(500, `generation failed: ${raw.error}`, "internal_error");
       const tools = toolStreams.get(choice);
-      let calls: ToolCall[] = [];
+      let calls: ToolCallDelta[] = [];
       let out = raw;
+      let finishReason: string | null = raw.finishReason;
       if (tools) {
-        let text = tools.push(raw.text);
+        const now = tools.push(raw.text);
+        let text = now.content;
+        calls = now.calls;
         if (raw.finished) {
           const end = tools.finish();
           text += end.content;
-          calls = end.calls;
+          calls = [...calls, ...end.calls];
+          // A call that ended: "tool_calls" (a named tool_choice ends with "stop", as vLLM does).
+          if (end.called && raw.finishReason === "stop")
+            finishReason = prepared.tools?.kind === "forced" && prepared.tools.named !== null ? "stop" : "tool_calls";
         }
         out = { ...raw, text };
       }
-      if (out.text === "" && out.newLogprobs.length === 0 && !out.finished) continue;
+      if (out.text === "" && out.newLogprobs.length === 0 && calls.length === 0 && !out.finished) continue;
       const offset = offsets.get(choice) ?? 0;
       offsets.set(choice, offset + out.text.length);
       const logprobs =
@@ -509,21 +515,20 @@ export class OpenAIService {
             : this.completionLogprobs(out.newLogprobs, offset);
       const text = chat ? { delta: out.text === "" ? {} : { content: out.text } } : { text: out.text };
       if (calls.length > 0) {
-        // The calls, whole, then the end: "tool_calls" (a named tool_choice ends with "stop", as vLLM does).
-        const deltas = calls.map((c, index) => ({ index, ...c }));
+        // Call pieces go out in a chunk of their own; the end follows in the next.
         yield {
           ...base,
-          choices: [{ index: choice, delta: { ...text.delta, tool_calls: deltas }, logprobs, finish_reason: null }],
+          choices: [{ index: choice, delta: { ...text.delta, tool_calls: calls }, logprobs, finish_reason: null }],
         };
-        const reason = prepared.tools?.kind === "forced" && prepared.tools.named !== null ? "stop" : "tool_calls";
+        if (!out.finished) continue;
         yield {
           ...base,
-          choices: [{ index: choice, delta: {}, logprobs: null, finish_reason: reason, stop_reason: null }],
+          choices: [{ index: choice, delta: {}, logprobs: null, finish_reason: finishReason, stop_reason: null }],
         };
         continue;
       }
       const end = out.finished
-        ? { finish_reason: out.finishReason, stop_reason: out.stopReason }
+        ? { finish_reason: finishReason, stop_reason: finishReason === out.finishReason ? out.stopReason : null }
         : { finish_reason: null };
       yield { ...base, choices: [{ index: choice, ...text, logprobs, ...end }] };
     }
@@ -560,9 +565,9 @@ export class OpenAIService {
         if (c.logprobs !== null && f.logprobs !== null) appendLogprobs(f.logprobs, c.logprobs);
         for (const d of c.delta?.tool_calls ?? []) {
           const call = (f.calls[d.index] ??= {
-            id: d.id,
+            id: d.id ?? "",
             type: "function",
-            function: { name: d.function.name, arguments: "" },
+            function: { name: d.function.name ?? "", arguments: "" },
           });
           call.function.arguments += d.function.arguments;
         }

@@ -97,37 +97,29 @@ export function unsupportedKeyword(schema: unknown, path = "", budget = { nodes:
 export function grammarSpecOf(format: ResponseFormat | null | undefined): GrammarSpec | null {
   if (!format || format.type === "text") return null;
   if (format.type === "json_object") return { kind: "json_object" };
-  const schema = format.json_schema.schema ?? {};
+  return jsonSchemaSpec(format.json_schema.schema ?? {}, "response_format.json_schema.schema", "response_format");
+}
+
+/**
+ * The grammar of a JSON schema, or a 400 naming `where` (its place in the request) and `param`:
+ * a schema that is not valid JSON Schema, or one with a keyword the grammar cannot honour.
+ */
+export function jsonSchemaSpec(schema: Record<string, unknown>, where: string, param: string): GrammarSpec {
+  const fail = (message: string) => new ApiError(400, `${where}${message}`, "invalid_request_error", param);
   // Judged by the 2020-12 meta-schema whatever $schema says (zod writes draft-07's URI).
   const { $schema: _declared, ...body } = schema;
   let valid: boolean;
   try {
     valid = ajv.validateSchema(body) as boolean;
   } catch (e) {
-    throw new ApiError(
-      400,
-      `response_format.json_schema.schema cannot be read: ${(e as Error).message}`,
-      "invalid_request_error",
-      "response_format",
-    );
+    throw fail(` cannot be read: ${(e as Error).message}`);
   }
   if (!valid) {
     const e = ajv.errors?.[0];
-    throw new ApiError(
-      400,
-      `response_format.json_schema.schema is not a valid JSON Schema: ${e?.instancePath || "(root)"} ${e?.message ?? ""}`.trim(),
-      "invalid_request_error",
-      "response_format",
-    );
+    throw fail(` is not a valid JSON Schema: ${e?.instancePath || "(root)"} ${e?.message ?? ""}`.trim());
   }
   const bad = unsupportedKeyword(schema);
-  if (bad)
-    throw new ApiError(
-      400,
-      `response_format.json_schema.schema: '${bad.path}' ${bad.why}`,
-      "invalid_request_error",
-      "response_format",
-    );
+  if (bad) throw fail(`: '${bad.path}' ${bad.why}`);
   return { kind: "json_schema", schema };
 }
 
@@ -162,5 +154,5 @@ export function grammarSpecFor(body: {
     );
   if (so.choice) return { kind: "regex", pattern: `(${so.choice.map(escapeRegex).join("|")})` };
   if (so.regex !== undefined) return { kind: "regex", pattern: so.regex };
-  return grammarSpecOf({ type: "json_schema", json_schema: { name: "structured_outputs", schema: so.json } });
+  return jsonSchemaSpec(so.json as Record<string, unknown>, "structured_outputs.json", "structured_outputs");
 }

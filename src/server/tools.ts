@@ -7,7 +7,7 @@ import { randomBytes } from "node:crypto";
 import type { GrammarSpec } from "../engine/grammar.ts";
 import { ApiError } from "./errors.ts";
 import type { ChatCompletionRequest } from "./schemas.ts";
-import { grammarSpecOf } from "./structured.ts";
+import { jsonSchemaSpec } from "./structured.ts";
 
 export type Tool = NonNullable<ChatCompletionRequest["tools"]>[number];
 export type ToolFamily = "hermes" | "mistral" | "llama3" | "json";
@@ -64,7 +64,8 @@ export function toolModeOf(
   const parameters = (t: Tool) => {
     const schema = t.function.parameters ?? { type: "object" };
     // The same checks as response_format: valid JSON Schema, only keywords the grammar honours.
-    grammarSpecOf({ type: "json_schema", json_schema: { name: t.function.name, schema } });
+    const where = `tools.${tools.indexOf(t)}.function.parameters`;
+    jsonSchemaSpec(schema, where, where);
     return schema;
   };
   if (typeof choice === "object") {
@@ -120,19 +121,6 @@ function callsOfJson(text: string): ToolCall[] | null {
   }
 }
 
-/** Forced output: a JSON array of {name, parameters}, or (named) the arguments alone. */
-export function parseForcedCalls(text: string, named: string | null): ToolCall[] | null {
-  if (named !== null) {
-    try {
-      JSON.parse(text);
-    } catch {
-      return null;
-    }
-    return [{ id: newCallId(), type: "function", function: { name: named, arguments: text } }];
-  }
-  return callsOfJson(text);
-}
-
 /** The text before a family's calls begin, and where they begin (-1: none). */
 function callStart(text: string, family: ToolFamily): number {
   switch (family) {
@@ -176,26 +164,146 @@ function mergeCalls(parts: (ToolCall[] | null)[]): ToolCall[] | null {
   return parts.every((p) => p !== null) ? parts.flatMap((p) => p!) : null;
 }
 
+/** A piece of a streamed call: the first of each call carries its id, type and name. */
+export interface ToolCallDelta {
+  index: number;
+  id?: string;
+  type?: "function";
+  function: { name?: string; arguments: string };
+}
+
+const wholeDeltas = (calls: ToolCall[]): ToolCallDelta[] => calls.map((c, index) => ({ index, ...c }));
+
 /**
- * One choice's text on its way out when tools are on: forced output is held whole (it is
- * the calls); in auto mode, text is held while it could still be the start of a call,
- * and released as content as soon as it cannot.
+ * Forced output as it grows, call by call: the grammar makes it `[{"name":N,"parameters":A},...]`
+ * (or, for a named tool, A alone), so each call's name goes out once it is whole and its
+ * arguments as they are written, the raw text of A (a number keeps the digits the model wrote).
+ */
+class ForcedCallScanner {
+  private depth = 0;
+  private inString = false;
+  private escaped = false;
+  private stringStart = 0;
+  private expectKey = false;
+  private key = "";
+  private inArgs = false;
+  private argsBegun = false; // whitespace before an argument value is not part of it
+  private calls: { id: string; name: string | null; pending: string }[] = [];
+  private text = "";
+
+  constructor(private readonly named: string | null) {
+    if (named !== null) this.calls.push({ id: newCallId(), name: named, pending: "" });
+  }
+
+  get called(): boolean {
+    return this.calls.some((c) => c.name !== null);
+  }
+
+  push(delta: string): ToolCallDelta[] {
+    const out: ToolCallDelta[] = [];
+    if (this.named !== null) {
+      // The text is the arguments: the first piece carries the call's header.
+      if (this.text === "") out.push(this.header(0));
+      this.text += delta;
+      if (delta !== "") this.add(out, 0, delta);
+      return out;
+    }
+    const from = this.text.length;
+    this.text += delta;
+    for (let i = from; i < this.text.length; i++) this.step(i, out);
+    return out;
+  }
+
+  private header(index: number): ToolCallDelta {
+    const c = this.calls[index];
+    return { index, id: c.id, type: "function", function: { name: c.name!, arguments: "" } };
+  }
+
+  /** Appends argument text to the call's last delta of this push (or holds it until the name is known). */
+  private add(out: ToolCallDelta[], index: number, text: string) {
+    const call = this.calls[index];
+    if (call.name === null) {
+      call.pending += text;
+      return;
+    }
+    const last = out.at(-1);
+    if (last?.index === index) last.function.arguments += text;
+    else out.push({ index, function: { arguments: text } });
+  }
+
+  private step(i: number, out: ToolCallDelta[]) {
+    const c = this.text[i];
+    const index = this.calls.length - 1;
+    if (this.inString) {
+      if (this.escaped) this.escaped = false;
+      else if (c === "\\") this.escaped = true;
+      else if (c === '"') {
+        this.inString = false;
+        if (!this.inArgs) this.stringEnded(JSON.parse(this.text.slice(this.stringStart, i + 1)) as string, out);
+      }
+      if (this.inArgs) this.add(out, index, c);
+      return;
+    }
+    if (this.inArgs && this.depth === 2 && (c === "," || c === "}")) this.inArgs = false;
+    if (c === '"') [this.inString, this.stringStart] = [true, i];
+    else if (c === "{" || c === "[") {
+      this.depth += 1;
+      if (this.depth === 2 && c === "{" && !this.inArgs) {
+        this.calls.push({ id: newCallId(), name: null, pending: "" });
+        this.expectKey = true;
+      }
+    } else if (c === "}" || c === "]") this.depth -= 1;
+    else if (c === "," && this.depth === 2) this.expectKey = true;
+    else if (c === ":" && this.depth === 2 && !this.inArgs) {
+      this.inArgs = this.key === "parameters" || this.key === "arguments";
+      this.argsBegun = false;
+      return;
+    }
+    if (!this.inArgs || (!this.argsBegun && c.trim() === "")) return;
+    this.argsBegun = true;
+    this.add(out, index, c);
+  }
+
+  private stringEnded(value: string, out: ToolCallDelta[]) {
+    if (this.depth !== 2) return;
+    if (this.expectKey) [this.key, this.expectKey] = [value, false];
+    else if (this.key === "name") {
+      const index = this.calls.length - 1;
+      const call = this.calls[index];
+      call.name = value;
+      out.push(this.header(index));
+      if (call.pending !== "") this.add(out, index, call.pending);
+      call.pending = "";
+    }
+  }
+}
+
+/**
+ * One choice's text on its way out when tools are on. Forced output is the calls: they go
+ * out as they are written (name, then argument text). In auto mode, text is held while it
+ * could still be the start of a call and released as content as soon as it cannot; calls
+ * found there go out whole at the end, since text that began like a call may turn out to be
+ * content after all.
  */
 export class ToolCallStream {
   private text = "";
   private released = 0; // characters of text already given out as content
   private inCall = false;
+  private readonly forced: ForcedCallScanner | null;
 
-  constructor(private readonly mode: ToolMode) {}
+  constructor(private readonly mode: ToolMode) {
+    this.forced = mode.kind === "forced" ? new ForcedCallScanner(mode.named) : null;
+  }
 
-  /** Takes new text; returns what may go out as content now. */
-  push(delta: string): string {
+  /** Takes new text; returns what may go out now: content and call pieces. */
+  push(delta: string): { content: string; calls: ToolCallDelta[] } {
+    if (this.forced) return { content: "", calls: this.forced.push(delta) };
     this.text += delta;
-    if (this.mode.kind === "forced" || this.inCall) return "";
+    if (this.mode.kind === "forced" || this.inCall) return { content: "", calls: [] };
     const family = this.mode.family;
     if (callStart(this.text, family) >= 0) {
       this.inCall = true; // a call has begun: everything from here waits for the end
-      return "";
+      return { content: "", calls: [] };
     }
     // Hold a tail that might grow into a marker ("<tool", "[TOOL_", "<|python"), and
     // leading whitespace where a call may start with "{".
@@ -211,18 +319,16 @@ export class ToolCallStream {
     const end = Math.max(this.released, this.text.length - hold);
     const out = this.text.slice(this.released, end);
     this.released = end;
-    return out;
+    return { content: out, calls: [] };
   }
 
-  /** At the end: the content still to go out, and the calls (none if the text held none). */
-  finish(): { content: string; calls: ToolCall[] } {
-    if (this.mode.kind === "forced") {
-      const calls = parseForcedCalls(this.text, this.mode.named);
-      return calls ? { content: "", calls } : { content: this.text, calls: [] };
-    }
-    if (!this.inCall) return { content: this.text.slice(this.released), calls: [] };
-    const { content, calls } = parseAutoCalls(this.text, this.mode.family);
+  /** At the end: what is still to go out, and whether the choice made calls (its finish reason). */
+  finish(): { content: string; calls: ToolCallDelta[]; called: boolean } {
+    if (this.forced) return { content: "", calls: [], called: this.forced.called };
+    if (!this.inCall) return { content: this.text.slice(this.released), calls: [], called: false };
+    const { content, calls } = parseAutoCalls(this.text, (this.mode as { family: ToolFamily }).family);
     // Text before the calls was never released past the marker's start.
-    return { content: (calls.length > 0 ? content : this.text).slice(this.released), calls };
+    const rest = (calls.length > 0 ? content : this.text).slice(this.released);
+    return { content: rest, calls: wholeDeltas(calls), called: calls.length > 0 };
   }
 }
