@@ -125,6 +125,23 @@ describe("model loading refuses", () => {
     expect(await loadError(d)).toMatch(/architecture GPT2LMHeadModel is not supported/);
   });
 
+  test("a RoPE scaling that is not supported, and a GGUF architecture that is not", async () => {
+    const d = variant("longrope");
+    const cfg = JSON.parse(readFileSync(join(d, "config.json"), "utf8"));
+    cfg.rope_scaling = { type: "longrope", long_factor: [1], short_factor: [1] };
+    writeFileSync(join(d, "config.json"), JSON.stringify(cfg));
+    expect(await loadError(d)).toMatch(
+      /rope_scaling .*longrope.* is not supported \(supported: linear, dynamic, llama3, yarn\)/,
+    );
+    const p = join(dir, "gemma.gguf");
+    const raw = Buffer.from(readFileSync(ggufPath));
+    // Same length, so the file stays well formed: "llama" -> "gemma" in general.architecture.
+    const at = raw.indexOf(Buffer.from("general.architecture")) + "general.architecture".length + 4 + 8;
+    raw.write("gemma", at);
+    writeFileSync(p, raw);
+    expect(await loadError(p)).toMatch(/architecture gemma is not supported \(supported: llama, qwen2, qwen3\)/);
+  });
+
   test("a hub id that is not cached, offline, with a hint to pass a path", async () => {
     const env = { HF_HOME: join(dir, "hf-home"), HF_HUB_OFFLINE: "1" };
     await expect(resolveModel("someorg/some-model", env)).rejects.toThrow(

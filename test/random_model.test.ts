@@ -34,6 +34,40 @@ function prompt(shape: RandomLlamaShape, n: number, salt: number): number[] {
   return ids;
 }
 
+// Qwen 2: q/k/v biases, rope_theta 1e6, tied. Qwen 3: q/k norms per head, head_dim 64 with
+// q_dim (256) twice hidden, untied.
+const QWEN2: RandomLlamaShape = {
+  ...GQA,
+  dim: 128,
+  heads: 4,
+  kvHeads: 2,
+  ffn: 256,
+  ropeTheta: 1e6,
+  tied: true,
+  seed: 3,
+  arch: "qwen2",
+};
+const QWEN3: RandomLlamaShape = {
+  ...GQA,
+  dim: 128,
+  heads: 4,
+  kvHeads: 2,
+  headDim: 64,
+  ffn: 256,
+  ropeTheta: 1e6,
+  seed: 4,
+  arch: "qwen3",
+};
+// RoPE scaling on GQA's head_dim 64: each scheme from config.json, and from GGUF where it has one.
+const LLAMA3_ROPE = {
+  rope_type: "llama3",
+  factor: 8,
+  low_freq_factor: 1,
+  high_freq_factor: 4,
+  original_max_position_embeddings: 64,
+};
+const scaled = (ropeScaling: Record<string, unknown>): RandomLlamaShape => ({ ...GQA, ropeScaling });
+
 const cases: {
   name: string;
   shape: RandomLlamaShape;
@@ -58,6 +92,40 @@ const cases: {
   { name: "GQA f16 (GGUF) with bf16 compute", shape: GQA, dtype: "f16", format: "gguf", computeDtype: "bf16" },
   // Tied: the packed output matrix is also the embedding the tokens are read from.
   { name: "tiny bf16 (HF, tied) with bf16 compute", shape: TINY, dtype: "bf16", format: "hf", computeDtype: "bf16" },
+  { name: "Qwen 2 (q/k/v biases) f32 (HF)", shape: QWEN2, dtype: "f32", format: "hf" },
+  { name: "Qwen 2 f16 (GGUF)", shape: QWEN2, dtype: "f16", format: "gguf" },
+  { name: "Qwen 2 Q8_0 (GGUF)", shape: QWEN2, dtype: "q8_0", format: "gguf" },
+  {
+    name: "Qwen 3 (q/k norms, head_dim 64 x 4 heads over hidden 128) f32 (HF)",
+    shape: QWEN3,
+    dtype: "f32",
+    format: "hf",
+  },
+  { name: "Qwen 3 bf16 (HF)", shape: QWEN3, dtype: "bf16", format: "hf" },
+  { name: "Qwen 3 f32 (GGUF)", shape: QWEN3, dtype: "f32", format: "gguf" },
+  { name: "Qwen 3 Q8_0 (GGUF)", shape: QWEN3, dtype: "q8_0", format: "gguf" },
+  { name: "RoPE scaling llama3 (HF)", shape: scaled(LLAMA3_ROPE), dtype: "f32", format: "hf" },
+  { name: "RoPE scaling llama3 (GGUF rope_freqs)", shape: scaled(LLAMA3_ROPE), dtype: "f32", format: "gguf" },
+  { name: "RoPE scaling linear (HF)", shape: scaled({ type: "linear", factor: 4 }), dtype: "f32", format: "hf" },
+  { name: "RoPE scaling linear (GGUF)", shape: scaled({ type: "linear", factor: 4 }), dtype: "f32", format: "gguf" },
+  {
+    name: "RoPE scaling yarn (HF)",
+    shape: scaled({ rope_type: "yarn", factor: 4, original_max_position_embeddings: 128 }),
+    dtype: "f32",
+    format: "hf",
+  },
+  {
+    name: "RoPE scaling yarn (GGUF)",
+    shape: scaled({ rope_type: "yarn", factor: 4, original_max_position_embeddings: 128 }),
+    dtype: "f32",
+    format: "gguf",
+  },
+  {
+    name: "RoPE scaling dynamic (HF, vLLM's fixed base)",
+    shape: scaled({ type: "dynamic", factor: 2 }),
+    dtype: "f32",
+    format: "hf",
+  },
 ];
 const QUANT_TYPES: readonly string[] = ["q8_0", "q4_0", "q4_k", "q6_k"];
 
@@ -92,6 +160,13 @@ describe("random-weight models against the reference forward pass", () => {
         const ref = new RefLlama(c.shape, refWeights, intProducts);
         for (const t of ids.slice(0, -1)) ref.forward(t);
         let logits = ref.forward(ids[ids.length - 1]);
+        if (c.shape.ropeScaling) {
+          // The scaling must matter at these positions, or the comparison would not see it.
+          const plain = new RefLlama({ ...c.shape, ropeScaling: undefined }, refWeights, intProducts);
+          for (const t of ids.slice(0, -1)) plain.forward(t);
+          const other = plain.forward(ids[ids.length - 1]);
+          expect(Math.max(...logits.map((v, k) => Math.abs(v - other[k])))).toBeGreaterThan(1e-2);
+        }
 
         // Prefill logits: f32 accumulation against f64.
         const got = nextTokenLogits(engine, ids);

@@ -7,7 +7,7 @@ import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { LLMEngine } from "../src/engine/llm_engine.ts";
-import { generate, SHARED } from "./helpers/engine.ts";
+import { generate, nextTokenLogits, SHARED } from "./helpers/engine.ts";
 
 // Model loads, servers and browsers take seconds on two cores; `bun test` alone defaults to 5 s.
 setDefaultTimeout(60_000);
@@ -97,6 +97,41 @@ describe.skipIf(SHARED === null || !hasNumpy)("shared generator and numpy refere
           await engine.shutdown();
         }
       }
+    });
+  }
+});
+
+// Qwen 2 and Qwen 3 from the shared generator, whose GGUF writer is not ours (the numpy
+// reference runs Llama only): the HF folder and the GGUF give the same logits and tokens.
+const qwenCases = [
+  { arch: "qwen2", extra: [] as string[] },
+  { arch: "qwen3", extra: ["--head-dim", "64"] },
+];
+
+describe.skipIf(SHARED === null || !hasNumpy)("shared generator: Qwen from safetensors and from GGUF", () => {
+  for (const c of qwenCases) {
+    test(`${c.arch}: the same logits and greedy tokens from both formats`, async () => {
+      const out = join(dir, c.arch);
+      python([
+        join(SHARED!, "tools", "make_random_llama.py"),
+        ...["--preset", "tiny", "--arch", c.arch, "--dim", "256", "--n-heads", "4", "--n-kv-heads", "2"],
+        ...["--vocab", "1024", "--std", "0.05", "--hf-dtype", "f32", "--gguf-dtypes", "f32", ...c.extra],
+        ...["--out", out],
+      ]);
+      const results: { logits: Float32Array; ids: number[] }[] = [];
+      for (const path of [join(out, "hf"), join(out, "tiny-f32.gguf")]) {
+        const engine = await LLMEngine.create(path, { threads: 2, maxNumSeqs: 2 });
+        try {
+          const logits = nextTokenLogits(engine, PROMPT);
+          results.push({ logits, ids: (await generate(engine, PROMPT, { maxTokens: STEPS })).ids });
+        } finally {
+          await engine.shutdown();
+        }
+      }
+      const [hf, gguf] = results;
+      const diff = Math.max(...hf.logits.map((v, k) => Math.abs(v - gguf.logits[k])));
+      expect(diff).toBeLessThan(1e-4);
+      expect(gguf.ids).toEqual(hf.ids);
     });
   }
 });

@@ -75,6 +75,12 @@ enum ifn_tensor_role {
     IFN_ROLE_FFN_DOWN = 9,    /* (hidden, intermediate) */
     IFN_ROLE_OUTPUT_NORM = 10,/* (hidden) */
     IFN_ROLE_OUTPUT = 11,     /* (vocab, hidden); absent when embeddings are tied */
+    /* Optional per-layer tensors (Qwen 2 biases, Qwen 3 norms): absent means none. */
+    IFN_ROLE_ATTN_Q_BIAS = 12, /* (heads * head_dim), added to q before RoPE */
+    IFN_ROLE_ATTN_K_BIAS = 13, /* (kv_heads * head_dim) */
+    IFN_ROLE_ATTN_V_BIAS = 14, /* (kv_heads * head_dim) */
+    IFN_ROLE_ATTN_Q_NORM = 15, /* (head_dim): RMSNorm over each q head, after the bias, before RoPE */
+    IFN_ROLE_ATTN_K_NORM = 16, /* (head_dim): the same over each k head */
 };
 
 typedef struct ifn_model_config {
@@ -91,6 +97,10 @@ typedef struct ifn_model_config {
     /* 0: HF rotate-half pairs (i, i + head_dim/2); 1: interleaved pairs (2i, 2i+1) as GGUF stores q/k */
     uint32_t rope_interleaved;
     uint32_t tie_word_embeddings;
+    /* RoPE scaling (linear, llama3, YaRN, ...), worked out by the caller: */
+    float rope_attn_factor;        /* multiplies cos and sin (YaRN's attention factor); 0: 1 */
+    const double *rope_inv_freq;   /* head_dim / 2 rotation frequencies, read during ifn_engine_create
+                                      only; NULL: rope_theta^(-2i / head_dim) */
 } ifn_model_config;
 
 /* One tensor of the weight manifest: where its bytes are in which file. */

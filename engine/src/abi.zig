@@ -63,6 +63,11 @@ pub const Role = enum(u32) {
     ffn_down = 9,
     output_norm = 10,
     output = 11,
+    attn_q_bias = 12,
+    attn_k_bias = 13,
+    attn_v_bias = 14,
+    attn_q_norm = 15,
+    attn_k_norm = 16,
     _,
 };
 
@@ -79,6 +84,8 @@ pub const ModelConfig = extern struct {
     rms_norm_eps: f32,
     rope_interleaved: u32,
     tie_word_embeddings: u32,
+    rope_attn_factor: f32 = 0, // multiplies RoPE's cos and sin (YaRN's attention factor); 0: 1
+    rope_inv_freq: ?[*]const f64 = null, // head_dim / 2 frequencies (RoPE scaling), read at create; null: theta^(-2i/d)
 };
 
 pub const Tensor = extern struct {
@@ -164,7 +171,7 @@ pub const layout_structs = [_]type{ ModelConfig, Tensor, EngineConfig, SamplingP
 
 comptime {
     const std = @import("std");
-    std.debug.assert(@sizeOf(ModelConfig) == 48);
+    std.debug.assert(@sizeOf(ModelConfig) == 64);
     std.debug.assert(@sizeOf(Tensor) == 48);
     std.debug.assert(@sizeOf(EngineConfig) == 40);
     std.debug.assert(@sizeOf(SamplingParams) == 72);

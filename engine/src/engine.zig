@@ -117,6 +117,7 @@ pub const Engine = struct {
         e.rope_sin = try allocator.alloc(f32, @as(usize, model.max_position) * half);
         errdefer allocator.free(e.rope_sin);
         fillRope(e.rope_cos, e.rope_sin, model);
+        e.model.rope_inv_freq = null; // the caller's array is only valid during this call
 
         e.scratch = try forward.Scratch.init(allocator, model, config);
         errdefer e.scratch.deinit(allocator);
@@ -367,13 +368,14 @@ pub const Engine = struct {
 /// cos/sin of pos * theta^(-2i / head_dim), for every position and pair.
 fn fillRope(cos: []f32, sin: []f32, m: abi.ModelConfig) void {
     const half = m.head_dim / 2;
-    for (0..m.max_position) |pos| {
-        for (0..half) |i| {
-            const exponent = @as(f64, @floatFromInt(2 * i)) / @as(f64, @floatFromInt(m.head_dim));
-            const freq = 1.0 / std.math.pow(f64, m.rope_theta, exponent);
+    const scale: f64 = if (m.rope_attn_factor == 0) 1 else m.rope_attn_factor;
+    for (0..half) |i| {
+        const exponent = @as(f64, @floatFromInt(2 * i)) / @as(f64, @floatFromInt(m.head_dim));
+        const freq = if (m.rope_inv_freq) |f| f[i] else 1.0 / std.math.pow(f64, m.rope_theta, exponent);
+        for (0..m.max_position) |pos| {
             const angle = @as(f64, @floatFromInt(pos)) * freq;
-            cos[pos * half + i] = @floatCast(@cos(angle));
-            sin[pos * half + i] = @floatCast(@sin(angle));
+            cos[pos * half + i] = @floatCast(@cos(angle) * scale);
+            sin[pos * half + i] = @floatCast(@sin(angle) * scale);
         }
     }
 }

@@ -323,6 +323,12 @@ fn ropeAndStore(e: *Engine, l: usize, t: usize) void {
     const cos = e.rope_cos[pos * half ..][0..half];
     const sin = e.rope_sin[pos * half ..][0..half];
     const row = e.scratch.qkv[t * qkv_dim ..][0..qkv_dim];
+    const layer = e.weights.layers[l];
+    if (layer.qkv_bias) |bias| for (row, bias) |*v, add| {
+        v.* += add;
+    };
+    if (layer.q_norm) |w| for (0..m.num_heads) |h| headNorm(row[h * head_dim ..][0..head_dim], w, m.rms_norm_eps);
+    if (layer.k_norm) |w| for (0..m.num_kv_heads) |h| headNorm(row[q_dim + h * head_dim ..][0..head_dim], w, m.rms_norm_eps);
     for (0..m.num_heads) |h| kernels.rope(row[h * head_dim ..][0..head_dim], cos, sin, interleaved);
     for (0..m.num_kv_heads) |h| kernels.rope(row[q_dim + h * head_dim ..][0..head_dim], cos, sin, interleaved);
     const slot: usize = @intCast(b.slot_mapping[t]);
@@ -335,6 +341,16 @@ fn ropeAndStore(e: *Engine, l: usize, t: usize) void {
         else => unreachable,
     }
 }
+
+/// RMSNorm of one head in place (Qwen 3's q and k norms).
+fn headNorm(head: []f32, weight: kernels.Matrix, eps: f32) void {
+    var copy: [head_dim_max]f32 = undefined;
+    @memcpy(copy[0..head.len], head);
+    kernels.rmsnorm(head, copy[0..head.len], weight, eps);
+}
+
+/// The widest head the per-head norms take (the engine refuses wider at create).
+pub const head_dim_max = 512;
 
 fn storeKv(comptime KV: type, dst: []KV, src: []const f32) void {
     if (KV == f32) @memcpy(dst, src) else for (dst, src) |*d, x| d.* = @floatCast(x);

@@ -29,6 +29,11 @@ pub const Layer = struct {
     w_gate: Matrix, // (intermediate, hidden)
     w_up: Matrix, // (intermediate, hidden)
     w_down: Matrix, // (hidden, intermediate)
+    // Optional (Qwen 2): q, k and v biases side by side in f32, as one qkv row (zeros where absent).
+    qkv_bias: ?[]f32 = null,
+    // Optional (Qwen 3): RMSNorm weights over each q and k head, (1, head_dim).
+    q_norm: ?Matrix = null,
+    k_norm: ?Matrix = null,
 };
 
 pub const Weights = struct {
@@ -44,12 +49,15 @@ pub const Weights = struct {
         allocator.free(w.maps);
         for (w.packed_buffers) |b| std.heap.page_allocator.free(b);
         allocator.free(w.packed_buffers);
+        for (w.layers) |l| if (l.qkv_bias) |b| allocator.free(b);
         allocator.free(w.layers);
         w.* = undefined;
     }
 };
 
 pub const LoadError = error{LoadFailed};
+
+const Slot = struct { m: ?Matrix = null };
 
 /// Maps the files, checks every tensor against the config and repacks the matrices the
 /// packed products take (see packAll). On failure the
@@ -83,8 +91,6 @@ pub fn load(
 
     const layers = try allocator.alloc(Layer, config.num_layers);
     errdefer allocator.free(layers);
-    const Slot = struct { m: ?Matrix = null };
-    const per_layer = 9;
     const slots = try allocator.alloc(Slot, 3 + per_layer * @as(usize, config.num_layers) + 1);
     defer allocator.free(slots);
     @memset(slots, .{});
@@ -122,8 +128,12 @@ pub fn load(
             .w_gate = try need(slots, b + 6, .ffn_gate, l, status),
             .w_up = try need(slots, b + 7, .ffn_up, l, status),
             .w_down = try need(slots, b + 8, .ffn_down, l, status),
+            .q_norm = slots[b + 12].m,
+            .k_norm = slots[b + 13].m,
         };
     }
+    errdefer for (layers) |l| if (l.qkv_bias) |bias| allocator.free(bias);
+    for (layers, 0..) |*layer, l| layer.qkv_bias = try qkvBias(allocator, config, slots[3 + per_layer * l + 9 ..][0..3]);
     const token_embd = try need(slots, 0, .token_embd, 0, status);
     const output_index = slots.len - 1;
     const output = slots[output_index].m orelse if (config.tie_word_embeddings != 0) token_embd else {
@@ -249,16 +259,35 @@ fn mapFile(path: [:0]const u8) ![]align(std.mem.page_size) const u8 {
     return std.posix.mmap(null, size, std.posix.PROT.READ, .{ .TYPE = .PRIVATE }, file.handle, 0);
 }
 
-/// slots: [token_embd, (unused), output_norm, layer 0 x9, layer 1 x9, ..., output]
+/// Slots a layer has: the nine Llama roles, then the optional ones (q/k/v bias, q/k norm).
+const per_layer = 14;
+
+/// slots: [token_embd, (unused), output_norm, layer 0 x14, layer 1 x14, ..., output]
 fn slotIndex(role: abi.Role, layer: u32, num_layers: u32) ?usize {
-    const per_layer_base: usize = 3 + 9 * @as(usize, layer);
+    const per_layer_base: usize = 3 + per_layer * @as(usize, layer);
     return switch (role) {
         .token_embd => 0,
         .output_norm => 2,
-        .output => 3 + 9 * @as(usize, num_layers),
+        .output => 3 + per_layer * @as(usize, num_layers),
         .attn_norm, .attn_q, .attn_k, .attn_v, .attn_out, .ffn_norm, .ffn_gate, .ffn_up, .ffn_down => if (layer >= num_layers) null else per_layer_base + (@intFromEnum(role) - 1),
+        .attn_q_bias, .attn_k_bias, .attn_v_bias, .attn_q_norm, .attn_k_norm => if (layer >= num_layers) null else per_layer_base + 9 + (@intFromEnum(role) - @intFromEnum(abi.Role.attn_q_bias)),
         _ => null,
     };
+}
+
+/// A layer's q, k and v biases as one f32 row over q, k and v (zeros for an absent one),
+/// or null when it has none.
+fn qkvBias(allocator: std.mem.Allocator, c: abi.ModelConfig, biases: []const Slot) !?[]f32 {
+    if (biases[0].m == null and biases[1].m == null and biases[2].m == null) return null;
+    const q_dim = @as(usize, c.num_heads) * c.head_dim;
+    const kv_dim = @as(usize, c.num_kv_heads) * c.head_dim;
+    const row = try allocator.alloc(f32, q_dim + 2 * kv_dim);
+    var at: usize = 0;
+    for (biases, [_]usize{ q_dim, kv_dim, kv_dim }) |b, len| {
+        if (b.m) |m| m.readRow(row[at..][0..len], 0) else @memset(row[at..][0..len], 0);
+        at += len;
+    }
+    return row;
 }
 
 pub fn roleName(role: abi.Role) []const u8 {
@@ -276,6 +305,9 @@ fn expectedShape(role: abi.Role, c: abi.ModelConfig) [2]u64 {
         .attn_out => .{ c.hidden_size, q_dim },
         .ffn_gate, .ffn_up => .{ c.intermediate_size, c.hidden_size },
         .ffn_down => .{ c.hidden_size, c.intermediate_size },
+        .attn_q_bias => .{ 1, q_dim },
+        .attn_k_bias, .attn_v_bias => .{ 1, kv_dim },
+        .attn_q_norm, .attn_k_norm => .{ 1, c.head_dim },
         _ => unreachable,
     };
 }

@@ -37,6 +37,11 @@ export const Role = {
   FFN_DOWN: 9,
   OUTPUT_NORM: 10,
   OUTPUT: 11,
+  ATTN_Q_BIAS: 12,
+  ATTN_K_BIAS: 13,
+  ATTN_V_BIAS: 14,
+  ATTN_Q_NORM: 15,
+  ATTN_K_NORM: 16,
 } as const;
 export type RoleCode = (typeof Role)[keyof typeof Role];
 
@@ -54,6 +59,9 @@ export interface NativeModelConfig {
   rmsNormEps: number;
   ropeInterleaved: boolean;
   tieWordEmbeddings: boolean;
+  /** RoPE scaling, worked out in src/model/rope.ts: head_dim / 2 frequencies (null: theta's own). */
+  ropeInvFreq?: Float64Array | null;
+  ropeAttnFactor?: number; // multiplies cos and sin (YaRN); 1 when absent
 }
 
 /** Mirrors ifn_engine_config. */
@@ -244,6 +252,8 @@ const STRUCT_FIELDS = {
     "rms_norm_eps",
     "rope_interleaved",
     "tie_word_embeddings",
+    "rope_attn_factor",
+    "rope_inv_freq",
   ],
   tensor: ["role", "layer", "dtype", "file_index", "offset", "size_bytes", "rows", "cols"],
   engineConfig: [
@@ -400,6 +410,9 @@ function modelStruct(model: NativeModelConfig): ArrayBuffer {
   w.f32("rms_norm_eps", model.rmsNormEps);
   w.u32("rope_interleaved", model.ropeInterleaved ? 1 : 0);
   w.u32("tie_word_embeddings", model.tieWordEmbeddings ? 1 : 0);
+  w.f32("rope_attn_factor", model.ropeAttnFactor ?? 0);
+  // Read by the library during ifn_engine_create only; the caller keeps the array alive until then.
+  w.u64("rope_inv_freq", model.ropeInvFreq ? ptr(model.ropeInvFreq) : 0);
   return w.buffer;
 }
 

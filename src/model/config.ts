@@ -1,10 +1,17 @@
 // Turns a model's own description (HF config.json + safetensors, or GGUF metadata)
 // into the engine's config and weight manifest. The engine never reads JSON.
-import { existsSync, readFileSync } from "node:fs";
+import { closeSync, existsSync, openSync, readFileSync, readSync } from "node:fs";
 import { join } from "node:path";
 import { DType, Role, type DTypeCode, type NativeModelConfig, type RoleCode, type TensorEntry } from "../ffi/native.ts";
 import { ModelLoadError } from "./errors.ts";
 import { GGML_TYPES, type GgufFile } from "./gguf.ts";
+import {
+  ropeFrequencies,
+  ropeScalingFromHf,
+  scaledMaxPosition,
+  SUPPORTED_ROPE_SCALING,
+  type RopeScaling,
+} from "./rope.ts";
 import { readSafetensorsFolder } from "./safetensors.ts";
 
 export interface ModelSpec {
@@ -16,7 +23,9 @@ export interface ModelSpec {
   eosTokenIds: number[];
 }
 
-const SUPPORTED_ARCHITECTURES = ["LlamaForCausalLM", "MistralForCausalLM"];
+const SUPPORTED_ARCHITECTURES = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"];
+// GGUF's general.architecture; its metadata keys begin with the same name.
+const SUPPORTED_GGUF_ARCHITECTURES = ["llama", "qwen2", "qwen3"];
 
 const HF_ROLES: [RegExp, RoleCode][] = [
   [/^model\.embed_tokens\.weight$/, Role.TOKEN_EMBD],
@@ -25,6 +34,11 @@ const HF_ROLES: [RegExp, RoleCode][] = [
   [/^model\.layers\.(\d+)\.self_attn\.k_proj\.weight$/, Role.ATTN_K],
   [/^model\.layers\.(\d+)\.self_attn\.v_proj\.weight$/, Role.ATTN_V],
   [/^model\.layers\.(\d+)\.self_attn\.o_proj\.weight$/, Role.ATTN_OUT],
+  [/^model\.layers\.(\d+)\.self_attn\.q_proj\.bias$/, Role.ATTN_Q_BIAS],
+  [/^model\.layers\.(\d+)\.self_attn\.k_proj\.bias$/, Role.ATTN_K_BIAS],
+  [/^model\.layers\.(\d+)\.self_attn\.v_proj\.bias$/, Role.ATTN_V_BIAS],
+  [/^model\.layers\.(\d+)\.self_attn\.q_norm\.weight$/, Role.ATTN_Q_NORM],
+  [/^model\.layers\.(\d+)\.self_attn\.k_norm\.weight$/, Role.ATTN_K_NORM],
   [/^model\.layers\.(\d+)\.post_attention_layernorm\.weight$/, Role.FFN_NORM],
   [/^model\.layers\.(\d+)\.mlp\.gate_proj\.weight$/, Role.FFN_GATE],
   [/^model\.layers\.(\d+)\.mlp\.up_proj\.weight$/, Role.FFN_UP],
@@ -42,6 +56,11 @@ const GGUF_ROLES: [RegExp, RoleCode][] = [
   [/^blk\.(\d+)\.attn_k\.weight$/, Role.ATTN_K],
   [/^blk\.(\d+)\.attn_v\.weight$/, Role.ATTN_V],
   [/^blk\.(\d+)\.attn_output\.weight$/, Role.ATTN_OUT],
+  [/^blk\.(\d+)\.attn_q\.bias$/, Role.ATTN_Q_BIAS],
+  [/^blk\.(\d+)\.attn_k\.bias$/, Role.ATTN_K_BIAS],
+  [/^blk\.(\d+)\.attn_v\.bias$/, Role.ATTN_V_BIAS],
+  [/^blk\.(\d+)\.attn_q_norm\.weight$/, Role.ATTN_Q_NORM],
+  [/^blk\.(\d+)\.attn_k_norm\.weight$/, Role.ATTN_K_NORM],
   [/^blk\.(\d+)\.ffn_norm\.weight$/, Role.FFN_NORM],
   [/^blk\.(\d+)\.ffn_gate\.weight$/, Role.FFN_GATE],
   [/^blk\.(\d+)\.ffn_up\.weight$/, Role.FFN_UP],
@@ -114,11 +133,8 @@ export function specFromHfFolder(dir: string): ModelSpec {
       `${dir}: architecture ${archs.join(", ") || String(cfg.model_type)} is not supported (supported: ${SUPPORTED_ARCHITECTURES.join(", ")})`,
     );
   }
-  if (cfg.rope_scaling !== null && cfg.rope_scaling !== undefined) {
-    throw new ModelLoadError(`${dir}: rope_scaling ${JSON.stringify(cfg.rope_scaling)} is not supported yet`);
-  }
-  if (cfg.attention_bias === true || cfg.mlp_bias === true)
-    throw new ModelLoadError(`${dir}: attention or MLP biases are not supported`);
+  // Attention biases come as tensors (Qwen 2's q/k/v); one the engine has no role for is refused by name.
+  if (cfg.mlp_bias === true) throw new ModelLoadError(`${dir}: MLP biases are not supported`);
   if (cfg.hidden_act !== undefined && cfg.hidden_act !== "silu")
     throw new ModelLoadError(`${dir}: hidden_act ${String(cfg.hidden_act)} is not supported (silu is)`);
   const where = "config.json";
@@ -130,9 +146,12 @@ export function specFromHfFolder(dir: string): ModelSpec {
       : positiveInt(cfg.num_key_value_heads, "num_key_value_heads", where);
   const headDim =
     cfg.head_dim === undefined || cfg.head_dim === null ? hidden / heads : positiveInt(cfg.head_dim, "head_dim", where);
-  let maxPosition = positiveInt(cfg.max_position_embeddings, "max_position_embeddings", where);
-  // Sliding-window attention equals full attention while the context stays inside the window.
-  if (typeof cfg.sliding_window === "number" && cfg.sliding_window > 0)
+  const trained = positiveInt(cfg.max_position_embeddings, "max_position_embeddings", where);
+  const scaling = ropeScalingFromHf(cfg.rope_scaling, trained, dir);
+  let maxPosition = scaledMaxPosition(trained, scaling);
+  // Sliding-window attention equals full attention while the context stays inside the window
+  // (Qwen 2 keeps a window in its config that `use_sliding_window: false` turns off).
+  if (typeof cfg.sliding_window === "number" && cfg.sliding_window > 0 && cfg.use_sliding_window !== false)
     maxPosition = Math.min(maxPosition, cfg.sliding_window);
 
   const stored = readSafetensorsFolder(dir);
@@ -141,7 +160,7 @@ export function specFromHfFolder(dir: string): ModelSpec {
   for (const t of stored) {
     if (HF_IGNORED.test(t.name)) continue;
     const r = roleOf(HF_ROLES, t.name);
-    if (!r) throw new ModelLoadError(`${dir}: tensor ${t.name} is not part of the Llama architecture this engine runs`);
+    if (!r) throw new ModelLoadError(`${dir}: tensor ${t.name} is not part of the architectures this engine runs`);
     const dtype = SAFETENSORS_DTYPES[t.dtype];
     if (dtype === undefined)
       throw new ModelLoadError(
@@ -176,6 +195,7 @@ export function specFromHfFolder(dir: string): ModelSpec {
     ropeInterleaved: false,
     tieWordEmbeddings: cfg.tie_word_embeddings === true || !tensors.some((t) => t.role === Role.OUTPUT),
   };
+  withRope(config, scaling);
   if (!Number.isInteger(headDim))
     throw new ModelLoadError(`${dir}: hidden_size ${hidden} is not divisible by num_attention_heads ${heads}`);
   checkTensorShapes(dir, config, tensors);
@@ -209,31 +229,30 @@ function metaNumber(g: GgufFile, key: string): number | undefined {
 export function specFromGguf(g: GgufFile): ModelSpec {
   const where = g.path;
   const arch = g.metadata.get("general.architecture");
-  if (arch !== "llama")
-    throw new ModelLoadError(`${where}: architecture ${String(arch)} is not supported (supported: llama)`);
-  const need = (key: string) => {
-    const v = metaNumber(g, `llama.${key}`);
-    if (v === undefined) throw new ModelLoadError(`${where}: metadata llama.${key} is missing`);
-    return positiveInt(v, `llama.${key}`, where);
-  };
-  if (g.metadata.has("llama.rope.scaling.type") && g.metadata.get("llama.rope.scaling.type") !== "none") {
+  if (typeof arch !== "string" || !SUPPORTED_GGUF_ARCHITECTURES.includes(arch))
     throw new ModelLoadError(
-      `${where}: RoPE scaling ${String(g.metadata.get("llama.rope.scaling.type"))} is not supported yet`,
+      `${where}: architecture ${String(arch)} is not supported (supported: ${SUPPORTED_GGUF_ARCHITECTURES.join(", ")})`,
     );
-  }
+  const need = (key: string) => {
+    const v = metaNumber(g, `${arch}.${key}`);
+    if (v === undefined) throw new ModelLoadError(`${where}: metadata ${arch}.${key} is missing`);
+    return positiveInt(v, `${arch}.${key}`, where);
+  };
   const hidden = need("embedding_length");
   const heads = need("attention.head_count");
   const tokens = g.metadata.get("tokenizer.ggml.tokens");
-  const vocab = metaNumber(g, "llama.vocab_size") ?? (Array.isArray(tokens) ? tokens.length : undefined);
+  const vocab = metaNumber(g, `${arch}.vocab_size`) ?? (Array.isArray(tokens) ? tokens.length : undefined);
   if (vocab === undefined)
-    throw new ModelLoadError(`${where}: neither llama.vocab_size nor tokenizer.ggml.tokens is present`);
+    throw new ModelLoadError(`${where}: neither ${arch}.vocab_size nor tokenizer.ggml.tokens is present`);
+  let ropeFreqs: Float64Array | null = null;
   const tensors: TensorEntry[] = [];
   for (const t of g.tensors) {
-    if (t.name === "rope_freqs.weight")
-      throw new ModelLoadError(`${where}: rope_freqs (Llama 3.1 RoPE scaling) is not supported yet`);
+    if (t.name === "rope_freqs.weight") {
+      ropeFreqs = readRopeFreqs(g, t);
+      continue;
+    }
     const r = roleOf(GGUF_ROLES, t.name);
-    if (!r)
-      throw new ModelLoadError(`${where}: tensor ${t.name} is not part of the Llama architecture this engine runs`);
+    if (!r) throw new ModelLoadError(`${where}: tensor ${t.name} is not part of the architectures this engine runs`);
     const dtype = GGUF_DTYPES[t.type];
     if (dtype === undefined) {
       const typeName = GGML_TYPES[t.type]?.name ?? `type ${t.type}`;
@@ -262,15 +281,19 @@ export function specFromGguf(g: GgufFile): ModelSpec {
     intermediateSize: need("feed_forward_length"),
     numLayers: need("block_count"),
     numHeads: heads,
-    numKvHeads: metaNumber(g, "llama.attention.head_count_kv") ?? heads,
-    headDim: metaNumber(g, "llama.attention.key_length") ?? hidden / heads,
+    numKvHeads: metaNumber(g, `${arch}.attention.head_count_kv`) ?? heads,
+    headDim: metaNumber(g, `${arch}.attention.key_length`) ?? hidden / heads,
     maxPosition: need("context_length"),
-    ropeTheta: metaNumber(g, "llama.rope.freq_base") ?? 10000,
-    rmsNormEps: metaNumber(g, "llama.attention.layer_norm_rms_epsilon") ?? 1e-5,
-    // GGUF stores q/k rows in Meta's interleaved RoPE layout (llama.cpp permutes HF weights on conversion).
-    ropeInterleaved: true,
+    ropeTheta: metaNumber(g, `${arch}.rope.freq_base`) ?? 10000,
+    rmsNormEps: metaNumber(g, `${arch}.attention.layer_norm_rms_epsilon`) ?? 1e-5,
+    // llama.cpp's converter permutes Llama's q/k rows into Meta's interleaved RoPE layout; Qwen's
+    // keep HF's order (NEOX RoPE).
+    ropeInterleaved: arch === "llama",
     tieWordEmbeddings: !tensors.some((t) => t.role === Role.OUTPUT),
   };
+  const scaling = ropeScalingFromGguf(g, arch, config.maxPosition, ropeFreqs);
+  config.maxPosition = scaledMaxPosition(config.maxPosition, scaling);
+  withRope(config, scaling);
   if (!Number.isInteger(config.headDim))
     throw new ModelLoadError(`${where}: embedding_length ${hidden} is not divisible by head_count ${heads}`);
   checkTensorShapes(where, config, tensors);
@@ -284,6 +307,62 @@ export function specFromGguf(g: GgufFile): ModelSpec {
     bosTokenId: metaNumber(g, "tokenizer.ggml.bos_token_id") ?? null,
     eosTokenIds: [...new Set([eos, eot].filter((x): x is number => x !== undefined))],
   };
+}
+
+/** The frequencies a scaling gives, into the engine's config (head_dim must be known). */
+function withRope(config: NativeModelConfig, scaling: RopeScaling | null): void {
+  const { invFreq, attnFactor } = ropeFrequencies(config.ropeTheta, config.headDim, scaling);
+  config.ropeInvFreq = invFreq;
+  config.ropeAttnFactor = attnFactor;
+}
+
+/** GGUF's rope_freqs tensor: per-pair divisors of the frequencies (Llama 3.1's scaling), in f32. */
+function readRopeFreqs(g: GgufFile, t: GgufFile["tensors"][number]): Float64Array {
+  if (t.type !== 0) throw new ModelLoadError(`${g.path}: rope_freqs.weight is not F32`);
+  const bytes = Buffer.alloc(Number(t.sizeBytes));
+  const fd = openSync(g.path, "r");
+  try {
+    readSync(fd, bytes, 0, bytes.length, t.offset);
+  } finally {
+    closeSync(fd);
+  }
+  return Float64Array.from(new Float32Array(bytes.buffer, bytes.byteOffset, bytes.length / 4));
+}
+
+/** GGUF's RoPE scaling keys (and rope_freqs tensor), as config.json's would say it. */
+function ropeScalingFromGguf(
+  g: GgufFile,
+  arch: string,
+  maxPosition: number,
+  ropeFreqs: Float64Array | null,
+): RopeScaling | null {
+  const type = g.metadata.get(`${arch}.rope.scaling.type`);
+  const factor = metaNumber(g, `${arch}.rope.scaling.factor`);
+  const original = metaNumber(g, `${arch}.rope.scaling.original_context_length`) ?? maxPosition;
+  if (type === undefined || type === "none") {
+    if (ropeFreqs === null) return null;
+    return { type: "factors", factors: ropeFreqs };
+  }
+  if (ropeFreqs !== null) throw new ModelLoadError(`${g.path}: both rope_freqs and RoPE scaling ${String(type)}`);
+  if (factor === undefined || !(factor > 0))
+    throw new ModelLoadError(`${g.path}: RoPE scaling ${String(type)} without ${arch}.rope.scaling.factor`);
+  if (type === "linear") return { type, factor };
+  if (type === "yarn") {
+    // llama.cpp scales its attention factor by YaRN's own 0.1 ln(factor) + 1.
+    const attn = metaNumber(g, `${arch}.rope.scaling.attn_factor`) ?? 1;
+    return {
+      type,
+      factor,
+      originalMaxPosition: original,
+      betaFast: metaNumber(g, `${arch}.rope.scaling.yarn_beta_fast`) ?? 32,
+      betaSlow: metaNumber(g, `${arch}.rope.scaling.yarn_beta_slow`) ?? 1,
+      attnFactor: attn * (factor <= 1 ? 1 : 0.1 * Math.log(factor) + 1),
+      truncate: true,
+    };
+  }
+  throw new ModelLoadError(
+    `${g.path}: RoPE scaling ${String(type)} is not supported (supported: ${SUPPORTED_ROPE_SCALING})`,
+  );
 }
 
 /** The same checks the engine makes, here with the tensor's own name in the message. */
@@ -303,6 +382,11 @@ function checkTensorShapes(where: string, c: NativeModelConfig, tensors: TensorE
     [Role.FFN_GATE]: [c.intermediateSize, c.hiddenSize],
     [Role.FFN_UP]: [c.intermediateSize, c.hiddenSize],
     [Role.FFN_DOWN]: [c.hiddenSize, c.intermediateSize],
+    [Role.ATTN_Q_BIAS]: [1, qDim],
+    [Role.ATTN_K_BIAS]: [1, kvDim],
+    [Role.ATTN_V_BIAS]: [1, kvDim],
+    [Role.ATTN_Q_NORM]: [1, c.headDim],
+    [Role.ATTN_K_NORM]: [1, c.headDim],
   };
   for (const t of tensors) {
     const [rows, cols] = expected[t.role];

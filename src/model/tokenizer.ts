@@ -195,6 +195,37 @@ function strings(v: GgufValue | undefined, key: string): string[] {
   return v as string[];
 }
 
+// GGUF's byte-level BPE pre-tokenizers (`tokenizer.ggml.pre`, as llama.cpp names them), as the
+// models' own tokenizer.json files state them: the split pattern, whether text is NFC-normalized
+// first, and whether a word that is itself in the vocabulary skips the merges.
+const LLAMA3_SPLIT =
+  "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+";
+const QWEN2_SPLIT =
+  "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+";
+const BPE_PRE: Record<string, { split: string; nfc: boolean; ignoreMerges: boolean }> = {
+  "llama-bpe": { split: LLAMA3_SPLIT, nfc: false, ignoreMerges: true },
+  llama3: { split: LLAMA3_SPLIT, nfc: false, ignoreMerges: true },
+  "smaug-bpe": { split: LLAMA3_SPLIT, nfc: false, ignoreMerges: true },
+  qwen2: { split: QWEN2_SPLIT, nfc: true, ignoreMerges: false },
+  "gpt-2": {
+    split: "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+",
+    nfc: false,
+    ignoreMerges: false,
+  },
+};
+
+function bpePreTokenizer(g: GgufFile): { split: string; nfc: boolean; ignoreMerges: boolean } {
+  const pre = g.metadata.get("tokenizer.ggml.pre");
+  // Files written before llama.cpp recorded the kind: Llama 3's, as it assumed.
+  if (pre === undefined || pre === "default") return BPE_PRE["llama-bpe"];
+  const known = BPE_PRE[String(pre)];
+  if (!known)
+    throw new ModelLoadError(
+      `${g.path}: tokenizer.ggml.pre ${JSON.stringify(pre)} is not supported (supported: ${Object.keys(BPE_PRE).join(", ")})`,
+    );
+  return known;
+}
+
 export function tokenizerFromGguf(g: GgufFile): ModelTokenizer {
   const kind = g.metadata.get("tokenizer.ggml.model");
   const tokens = strings(g.metadata.get("tokenizer.ggml.tokens"), "tokenizer.ggml.tokens");
@@ -277,23 +308,15 @@ export function tokenizerFromGguf(g: GgufFile): ModelTokenizer {
     };
   } else if (kind === "gpt2") {
     const merges = strings(g.metadata.get("tokenizer.ggml.merges"), "tokenizer.ggml.merges");
+    const pre = bpePreTokenizer(g);
     tokenizerJson = {
       version: "1.0",
       added_tokens: addedTokens,
-      normalizer: null,
-      // Llama 3's split pattern, which llama.cpp's "llama-bpe" pre-tokenizer also uses.
+      normalizer: pre.nfc ? { type: "NFC" } : null,
       pre_tokenizer: {
         type: "Sequence",
         pretokenizers: [
-          {
-            type: "Split",
-            pattern: {
-              Regex:
-                "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+",
-            },
-            behavior: "Isolated",
-            invert: false,
-          },
+          { type: "Split", pattern: { Regex: pre.split }, behavior: "Isolated", invert: false },
           { type: "ByteLevel", add_prefix_space: false, trim_offsets: true, use_regex: false },
         ],
       },
@@ -307,7 +330,7 @@ export function tokenizerFromGguf(g: GgufFile): ModelTokenizer {
         end_of_word_suffix: null,
         fuse_unk: false,
         byte_fallback: false,
-        ignore_merges: true,
+        ignore_merges: pre.ignoreMerges,
         vocab,
         merges,
       },

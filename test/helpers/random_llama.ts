@@ -5,6 +5,7 @@ import { mkdirSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { fromBf16Bits, fromF16Bits, toBf16Bits, toF16Bits } from "../../src/model/f16.ts";
 import { dequantize, GGML_TYPE_ID, quantize, type QuantType } from "../../src/model/quantize.ts";
+import { hfRopeFrequencies } from "./ref_llama.ts";
 
 export interface RandomLlamaShape {
   dim: number;
@@ -18,7 +19,14 @@ export interface RandomLlamaShape {
   tied: boolean;
   std: number;
   seed: number;
+  /** qwen2: q/k/v biases; qwen3: RMSNorm over each q and k head. Absent: llama. */
+  arch?: "llama" | "qwen2" | "qwen3";
+  headDim?: number; // absent: dim / heads
+  /** config.json's rope_scaling (GGUF: its keys, or rope_freqs for llama3). */
+  ropeScaling?: Record<string, unknown>;
 }
+
+export const headDimOf = (s: RandomLlamaShape) => s.headDim ?? s.dim / s.heads;
 
 export const TINY: RandomLlamaShape = {
   dim: 64,
@@ -80,8 +88,10 @@ function roundTo(dtype: WeightDType, v: number): number {
 }
 
 export function makeWeights(s: RandomLlamaShape, dtype: WeightDType): RefTensor[] {
-  const hd = s.dim / s.heads;
-  const plan: [string, number[], "linear" | "norm"][] = [["model.embed_tokens.weight", [s.vocab, s.dim], "linear"]];
+  const hd = headDimOf(s);
+  const plan: [string, number[], "linear" | "norm" | "bias"][] = [
+    ["model.embed_tokens.weight", [s.vocab, s.dim], "linear"],
+  ];
   for (let l = 0; l < s.layers; l++) {
     const p = `model.layers.${l}`;
     plan.push(
@@ -89,6 +99,16 @@ export function makeWeights(s: RandomLlamaShape, dtype: WeightDType): RefTensor[
       [`${p}.self_attn.q_proj.weight`, [s.heads * hd, s.dim], "linear"],
       [`${p}.self_attn.k_proj.weight`, [s.kvHeads * hd, s.dim], "linear"],
       [`${p}.self_attn.v_proj.weight`, [s.kvHeads * hd, s.dim], "linear"],
+    );
+    if (s.arch === "qwen2")
+      plan.push(
+        [`${p}.self_attn.q_proj.bias`, [s.heads * hd], "bias"],
+        [`${p}.self_attn.k_proj.bias`, [s.kvHeads * hd], "bias"],
+        [`${p}.self_attn.v_proj.bias`, [s.kvHeads * hd], "bias"],
+      );
+    if (s.arch === "qwen3")
+      plan.push([`${p}.self_attn.q_norm.weight`, [hd], "norm"], [`${p}.self_attn.k_norm.weight`, [hd], "norm"]);
+    plan.push(
       [`${p}.self_attn.o_proj.weight`, [s.dim, s.heads * hd], "linear"],
       [`${p}.post_attention_layernorm.weight`, [s.dim], "norm"],
       [`${p}.mlp.gate_proj.weight`, [s.ffn, s.dim], "linear"],
@@ -103,7 +123,10 @@ export function makeWeights(s: RandomLlamaShape, dtype: WeightDType): RefTensor[
     const n = shape.reduce((a, b) => a * b, 1);
     const data = new Float64Array(n);
     for (let j = 0; j < n; j++)
-      data[j] = roundTo(dtype, kind === "norm" ? 1 + 0.1 * normal(rand) : s.std * normal(rand));
+      data[j] = roundTo(
+        dtype,
+        kind === "norm" ? 1 + 0.1 * normal(rand) : kind === "bias" ? 0.5 * normal(rand) : s.std * normal(rand),
+      );
     return { name, shape, data };
   });
 }
@@ -225,10 +248,12 @@ export function writeSafetensors(path: string, tensors: RefTensor[], dtype: Weig
 export function writeHfModel(dir: string, s: RandomLlamaShape, dtype: WeightDType, weights: RefTensor[]): string {
   const hf = join(dir, "hf");
   mkdirSync(hf, { recursive: true });
-  const hd = s.dim / s.heads;
+  const hd = headDimOf(s);
+  const arch = s.arch ?? "llama";
   const config = {
-    architectures: ["LlamaForCausalLM"],
-    model_type: "llama",
+    architectures: [{ llama: "LlamaForCausalLM", qwen2: "Qwen2ForCausalLM", qwen3: "Qwen3ForCausalLM" }[arch]],
+    model_type: arch,
+    attention_bias: arch === "qwen2",
     hidden_size: s.dim,
     intermediate_size: s.ffn,
     num_hidden_layers: s.layers,
@@ -239,7 +264,7 @@ export function writeHfModel(dir: string, s: RandomLlamaShape, dtype: WeightDTyp
     max_position_embeddings: s.ctx,
     rms_norm_eps: 1e-5,
     rope_theta: s.ropeTheta,
-    rope_scaling: null,
+    rope_scaling: s.ropeScaling ?? null,
     hidden_act: "silu",
     tie_word_embeddings: s.tied,
     bos_token_id: 1,
@@ -272,6 +297,8 @@ const GGUF_NAMES: [RegExp, string][] = [
   [/^model\.layers\.(\d+)\.self_attn\.k_proj\.weight$/, "blk.$1.attn_k.weight"],
   [/^model\.layers\.(\d+)\.self_attn\.v_proj\.weight$/, "blk.$1.attn_v.weight"],
   [/^model\.layers\.(\d+)\.self_attn\.o_proj\.weight$/, "blk.$1.attn_output.weight"],
+  [/^model\.layers\.(\d+)\.self_attn\.([qkv])_proj\.bias$/, "blk.$1.attn_$2.bias"],
+  [/^model\.layers\.(\d+)\.self_attn\.([qk])_norm\.weight$/, "blk.$1.attn_$2_norm.weight"],
   [/^model\.layers\.(\d+)\.post_attention_layernorm\.weight$/, "blk.$1.ffn_norm.weight"],
   [/^model\.layers\.(\d+)\.mlp\.gate_proj\.weight$/, "blk.$1.ffn_gate.weight"],
   [/^model\.layers\.(\d+)\.mlp\.up_proj\.weight$/, "blk.$1.ffn_up.weight"],
@@ -295,7 +322,7 @@ function permuteRope(t: RefTensor, heads: number): Float64Array {
   return out;
 }
 
-class GgufWriter {
+export class GgufWriter {
   private parts: Buffer[] = [];
   str(s: string) {
     const b = Buffer.from(s, "utf8");
@@ -322,10 +349,11 @@ class GgufWriter {
     b.writeInt32LE(v);
     this.parts.push(b);
   }
-  kv(key: string, type: "u32" | "f32" | "str", v: number | string) {
+  kv(key: string, type: "u32" | "f32" | "str" | "bool", v: number | string | boolean) {
     this.str(key);
     if (type === "u32") (this.u32(4), this.u32(v as number));
     else if (type === "f32") (this.u32(6), this.f32(v as number));
+    else if (type === "bool") (this.u32(7), this.parts.push(Buffer.of(v ? 1 : 0)));
     else (this.u32(8), this.str(v as string));
   }
   array(key: string, type: "str" | "f32" | "i32", items: (string | number)[]) {
@@ -365,14 +393,16 @@ export function writeGguf(
 ): void {
   const pieces = vocabPieces(s.vocab);
   const w = new GgufWriter();
+  const arch = s.arch ?? "llama";
   const tensors = weights.map((t) => {
     const name = GGUF_NAMES.reduce<string | null>(
       (acc, [re, to]) => acc ?? (re.test(t.name) ? t.name.replace(re, to) : null),
       null,
     )!;
     let data = t.data;
-    if (name.endsWith("attn_q.weight")) data = permuteRope(t, s.heads);
-    if (name.endsWith("attn_k.weight")) data = permuteRope(t, s.kvHeads);
+    // llama.cpp's converter permutes q/k for Llama only (Qwen keeps HF's order: NEOX RoPE).
+    if (arch === "llama" && name.endsWith("attn_q.weight")) data = permuteRope(t, s.heads);
+    if (arch === "llama" && name.endsWith("attn_k.weight")) data = permuteRope(t, s.kvHeads);
     // Norm vectors stay f32, as llama.cpp's converter keeps 1-D tensors.
     const tdtype = t.shape.length === 1 ? "f32" : dtype;
     const bytes =
@@ -380,21 +410,46 @@ export function writeGguf(
     const typeId = tdtype === "f32" ? 0 : tdtype === "f16" ? 1 : GGML_TYPE_ID[tdtype];
     return { name, dims: [...t.shape].reverse(), typeId, bytes };
   });
+  const kvs: [string, "u32" | "f32" | "str", number | string][] = [
+    ["general.architecture", "str", arch],
+    ["general.alignment", "u32", 32],
+    [`${arch}.context_length`, "u32", s.ctx],
+    [`${arch}.embedding_length`, "u32", s.dim],
+    [`${arch}.feed_forward_length`, "u32", s.ffn],
+    [`${arch}.block_count`, "u32", s.layers],
+    [`${arch}.attention.head_count`, "u32", s.heads],
+    [`${arch}.attention.head_count_kv`, "u32", s.kvHeads],
+    [`${arch}.rope.freq_base`, "f32", s.ropeTheta],
+    [`${arch}.attention.layer_norm_rms_epsilon`, "f32", 1e-5],
+    ["tokenizer.ggml.model", "str", "llama"],
+  ];
+  if (s.headDim !== undefined) kvs.push([`${arch}.attention.key_length`, "u32", s.headDim]);
+  const scaling = s.ropeScaling;
+  const type = scaling?.rope_type ?? scaling?.type;
+  if (type === "llama3") {
+    // As llama.cpp's converter: the per-pair divisors of the frequencies, as a tensor.
+    const hd = headDimOf(s);
+    const base = Float64Array.from({ length: hd / 2 }, (_, i) => 1 / s.ropeTheta ** ((2 * i) / hd));
+    const scaled = hfRopeFrequencies(s).invFreq;
+    const factors = base.map((f, i) => f / scaled[i]);
+    tensors.push({ name: "rope_freqs.weight", dims: [hd / 2], typeId: 0, bytes: encodeTensor(factors, "f32") });
+  } else if (type === "linear" || type === "yarn") {
+    kvs.push(
+      [`${arch}.rope.scaling.type`, "str", type],
+      [`${arch}.rope.scaling.factor`, "f32", scaling!.factor as number],
+    );
+    if (scaling!.original_max_position_embeddings !== undefined)
+      kvs.push([
+        `${arch}.rope.scaling.original_context_length`,
+        "u32",
+        scaling!.original_max_position_embeddings as number,
+      ]);
+  } else if (type !== undefined) throw new Error(`GGUF has no RoPE scaling ${String(type)}`);
   w.u32(0x46554747);
   w.u32(3);
   w.u64(tensors.length);
-  w.u64(14);
-  w.kv("general.architecture", "str", "llama");
-  w.kv("general.alignment", "u32", 32);
-  w.kv("llama.context_length", "u32", s.ctx);
-  w.kv("llama.embedding_length", "u32", s.dim);
-  w.kv("llama.feed_forward_length", "u32", s.ffn);
-  w.kv("llama.block_count", "u32", s.layers);
-  w.kv("llama.attention.head_count", "u32", s.heads);
-  w.kv("llama.attention.head_count_kv", "u32", s.kvHeads);
-  w.kv("llama.rope.freq_base", "f32", s.ropeTheta);
-  w.kv("llama.attention.layer_norm_rms_epsilon", "f32", 1e-5);
-  w.kv("tokenizer.ggml.model", "str", "llama");
+  w.u64(kvs.length + 3);
+  for (const [key, t, v] of kvs) w.kv(key, t, v);
   w.array("tokenizer.ggml.tokens", "str", pieces);
   w.array(
     "tokenizer.ggml.scores",

@@ -1,7 +1,55 @@
 // A plain reference forward pass in f64, HF layout, one token at a time with a
 // dense KV cache: the simplest correct Llama, for checking the engine.
 import { fromF16Bits, toF16Bits } from "../../src/model/f16.ts";
-import type { RandomLlamaShape, RefTensor } from "./random_llama.ts";
+import { headDimOf, type RandomLlamaShape, type RefTensor } from "./random_llama.ts";
+
+/**
+ * The rotation frequencies and cos/sin factor of a shape's rope_scaling, transcribed from
+ * transformers' rope initialisers (modeling_rope_utils.py: default, linear, llama3, yarn);
+ * `dynamic` as vLLM fixes it at its longest context (transformers' changes with the length).
+ */
+export function hfRopeFrequencies(s: RandomLlamaShape): { invFreq: Float64Array; attnFactor: number } {
+  const dim = headDimOf(s);
+  const base = s.ropeTheta;
+  const inv = (b: number) => Float64Array.from({ length: dim / 2 }, (_, i) => 1 / b ** ((2 * i) / dim));
+  const r = s.ropeScaling ?? {};
+  const type = (r.rope_type ?? r.type ?? "default") as string;
+  const factor = r.factor as number;
+  if (type === "default") return { invFreq: inv(base), attnFactor: 1 };
+  if (type === "linear") return { invFreq: inv(base).map((f) => f / factor), attnFactor: 1 };
+  if (type === "dynamic") {
+    const maxLen = s.ctx * factor;
+    const b = base * ((factor * maxLen) / s.ctx - (factor - 1)) ** (dim / (dim - 2));
+    return { invFreq: inv(b), attnFactor: 1 };
+  }
+  if (type === "llama3") {
+    const [low, high, old] = [r.low_freq_factor, r.high_freq_factor, r.original_max_position_embeddings] as number[];
+    const lowWavelen = old / low;
+    const highWavelen = old / high;
+    const invFreq = inv(base).map((f) => {
+      const wavelen = (2 * Math.PI) / f;
+      const llama = wavelen > lowWavelen ? f / factor : f;
+      const smooth = (old / wavelen - low) / (high - low);
+      const medium = !(wavelen < highWavelen) && !(wavelen > lowWavelen);
+      return medium ? ((1 - smooth) * llama) / factor + smooth * llama : llama;
+    });
+    return { invFreq, attnFactor: 1 };
+  }
+  if (type === "yarn") {
+    const original = (r.original_max_position_embeddings as number | undefined) ?? s.ctx;
+    const corrDim = (rot: number) => (dim * Math.log(original / (rot * 2 * Math.PI))) / (2 * Math.log(base));
+    const lo = Math.max(Math.floor(corrDim((r.beta_fast as number) ?? 32)), 0);
+    let hi = Math.min(Math.ceil(corrDim((r.beta_slow as number) ?? 1)), dim - 1);
+    if (lo === hi) hi += 0.001;
+    const invFreq = Float64Array.from({ length: dim / 2 }, (_, i) => {
+      const posFreq = base ** ((2 * i) / dim);
+      const extrapolationFactor = 1 - Math.min(1, Math.max(0, (i - lo) / (hi - lo)));
+      return (1 / (factor * posFreq)) * (1 - extrapolationFactor) + (1 / posFreq) * extrapolationFactor;
+    });
+    return { invFreq, attnFactor: factor <= 1 ? 1 : 0.1 * Math.log(factor) + 1 };
+  }
+  throw new Error(`no reference for rope_scaling ${type}`);
+}
 
 /**
  * x as llama.cpp's Q8 activations hold it: per 32 values, q = round(x / d) with
@@ -25,6 +73,7 @@ export class RefLlama {
   private readonly kCache: Float64Array[][] = [];
   private readonly vCache: Float64Array[][] = [];
   private readonly hd: number;
+  private readonly rot: { invFreq: Float64Array; attnFactor: number };
 
   /** q8Activations: every matmul's input goes through quantizeActivations first (quantized weights with integer products). */
   constructor(
@@ -33,7 +82,8 @@ export class RefLlama {
     private readonly q8Activations = false,
   ) {
     for (const t of weights) this.w.set(t.name, t.data);
-    this.hd = s.dim / s.heads;
+    this.hd = headDimOf(s);
+    this.rot = hfRopeFrequencies(s);
     for (let l = 0; l < s.layers; l++) {
       this.kCache.push([]);
       this.vCache.push([]);
@@ -58,6 +108,23 @@ export class RefLlama {
     return out;
   }
 
+  private has(name: string): boolean {
+    return this.w.has(name);
+  }
+
+  /** Adds a bias if the layer has it, then RMSNorm over each head if it has a norm (Qwen 2 / Qwen 3). */
+  private shapeHeads(v: Float64Array, heads: number, bias: string, norm: string): Float64Array {
+    let out = this.has(bias) ? v.map((x, i) => x + this.get(bias)[i]) : v;
+    if (this.has(norm)) {
+      const hd = this.hd;
+      const normed = new Float64Array(out.length);
+      for (let h = 0; h < heads; h++)
+        normed.set(this.rmsnorm(out.subarray(h * hd, (h + 1) * hd), this.get(norm)), h * hd);
+      out = normed;
+    }
+    return out;
+  }
+
   private rmsnorm(x: Float64Array, w: Float64Array): Float64Array {
     let ss = 0;
     for (const v of x) ss += v * v;
@@ -69,9 +136,9 @@ export class RefLlama {
     const hd = this.hd;
     for (let h = 0; h < heads; h++)
       for (let i = 0; i < hd / 2; i++) {
-        const freq = 1 / this.s.ropeTheta ** ((2 * i) / hd);
-        const c = Math.cos(pos * freq);
-        const s = Math.sin(pos * freq);
+        const freq = this.rot.invFreq[i];
+        const c = Math.cos(pos * freq) * this.rot.attnFactor;
+        const s = Math.sin(pos * freq) * this.rot.attnFactor;
         const a = h * hd + i;
         const b = a + hd / 2;
         const x0 = v[a];
@@ -90,9 +157,25 @@ export class RefLlama {
     for (let l = 0; l < s.layers; l++) {
       const p = `model.layers.${l}`;
       const xb = this.rmsnorm(x, this.get(`${p}.input_layernorm.weight`));
-      const q = this.matvec(this.get(`${p}.self_attn.q_proj.weight`), xb, s.heads * hd);
-      const k = this.matvec(this.get(`${p}.self_attn.k_proj.weight`), xb, s.kvHeads * hd);
-      const v = this.matvec(this.get(`${p}.self_attn.v_proj.weight`), xb, s.kvHeads * hd);
+      const a = `${p}.self_attn`;
+      const q = this.shapeHeads(
+        this.matvec(this.get(`${a}.q_proj.weight`), xb, s.heads * hd),
+        s.heads,
+        `${a}.q_proj.bias`,
+        `${a}.q_norm.weight`,
+      );
+      const k = this.shapeHeads(
+        this.matvec(this.get(`${a}.k_proj.weight`), xb, s.kvHeads * hd),
+        s.kvHeads,
+        `${a}.k_proj.bias`,
+        `${a}.k_norm.weight`,
+      );
+      const v = this.shapeHeads(
+        this.matvec(this.get(`${a}.v_proj.weight`), xb, s.kvHeads * hd),
+        s.kvHeads,
+        `${a}.v_proj.bias`,
+        "",
+      );
       this.rope(q, s.heads, pos);
       this.rope(k, s.kvHeads, pos);
       this.kCache[l].push(k);
