@@ -9,8 +9,7 @@ import { InvalidRequestError, LLMEngine, type EngineOptions } from "./engine/llm
 import { argOptions, ConfigError, ENGINE_KEYS, ENGINE_USAGE, engineOptionsOf, valuesFromArgs } from "./flags.ts";
 import { DEFAULT_SAMPLING, type SamplingParams } from "./engine/request.ts";
 import { ModelLoadError } from "./model/errors.ts";
-import type { QuantType } from "./model/quantize.ts";
-import { QUANT_TYPES, quantizeGguf } from "./model/quantize_gguf.ts";
+import { QUANT_MIXES, QUANT_TYPES, quantizeGguf, type QuantTarget } from "./model/quantize_gguf.ts";
 import { PromptsFileLine } from "./server/schemas.ts";
 import { checkBody } from "./server/validation.ts";
 
@@ -25,7 +24,7 @@ function checkPromptLine(value: unknown): OfflinePrompt {
 const USAGE = `usage:
   inferneo generate --model <hf folder | file.gguf | org/name> --prompt <text> [options]
   inferneo serve --model <...> [--host 127.0.0.1] [--port 8000]
-  inferneo quantize <in.gguf> <out.gguf> --type q8_0|q4_0|q4_k|q6_k
+  inferneo quantize <in.gguf> <out.gguf> --type q8_0|q4_0|q4_k|q6_k|q5_0|q3_k|iq4_nl|q4_k_m
 
 generate options:
   --max-tokens N        tokens to generate (default 128)
@@ -152,9 +151,10 @@ function quantizeCommand(argv: string[]): number {
     allowPositionals: true,
     strict: true,
   });
-  const type = values.type as QuantType;
+  const type = values.type as QuantTarget;
   if (positionals.length !== 2) throw new UsageError("quantize takes an input and an output .gguf path");
-  if (!QUANT_TYPES.includes(type)) throw new UsageError(`--type must be one of ${QUANT_TYPES.join(", ")}`);
+  const targets: readonly string[] = [...QUANT_TYPES, ...QUANT_MIXES];
+  if (!targets.includes(type)) throw new UsageError(`--type must be one of ${targets.join(", ")}`);
   const { quantized, kept } = quantizeGguf(positionals[0], positionals[1], type, (done, total) =>
     process.stderr.write(
       `\rquantizing [${"#".repeat(Math.round((done / total) * 30)).padEnd(30, ".")}] ${done}/${total} tensors`,

@@ -87,6 +87,10 @@ const cases: {
   { name: "GQA, Q4_0 (GGUF)", shape: GQA, dtype: "q4_0", format: "gguf" },
   { name: "GQA, Q4_K (GGUF)", shape: GQA, dtype: "q4_k", format: "gguf" },
   { name: "GQA, Q6_K (GGUF)", shape: GQA, dtype: "q6_k", format: "gguf" },
+  // Packed at load as the type that holds their values exactly (Q8_0, Q6_K).
+  { name: "GQA, Q5_0 (GGUF)", shape: GQA, dtype: "q5_0", format: "gguf" },
+  { name: "GQA, IQ4_NL (GGUF)", shape: GQA, dtype: "iq4_nl", format: "gguf" },
+  { name: "GQA, Q3_K (GGUF)", shape: GQA, dtype: "q3_k", format: "gguf" },
   { name: "GQA f32 (HF) with an f16 KV cache", shape: GQA, dtype: "f32", format: "hf", kvCacheDtype: "f16" },
   // bf16 products (--dtype bfloat16): weights repacked to bf16 at load, every step in bf16.
   { name: "GQA f16 (GGUF) with bf16 compute", shape: GQA, dtype: "f16", format: "gguf", computeDtype: "bf16" },
@@ -127,7 +131,7 @@ const cases: {
     format: "hf",
   },
 ];
-const QUANT_TYPES: readonly string[] = ["q8_0", "q4_0", "q4_k", "q6_k"];
+const QUANT_TYPES: readonly string[] = ["q8_0", "q4_0", "q4_k", "q6_k", "q5_0", "iq4_nl", "q3_k"];
 
 describe("random-weight models against the reference forward pass", () => {
   for (const [i, c] of cases.entries()) {

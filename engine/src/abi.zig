@@ -21,18 +21,30 @@ pub const DType = enum(u32) {
     f32 = 0,
     f16 = 1,
     q4_0 = 2,
+    q5_0 = 6,
     q8_0 = 8,
+    q3_k = 11,
     q4_k = 12,
     q6_k = 14,
+    iq4_nl = 20,
     bf16 = 30,
     _,
+
+    /// The type a file's type is rewritten into at load (losslessly), or null if none.
+    pub fn transcodedTo(dtype: DType) ?DType {
+        return switch (dtype) {
+            .q5_0, .iq4_nl => .q8_0,
+            .q3_k => .q6_k,
+            else => null,
+        };
+    }
 
     /// Weights per storage block (1 for plain floats), or null for types this engine lacks.
     pub fn blockElems(dtype: DType) ?u64 {
         return switch (dtype) {
             .f32, .f16, .bf16 => 1,
-            .q4_0, .q8_0 => 32,
-            .q4_k, .q6_k => 256,
+            .q4_0, .q8_0, .q5_0, .iq4_nl => 32,
+            .q4_k, .q6_k, .q3_k => 256,
             _ => null,
         };
     }
@@ -41,7 +53,9 @@ pub const DType = enum(u32) {
         return switch (dtype) {
             .f32 => 4,
             .f16, .bf16 => 2,
-            .q4_0 => 18,
+            .q4_0, .iq4_nl => 18,
+            .q5_0 => 22,
+            .q3_k => 110,
             .q8_0 => 34,
             .q4_k => 144,
             .q6_k => 210,

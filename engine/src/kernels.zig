@@ -51,7 +51,7 @@ pub const Matrix = struct {
                 const p: [*]align(1) const StorageType(t) = @ptrCast(row_ptr);
                 for (out, 0..) |*o, c| o.* = loadScalar(StorageType(t), p, c);
             },
-            _ => unreachable,
+            else => unreachable,
         }
     }
 
@@ -74,7 +74,7 @@ pub const Matrix = struct {
         const row_ptr = m.data + row * m.rowBytes();
         return switch (m.dtype) {
             inline .f32, .f16, .bf16, .q8_0, .q4_0, .q4_k, .q6_k => |t| loadScalar(StorageType(t), @ptrCast(row_ptr), col),
-            _ => unreachable,
+            else => unreachable,
         };
     }
 };
@@ -89,6 +89,9 @@ pub fn StorageType(comptime dtype: DType) type {
         .q4_0 => quant.BlockQ4_0,
         .q4_k => quant.BlockQ4_K,
         .q6_k => quant.BlockQ6_K,
+        .q5_0 => quant.BlockQ5_0,
+        .iq4_nl => quant.BlockIQ4_NL,
+        .q3_k => quant.BlockQ3_K,
         _ => unreachable,
     };
 }
@@ -160,7 +163,7 @@ pub fn matmulRows(out: []f32, out_stride: usize, x: []const f32, n_tokens: usize
             assert(w.layout == .int_groups);
             qgemm.matmulRows(StorageType(t), out, out_stride, acts.q8.?, n_tokens, w.data, w.cols, row_begin, row_end);
         },
-        _ => unreachable, // refused at load
+        else => unreachable, // packed as another type, or refused, at load
     }
 }
 
@@ -305,7 +308,7 @@ pub fn rmsnorm(out: []f32, x: []const f32, weight: Matrix, eps: f32) void {
             }
             for (out[j..], x[j..], j..) |*o, v, k| o.* = loadScalar(StorageType(t), w, k) * (scale * v);
         },
-        _ => unreachable,
+        else => unreachable,
     }
 }
 

@@ -148,7 +148,7 @@ pub fn packedBytes(comptime T: type, rows: usize, cols: usize) usize {
 /// Rows [first, first + n) of w (n <= 16) packed as group `pos` of the stripe at dst; rows
 /// past n are zeros. The quads of the Q4 types share bytes: vector j of a block holds quad
 /// j in its low nibbles and quad j + 4 in its high ones (Q4_0's own byte order).
-fn packGroup(comptime T: type, dst: []u8, pos: usize, base: [*]align(1) const T, units: usize, first: usize, n: usize, cols: usize) void {
+fn packGroup(comptime T: type, comptime Src: type, dst: []u8, pos: usize, base: [*]align(1) const Src, units: usize, first: usize, n: usize, cols: usize) void {
     const L = Stripe(T);
     const blocks = cols / 32;
     const vecs = vectorsPerBlock(T);
@@ -157,21 +157,26 @@ fn packGroup(comptime T: type, dst: []u8, pos: usize, base: [*]align(1) const T,
         @memset(dst[L.scales(pos) + L.blockOffset(b) ..][0..L.s_bytes], 0);
         if (b % 8 == 0) @memset(dst[L.factors(pos) + L.blockOffset(b) ..][0..L.d_bytes], 0);
     }
+    // A unit of another type (Q5_0, IQ4_NL, Q3_K) is rewritten as one of T first, once.
+    var rewritten: T = undefined;
     for (0..n) |r| {
         const row = base + (first + r) * units;
         for (0..blocks) |b| {
             const w = dst[L.weights(pos) + L.blockOffset(b) ..];
             const scales = dst[L.scales(pos) + L.blockOffset(b) ..];
             const factors = dst[L.factors(pos) + L.blockOffset(b / 8 * 8) ..];
+            const unit = if (quant.unitElems(T) == 32) b else b / 8;
+            const blk: *align(1) const T = if (Src == T) &row[unit] else blk: {
+                if (unit * quant.unitElems(T) == b * 32) quant.transcode(Src, T, &row[unit], &rewritten);
+                break :blk &rewritten;
+            };
             var u: [32]u8 = undefined;
             switch (T) {
                 quant.BlockQ8_0 => {
-                    const blk = &row[b];
                     for (&u, blk.qs) |*x, q| x.* = @as(u8, @bitCast(q)) ^ 0x80;
                     std.mem.writeInt(u16, scales[2 * r ..][0..2], blk.d, .little);
                 },
                 quant.BlockQ4_0 => {
-                    const blk = &row[b];
                     for (0..16) |i| {
                         u[i] = blk.qs[i] & 0xF;
                         u[i + 16] = blk.qs[i] >> 4;
@@ -179,7 +184,6 @@ fn packGroup(comptime T: type, dst: []u8, pos: usize, base: [*]align(1) const T,
                     std.mem.writeInt(u16, scales[2 * r ..][0..2], blk.d, .little);
                 },
                 quant.BlockQ6_K => {
-                    const blk = &row[b / 8];
                     const h = b % 8 / 4; // half of the super-block
                     const k = b % 4; // quarter of the half
                     for (0..32) |l| {
@@ -193,7 +197,6 @@ fn packGroup(comptime T: type, dst: []u8, pos: usize, base: [*]align(1) const T,
                     std.mem.writeInt(u16, factors[2 * r ..][0..2], blk.d, .little);
                 },
                 quant.BlockQ4_K => {
-                    const blk = &row[b / 8];
                     const sub = b % 8;
                     for (0..32) |i| {
                         const byte = blk.qs[32 * (sub / 2) + i];
@@ -222,22 +225,24 @@ fn packGroup(comptime T: type, dst: []u8, pos: usize, base: [*]align(1) const T,
 
 /// Packs a whole (rows, cols) matrix into dst (packedBytes long).
 pub fn pack(comptime T: type, dst: []u8, w_data: [*]const u8, rows: usize, cols: usize) void {
-    packGroups(T, dst, w_data, rows, cols, 0, std.math.divCeil(usize, rows, group_rows) catch unreachable);
+    packGroups(T, T, dst, w_data, rows, cols, 0, std.math.divCeil(usize, rows, group_rows) catch unreachable);
 }
 
 /// Groups [g_begin, g_end) of pack's output (several threads may each take a range: a
 /// group's bytes are its own). The range that ends the matrix zeroes the groups that pad
 /// its last stripe.
-pub fn packGroups(comptime T: type, dst: []u8, w_data: [*]const u8, rows: usize, cols: usize, g_begin: usize, g_end: usize) void {
+/// The file's units are of type Src: T itself, or one that `quant.transcode` rewrites as T.
+pub fn packGroups(comptime T: type, comptime Src: type, dst: []u8, w_data: [*]const u8, rows: usize, cols: usize, g_begin: usize, g_end: usize) void {
     const sb = Stripe(T).bytes(cols);
     assert(dst.len >= packedBytes(T, rows, cols));
-    const base: [*]align(1) const T = @ptrCast(w_data);
+    comptime assert(Src == T or quant.unitElems(Src) == quant.unitElems(T));
+    const base: [*]align(1) const Src = @ptrCast(w_data);
     const units = cols / quant.unitElems(T);
     const groups = std.math.divCeil(usize, rows, group_rows) catch unreachable;
     const end = if (g_end == groups) std.mem.alignForward(usize, groups, stripe_groups) else g_end;
     for (g_begin..end) |g| {
         const n = if (g < groups) @min(group_rows, rows - g * group_rows) else 0;
-        packGroup(T, dst[g / stripe_groups * sb ..][0..sb], g % stripe_groups, base, units, g * group_rows, n, cols);
+        packGroup(T, Src, dst[g / stripe_groups * sb ..][0..sb], g % stripe_groups, base, units, g * group_rows, n, cols);
     }
 }
 

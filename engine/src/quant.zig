@@ -19,7 +19,24 @@ pub const BlockQ4_K = extern struct { d: u16, dmin: u16, scales: [12]u8, qs: [12
 /// q = 4 low bits from ql and 2 high bits from qh (see load6K).
 pub const BlockQ6_K = extern struct { ql: [128]u8, qh: [64]u8, scales: [16]i8, d: u16 };
 
+/// Types a file may hold that are rewritten at load, losslessly, into one the products take
+/// (see `transcode`). Q5_0: 32 weights = d * (q - 16), q 5 bits: element j < 16 is the low
+/// nibble of qs[j], element j >= 16 the high nibble of qs[j - 16], each with bit j of qh on top.
+pub const BlockQ5_0 = extern struct { d: u16 align(1), qh: [4]u8, qs: [16]u8 };
+/// IQ4_NL: 32 weights = d * kvalues_iq4nl[q], q 4 bits in Q4_0's order.
+pub const BlockIQ4_NL = extern struct { d: u16, qs: [16]u8 };
+/// Q3_K: 256 weights in 16 groups of 16, w = d * (scale - 32) * (q - 4), q 3 bits: element e
+/// (n = e / 128, j = e % 128 / 32, half = e % 32 / 16, l = e % 16) has its low two bits at
+/// bits 2j of qs[32n + 16 half + l] and its high bit at bit 4n + j of hmask[16 half + l];
+/// its group's 6-bit scale is number 8n + 2j + half of the 12 packed bytes (see scalesK3).
+pub const BlockQ3_K = extern struct { hmask: [32]u8, qs: [64]u8, scales: [12]u8, d: u16 align(1) };
+
+pub const kvalues_iq4nl = [16]i8{ -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113 };
+
 comptime {
+    assert(@sizeOf(BlockQ5_0) == 22);
+    assert(@sizeOf(BlockIQ4_NL) == 18);
+    assert(@sizeOf(BlockQ3_K) == 110);
     assert(@sizeOf(BlockQ8_0) == 34);
     assert(@sizeOf(BlockQ4_0) == 18);
     assert(@sizeOf(BlockQ4_K) == 144);
@@ -33,8 +50,8 @@ pub fn isBlock(comptime T: type) bool {
 /// Weights per storage unit: 1 for plain floats, the block size for quantized types.
 pub fn unitElems(comptime T: type) usize {
     return switch (T) {
-        BlockQ8_0, BlockQ4_0 => 32,
-        BlockQ4_K, BlockQ6_K => 256,
+        BlockQ8_0, BlockQ4_0, BlockQ5_0, BlockIQ4_NL => 32,
+        BlockQ4_K, BlockQ6_K, BlockQ3_K => 256,
         else => 1,
     };
 }
@@ -47,6 +64,61 @@ pub inline fn half(bits: u16) f32 {
 pub fn scaleMinK4(j: usize, q: *const [12]u8) [2]u8 {
     if (j < 4) return .{ q[j] & 63, q[j + 4] & 63 };
     return .{ (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4) };
+}
+
+/// Q3_K's sixteen 6-bit scales (0..63; the weight's factor is scale - 32), unpacked as ggml does.
+pub fn scalesK3(packed_scales: *const [12]u8) [16]u8 {
+    var out: [16]u8 = undefined;
+    for (0..16) |i| {
+        const low = if (i < 8) packed_scales[i] & 0xF else packed_scales[i - 8] >> 4;
+        const high = (packed_scales[8 + i % 4] >> @intCast(2 * (i / 4))) & 3;
+        out[i] = low | high << 4;
+    }
+    return out;
+}
+
+/// Q5_0 and IQ4_NL blocks as Q8_0 ones (the same d; q - 16, or the codebook's value), Q3_K
+/// super-blocks as Q6_K ones (the same d and groups of 16; scale - 32 as the i8 scale, and
+/// q + 28 as the 6-bit q, so that q6 - 32 = q3 - 4): every weight keeps its exact value.
+pub fn transcode(comptime From: type, comptime To: type, src: *align(1) const From, dst: *To) void {
+    switch (From) {
+        BlockQ5_0 => {
+            const qh = std.mem.readInt(u32, &src.qh, .little);
+            dst.d = src.d;
+            for (0..16) |j| {
+                const lo: u8 = (src.qs[j] & 0xF) | @as(u8, @intCast((qh >> @intCast(j)) & 1)) << 4;
+                const hi: u8 = (src.qs[j] >> 4) | @as(u8, @intCast((qh >> @intCast(j + 16)) & 1)) << 4;
+                dst.qs[j] = @as(i8, @intCast(lo)) - 16;
+                dst.qs[j + 16] = @as(i8, @intCast(hi)) - 16;
+            }
+        },
+        BlockIQ4_NL => {
+            dst.d = src.d;
+            for (0..16) |j| {
+                dst.qs[j] = kvalues_iq4nl[src.qs[j] & 0xF];
+                dst.qs[j + 16] = kvalues_iq4nl[src.qs[j] >> 4];
+            }
+        },
+        BlockQ3_K => {
+            const sc = scalesK3(&src.scales);
+            for (&dst.scales, sc) |*d, v| d.* = @as(i8, @intCast(v)) - 32;
+            dst.d = src.d;
+            @memset(&dst.ql, 0);
+            @memset(&dst.qh, 0);
+            for (0..256) |e| {
+                const n = e / 128;
+                const j = e % 128 / 32;
+                const l32 = e % 32;
+                const low2 = (src.qs[32 * n + l32] >> @intCast(2 * j)) & 3;
+                const high = (src.hmask[l32] >> @intCast(4 * n + j)) & 1;
+                const q6: u8 = low2 + 4 * high + 28;
+                // Q6_K's place for element e (see load6K): the same n (h), j (k) and l.
+                dst.ql[64 * n + l32 + 32 * (j % 2)] |= if (j < 2) q6 & 0xF else (q6 & 0xF) << 4;
+                dst.qh[32 * n + l32] |= (q6 >> 4) << @intCast(2 * j);
+            }
+        },
+        else => @compileError("not transcoded"),
+    }
 }
 
 pub inline fn load(comptime lanes: usize, comptime T: type, p: [*]align(1) const T, i: usize) @Vector(lanes, f32) {
@@ -217,4 +289,74 @@ test "Q6_K decodes low and high bits with the right scale" {
         want[128 * h + l + 96] = 0.125 * @as(f32, @floatFromInt(@as(i32, scl[is + 6]) * q4));
     };
     for (0..256) |e| try testing.expectApproxEqAbs(want[e], scalar(BlockQ6_K, p, e), 1e-5);
+}
+
+/// A block of random bytes whose f16 factors are finite.
+fn randomBlock(comptime T: type, seed: u64) T {
+    var prng = std.Random.DefaultPrng.init(seed);
+    var b: T = undefined;
+    prng.random().bytes(std.mem.asBytes(&b));
+    inline for (std.meta.fields(T)) |f| if (f.type == u16) {
+        @field(b, f.name) = f16Bits(prng.random().float(f32) - 0.5);
+    };
+    return b;
+}
+
+test "Q5_0 and IQ4_NL as Q8_0, Q3_K as Q6_K: every weight keeps its value (ggml's decode as the reference)" {
+    for (0..8) |seed| {
+        const q5 = randomBlock(BlockQ5_0, seed);
+        var q8: BlockQ8_0 = undefined;
+        transcode(BlockQ5_0, BlockQ8_0, &q5, &q8);
+        const qh = std.mem.readInt(u32, &q5.qh, .little);
+        for (0..16) |j| {
+            const x0: i32 = @as(i32, (q5.qs[j] & 0x0F) | @as(u8, @intCast(((qh >> @intCast(j)) << 4) & 0x10))) - 16;
+            const x1: i32 = @as(i32, (q5.qs[j] >> 4) | @as(u8, @intCast((qh >> @intCast(j + 12)) & 0x10))) - 16;
+            try testing.expectEqual(half(q5.d) * @as(f32, @floatFromInt(x0)), scalar(BlockQ8_0, @ptrCast(&q8), j));
+            try testing.expectEqual(half(q5.d) * @as(f32, @floatFromInt(x1)), scalar(BlockQ8_0, @ptrCast(&q8), j + 16));
+        }
+
+        const nl = randomBlock(BlockIQ4_NL, seed);
+        transcode(BlockIQ4_NL, BlockQ8_0, &nl, &q8);
+        for (0..16) |j| {
+            try testing.expectEqual(half(nl.d) * @as(f32, @floatFromInt(kvalues_iq4nl[nl.qs[j] & 0xF])), scalar(BlockQ8_0, @ptrCast(&q8), j));
+            try testing.expectEqual(half(nl.d) * @as(f32, @floatFromInt(kvalues_iq4nl[nl.qs[j] >> 4])), scalar(BlockQ8_0, @ptrCast(&q8), j + 16));
+        }
+
+        const q3 = randomBlock(BlockQ3_K, seed);
+        var q6: BlockQ6_K = undefined;
+        transcode(BlockQ3_K, BlockQ6_K, &q3, &q6);
+        // ggml's dequantize_row_q3_K, transcribed: the scales through its 32-bit masks.
+        var aux: [4]u32 = undefined;
+        @memcpy(std.mem.sliceAsBytes(aux[0..3]), &q3.scales);
+        const tmp = aux[2];
+        const kmask1: u32 = 0x03030303;
+        const kmask2: u32 = 0x0f0f0f0f;
+        aux[2] = ((aux[0] >> 4) & kmask2) | (((tmp >> 4) & kmask1) << 4);
+        aux[3] = ((aux[1] >> 4) & kmask2) | (((tmp >> 6) & kmask1) << 4);
+        aux[0] = (aux[0] & kmask2) | (((tmp >> 0) & kmask1) << 4);
+        aux[1] = (aux[1] & kmask2) | (((tmp >> 2) & kmask1) << 4);
+        const scales: [16]i8 = @bitCast(aux);
+        var want: [256]f32 = undefined;
+        var y: usize = 0;
+        var is: usize = 0;
+        var m: u8 = 1;
+        for (0..2) |n| {
+            var shift: u3 = 0;
+            for (0..4) |_| {
+                inline for (.{ 0, 16 }) |off| {
+                    const dl = half(q3.d) * @as(f32, @floatFromInt(@as(i32, scales[is]) - 32));
+                    is += 1;
+                    for (0..16) |l| {
+                        const low: i32 = (q3.qs[32 * n + l + off] >> shift) & 3;
+                        const q: i32 = low - @as(i32, if (q3.hmask[l + off] & m != 0) 0 else 4);
+                        want[y] = dl * @as(f32, @floatFromInt(q));
+                        y += 1;
+                    }
+                }
+                shift +%= 2;
+                m <<= 1;
+            }
+        }
+        for (0..256) |e| try testing.expectEqual(want[e], scalar(BlockQ6_K, @ptrCast(&q6), e));
+    }
 }

@@ -152,7 +152,8 @@ pub fn load(
     return w;
 }
 
-/// Repacks every Q8_0, Q4_0, Q4_K and Q6_K matrix for the integer products, and every
+/// Repacks every quantized matrix for the integer products (Q5_0 and IQ4_NL as Q8_0, Q3_K
+/// as Q6_K, each weight exact), and every
 /// float matrix (but an untied embedding, read a row at a time) for bf16 products with
 /// `bf16_products`, else in its own type for f32 products; a tied output shares the
 /// embedding's. `threads` threads pack
@@ -179,7 +180,9 @@ fn packAll(allocator: std.mem.Allocator, w: *Weights, bf16_products: bool, threa
         const float = m.dtype == .f32 or m.dtype == .f16 or m.dtype == .bf16;
         if (float and (m.cols % 16 != 0 or (m == &w.token_embd and !tied))) continue;
         const layout: Matrix.Layout = if (!float) .int_groups else if (bf16_products) .bf16_groups else .float_groups;
-        const bytes = switch (m.dtype) {
+        // Q5_0, IQ4_NL and Q3_K are packed as the type that holds their values exactly.
+        const packed_type = m.dtype.transcodedTo() orelse m.dtype;
+        const bytes = switch (packed_type) {
             inline .q8_0, .q4_0, .q4_k, .q6_k => |t| qgemm.packedBytes(kernels.StorageType(t), m.rows, m.cols),
             inline .f32, .f16, .bf16 => |t| if (bf16_products) bgemm.packedBytes(m.rows, m.cols) else fgemm.packedBytes(kernels.StorageType(t), m.rows, m.cols),
             else => continue,
@@ -190,7 +193,7 @@ fn packAll(allocator: std.mem.Allocator, w: *Weights, bf16_products: bool, threa
         const chunk = 256; // groups a job: a big matrix is shared between threads
         var g: usize = 0;
         while (g < groups) : (g += chunk) try jobs.append(.{ .source = m.*, .layout = layout, .dst = buffer, .g_begin = g, .g_end = @min(groups, g + chunk) });
-        m.* = .{ .dtype = m.dtype, .data = buffer.ptr, .rows = m.rows, .cols = m.cols, .layout = layout };
+        m.* = .{ .dtype = packed_type, .data = buffer.ptr, .rows = m.rows, .cols = m.cols, .layout = layout };
     }
 
     var next = std.atomic.Value(usize).init(0);
@@ -218,7 +221,10 @@ fn packWorker(jobs: []const PackJob, next: *std.atomic.Value(usize)) void {
         const j = jobs[i];
         const m = j.source;
         switch (m.dtype) {
-            inline .q8_0, .q4_0, .q4_k, .q6_k => |t| qgemm.packGroups(kernels.StorageType(t), j.dst, m.data, m.rows, m.cols, j.g_begin, j.g_end),
+            inline .q8_0, .q4_0, .q4_k, .q6_k, .q5_0, .iq4_nl, .q3_k => |t| {
+                const to = comptime t.transcodedTo() orelse t;
+                qgemm.packGroups(kernels.StorageType(to), kernels.StorageType(t), j.dst, m.data, m.rows, m.cols, j.g_begin, j.g_end);
+            },
             inline .f32, .f16, .bf16 => |t| if (j.layout == .bf16_groups)
                 bgemm.packGroups(kernels.StorageType(t), j.dst, m.data, m.rows, m.cols, j.g_begin, j.g_end)
             else
@@ -315,7 +321,7 @@ fn expectedShape(role: abi.Role, c: abi.ModelConfig) [2]u64 {
 fn checkTensor(t: abi.Tensor, role: abi.Role, config: abi.ModelConfig, maps: []const []align(std.mem.page_size) const u8, status: *abi.Status) !Matrix {
     const dtype: abi.DType = @enumFromInt(t.dtype);
     const block_elems = dtype.blockElems() orelse {
-        status.* = errors.fail(.unsupported, "tensor {s} (layer {d}) has dtype {d}, which this engine does not support (supported: f32, f16, bf16, q8_0, q4_0, q4_k, q6_k)", .{ roleName(role), t.layer, t.dtype });
+        status.* = errors.fail(.unsupported, "tensor {s} (layer {d}) has dtype {d}, which this engine does not support (supported: f32, f16, bf16, q8_0, q4_0, q4_k, q6_k, q5_0, q3_k, iq4_nl)", .{ roleName(role), t.layer, t.dtype });
         return error.LoadFailed;
     };
     const block_bytes = dtype.blockBytes().?;

@@ -21,7 +21,18 @@ export const Status = {
   INTERNAL: 8,
 } as const;
 
-export const DType = { F32: 0, F16: 1, Q4_0: 2, Q8_0: 8, Q4_K: 12, Q6_K: 14, BF16: 30 } as const;
+export const DType = {
+  F32: 0,
+  F16: 1,
+  Q4_0: 2,
+  Q5_0: 6,
+  Q8_0: 8,
+  Q3_K: 11,
+  Q4_K: 12,
+  Q6_K: 14,
+  IQ4_NL: 20,
+  BF16: 30,
+} as const;
 export type DTypeCode = (typeof DType)[keyof typeof DType];
 
 export const Role = {

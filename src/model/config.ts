@@ -78,6 +78,9 @@ const DTYPE_NAMES: Record<number, string> = {
   [DType.Q4_0]: "q4_0",
   [DType.Q4_K]: "q4_k",
   [DType.Q6_K]: "q6_k",
+  [DType.Q5_0]: "q5_0",
+  [DType.Q3_K]: "q3_k",
+  [DType.IQ4_NL]: "iq4_nl",
 };
 // GGML type ids are the engine's dtype codes; these are the ones it computes with.
 const GGUF_DTYPES: Record<number, DTypeCode> = {
@@ -87,9 +90,12 @@ const GGUF_DTYPES: Record<number, DTypeCode> = {
   8: DType.Q8_0,
   12: DType.Q4_K,
   14: DType.Q6_K,
+  6: DType.Q5_0,
+  11: DType.Q3_K,
+  20: DType.IQ4_NL,
   30: DType.BF16,
 };
-const SUPPORTED_GGUF_TYPES = "F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q6_K";
+const SUPPORTED_GGUF_TYPES = "F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q6_K, Q5_0, Q3_K, IQ4_NL";
 
 function roleOf(table: [RegExp, RoleCode][], name: string): { role: RoleCode; layer: number } | null {
   for (const [re, role] of table) {

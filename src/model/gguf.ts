@@ -38,6 +38,8 @@ export const GGML_TYPES: Record<number, { name: string; blockElems: number; bloc
   12: { name: "Q4_K", blockElems: 256, blockBytes: 144 },
   13: { name: "Q5_K", blockElems: 256, blockBytes: 176 },
   14: { name: "Q6_K", blockElems: 256, blockBytes: 210 },
+  20: { name: "IQ4_NL", blockElems: 32, blockBytes: 18 },
+  23: { name: "IQ4_XS", blockElems: 256, blockBytes: 136 },
   30: { name: "BF16", blockElems: 1, blockBytes: 2 },
 };
 

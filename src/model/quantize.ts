@@ -5,14 +5,26 @@
 // ones, not llama.cpp's error-minimizing search.
 import { fromF16Bits, toF16Bits } from "./f16.ts";
 
-export type QuantType = "q8_0" | "q4_0" | "q4_k" | "q6_k";
-export const GGML_TYPE_ID: Record<QuantType, number> = { q8_0: 8, q4_0: 2, q4_k: 12, q6_k: 14 };
+export type QuantType = "q8_0" | "q4_0" | "q4_k" | "q6_k" | "q5_0" | "q3_k" | "iq4_nl";
+export const GGML_TYPE_ID: Record<QuantType, number> = {
+  q8_0: 8,
+  q4_0: 2,
+  q4_k: 12,
+  q6_k: 14,
+  q5_0: 6,
+  q3_k: 11,
+  iq4_nl: 20,
+};
 export const BLOCK: Record<QuantType, { elems: number; bytes: number }> = {
   q8_0: { elems: 32, bytes: 34 },
   q4_0: { elems: 32, bytes: 18 },
   q4_k: { elems: 256, bytes: 144 },
   q6_k: { elems: 256, bytes: 210 },
+  q5_0: { elems: 32, bytes: 22 },
+  q3_k: { elems: 256, bytes: 110 },
+  iq4_nl: { elems: 32, bytes: 18 },
 };
+const KVALUES_IQ4NL = [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113];
 
 const f16 = (v: number) => fromF16Bits(toF16Bits(v));
 const clamp = (v: number, lo: number, hi: number) => Math.max(lo, Math.min(hi, v));
@@ -93,7 +105,70 @@ function q6_k(x: ArrayLike<number>, o: number, out: DataView, at: number): void 
   out.setUint16(at + 208, toF16Bits(d), true);
 }
 
-const QUANTIZE = { q8_0, q4_0, q4_k, q6_k };
+function q5_0(x: ArrayLike<number>, o: number, out: DataView, at: number): void {
+  let max = 0;
+  for (let j = 0; j < 32; j++) if (Math.abs(x[o + j]) > Math.abs(max)) max = x[o + j];
+  const d = f16(max / -16);
+  out.setUint16(at, toF16Bits(d), true);
+  const q = (v: number) => (d === 0 ? 16 : clamp(Math.round(v / d) + 16, 0, 31));
+  let qh = 0;
+  for (let j = 0; j < 16; j++) {
+    const [a, b] = [q(x[o + j]), q(x[o + j + 16])];
+    out.setUint8(at + 6 + j, (a & 0xf) | ((b & 0xf) << 4));
+    qh |= ((a >> 4) << j) | ((b >> 4) << (j + 16));
+  }
+  out.setUint32(at + 2, qh >>> 0, true);
+}
+
+function iq4_nl(x: ArrayLike<number>, o: number, out: DataView, at: number): void {
+  let max = 0;
+  for (let j = 0; j < 32; j++) if (Math.abs(x[o + j]) > Math.abs(max)) max = x[o + j];
+  const d = f16(max / KVALUES_IQ4NL[0]);
+  out.setUint16(at, toF16Bits(d), true);
+  const q = (v: number) => {
+    let best = 0;
+    for (let i = 1; i < 16; i++)
+      if (Math.abs(d * KVALUES_IQ4NL[i] - v) < Math.abs(d * KVALUES_IQ4NL[best] - v)) best = i;
+    return best;
+  };
+  for (let j = 0; j < 16; j++) out.setUint8(at + 2 + j, q(x[o + j]) | (q(x[o + j + 16]) << 4));
+}
+
+/** Q3_K's element e: its group of 16 (the scale's index), qs byte and shift, hmask byte and bit. */
+function q3kPlace(e: number) {
+  const [n, j, l32] = [e >> 7, (e & 127) >> 5, e & 31];
+  return { group: 8 * n + 2 * j + (l32 >> 4), qs: 32 * n + l32, shift: 2 * j, hm: l32, bit: 4 * n + j };
+}
+
+function q3_k(x: ArrayLike<number>, o: number, out: DataView, at: number): void {
+  const groupScale: number[] = [];
+  for (let g = 0; g < 16; g++) {
+    let max = 0;
+    for (let e = 0; e < 256; e++) {
+      const v = x[o + e];
+      if (q3kPlace(e).group === g && Math.abs(v) > Math.abs(max)) max = v;
+    }
+    groupScale.push(max / -4);
+  }
+  const d = f16(Math.max(...groupScale.map(Math.abs)) / 31);
+  const sc = groupScale.map((v) => (d === 0 ? 32 : clamp(Math.round(v / d), -32, 31) + 32));
+  for (let i = 0; i < 110; i++) out.setUint8(at + i, 0);
+  for (let e = 0; e < 256; e++) {
+    const p = q3kPlace(e);
+    const s = d * (sc[p.group] - 32);
+    const q = s === 0 ? 4 : clamp(Math.round(x[o + e] / s), -4, 3) + 4;
+    out.setUint8(at + 32 + p.qs, out.getUint8(at + 32 + p.qs) | ((q & 3) << p.shift));
+    out.setUint8(at + p.hm, out.getUint8(at + p.hm) | ((q >> 2) << p.bit));
+  }
+  for (let i = 0; i < 16; i++) {
+    const byte = i < 8 ? i : i - 8;
+    out.setUint8(at + 96 + byte, out.getUint8(at + 96 + byte) | ((sc[i] & 0xf) << (i < 8 ? 0 : 4)));
+    out.setUint8(at + 104 + (i % 4), out.getUint8(at + 104 + (i % 4)) | ((sc[i] >> 4) << (2 * (i >> 2))));
+  }
+  out.setUint16(at + 108, toF16Bits(d), true);
+}
+
+const QUANTIZE = { q8_0, q4_0, q4_k, q6_k, q5_0, q3_k, iq4_nl };
 
 /** Quantizes a row-major matrix whose rows are a whole number of blocks. */
 export function quantize(type: QuantType, data: ArrayLike<number>, cols: number): Uint8Array {
@@ -141,6 +216,31 @@ export function dequantize(type: QuantType, buf: Uint8Array): Float64Array {
           y[o + 64 * g + l] = d * sc1 * (byte & 0xf) - dmin * m1;
           y[o + 64 * g + 32 + l] = d * sc2 * (byte >> 4) - dmin * m2;
         }
+      }
+    } else if (type === "q5_0") {
+      const d = fromF16Bits(view.getUint16(at, true));
+      const qh = view.getUint32(at + 2, true);
+      for (let j = 0; j < 16; j++) {
+        const byte = view.getUint8(at + 6 + j);
+        y[o + j] = d * (((byte & 0xf) | (((qh >> j) & 1) << 4)) - 16);
+        y[o + j + 16] = d * (((byte >> 4) | (((qh >> (j + 16)) & 1) << 4)) - 16);
+      }
+    } else if (type === "iq4_nl") {
+      const d = fromF16Bits(view.getUint16(at, true));
+      for (let j = 0; j < 16; j++) {
+        const byte = view.getUint8(at + 2 + j);
+        y[o + j] = d * KVALUES_IQ4NL[byte & 0xf];
+        y[o + j + 16] = d * KVALUES_IQ4NL[byte >> 4];
+      }
+    } else if (type === "q3_k") {
+      const d = fromF16Bits(view.getUint16(at + 108, true));
+      const b = (i: number) => view.getUint8(at + 96 + i);
+      const scale = (i: number) =>
+        ((i < 8 ? b(i) & 0xf : b(i - 8) >> 4) | (((b(8 + (i % 4)) >> (2 * (i >> 2))) & 3) << 4)) - 32;
+      for (let e = 0; e < 256; e++) {
+        const p = q3kPlace(e);
+        const q = ((view.getUint8(at + 32 + p.qs) >> p.shift) & 3) | (((view.getUint8(at + p.hm) >> p.bit) & 1) << 2);
+        y[o + e] = d * scale(p.group) * (q - 4);
       }
     } else {
       const d = fromF16Bits(view.getUint16(at + 208, true));
