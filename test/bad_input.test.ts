@@ -126,12 +126,12 @@ describe("model loading refuses", () => {
   });
 
   test("a RoPE scaling that is not supported, and a GGUF architecture that is not", async () => {
-    const d = variant("longrope");
+    const d = variant("mrope");
     const cfg = JSON.parse(readFileSync(join(d, "config.json"), "utf8"));
-    cfg.rope_scaling = { type: "longrope", long_factor: [1], short_factor: [1] };
+    cfg.rope_scaling = { rope_type: "mrope", mrope_section: [16, 24, 24] };
     writeFileSync(join(d, "config.json"), JSON.stringify(cfg));
     expect(await loadError(d)).toMatch(
-      /rope_scaling .*longrope.* is not supported \(supported: linear, dynamic, llama3, yarn\)/,
+      /rope_scaling .*mrope.* is not supported \(supported: linear, dynamic, llama3, yarn, longrope\)/,
     );
     const p = join(dir, "gemma.gguf");
     const raw = Buffer.from(readFileSync(ggufPath));
@@ -139,7 +139,7 @@ describe("model loading refuses", () => {
     const at = raw.indexOf(Buffer.from("general.architecture")) + "general.architecture".length + 4 + 8;
     raw.write("gemma", at);
     writeFileSync(p, raw);
-    expect(await loadError(p)).toMatch(/architecture gemma is not supported \(supported: llama, qwen2, qwen3\)/);
+    expect(await loadError(p)).toMatch(/architecture gemma is not supported \(supported: llama, qwen2, qwen3, phi3\)/);
   });
 
   test("a hub id that is not cached, offline, with a hint to pass a path", async () => {

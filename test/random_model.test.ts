@@ -6,6 +6,7 @@ import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { LLMEngine } from "../src/engine/llm_engine.ts";
+import { baseFrequencies, ropeFrequencies, ropeScalingFromHf } from "../src/model/rope.ts";
 import { generate, nextTokenLogits } from "./helpers/engine.ts";
 import type { QuantType } from "../src/model/quantize.ts";
 import {
@@ -67,6 +68,14 @@ const LLAMA3_ROPE = {
   original_max_position_embeddings: 64,
 };
 const scaled = (ropeScaling: Record<string, unknown>): RandomLlamaShape => ({ ...GQA, ropeScaling });
+// Phi-3: q/k/v and gate/up fused in the files; LongRoPE with an original context of 64 (of 512).
+const PHI3: RandomLlamaShape = { ...GQA, heads: 4, kvHeads: 4, seed: 5, arch: "phi3" };
+const ramp = (from: number, to: number) => Array.from({ length: 32 }, (_, i) => from + ((to - from) * i) / 31);
+const PHI3_LONG: RandomLlamaShape = {
+  ...PHI3,
+  originalCtx: 64,
+  ropeScaling: { type: "longrope", long_factor: ramp(1, 12), short_factor: ramp(1, 1.5) },
+};
 
 const cases: {
   name: string;
@@ -124,6 +133,11 @@ const cases: {
     dtype: "f32",
     format: "gguf",
   },
+  { name: "Phi-3 (fused qkv and gate_up) f32 (HF)", shape: PHI3, dtype: "f32", format: "hf" },
+  { name: "Phi-3 f16 (GGUF)", shape: PHI3, dtype: "f16", format: "gguf" },
+  { name: "Phi-3 Q4_K (GGUF)", shape: PHI3, dtype: "q4_k", format: "gguf" },
+  { name: "Phi-3 LongRoPE (HF)", shape: PHI3_LONG, dtype: "f32", format: "hf" },
+  { name: "Phi-3 LongRoPE (GGUF rope_factors)", shape: PHI3_LONG, dtype: "f32", format: "gguf" },
   {
     name: "RoPE scaling dynamic (HF, vLLM's fixed base)",
     shape: scaled({ type: "dynamic", factor: 2 }),
@@ -205,4 +219,18 @@ describe("random-weight models against the reference forward pass", () => {
       }
     });
   }
+});
+
+describe("LongRoPE's factors follow the length served", () => {
+  test("short factors up to the original context, long past it; the attention factor from the model's own length", () => {
+    const s = PHI3_LONG.ropeScaling!;
+    const scaling = ropeScalingFromHf(s, PHI3_LONG.ctx, "config.json", PHI3_LONG.originalCtx);
+    const base = baseFrequencies(PHI3_LONG.ropeTheta, 64);
+    const short = ropeFrequencies(PHI3_LONG.ropeTheta, 64, scaling, 64);
+    const long = ropeFrequencies(PHI3_LONG.ropeTheta, 64, scaling, 65);
+    expect([...short.invFreq!]).toEqual([...base].map((f, i) => f / (s.short_factor as number[])[i]));
+    expect([...long.invFreq!]).toEqual([...base].map((f, i) => f / (s.long_factor as number[])[i]));
+    expect(short.attnFactor).toBeCloseTo(Math.sqrt(1 + Math.log(8) / Math.log(64)), 12);
+    expect(long.attnFactor).toBe(short.attnFactor);
+  });
 });

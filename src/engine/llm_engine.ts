@@ -4,6 +4,7 @@
 // thread, the event loop serves everything else.
 import { availableParallelism } from "node:os";
 import { DType, LOGIT_BIAS_MAX, NativeEngine, TOP_LOGPROBS_MAX } from "../ffi/native.ts";
+import { withRope } from "../model/config.ts";
 import { loadModel, type LoadedModel } from "../model/load.ts";
 import { AsyncQueue } from "./async_queue.ts";
 import { KvCacheManager } from "./kv_cache_manager.ts";
@@ -156,8 +157,11 @@ export class LLMEngine {
     const bs = options.blockSizeTokens;
     const maxBlocksPerSeq = Math.ceil(maxModelLen / bs);
     // The engine sizes the pool from the byte budget (it knows what a block costs on its device).
+    // RoPE for the length served (LongRoPE's factors depend on it).
+    const rope = { ...c };
+    withRope(rope, model.spec.ropeScaling, maxModelLen);
     this.native = new NativeEngine(
-      c,
+      rope,
       {
         numBlocks: options.numBlocksOverride ?? 0,
         kvCacheBytes: options.kvCacheMemoryBytes,

@@ -15,7 +15,8 @@ import {
 import { readSafetensorsFolder } from "./safetensors.ts";
 
 export interface ModelSpec {
-  config: NativeModelConfig;
+  config: NativeModelConfig; // its RoPE frequencies for a context of maxPosition
+  ropeScaling: RopeScaling | null; // to work them out again for the length served (longrope)
   files: string[];
   tensors: TensorEntry[];
   dtype: string; // of the large matrices, e.g. "f32", "f16", "bf16"
@@ -23,9 +24,28 @@ export interface ModelSpec {
   eosTokenIds: number[];
 }
 
-const SUPPORTED_ARCHITECTURES = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"];
+const SUPPORTED_ARCHITECTURES = [
+  "LlamaForCausalLM",
+  "MistralForCausalLM",
+  "Qwen2ForCausalLM",
+  "Qwen3ForCausalLM",
+  "Phi3ForCausalLM",
+];
 // GGUF's general.architecture; its metadata keys begin with the same name.
-const SUPPORTED_GGUF_ARCHITECTURES = ["llama", "qwen2", "qwen3"];
+const SUPPORTED_GGUF_ARCHITECTURES = ["llama", "qwen2", "qwen3", "phi3"];
+
+// Fused matrices (Phi-3): q, k and v stacked by rows, or the gate over the up projection. Each
+// is handed to the engine as its parts, rows of the same bytes in the file.
+type Fused = "qkv" | "gate_up";
+const HF_FUSED: [RegExp, Fused][] = [
+  [/^model\.layers\.(\d+)\.self_attn\.qkv_proj\.weight$/, "qkv"],
+  [/^model\.layers\.(\d+)\.mlp\.gate_up_proj\.weight$/, "gate_up"],
+];
+const GGUF_FUSED: [RegExp, Fused][] = [
+  [/^blk\.(\d+)\.attn_qkv\.weight$/, "qkv"],
+  // phi3's ffn_up holds the gate's rows and then the up projection's.
+  [/^blk\.(\d+)\.ffn_up\.weight$/, "gate_up"],
+];
 
 const HF_ROLES: [RegExp, RoleCode][] = [
   [/^model\.embed_tokens\.weight$/, Role.TOKEN_EMBD],
@@ -97,6 +117,46 @@ const GGUF_DTYPES: Record<number, DTypeCode> = {
 };
 const SUPPORTED_GGUF_TYPES = "F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q6_K, Q5_0, Q3_K, IQ4_NL";
 
+/** A fused tensor's parts, each a run of its rows (the file's bytes are not touched). */
+function splitFused(t: TensorEntry, kind: Fused, c: NativeModelConfig, where: string): TensorEntry[] {
+  const qDim = c.numHeads * c.headDim;
+  const kvDim = c.numKvHeads * c.headDim;
+  const parts: [RoleCode, number][] =
+    kind === "qkv"
+      ? [
+          [Role.ATTN_Q, qDim],
+          [Role.ATTN_K, kvDim],
+          [Role.ATTN_V, kvDim],
+        ]
+      : [
+          [Role.FFN_GATE, c.intermediateSize],
+          [Role.FFN_UP, c.intermediateSize],
+        ];
+  const rows = parts.reduce((a, [, r]) => a + r, 0);
+  if (t.rows !== rows)
+    throw new ModelLoadError(`${where}: tensor ${t.name} has ${t.rows} rows but the config needs ${rows} (${kind})`);
+  const rowBytes = t.sizeBytes / t.rows;
+  let row = 0;
+  return parts.map(([role, n]) => {
+    const part = { ...t, role, rows: n, offset: t.offset + row * rowBytes, sizeBytes: n * rowBytes };
+    row += n;
+    return part;
+  });
+}
+
+/** Each fused tensor in its parts, now that the config gives their sizes. */
+function unfuse(tensors: (TensorEntry & { fused?: Fused })[], c: NativeModelConfig, where: string): TensorEntry[] {
+  return tensors.flatMap(({ fused, ...t }) => (fused ? splitFused(t, fused, c, where) : [t]));
+}
+
+function fusedOf(table: [RegExp, Fused][], name: string): { fused: Fused; layer: number } | null {
+  for (const [re, fused] of table) {
+    const m = re.exec(name);
+    if (m) return { fused, layer: Number(m[1]) };
+  }
+  return null;
+}
+
 function roleOf(table: [RegExp, RoleCode][], name: string): { role: RoleCode; layer: number } | null {
   for (const [re, role] of table) {
     const m = re.exec(name);
@@ -153,7 +213,7 @@ export function specFromHfFolder(dir: string): ModelSpec {
   const headDim =
     cfg.head_dim === undefined || cfg.head_dim === null ? hidden / heads : positiveInt(cfg.head_dim, "head_dim", where);
   const trained = positiveInt(cfg.max_position_embeddings, "max_position_embeddings", where);
-  const scaling = ropeScalingFromHf(cfg.rope_scaling, trained, dir);
+  const scaling = ropeScalingFromHf(cfg.rope_scaling, trained, dir, cfg.original_max_position_embeddings);
   let maxPosition = scaledMaxPosition(trained, scaling);
   // Sliding-window attention equals full attention while the context stays inside the window
   // (Qwen 2 keeps a window in its config that `use_sliding_window: false` turns off).
@@ -162,10 +222,13 @@ export function specFromHfFolder(dir: string): ModelSpec {
 
   const stored = readSafetensorsFolder(dir);
   const files = [...new Set(stored.map((t) => t.file))];
-  const tensors: TensorEntry[] = [];
+  if (typeof cfg.partial_rotary_factor === "number" && cfg.partial_rotary_factor !== 1)
+    throw new ModelLoadError(`${dir}: partial_rotary_factor ${cfg.partial_rotary_factor} is not supported (1 is)`);
+  const tensors: (TensorEntry & { fused?: Fused })[] = [];
   for (const t of stored) {
     if (HF_IGNORED.test(t.name)) continue;
-    const r = roleOf(HF_ROLES, t.name);
+    const fused = fusedOf(HF_FUSED, t.name);
+    const r = fused ? { role: Role.ATTN_Q, layer: fused.layer } : roleOf(HF_ROLES, t.name);
     if (!r) throw new ModelLoadError(`${dir}: tensor ${t.name} is not part of the architectures this engine runs`);
     const dtype = SAFETENSORS_DTYPES[t.dtype];
     if (dtype === undefined)
@@ -185,6 +248,7 @@ export function specFromHfFolder(dir: string): ModelSpec {
       sizeBytes: t.sizeBytes,
       rows,
       cols,
+      fused: fused?.fused,
     });
   }
   const config: NativeModelConfig = {
@@ -204,7 +268,8 @@ export function specFromHfFolder(dir: string): ModelSpec {
   withRope(config, scaling);
   if (!Number.isInteger(headDim))
     throw new ModelLoadError(`${dir}: hidden_size ${hidden} is not divisible by num_attention_heads ${heads}`);
-  checkTensorShapes(dir, config, tensors);
+  const parts = unfuse(tensors, config, dir);
+  checkTensorShapes(dir, config, parts);
   let generation: Record<string, unknown> = {};
   const genPath = join(dir, "generation_config.json");
   if (existsSync(genPath)) {
@@ -217,9 +282,10 @@ export function specFromHfFolder(dir: string): ModelSpec {
   const eos = [...new Set([...idList(cfg.eos_token_id), ...idList(generation.eos_token_id)])];
   return {
     config,
+    ropeScaling: scaling,
     files,
-    tensors,
-    dtype: dominantDtype(tensors),
+    tensors: parts,
+    dtype: dominantDtype(parts),
     bosTokenId: typeof cfg.bos_token_id === "number" ? cfg.bos_token_id : null,
     eosTokenIds: eos,
   };
@@ -250,14 +316,16 @@ export function specFromGguf(g: GgufFile): ModelSpec {
   const vocab = metaNumber(g, `${arch}.vocab_size`) ?? (Array.isArray(tokens) ? tokens.length : undefined);
   if (vocab === undefined)
     throw new ModelLoadError(`${where}: neither ${arch}.vocab_size nor tokenizer.ggml.tokens is present`);
-  let ropeFreqs: Float64Array | null = null;
-  const tensors: TensorEntry[] = [];
+  const ropeFactors: Record<string, Float64Array> = {};
+  const tensors: (TensorEntry & { fused?: Fused })[] = [];
   for (const t of g.tensors) {
-    if (t.name === "rope_freqs.weight") {
-      ropeFreqs = readRopeFreqs(g, t);
+    const factors = /^rope_(freqs|factors_long|factors_short)\.weight$/.exec(t.name);
+    if (factors) {
+      ropeFactors[factors[1]] = readRopeFreqs(g, t);
       continue;
     }
-    const r = roleOf(GGUF_ROLES, t.name);
+    const fused = arch === "phi3" ? fusedOf(GGUF_FUSED, t.name) : null;
+    const r = fused ? { role: Role.ATTN_Q, layer: fused.layer } : roleOf(GGUF_ROLES, t.name);
     if (!r) throw new ModelLoadError(`${where}: tensor ${t.name} is not part of the architectures this engine runs`);
     const dtype = GGUF_DTYPES[t.type];
     if (dtype === undefined) {
@@ -279,6 +347,7 @@ export function specFromGguf(g: GgufFile): ModelSpec {
       sizeBytes: t.sizeBytes,
       rows,
       cols,
+      fused: fused?.fused,
     });
   }
   const config: NativeModelConfig = {
@@ -297,34 +366,44 @@ export function specFromGguf(g: GgufFile): ModelSpec {
     ropeInterleaved: arch === "llama",
     tieWordEmbeddings: !tensors.some((t) => t.role === Role.OUTPUT),
   };
-  const scaling = ropeScalingFromGguf(g, arch, config.maxPosition, ropeFreqs);
+  const scaling = ropeScalingFromGguf(g, arch, config.maxPosition, ropeFactors);
   config.maxPosition = scaledMaxPosition(config.maxPosition, scaling);
   withRope(config, scaling);
   if (!Number.isInteger(config.headDim))
     throw new ModelLoadError(`${where}: embedding_length ${hidden} is not divisible by head_count ${heads}`);
-  checkTensorShapes(where, config, tensors);
+  const parts = unfuse(tensors, config, where);
+  checkTensorShapes(where, config, parts);
   const eos = metaNumber(g, "tokenizer.ggml.eos_token_id");
   const eot = metaNumber(g, "tokenizer.ggml.eot_token_id");
   return {
     config,
+    ropeScaling: scaling,
     files: [g.path],
-    tensors,
-    dtype: dominantDtype(tensors),
+    tensors: parts,
+    dtype: dominantDtype(parts),
     bosTokenId: metaNumber(g, "tokenizer.ggml.bos_token_id") ?? null,
     eosTokenIds: [...new Set([eos, eot].filter((x): x is number => x !== undefined))],
   };
 }
 
-/** The frequencies a scaling gives, into the engine's config (head_dim must be known). */
-function withRope(config: NativeModelConfig, scaling: RopeScaling | null): void {
-  const { invFreq, attnFactor } = ropeFrequencies(config.ropeTheta, config.headDim, scaling);
+/** The frequencies a scaling gives for a context length, into the engine's config (head_dim must be known). */
+export function withRope(
+  config: NativeModelConfig,
+  scaling: RopeScaling | null,
+  contextLen = config.maxPosition,
+): void {
+  const { invFreq, attnFactor } = ropeFrequencies(config.ropeTheta, config.headDim, scaling, contextLen);
+  if (invFreq && (invFreq.length !== config.headDim / 2 || !invFreq.every((f) => f > 0 && Number.isFinite(f))))
+    throw new ModelLoadError(
+      `RoPE scaling gives ${invFreq.length} frequencies (all positive and finite?); head_dim ${config.headDim} needs ${config.headDim / 2}`,
+    );
   config.ropeInvFreq = invFreq;
   config.ropeAttnFactor = attnFactor;
 }
 
-/** GGUF's rope_freqs tensor: per-pair divisors of the frequencies (Llama 3.1's scaling), in f32. */
+/** GGUF's rope_freqs (Llama 3.1) or rope_factors_long/short (Phi-3) tensor: per-pair divisors of the frequencies, in f32. */
 function readRopeFreqs(g: GgufFile, t: GgufFile["tensors"][number]): Float64Array {
-  if (t.type !== 0) throw new ModelLoadError(`${g.path}: rope_freqs.weight is not F32`);
+  if (t.type !== 0) throw new ModelLoadError(`${g.path}: ${t.name} is not F32`);
   const bytes = Buffer.alloc(Number(t.sizeBytes));
   const fd = openSync(g.path, "r");
   try {
@@ -340,11 +419,23 @@ function ropeScalingFromGguf(
   g: GgufFile,
   arch: string,
   maxPosition: number,
-  ropeFreqs: Float64Array | null,
+  factors: Record<string, Float64Array>,
 ): RopeScaling | null {
   const type = g.metadata.get(`${arch}.rope.scaling.type`);
   const factor = metaNumber(g, `${arch}.rope.scaling.factor`);
   const original = metaNumber(g, `${arch}.rope.scaling.original_context_length`) ?? maxPosition;
+  const ropeFreqs = factors.freqs ?? null;
+  if (factors.factors_long && factors.factors_short) {
+    // Phi-3's LongRoPE: llama.cpp's converter writes both factor sets and the attention factor.
+    return {
+      type: "longrope",
+      long: factors.factors_long,
+      short: factors.factors_short,
+      originalMaxPosition: original,
+      maxPosition,
+      attnFactor: metaNumber(g, `${arch}.rope.scaling.attn_factor`) ?? null,
+    };
+  }
   if (type === undefined || type === "none") {
     if (ropeFreqs === null) return null;
     return { type: "factors", factors: ropeFreqs };

@@ -18,20 +18,34 @@ export type RopeScaling =
       attnFactor: number | null; // null: 0.1 ln(factor) + 1
       truncate: boolean;
     }
-  | { type: "factors"; factors: Float64Array }; // per-pair divisors (GGUF's rope_freqs tensor)
+  | { type: "factors"; factors: Float64Array } // per-pair divisors (GGUF's rope_freqs tensor)
+  | {
+      type: "longrope"; // Phi-3: per-pair divisors for short contexts and for long ones
+      short: Float64Array;
+      long: Float64Array;
+      originalMaxPosition: number;
+      maxPosition: number;
+      attnFactor: number | null; // null: sqrt(1 + ln(max / original) / ln(original))
+    };
 
-export const SUPPORTED_ROPE_SCALING = "linear, dynamic, llama3, yarn";
+export const SUPPORTED_ROPE_SCALING = "linear, dynamic, llama3, yarn, longrope";
 
 /** The unscaled frequencies: theta^(-2i / head_dim). */
 export function baseFrequencies(theta: number, headDim: number): Float64Array {
   return Float64Array.from({ length: headDim / 2 }, (_, i) => 1 / theta ** ((2 * i) / headDim));
 }
 
-/** The frequencies and the cos/sin factor a scaling gives (none: theta's own, factor 1). */
+/**
+ * The frequencies and the cos/sin factor a scaling gives (none: theta's own, factor 1), for a
+ * context of `contextLen` tokens: LongRoPE takes its long factors only past the original
+ * context (transformers switches per sequence length, which a paged cache cannot follow; so
+ * does llama.cpp, by its context size, as here).
+ */
 export function ropeFrequencies(
   theta: number,
   headDim: number,
   scaling: RopeScaling | null,
+  contextLen: number,
 ): { invFreq: Float64Array | null; attnFactor: number } {
   if (scaling === null) return { invFreq: null, attnFactor: 1 };
   const base = baseFrequencies(theta, headDim);
@@ -46,6 +60,13 @@ export function ropeFrequencies(
     }
     case "factors":
       return { invFreq: base.map((f, i) => f / scaling.factors[i]), attnFactor: 1 };
+    case "longrope": {
+      const factors = contextLen > scaling.originalMaxPosition ? scaling.long : scaling.short;
+      const scale = scaling.maxPosition / scaling.originalMaxPosition;
+      const attnFactor =
+        scaling.attnFactor ?? (scale <= 1 ? 1 : Math.sqrt(1 + Math.log(scale) / Math.log(scaling.originalMaxPosition)));
+      return { invFreq: base.map((f, i) => f / factors[i]), attnFactor };
+    }
     case "llama3":
       return { invFreq: llama3(base, scaling), attnFactor: 1 };
     case "yarn":
@@ -105,7 +126,12 @@ export function scaledMaxPosition(maxPosition: number, scaling: RopeScaling | nu
 const num = (v: unknown, fallback?: number): number | undefined => (typeof v === "number" ? v : fallback);
 
 /** config.json's `rope_scaling` (null or `default`: none), or one line naming what is not supported. */
-export function ropeScalingFromHf(raw: unknown, maxPosition: number, where: string): RopeScaling | null {
+export function ropeScalingFromHf(
+  raw: unknown,
+  maxPosition: number,
+  where: string,
+  topLevelOriginal?: unknown, // Phi-3 keeps original_max_position_embeddings beside rope_scaling
+): RopeScaling | null {
   if (raw === null || raw === undefined) return null;
   const r = raw as Record<string, unknown>;
   const type = r.rope_type ?? r.type;
@@ -115,7 +141,7 @@ export function ropeScalingFromHf(raw: unknown, maxPosition: number, where: stri
     if (v === undefined || !(v > 0)) throw new ModelLoadError(`${where}: rope_scaling ${String(type)} needs ${key}`);
     return v;
   };
-  const original = num(r.original_max_position_embeddings, maxPosition)!;
+  const original = num(r.original_max_position_embeddings) ?? num(topLevelOriginal) ?? maxPosition;
   switch (type) {
     case "linear":
       return { type, factor: need(factor, "factor") };
@@ -129,6 +155,23 @@ export function ropeScalingFromHf(raw: unknown, maxPosition: number, where: stri
         highFreqFactor: need(num(r.high_freq_factor), "high_freq_factor"),
         originalMaxPosition: need(num(r.original_max_position_embeddings), "original_max_position_embeddings"),
       };
+    case "longrope":
+    case "su": {
+      const factors = (k: string) => {
+        const v = r[k];
+        if (!Array.isArray(v) || !v.every((x) => typeof x === "number" && x > 0))
+          throw new ModelLoadError(`${where}: rope_scaling ${String(type)} needs ${k}`);
+        return Float64Array.from(v as number[]);
+      };
+      return {
+        type: "longrope",
+        long: factors("long_factor"),
+        short: factors("short_factor"),
+        originalMaxPosition: original,
+        maxPosition,
+        attnFactor: num(r.attention_factor) ?? null,
+      };
+    }
     case "yarn": {
       const mscale = num(r.mscale);
       const mscaleAllDim = num(r.mscale_all_dim);

@@ -20,10 +20,42 @@ export interface RandomLlamaShape {
   std: number;
   seed: number;
   /** qwen2: q/k/v biases; qwen3: RMSNorm over each q and k head. Absent: llama. */
-  arch?: "llama" | "qwen2" | "qwen3";
+  arch?: "llama" | "qwen2" | "qwen3" | "phi3"; // phi3: q/k/v and gate/up fused in the files
   headDim?: number; // absent: dim / heads
   /** config.json's rope_scaling (GGUF: its keys, or rope_freqs for llama3). */
   ropeScaling?: Record<string, unknown>;
+  originalCtx?: number; // config.json's original_max_position_embeddings (Phi-3's LongRoPE)
+}
+
+/** Phi-3's files: each layer's q, k, v as one qkv_proj and its gate and up as one gate_up_proj. */
+export function fusedForPhi3(weights: RefTensor[]): RefTensor[] {
+  const byName = new Map(weights.map((t) => [t.name, t]));
+  const cat = (name: string, parts: RefTensor[]): RefTensor => {
+    const data = new Float64Array(parts.reduce((a, t) => a + t.data.length, 0));
+    let at = 0;
+    for (const t of parts) (data.set(t.data, at), (at += t.data.length));
+    return { name, shape: [parts.reduce((a, t) => a + t.shape[0], 0), parts[0].shape[1]], data };
+  };
+  const out: RefTensor[] = [];
+  for (const t of weights) {
+    const m = /^(model\.layers\.\d+)\.(self_attn\.[qkv]_proj|mlp\.(gate|up)_proj)\.weight$/.exec(t.name);
+    if (!m) out.push(t);
+    else if (m[2] === "self_attn.q_proj")
+      out.push(
+        cat(
+          `${m[1]}.self_attn.qkv_proj.weight`,
+          ["q", "k", "v"].map((x) => byName.get(`${m[1]}.self_attn.${x}_proj.weight`)!),
+        ),
+      );
+    else if (m[2] === "mlp.gate_proj")
+      out.push(
+        cat(
+          `${m[1]}.mlp.gate_up_proj.weight`,
+          ["gate", "up"].map((x) => byName.get(`${m[1]}.mlp.${x}_proj.weight`)!),
+        ),
+      );
+  }
+  return out;
 }
 
 export const headDimOf = (s: RandomLlamaShape) => s.headDim ?? s.dim / s.heads;
@@ -251,7 +283,12 @@ export function writeHfModel(dir: string, s: RandomLlamaShape, dtype: WeightDTyp
   const hd = headDimOf(s);
   const arch = s.arch ?? "llama";
   const config = {
-    architectures: [{ llama: "LlamaForCausalLM", qwen2: "Qwen2ForCausalLM", qwen3: "Qwen3ForCausalLM" }[arch]],
+    architectures: [
+      { llama: "LlamaForCausalLM", qwen2: "Qwen2ForCausalLM", qwen3: "Qwen3ForCausalLM", phi3: "Phi3ForCausalLM" }[
+        arch
+      ],
+    ],
+    ...(s.originalCtx ? { original_max_position_embeddings: s.originalCtx } : {}),
     model_type: arch,
     attention_bias: arch === "qwen2",
     hidden_size: s.dim,
@@ -284,7 +321,7 @@ export function writeHfModel(dir: string, s: RandomLlamaShape, dtype: WeightDTyp
       legacy: true,
     }),
   );
-  writeSafetensors(join(hf, "model.safetensors"), weights, dtype);
+  writeSafetensors(join(hf, "model.safetensors"), arch === "phi3" ? fusedForPhi3(weights) : weights, dtype);
   return hf;
 }
 
@@ -299,6 +336,8 @@ const GGUF_NAMES: [RegExp, string][] = [
   [/^model\.layers\.(\d+)\.self_attn\.o_proj\.weight$/, "blk.$1.attn_output.weight"],
   [/^model\.layers\.(\d+)\.self_attn\.([qkv])_proj\.bias$/, "blk.$1.attn_$2.bias"],
   [/^model\.layers\.(\d+)\.self_attn\.([qk])_norm\.weight$/, "blk.$1.attn_$2_norm.weight"],
+  [/^model\.layers\.(\d+)\.self_attn\.qkv_proj\.weight$/, "blk.$1.attn_qkv.weight"],
+  [/^model\.layers\.(\d+)\.mlp\.gate_up_proj\.weight$/, "blk.$1.ffn_up.weight"],
   [/^model\.layers\.(\d+)\.post_attention_layernorm\.weight$/, "blk.$1.ffn_norm.weight"],
   [/^model\.layers\.(\d+)\.mlp\.gate_proj\.weight$/, "blk.$1.ffn_gate.weight"],
   [/^model\.layers\.(\d+)\.mlp\.up_proj\.weight$/, "blk.$1.ffn_up.weight"],
@@ -394,7 +433,7 @@ export function writeGguf(
   const pieces = vocabPieces(s.vocab);
   const w = new GgufWriter();
   const arch = s.arch ?? "llama";
-  const tensors = weights.map((t) => {
+  const tensors = (arch === "phi3" ? fusedForPhi3(weights) : weights).map((t) => {
     const name = GGUF_NAMES.reduce<string | null>(
       (acc, [re, to]) => acc ?? (re.test(t.name) ? t.name.replace(re, to) : null),
       null,
@@ -433,6 +472,24 @@ export function writeGguf(
     const scaled = hfRopeFrequencies(s).invFreq;
     const factors = base.map((f, i) => f / scaled[i]);
     tensors.push({ name: "rope_freqs.weight", dims: [hd / 2], typeId: 0, bytes: encodeTensor(factors, "f32") });
+  } else if (type === "longrope") {
+    // As llama.cpp's converter for Phi-3: both factor sets as tensors, the original context, the attention factor.
+    for (const [which, key] of [
+      ["long", "long_factor"],
+      ["short", "short_factor"],
+    ]) {
+      const factors = Float64Array.from(scaling![key] as number[]);
+      tensors.push({
+        name: `rope_factors_${which}.weight`,
+        dims: [factors.length],
+        typeId: 0,
+        bytes: encodeTensor(factors, "f32"),
+      });
+    }
+    kvs.push(
+      [`${arch}.rope.scaling.original_context_length`, "u32", s.originalCtx!],
+      [`${arch}.rope.scaling.attn_factor`, "f32", hfRopeFrequencies(s).attnFactor],
+    );
   } else if (type === "linear" || type === "yarn") {
     kvs.push(
       [`${arch}.rope.scaling.type`, "str", type],

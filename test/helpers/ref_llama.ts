@@ -48,6 +48,15 @@ export function hfRopeFrequencies(s: RandomLlamaShape): { invFreq: Float64Array;
     });
     return { invFreq, attnFactor: factor <= 1 ? 1 : 0.1 * Math.log(factor) + 1 };
   }
+  if (type === "longrope") {
+    // transformers' _compute_longrope_parameters, with the long factors chosen as llama.cpp chooses
+    // them (a context past the original), not per sequence length.
+    const original = s.originalCtx!;
+    const ext = (s.ctx > original ? r.long_factor : r.short_factor) as number[];
+    const scale = s.ctx / original;
+    const attnFactor = scale <= 1 ? 1 : Math.sqrt(1 + Math.log(scale) / Math.log(original));
+    return { invFreq: inv(base).map((f, i) => f / ext[i]), attnFactor };
+  }
   throw new Error(`no reference for rope_scaling ${type}`);
 }
 
