@@ -31,7 +31,8 @@ describe("ABI v5", () => {
     expect(l.engineConfig.size).toBe(40);
     expect(l.engineConfig.at.kv_cache_bytes).toBe(32);
     expect(l.tensor.size).toBe(48);
-    expect(l.model.size).toBe(64);
+    expect(l.model.size).toBe(104);
+    expect(l.model.at.rope_local_theta).toBe(96);
     expect(l.model.at.rope_attn_factor).toBe(48);
     expect(l.model.at.rope_inv_freq).toBe(56);
     expect(l.batch.at.allowed_token_mask).toBe(160);

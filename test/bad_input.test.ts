@@ -133,13 +133,15 @@ describe("model loading refuses", () => {
     expect(await loadError(d)).toMatch(
       /rope_scaling .*mrope.* is not supported \(supported: linear, dynamic, llama3, yarn, longrope\)/,
     );
-    const p = join(dir, "gemma.gguf");
+    const p = join(dir, "grok1.gguf");
     const raw = Buffer.from(readFileSync(ggufPath));
-    // Same length, so the file stays well formed: "llama" -> "gemma" in general.architecture.
+    // Same length, so the file stays well formed: "llama" -> "grok1" in general.architecture.
     const at = raw.indexOf(Buffer.from("general.architecture")) + "general.architecture".length + 4 + 8;
-    raw.write("gemma", at);
+    raw.write("grok1", at);
     writeFileSync(p, raw);
-    expect(await loadError(p)).toMatch(/architecture gemma is not supported \(supported: llama, qwen2, qwen3, phi3\)/);
+    expect(await loadError(p)).toMatch(
+      /architecture grok1 is not supported \(supported: llama, qwen2, qwen3, phi3, gemma2, gemma3\)/,
+    );
   });
 
   test("a hub id that is not cached, offline, with a hint to pass a path", async () => {

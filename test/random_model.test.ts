@@ -77,6 +77,40 @@ const PHI3_LONG: RandomLlamaShape = {
   ropeScaling: { type: "longrope", long_factor: ramp(1, 12), short_factor: ramp(1, 1.5) },
 };
 
+// Gemma 2: four norms a layer of x * (1 + w), GELU, embeddings x sqrt(hidden), soft caps, every
+// other layer over a window of 8; head_dim 48 with q_dim 192 over hidden 128. Gemma 3: q/k norms,
+// five local layers to one global, a window of 20 (across a block's edge), its own local RoPE base.
+const GEMMA2: RandomLlamaShape = {
+  ...GQA,
+  dim: 128,
+  heads: 4,
+  kvHeads: 2,
+  headDim: 48,
+  ffn: 256,
+  tied: true,
+  seed: 9,
+  arch: "gemma2",
+  slidingWindow: 8,
+  attnSoftcap: 1,
+  finalSoftcap: 2,
+};
+const GEMMA3: RandomLlamaShape = {
+  ...GQA,
+  dim: 128,
+  heads: 4,
+  kvHeads: 1,
+  ffn: 256,
+  layers: 6,
+  tied: true,
+  seed: 10,
+  arch: "gemma3",
+  ropeTheta: 1e6,
+  ropeLocalTheta: 10000,
+  slidingWindow: 20,
+};
+// Mistral: every layer over a window of 12.
+const MISTRAL: RandomLlamaShape = { ...GQA, slidingWindow: 12, seed: 11 };
+
 const cases: {
   name: string;
   shape: RandomLlamaShape;
@@ -133,6 +167,24 @@ const cases: {
     dtype: "f32",
     format: "gguf",
   },
+  {
+    name: "Gemma 2 f32 (HF, query_pre_attn_scalar 64)",
+    shape: { ...GEMMA2, queryPreAttnScalar: 64 },
+    dtype: "f32",
+    format: "hf",
+  },
+  { name: "Gemma 2 f32 (GGUF)", shape: GEMMA2, dtype: "f32", format: "gguf" },
+  { name: "Gemma 2 Q8_0 (GGUF)", shape: GEMMA2, dtype: "q8_0", format: "gguf" },
+  { name: "Gemma 3 f32 (HF)", shape: GEMMA3, dtype: "f32", format: "hf" },
+  {
+    name: "Gemma 3 bf16 (HF, linear RoPE scaling on global layers)",
+    shape: { ...GEMMA3, ropeScaling: { rope_type: "linear", factor: 8 } },
+    dtype: "bf16",
+    format: "hf",
+  },
+  { name: "Gemma 3 f16 (GGUF)", shape: GEMMA3, dtype: "f16", format: "gguf" },
+  { name: "Mistral, sliding window 12 (HF)", shape: MISTRAL, dtype: "f32", format: "hf" },
+  { name: "Mistral, sliding window 12 (GGUF)", shape: MISTRAL, dtype: "f16", format: "gguf" },
   { name: "Phi-3 (fused qkv and gate_up) f32 (HF)", shape: PHI3, dtype: "f32", format: "hf" },
   { name: "Phi-3 f16 (GGUF)", shape: PHI3, dtype: "f16", format: "gguf" },
   { name: "Phi-3 Q4_K (GGUF)", shape: PHI3, dtype: "q4_k", format: "gguf" },
@@ -146,6 +198,18 @@ const cases: {
   },
 ];
 const QUANT_TYPES: readonly string[] = ["q8_0", "q4_0", "q4_k", "q6_k", "q5_0", "iq4_nl", "q3_k"];
+
+/** The shape without each feature it sets that the reference can leave out. */
+function ablations(s: RandomLlamaShape): [string, Partial<RandomLlamaShape>][] {
+  const out: [string, Partial<RandomLlamaShape>][] = [];
+  if (s.ropeScaling) out.push(["rope scaling", { ropeScaling: undefined }]);
+  if (s.slidingWindow) out.push(["sliding window", { slidingWindow: undefined }]);
+  if (s.attnSoftcap) out.push(["attention soft cap", { attnSoftcap: undefined }]);
+  if (s.finalSoftcap) out.push(["final soft cap", { finalSoftcap: undefined }]);
+  if (s.ropeLocalTheta) out.push(["local RoPE base", { ropeLocalTheta: undefined }]);
+  if (s.queryPreAttnScalar) out.push(["query_pre_attn_scalar", { queryPreAttnScalar: undefined }]);
+  return out;
+}
 
 describe("random-weight models against the reference forward pass", () => {
   for (const [i, c] of cases.entries()) {
@@ -168,24 +232,25 @@ describe("random-weight models against the reference forward pass", () => {
         computeDtype: c.computeDtype ?? "f32",
       });
       // An f16 cache rounds K and V: logits move by about 1e-3 of their scale, not 1e-5.
-      // Q8_0, Q4_0, Q4_K and Q6_K weights meet 8-bit activations (as llama.cpp's do), and so does
-      // the reference, so quantized models are held to f32's tolerance too.
+      // Quantized weights meet 8-bit activations (as llama.cpp's do), and so does the reference;
+      // but the engine rounds its f32 activations to 8 bits and the reference its f64 ones, and a
+      // value within rounding of a level's edge lands one level apart now and then (a few in a
+      // prompt), moving logits by up to about 1e-2. Most prompts agree to 1e-6; a misread layout
+      // moves them by whole units.
       const intProducts = quantized;
       // bf16 keeps 8 significant bits of each weight and activation: logits move by a few 1e-2.
-      const logitTolerance = c.computeDtype === "bf16" ? 1e-1 : c.kvCacheDtype === "f16" ? 5e-3 : 1e-4;
+      const logitTolerance =
+        c.computeDtype === "bf16" ? 1e-1 : c.kvCacheDtype === "f16" ? 5e-3 : quantized ? 2e-2 : 1e-4;
       try {
-        const ids = prompt(c.shape, 9, i);
+        // The prompt's salt comes from the case's name: adding a case leaves the others' prompts alone.
+        const ids = prompt(
+          c.shape,
+          9,
+          [...c.name].reduce((h, ch) => (h * 31 + ch.charCodeAt(0)) % 1000003, 7),
+        );
         const ref = new RefLlama(c.shape, refWeights, intProducts);
         for (const t of ids.slice(0, -1)) ref.forward(t);
         let logits = ref.forward(ids[ids.length - 1]);
-        if (c.shape.ropeScaling) {
-          // The scaling must matter at these positions, or the comparison would not see it.
-          const plain = new RefLlama({ ...c.shape, ropeScaling: undefined }, refWeights, intProducts);
-          for (const t of ids.slice(0, -1)) plain.forward(t);
-          const other = plain.forward(ids[ids.length - 1]);
-          expect(Math.max(...logits.map((v, k) => Math.abs(v - other[k])))).toBeGreaterThan(1e-2);
-        }
-
         // Prefill logits: f32 accumulation against f64.
         const got = nextTokenLogits(engine, ids);
         let maxDiff = 0;
@@ -194,25 +259,29 @@ describe("random-weight models against the reference forward pass", () => {
           console.log(`${c.name}: max logit difference ${maxDiff.toExponential(2)}`);
         expect(maxDiff).toBeLessThan(logitTolerance);
 
+        // Every greedy step the engine takes, fed to the reference in turn: the engine's token is
+        // the reference's argmax, or within the logits' tolerance of it (a near-tie, which either
+        // side may call). Most steps of most cases are exact.
         const { ids: tokens } = await generate(engine, ids, { maxTokens: STEPS });
-        const want: number[] = [];
-        const gaps: number[] = [];
-        for (let step = 0; step < STEPS; step++) {
-          const { id, gap } = argmaxAndGap(logits);
-          want.push(id);
-          gaps.push(gap);
-          logits = ref.forward(id);
+        const tieWithin = c.computeDtype === "bf16" ? 2 * logitTolerance : Math.max(1e-3, 2 * logitTolerance);
+        let exact = 0;
+        for (const [step, token] of tokens.entries()) {
+          const { id } = argmaxAndGap(logits);
+          if (id === token) exact++;
+          // Named by its step in a failure: how far the engine's token falls short of the argmax.
+          expect({ step, withinTie: logits[id] - logits[token] < tieWithin }).toEqual({ step, withinTie: true });
+          logits = ref.forward(token);
         }
-        if (c.computeDtype === "bf16") {
-          // Exact until the reference meets a call closer than bf16 rounding can tell apart.
-          let same = 0;
-          while (same < STEPS && tokens[same] === want[same]) same++;
-          if (same < STEPS) expect(gaps[same]).toBeLessThan(logitTolerance * 2);
-          expect(same).toBeGreaterThanOrEqual(4);
-        } else {
-          // The reference's closest call must be clear of f32 rounding for the comparison to be exact.
-          expect(Math.min(...gaps)).toBeGreaterThan(1e-3);
-          expect(tokens).toEqual(want);
+        expect(tokens.length).toBe(STEPS);
+        expect(exact).toBeGreaterThanOrEqual(STEPS - 2);
+        // Each feature the case exercises must change the logits over this sequence, or the
+        // comparison could not tell whether the engine applied it.
+        for (const [feature, off] of ablations(c.shape)) {
+          const plain = new RefLlama({ ...c.shape, ...off }, refWeights, intProducts);
+          let other: Float64Array = new Float64Array(0);
+          for (const t of [...ids, ...tokens.slice(0, -1)]) other = plain.forward(t);
+          const moved = Math.max(...logits.map((v, k) => Math.abs(v - other[k])));
+          expect({ feature, matters: moved > 1e-2 }).toEqual({ feature, matters: true });
         }
       } finally {
         await engine.shutdown();

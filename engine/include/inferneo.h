@@ -84,6 +84,8 @@ enum ifn_tensor_role {
     IFN_ROLE_ATTN_V_BIAS = 14, /* (kv_heads * head_dim) */
     IFN_ROLE_ATTN_Q_NORM = 15, /* (head_dim): RMSNorm over each q head, after the bias, before RoPE */
     IFN_ROLE_ATTN_K_NORM = 16, /* (head_dim): the same over each k head */
+    IFN_ROLE_ATTN_POST_NORM = 17, /* (hidden): RMSNorm of the attention's output before the residual (Gemma) */
+    IFN_ROLE_FFN_POST_NORM = 18,  /* (hidden): the same for the MLP's output */
 };
 
 typedef struct ifn_model_config {
@@ -104,6 +106,16 @@ typedef struct ifn_model_config {
     float rope_attn_factor;        /* multiplies cos and sin (YaRN's attention factor); 0: 1 */
     const double *rope_inv_freq;   /* head_dim / 2 rotation frequencies, read during ifn_engine_create
                                       only; NULL: rope_theta^(-2i / head_dim) */
+    /* Gemma's parts; 0 in each means as Llama. */
+    float norm_weight_offset;      /* added to every RMSNorm weight (HF Gemma's x * (1 + w)) */
+    float embedding_scale;         /* multiplies the embeddings (Gemma: sqrt(hidden)); 0: 1 */
+    uint32_t hidden_act;           /* 0: SiLU gate; 1: GELU (tanh approximation) gate */
+    float attn_scale;              /* multiplies q . k; 0: 1 / sqrt(head_dim) */
+    float attn_softcap;            /* scores s -> c * tanh(s / c); 0: off */
+    float final_softcap;           /* the same on the logits */
+    uint32_t sliding_window;       /* a local layer attends to this many positions, its own included; 0: none */
+    uint32_t sliding_window_pattern; /* 0: every layer local; n: layer l global when (l + 1) % n == 0 */
+    float rope_local_theta;        /* local layers' RoPE base, unscaled (Gemma 3); 0: one table for all */
 } ifn_model_config;
 
 /* One tensor of the weight manifest: where its bytes are in which file. */

@@ -82,6 +82,8 @@ pub const Role = enum(u32) {
     attn_v_bias = 14,
     attn_q_norm = 15,
     attn_k_norm = 16,
+    attn_post_norm = 17,
+    ffn_post_norm = 18,
     _,
 };
 
@@ -100,6 +102,16 @@ pub const ModelConfig = extern struct {
     tie_word_embeddings: u32,
     rope_attn_factor: f32 = 0, // multiplies RoPE's cos and sin (YaRN's attention factor); 0: 1
     rope_inv_freq: ?[*]const f64 = null, // head_dim / 2 frequencies (RoPE scaling), read at create; null: theta^(-2i/d)
+    // Gemma's parts; 0 in each means as Llama.
+    norm_weight_offset: f32 = 0, // added to every RMSNorm weight (Gemma's x * (1 + w) in HF files)
+    embedding_scale: f32 = 0, // multiplies the embeddings (Gemma: sqrt(hidden)); 0: 1
+    hidden_act: u32 = 0, // 0: SiLU gate; 1: GELU (tanh) gate
+    attn_scale: f32 = 0, // multiplies q . k; 0: 1 / sqrt(head_dim)
+    attn_softcap: f32 = 0, // scores s -> c * tanh(s / c); 0: off
+    final_softcap: f32 = 0, // the same on the logits
+    sliding_window: u32 = 0, // a local layer attends to this many positions (its own included); 0: none
+    sliding_window_pattern: u32 = 0, // 0: every layer local; n: layer l global when (l + 1) % n == 0
+    rope_local_theta: f32 = 0, // local layers' RoPE base, unscaled (Gemma 3); 0: the global table
 };
 
 pub const Tensor = extern struct {
@@ -185,7 +197,7 @@ pub const layout_structs = [_]type{ ModelConfig, Tensor, EngineConfig, SamplingP
 
 comptime {
     const std = @import("std");
-    std.debug.assert(@sizeOf(ModelConfig) == 64);
+    std.debug.assert(@sizeOf(ModelConfig) == 104);
     std.debug.assert(@sizeOf(Tensor) == 48);
     std.debug.assert(@sizeOf(EngineConfig) == 40);
     std.debug.assert(@sizeOf(SamplingParams) == 72);

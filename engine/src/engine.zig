@@ -40,6 +40,9 @@ pub const Engine = struct {
     v_cache: []u8, // (num_layers, num_blocks * block_size, kv_dim) elements of kv_dtype
     rope_cos: []f32, // (max_position, head_dim / 2)
     rope_sin: []f32, // (max_position, head_dim / 2)
+    rope_local_cos: []f32 = &.{}, // the same for local layers with their own base (Gemma 3), else empty
+    rope_local_sin: []f32 = &.{},
+    score_shape: kernels.ScoreShape, // how q . k becomes a score: scale and soft cap
     scratch: forward.Scratch,
 
     batch: abi.Batch,
@@ -73,6 +76,13 @@ pub const Engine = struct {
         const elems = @as(usize, e.config.num_blocks) * e.config.block_size * e.model.num_kv_heads * e.model.head_dim;
         const all: [*]T = @ptrCast(@alignCast(cache.ptr));
         return all[layer * elems ..][0..elems];
+    }
+
+    /// Whether layer l attends over a sliding window (local) rather than the whole context.
+    pub fn isLocal(e: *const Engine, l: usize) bool {
+        const m = e.model;
+        if (m.sliding_window == 0) return false;
+        return m.sliding_window_pattern == 0 or (l + 1) % m.sliding_window_pattern != 0;
     }
 
     pub fn kvCacheBytes(e: *const Engine) u64 {
@@ -118,6 +128,24 @@ pub const Engine = struct {
         errdefer allocator.free(e.rope_sin);
         fillRope(e.rope_cos, e.rope_sin, model);
         e.model.rope_inv_freq = null; // the caller's array is only valid during this call
+        e.rope_local_cos = &.{};
+        e.rope_local_sin = &.{};
+        if (model.rope_local_theta != 0) {
+            e.rope_local_cos = try allocator.alloc(f32, @as(usize, model.max_position) * half);
+            errdefer allocator.free(e.rope_local_cos);
+            e.rope_local_sin = try allocator.alloc(f32, @as(usize, model.max_position) * half);
+            var local = model;
+            local.rope_theta = model.rope_local_theta;
+            local.rope_inv_freq = null;
+            local.rope_attn_factor = 0;
+            fillRope(e.rope_local_cos, e.rope_local_sin, local);
+        }
+        errdefer allocator.free(e.rope_local_cos);
+        errdefer allocator.free(e.rope_local_sin);
+        e.score_shape = .{
+            .scale = if (model.attn_scale != 0) model.attn_scale else kernels.ScoreShape.plain(model.head_dim).scale,
+            .softcap = model.attn_softcap,
+        };
 
         e.scratch = try forward.Scratch.init(allocator, model, config);
         errdefer e.scratch.deinit(allocator);
@@ -151,6 +179,8 @@ pub const Engine = struct {
         e.scratch.deinit(allocator);
         allocator.free(e.rope_cos);
         allocator.free(e.rope_sin);
+        allocator.free(e.rope_local_cos);
+        allocator.free(e.rope_local_sin);
         std.heap.page_allocator.free(e.k_cache);
         std.heap.page_allocator.free(e.v_cache);
         e.pool.deinit(allocator);

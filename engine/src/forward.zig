@@ -217,12 +217,20 @@ const AttentionCtx = struct {
         const scores_len = group * @as(usize, m.max_position);
         const scores = e.scratch.scores[thread_index * scores_len ..][0..scores_len];
         // One item per (token, KV head): the query heads of a group share their K/V reads.
+        const bs: usize = e.config.block_size;
+        const window: usize = if (e.isLocal(c.layer)) m.sliding_window else 0;
         for (begin..end) |item| {
             const t = item / m.num_kv_heads;
             const kv_head = item % m.num_kv_heads;
             const seq = c.seq_of_token[t];
-            const table = b.block_tables[seq * e.config.max_blocks_per_seq ..][0..e.config.max_blocks_per_seq];
             const context_len: usize = @as(usize, @intCast(b.positions[t])) + 1;
+            // A local layer reads from the block where its window starts; the positions of that
+            // block before the window are masked.
+            const start = if (window > 0 and context_len > window) context_len - window else 0;
+            const first_block = start / bs;
+            const table = b.block_tables[seq * e.config.max_blocks_per_seq + first_block ..][0 .. e.config.max_blocks_per_seq - first_block];
+            var shape = e.score_shape;
+            shape.masked = start - first_block * bs;
             const heads = kv_head * group * head_dim;
             kernels.attendGroup(
                 KV,
@@ -234,9 +242,10 @@ const AttentionCtx = struct {
                 kv_dim,
                 kv_head * head_dim,
                 table,
-                e.config.block_size,
-                context_len,
+                bs,
+                context_len - first_block * bs,
                 scores,
+                shape,
             );
         }
     }
@@ -293,21 +302,28 @@ const TokenCtx = struct {
                 .attn_norm => kernels.rmsnorm(s.xb[t * hidden ..][0..hidden], x, layer.attn_norm, m.rms_norm_eps),
                 .rope_kv => ropeAndStore(e, c.layer, t),
                 .residual_ffn_norm => {
-                    for (x, s.xb2[t * hidden ..][0..hidden]) |*v, d| v.* += d;
+                    addResidual(x, s.xb2[t * hidden ..][0..hidden], layer.attn_post_norm, m.rms_norm_eps);
                     kernels.rmsnorm(s.xb[t * hidden ..][0..hidden], x, layer.ffn_norm, m.rms_norm_eps);
                 },
                 .silu => {
                     const ffn: usize = m.intermediate_size;
                     const gate_up = s.gate_up[t * 2 * ffn ..][0 .. 2 * ffn];
-                    kernels.siluMul(s.h[t * ffn ..][0..ffn], gate_up[0..ffn], gate_up[ffn..]);
+                    if (m.hidden_act == 1)
+                        kernels.geluMul(s.h[t * ffn ..][0..ffn], gate_up[0..ffn], gate_up[ffn..])
+                    else
+                        kernels.siluMul(s.h[t * ffn ..][0..ffn], gate_up[0..ffn], gate_up[ffn..]);
                 },
-                .residual => for (x, s.xb2[t * hidden ..][0..hidden]) |*v, d| {
-                    v.* += d;
-                },
+                .residual => addResidual(x, s.xb2[t * hidden ..][0..hidden], layer.ffn_post_norm, m.rms_norm_eps),
             }
         }
     }
 };
+
+/// x += d, or x += RMSNorm(d) where the layer normalizes a sub-block's output (Gemma).
+fn addResidual(x: []f32, d: []f32, post_norm: ?kernels.Matrix, eps: f32) void {
+    if (post_norm) |w| kernels.rmsnorm(d, d, w, eps);
+    for (x, d) |*v, a| v.* += a;
+}
 
 /// RoPE on token t's q and k heads, then its K and V into the cache at its slot.
 fn ropeAndStore(e: *Engine, l: usize, t: usize) void {
@@ -320,8 +336,9 @@ fn ropeAndStore(e: *Engine, l: usize, t: usize) void {
     const qkv_dim = q_dim + 2 * kv_dim;
     const interleaved = m.rope_interleaved != 0;
     const pos: usize = @intCast(b.positions[t]);
-    const cos = e.rope_cos[pos * half ..][0..half];
-    const sin = e.rope_sin[pos * half ..][0..half];
+    const local = e.rope_local_cos.len > 0 and e.isLocal(l);
+    const cos = (if (local) e.rope_local_cos else e.rope_cos)[pos * half ..][0..half];
+    const sin = (if (local) e.rope_local_sin else e.rope_sin)[pos * half ..][0..half];
     const row = e.scratch.qkv[t * qkv_dim ..][0..qkv_dim];
     const layer = e.weights.layers[l];
     if (layer.qkv_bias) |bias| for (row, bias) |*v, add| {
@@ -378,6 +395,9 @@ pub fn run(e: *Engine) abi.Status {
     for (0..n) |t| {
         const row: usize = @intCast(b.token_ids[t]);
         e.weights.token_embd.readRow(s.x[t * hidden ..][0..hidden], row);
+        if (m.embedding_scale != 0) for (s.x[t * hidden ..][0..hidden]) |*v| {
+            v.* *= m.embedding_scale;
+        };
     }
 
     for (e.weights.layers, 0..) |layer, l| {
@@ -400,7 +420,11 @@ pub fn run(e: *Engine) abi.Status {
         const t: usize = @intCast(b.sample_indices[i]);
         kernels.rmsnorm(s.xs[i * hidden ..][0..hidden], s.x[t * hidden ..][0..hidden], e.weights.output_norm, m.rms_norm_eps);
     }
-    matmul(e, b.logits[0 .. n_samples * @as(usize, m.vocab_size)], s.xs, n_samples, &.{e.weights.output});
+    const logits = b.logits[0 .. n_samples * @as(usize, m.vocab_size)];
+    matmul(e, logits, s.xs, n_samples, &.{e.weights.output});
+    if (m.final_softcap != 0) for (logits) |*v| {
+        v.* = m.final_softcap * std.math.tanh(v.* / m.final_softcap);
+    };
     const masks = e.awaitMasks();
     if (masks != .ok) return masks;
     parallel(pool, n_samples, SampleCtx{ .e = e }, SampleCtx.body);

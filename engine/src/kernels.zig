@@ -404,6 +404,26 @@ pub fn siluMul(out: []f32, gate: []const f32, up: []const f32) void {
     for (out[i..], gate[i..], up[i..]) |*o, g, u| o.* = g / (1.0 + expScalar(-g)) * u;
 }
 
+/// How attention scores are made from q . k: the scale, an optional soft cap (Gemma 2), and
+/// how many of the first positions are masked out (a sliding window's start within its block).
+pub const ScoreShape = struct {
+    scale: f32,
+    softcap: f32 = 0,
+    masked: usize = 0,
+
+    pub fn plain(head_dim: usize) ScoreShape {
+        return .{ .scale = 1.0 / @sqrt(@as(f32, @floatFromInt(head_dim))) };
+    }
+};
+
+/// out = gelu(gate) * up, elementwise, GELU's tanh approximation (Gemma's gelu_pytorch_tanh).
+pub fn geluMul(out: []f32, gate: []const f32, up: []const f32) void {
+    assert(gate.len == up.len);
+    assert(out.len == gate.len);
+    const c: f32 = @sqrt(2.0 / std.math.pi);
+    for (out, gate, up) |*o, g, u| o.* = 0.5 * g * (1 + std.math.tanh(c * (g + 0.044715 * g * g * g))) * u;
+}
+
 /// The `group` query heads that share one KV head (grouped-query attention), attending
 /// over the first `context_len` positions of their sequence in the paged cache. Each K and
 /// V vector is read once for the whole group, block by block of the block table.
@@ -422,15 +442,16 @@ pub fn attendGroup(
     block_size: usize,
     context_len: usize,
     scores: []f32,
+    shape: ScoreShape,
 ) void {
     assert(group >= 1);
     const head_dim = q.len / group;
     assert(q.len == group * head_dim);
     assert(out.len == q.len);
-    assert(context_len > 0);
+    assert(context_len > shape.masked);
     assert(scores.len >= group * context_len);
     assert(block_table.len * block_size >= context_len);
-    const scale = 1.0 / @sqrt(@as(f32, @floatFromInt(head_dim)));
+    const scale = shape.scale;
     //   scores: | head 0: positions 0 .. context_len | head 1: ... | ... group rows
     var p: usize = 0;
     var block_index: usize = 0;
@@ -454,7 +475,14 @@ pub fn attendGroup(
         }
         p += in_block;
     }
-    for (0..group) |h| softmax(scores[h * context_len ..][0..context_len]);
+    for (0..group) |h| {
+        const sh = scores[h * context_len ..][0..context_len];
+        if (shape.softcap != 0) for (sh) |*v| {
+            v.* = shape.softcap * std.math.tanh(v.* / shape.softcap);
+        };
+        @memset(sh[0..shape.masked], -std.math.inf(f32));
+        softmax(sh);
+    }
     // out[h] = sum over positions of score * v, 64 dimensions at a time held in registers.
     for (0..group) |h| {
         const o = out[h * head_dim ..][0..head_dim];
@@ -703,7 +731,7 @@ test "attendGroup over a scattered block table equals dense attention, per head,
         defer allocator.free(scores);
         const out = try allocator.alloc(f32, group * head_dim);
         defer allocator.free(out);
-        attendGroup(f32, out, q, group, k_cache, v_cache, kv_dim, head_dim, &block_table, block_size, context_len, scores);
+        attendGroup(f32, out, q, group, k_cache, v_cache, kv_dim, head_dim, &block_table, block_size, context_len, scores, ScoreShape.plain(head_dim));
 
         for (0..group) |h| {
             const w = try allocator.alloc(f64, context_len);
@@ -739,7 +767,7 @@ test "attendGroup over a scattered block table equals dense attention, per head,
         for (v16, v_cache) |*d, x| d.* = @floatCast(x);
         const out16 = try allocator.alloc(f32, group * head_dim);
         defer allocator.free(out16);
-        attendGroup(f16, out16, q, group, k16, v16, kv_dim, head_dim, &block_table, block_size, context_len, scores);
+        attendGroup(f16, out16, q, group, k16, v16, kv_dim, head_dim, &block_table, block_size, context_len, scores, ScoreShape.plain(head_dim));
         for (out, out16) |a, b| try testing.expectApproxEqAbs(a, b, 1e-2);
     }
 }

@@ -34,11 +34,15 @@ pub const Layer = struct {
     // Optional (Qwen 3): RMSNorm weights over each q and k head, (1, head_dim).
     q_norm: ?Matrix = null,
     k_norm: ?Matrix = null,
+    // Optional (Gemma): RMSNorm of the attention's and the MLP's outputs before each residual add.
+    attn_post_norm: ?Matrix = null,
+    ffn_post_norm: ?Matrix = null,
 };
 
 pub const Weights = struct {
     maps: [][]align(std.mem.page_size) const u8,
     packed_buffers: [][]align(std.mem.page_size) u8,
+    norm_copies: [][]f32 = &.{}, // norm vectors with norm_weight_offset added, in f32
     token_embd: Matrix, // (vocab, hidden)
     layers: []Layer,
     output_norm: Matrix, // (1, hidden)
@@ -50,6 +54,8 @@ pub const Weights = struct {
         for (w.packed_buffers) |b| std.heap.page_allocator.free(b);
         allocator.free(w.packed_buffers);
         for (w.layers) |l| if (l.qkv_bias) |b| allocator.free(b);
+        for (w.norm_copies) |c| allocator.free(c);
+        allocator.free(w.norm_copies);
         allocator.free(w.layers);
         w.* = undefined;
     }
@@ -130,6 +136,8 @@ pub fn load(
             .w_down = try need(slots, b + 8, .ffn_down, l, status),
             .q_norm = slots[b + 12].m,
             .k_norm = slots[b + 13].m,
+            .attn_post_norm = slots[b + 14].m,
+            .ffn_post_norm = slots[b + 15].m,
         };
     }
     errdefer for (layers) |l| if (l.qkv_bias) |bias| allocator.free(bias);
@@ -148,6 +156,11 @@ pub fn load(
         .output_norm = try need(slots, 2, .output_norm, 0, status),
         .output = output,
     };
+    errdefer {
+        for (w.norm_copies) |c| allocator.free(c);
+        allocator.free(w.norm_copies);
+    }
+    if (config.norm_weight_offset != 0) try offsetNorms(allocator, &w, config.norm_weight_offset);
     try packAll(allocator, &w, bf16_products, threads);
     return w;
 }
@@ -265,8 +278,36 @@ fn mapFile(path: [:0]const u8) ![]align(std.mem.page_size) const u8 {
     return std.posix.mmap(null, size, std.posix.PROT.READ, .{ .TYPE = .PRIVATE }, file.handle, 0);
 }
 
-/// Slots a layer has: the nine Llama roles, then the optional ones (q/k/v bias, q/k norm).
-const per_layer = 14;
+/// Every norm vector as f32 with `offset` added (HF Gemma's x * (1 + w)): the norms then
+/// compute as Llama's. The copies are the weights' own (freed with them).
+fn offsetNorms(allocator: std.mem.Allocator, w: *Weights, offset: f32) !void {
+    var norms = std.ArrayList(*Matrix).init(allocator);
+    defer norms.deinit();
+    try norms.append(&w.output_norm);
+    for (w.layers) |*l| {
+        try norms.appendSlice(&.{ &l.attn_norm, &l.ffn_norm });
+        inline for (.{ "q_norm", "k_norm", "attn_post_norm", "ffn_post_norm" }) |name| {
+            if (@field(l, name)) |*m| try norms.append(m);
+        }
+    }
+    var copies = std.ArrayList([]f32).init(allocator);
+    errdefer {
+        for (copies.items) |c| allocator.free(c);
+        copies.deinit();
+    }
+    for (norms.items) |m| {
+        const copy = try allocator.alloc(f32, m.cols);
+        try copies.append(copy);
+        m.readRow(copy, 0);
+        for (copy) |*v| v.* += offset;
+        m.* = .{ .dtype = .f32, .data = @ptrCast(copy.ptr), .rows = 1, .cols = m.cols };
+    }
+    w.norm_copies = try copies.toOwnedSlice();
+}
+
+/// Slots a layer has: the nine Llama roles, then the optional ones (q/k/v bias, q/k norm,
+/// post-attention and post-MLP norms).
+const per_layer = 16;
 
 /// slots: [token_embd, (unused), output_norm, layer 0 x14, layer 1 x14, ..., output]
 fn slotIndex(role: abi.Role, layer: u32, num_layers: u32) ?usize {
@@ -276,7 +317,7 @@ fn slotIndex(role: abi.Role, layer: u32, num_layers: u32) ?usize {
         .output_norm => 2,
         .output => 3 + per_layer * @as(usize, num_layers),
         .attn_norm, .attn_q, .attn_k, .attn_v, .attn_out, .ffn_norm, .ffn_gate, .ffn_up, .ffn_down => if (layer >= num_layers) null else per_layer_base + (@intFromEnum(role) - 1),
-        .attn_q_bias, .attn_k_bias, .attn_v_bias, .attn_q_norm, .attn_k_norm => if (layer >= num_layers) null else per_layer_base + 9 + (@intFromEnum(role) - @intFromEnum(abi.Role.attn_q_bias)),
+        .attn_q_bias, .attn_k_bias, .attn_v_bias, .attn_q_norm, .attn_k_norm, .attn_post_norm, .ffn_post_norm => if (layer >= num_layers) null else per_layer_base + 9 + (@intFromEnum(role) - @intFromEnum(abi.Role.attn_q_bias)),
         _ => null,
     };
 }
@@ -314,6 +355,7 @@ fn expectedShape(role: abi.Role, c: abi.ModelConfig) [2]u64 {
         .attn_q_bias => .{ 1, q_dim },
         .attn_k_bias, .attn_v_bias => .{ 1, kv_dim },
         .attn_q_norm, .attn_k_norm => .{ 1, c.head_dim },
+        .attn_post_norm, .ffn_post_norm => .{ 1, c.hidden_size },
         _ => unreachable,
     };
 }

@@ -53,6 +53,8 @@ export const Role = {
   ATTN_V_BIAS: 14,
   ATTN_Q_NORM: 15,
   ATTN_K_NORM: 16,
+  ATTN_POST_NORM: 17,
+  FFN_POST_NORM: 18,
 } as const;
 export type RoleCode = (typeof Role)[keyof typeof Role];
 
@@ -73,6 +75,16 @@ export interface NativeModelConfig {
   /** RoPE scaling, worked out in src/model/rope.ts: head_dim / 2 frequencies (null: theta's own). */
   ropeInvFreq?: Float64Array | null;
   ropeAttnFactor?: number; // multiplies cos and sin (YaRN); 1 when absent
+  // Gemma's parts (and sliding windows); absent: as Llama.
+  normWeightOffset?: number; // added to every RMSNorm weight (HF Gemma's x * (1 + w))
+  embeddingScale?: number; // multiplies the embeddings
+  hiddenAct?: "silu" | "gelu_tanh";
+  attnScale?: number; // multiplies q . k (default 1 / sqrt(head_dim))
+  attnSoftcap?: number;
+  finalSoftcap?: number;
+  slidingWindow?: number; // a local layer attends to this many positions, its own included
+  slidingWindowPattern?: number; // 0: every layer local; n: layer l global when (l + 1) % n == 0
+  ropeLocalTheta?: number; // local layers' RoPE base (Gemma 3)
 }
 
 /** Mirrors ifn_engine_config. */
@@ -265,6 +277,15 @@ const STRUCT_FIELDS = {
     "tie_word_embeddings",
     "rope_attn_factor",
     "rope_inv_freq",
+    "norm_weight_offset",
+    "embedding_scale",
+    "hidden_act",
+    "attn_scale",
+    "attn_softcap",
+    "final_softcap",
+    "sliding_window",
+    "sliding_window_pattern",
+    "rope_local_theta",
   ],
   tensor: ["role", "layer", "dtype", "file_index", "offset", "size_bytes", "rows", "cols"],
   engineConfig: [
@@ -424,6 +445,15 @@ function modelStruct(model: NativeModelConfig): ArrayBuffer {
   w.f32("rope_attn_factor", model.ropeAttnFactor ?? 0);
   // Read by the library during ifn_engine_create only; the caller keeps the array alive until then.
   w.u64("rope_inv_freq", model.ropeInvFreq ? ptr(model.ropeInvFreq) : 0);
+  w.f32("norm_weight_offset", model.normWeightOffset ?? 0);
+  w.f32("embedding_scale", model.embeddingScale ?? 0);
+  w.u32("hidden_act", model.hiddenAct === "gelu_tanh" ? 1 : 0);
+  w.f32("attn_scale", model.attnScale ?? 0);
+  w.f32("attn_softcap", model.attnSoftcap ?? 0);
+  w.f32("final_softcap", model.finalSoftcap ?? 0);
+  w.u32("sliding_window", model.slidingWindow ?? 0);
+  w.u32("sliding_window_pattern", model.slidingWindowPattern ?? 0);
+  w.f32("rope_local_theta", model.ropeLocalTheta ?? 0);
   return w.buffer;
 }
 

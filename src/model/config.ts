@@ -30,9 +30,19 @@ const SUPPORTED_ARCHITECTURES = [
   "Qwen2ForCausalLM",
   "Qwen3ForCausalLM",
   "Phi3ForCausalLM",
+  "Gemma2ForCausalLM",
+  "Gemma3ForCausalLM",
 ];
 // GGUF's general.architecture; its metadata keys begin with the same name.
-const SUPPORTED_GGUF_ARCHITECTURES = ["llama", "qwen2", "qwen3", "phi3"];
+const SUPPORTED_GGUF_ARCHITECTURES = ["llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3"];
+
+// Gemma's four norms a layer: its post_attention_layernorm follows the attention (Llama's
+// precedes the MLP), and pre_feedforward_layernorm precedes the MLP.
+const GEMMA_HF_ROLES: [RegExp, RoleCode][] = [
+  [/^model\.layers\.(\d+)\.post_attention_layernorm\.weight$/, Role.ATTN_POST_NORM],
+  [/^model\.layers\.(\d+)\.pre_feedforward_layernorm\.weight$/, Role.FFN_NORM],
+  [/^model\.layers\.(\d+)\.post_feedforward_layernorm\.weight$/, Role.FFN_POST_NORM],
+];
 
 // Fused matrices (Phi-3): q, k and v stacked by rows, or the gate over the up projection. Each
 // is handed to the engine as its parts, rows of the same bytes in the file.
@@ -81,6 +91,8 @@ const GGUF_ROLES: [RegExp, RoleCode][] = [
   [/^blk\.(\d+)\.attn_v\.bias$/, Role.ATTN_V_BIAS],
   [/^blk\.(\d+)\.attn_q_norm\.weight$/, Role.ATTN_Q_NORM],
   [/^blk\.(\d+)\.attn_k_norm\.weight$/, Role.ATTN_K_NORM],
+  [/^blk\.(\d+)\.post_attention_norm\.weight$/, Role.ATTN_POST_NORM],
+  [/^blk\.(\d+)\.post_ffw_norm\.weight$/, Role.FFN_POST_NORM],
   [/^blk\.(\d+)\.ffn_norm\.weight$/, Role.FFN_NORM],
   [/^blk\.(\d+)\.ffn_gate\.weight$/, Role.FFN_GATE],
   [/^blk\.(\d+)\.ffn_up\.weight$/, Role.FFN_UP],
@@ -201,8 +213,7 @@ export function specFromHfFolder(dir: string): ModelSpec {
   }
   // Attention biases come as tensors (Qwen 2's q/k/v); one the engine has no role for is refused by name.
   if (cfg.mlp_bias === true) throw new ModelLoadError(`${dir}: MLP biases are not supported`);
-  if (cfg.hidden_act !== undefined && cfg.hidden_act !== "silu")
-    throw new ModelLoadError(`${dir}: hidden_act ${String(cfg.hidden_act)} is not supported (silu is)`);
+  const gemma = archs.some((a) => a.startsWith("Gemma"));
   const where = "config.json";
   const hidden = positiveInt(cfg.hidden_size, "hidden_size", where);
   const heads = positiveInt(cfg.num_attention_heads, "num_attention_heads", where);
@@ -214,11 +225,7 @@ export function specFromHfFolder(dir: string): ModelSpec {
     cfg.head_dim === undefined || cfg.head_dim === null ? hidden / heads : positiveInt(cfg.head_dim, "head_dim", where);
   const trained = positiveInt(cfg.max_position_embeddings, "max_position_embeddings", where);
   const scaling = ropeScalingFromHf(cfg.rope_scaling, trained, dir, cfg.original_max_position_embeddings);
-  let maxPosition = scaledMaxPosition(trained, scaling);
-  // Sliding-window attention equals full attention while the context stays inside the window
-  // (Qwen 2 keeps a window in its config that `use_sliding_window: false` turns off).
-  if (typeof cfg.sliding_window === "number" && cfg.sliding_window > 0 && cfg.use_sliding_window !== false)
-    maxPosition = Math.min(maxPosition, cfg.sliding_window);
+  const maxPosition = scaledMaxPosition(trained, scaling);
 
   const stored = readSafetensorsFolder(dir);
   const files = [...new Set(stored.map((t) => t.file))];
@@ -228,7 +235,9 @@ export function specFromHfFolder(dir: string): ModelSpec {
   for (const t of stored) {
     if (HF_IGNORED.test(t.name)) continue;
     const fused = fusedOf(HF_FUSED, t.name);
-    const r = fused ? { role: Role.ATTN_Q, layer: fused.layer } : roleOf(HF_ROLES, t.name);
+    const r = fused
+      ? { role: Role.ATTN_Q, layer: fused.layer }
+      : ((gemma ? roleOf(GEMMA_HF_ROLES, t.name) : null) ?? roleOf(HF_ROLES, t.name));
     if (!r) throw new ModelLoadError(`${dir}: tensor ${t.name} is not part of the architectures this engine runs`);
     const dtype = SAFETENSORS_DTYPES[t.dtype];
     if (dtype === undefined)
@@ -264,6 +273,7 @@ export function specFromHfFolder(dir: string): ModelSpec {
     rmsNormEps: typeof cfg.rms_norm_eps === "number" ? cfg.rms_norm_eps : 1e-6,
     ropeInterleaved: false,
     tieWordEmbeddings: cfg.tie_word_embeddings === true || !tensors.some((t) => t.role === Role.OUTPUT),
+    ...hfAttentionParts(cfg, dir, gemma, headDim),
   };
   withRope(config, scaling);
   if (!Number.isInteger(headDim))
@@ -289,6 +299,57 @@ export function specFromHfFolder(dir: string): ModelSpec {
     bosTokenId: typeof cfg.bos_token_id === "number" ? cfg.bos_token_id : null,
     eosTokenIds: eos,
   };
+}
+
+const positiveOr = (v: unknown, fallback: number) => (typeof v === "number" && v > 0 ? v : fallback);
+
+/**
+ * config.json's activation, sliding window and Gemma's parts. A window the config turns off
+ * (Qwen 2's `use_sliding_window: false`) is none; Gemma 2's layers alternate local and global,
+ * Gemma 3's are five local to one global (or as `layer_types` lists them).
+ */
+function hfAttentionParts(
+  cfg: Record<string, unknown>,
+  dir: string,
+  gemma: boolean,
+  headDim: number,
+): Partial<NativeModelConfig> {
+  const act = cfg.hidden_activation ?? cfg.hidden_act ?? "silu";
+  if (act !== "silu" && act !== "gelu_pytorch_tanh")
+    throw new ModelLoadError(`${dir}: hidden_act ${String(act)} is not supported (silu, gelu_pytorch_tanh are)`);
+  const window = typeof cfg.sliding_window === "number" && cfg.use_sliding_window !== false ? cfg.sliding_window : 0;
+  const parts: Partial<NativeModelConfig> = {
+    hiddenAct: act === "silu" ? "silu" : "gelu_tanh",
+    slidingWindow: window,
+    slidingWindowPattern: window > 0 ? windowPattern(cfg, dir) : 0,
+  };
+  if (!gemma) return parts;
+  const hidden = cfg.hidden_size as number;
+  return {
+    ...parts,
+    normWeightOffset: 1,
+    embeddingScale: Math.sqrt(hidden),
+    attnScale: 1 / Math.sqrt(positiveOr(cfg.query_pre_attn_scalar, headDim)),
+    attnSoftcap: positiveOr(cfg.attn_logit_softcapping, 0),
+    finalSoftcap: positiveOr(cfg.final_logit_softcapping, 0),
+    ropeLocalTheta: positiveOr(cfg.rope_local_base_freq, 0),
+  };
+}
+
+/** Which layers are local: every one (0), or all but each n-th (n). */
+function windowPattern(cfg: Record<string, unknown>, dir: string): number {
+  const types = cfg.layer_types;
+  if (Array.isArray(types)) {
+    const n = types.indexOf("full_attention") + 1;
+    if (n === 0) return 0;
+    const periodic = types.every((t, l) => (t === "full_attention") === ((l + 1) % n === 0));
+    if (!periodic) throw new ModelLoadError(`${dir}: layer_types ${JSON.stringify(types)} is not a repeating pattern`);
+    return n;
+  }
+  const archs = (cfg.architectures as string[]) ?? [];
+  if (archs.includes("Gemma2ForCausalLM")) return 2;
+  if (archs.includes("Gemma3ForCausalLM")) return positiveOr(cfg.sliding_window_pattern, 6);
+  return 0;
 }
 
 function metaNumber(g: GgufFile, key: string): number | undefined {
@@ -366,6 +427,7 @@ export function specFromGguf(g: GgufFile): ModelSpec {
     ropeInterleaved: arch === "llama",
     tieWordEmbeddings: !tensors.some((t) => t.role === Role.OUTPUT),
   };
+  Object.assign(config, ggufAttentionParts(g, arch, config));
   const scaling = ropeScalingFromGguf(g, arch, config.maxPosition, ropeFactors);
   config.maxPosition = scaledMaxPosition(config.maxPosition, scaling);
   withRope(config, scaling);
@@ -383,6 +445,28 @@ export function specFromGguf(g: GgufFile): ModelSpec {
     dtype: dominantDtype(parts),
     bosTokenId: metaNumber(g, "tokenizer.ggml.bos_token_id") ?? null,
     eosTokenIds: [...new Set([eos, eot].filter((x): x is number => x !== undefined))],
+  };
+}
+
+/**
+ * GGUF's sliding window and Gemma's parts. Gemma's norms come with the +1 folded in by
+ * llama.cpp's converter; the attention scale is llama.cpp's (hidden / heads for the 27B
+ * models, which it tells by their layer count, else head_dim), as GGUF does not record it.
+ */
+function ggufAttentionParts(g: GgufFile, arch: string, c: NativeModelConfig): Partial<NativeModelConfig> {
+  const window = metaNumber(g, `${arch}.attention.sliding_window`) ?? 0;
+  const pattern = { gemma2: 2, gemma3: 6 }[arch] ?? 0;
+  const parts: Partial<NativeModelConfig> = { slidingWindow: window, slidingWindowPattern: window > 0 ? pattern : 0 };
+  if (!arch.startsWith("gemma")) return parts;
+  const big = (arch === "gemma2" && c.numLayers === 46) || (arch === "gemma3" && c.numLayers === 62);
+  return {
+    ...parts,
+    hiddenAct: "gelu_tanh",
+    embeddingScale: Math.sqrt(c.hiddenSize),
+    attnScale: 1 / Math.sqrt(big ? c.hiddenSize / c.numHeads : c.headDim),
+    attnSoftcap: metaNumber(g, `${arch}.attn_logit_softcapping`) ?? 0,
+    finalSoftcap: metaNumber(g, `${arch}.final_logit_softcapping`) ?? 0,
+    ropeLocalTheta: arch === "gemma3" ? (metaNumber(g, `${arch}.rope.freq_base_swa`) ?? 10000) : 0,
   };
 }
 
@@ -484,6 +568,8 @@ function checkTensorShapes(where: string, c: NativeModelConfig, tensors: TensorE
     [Role.ATTN_V_BIAS]: [1, kvDim],
     [Role.ATTN_Q_NORM]: [1, c.headDim],
     [Role.ATTN_K_NORM]: [1, c.headDim],
+    [Role.ATTN_POST_NORM]: [1, c.hiddenSize],
+    [Role.FFN_POST_NORM]: [1, c.hiddenSize],
   };
   for (const t of tensors) {
     const [rows, cols] = expected[t.role];

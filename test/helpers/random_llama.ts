@@ -20,11 +20,26 @@ export interface RandomLlamaShape {
   std: number;
   seed: number;
   /** qwen2: q/k/v biases; qwen3: RMSNorm over each q and k head. Absent: llama. */
-  arch?: "llama" | "qwen2" | "qwen3" | "phi3"; // phi3: q/k/v and gate/up fused in the files
+  arch?: "llama" | "qwen2" | "qwen3" | "phi3" | "gemma2" | "gemma3"; // phi3: q/k/v and gate/up fused in the files
   headDim?: number; // absent: dim / heads
   /** config.json's rope_scaling (GGUF: its keys, or rope_freqs for llama3). */
   ropeScaling?: Record<string, unknown>;
   originalCtx?: number; // config.json's original_max_position_embeddings (Phi-3's LongRoPE)
+  slidingWindow?: number; // llama: written as a MistralForCausalLM; gemma: its local layers' window
+  windowPattern?: number; // Gemma 3's sliding_window_pattern (GGUF has none: llama.cpp's 6)
+  queryPreAttnScalar?: number; // Gemma (default head_dim)
+  attnSoftcap?: number; // Gemma 2
+  finalSoftcap?: number; // Gemma 2
+  ropeLocalTheta?: number; // Gemma 3
+}
+
+export const isGemma = (s: RandomLlamaShape) => s.arch === "gemma2" || s.arch === "gemma3";
+
+/** Whether layer l attends over the sliding window: Gemma 2 every other, Gemma 3 all but each n-th. */
+export function isLocalLayer(s: RandomLlamaShape, l: number): boolean {
+  if (!s.slidingWindow) return false;
+  const pattern = s.arch === "gemma2" ? 2 : s.arch === "gemma3" ? (s.windowPattern ?? 6) : 0;
+  return pattern === 0 || (l + 1) % pattern !== 0;
 }
 
 /** Phi-3's files: each layer's q, k, v as one qkv_proj and its gate and up as one gate_up_proj. */
@@ -124,6 +139,7 @@ export function makeWeights(s: RandomLlamaShape, dtype: WeightDType): RefTensor[
   const plan: [string, number[], "linear" | "norm" | "bias"][] = [
     ["model.embed_tokens.weight", [s.vocab, s.dim], "linear"],
   ];
+  const gemma = isGemma(s);
   for (let l = 0; l < s.layers; l++) {
     const p = `model.layers.${l}`;
     plan.push(
@@ -138,11 +154,18 @@ export function makeWeights(s: RandomLlamaShape, dtype: WeightDType): RefTensor[
         [`${p}.self_attn.k_proj.bias`, [s.kvHeads * hd], "bias"],
         [`${p}.self_attn.v_proj.bias`, [s.kvHeads * hd], "bias"],
       );
-    if (s.arch === "qwen3")
+    if (s.arch === "qwen3" || s.arch === "gemma3")
       plan.push([`${p}.self_attn.q_norm.weight`, [hd], "norm"], [`${p}.self_attn.k_norm.weight`, [hd], "norm"]);
     plan.push(
       [`${p}.self_attn.o_proj.weight`, [s.dim, s.heads * hd], "linear"],
       [`${p}.post_attention_layernorm.weight`, [s.dim], "norm"],
+    );
+    if (gemma)
+      plan.push(
+        [`${p}.pre_feedforward_layernorm.weight`, [s.dim], "norm"],
+        [`${p}.post_feedforward_layernorm.weight`, [s.dim], "norm"],
+      );
+    plan.push(
       [`${p}.mlp.gate_proj.weight`, [s.ffn, s.dim], "linear"],
       [`${p}.mlp.up_proj.weight`, [s.ffn, s.dim], "linear"],
       [`${p}.mlp.down_proj.weight`, [s.dim, s.ffn], "linear"],
@@ -157,7 +180,12 @@ export function makeWeights(s: RandomLlamaShape, dtype: WeightDType): RefTensor[
     for (let j = 0; j < n; j++)
       data[j] = roundTo(
         dtype,
-        kind === "norm" ? 1 + 0.1 * normal(rand) : kind === "bias" ? 0.5 * normal(rand) : s.std * normal(rand),
+        // Gemma's norms are x * (1 + w): their w is near 0.
+        kind === "norm"
+          ? (gemma ? 0 : 1) + 0.1 * normal(rand)
+          : kind === "bias"
+            ? 0.5 * normal(rand)
+            : s.std * normal(rand),
       );
     return { name, shape, data };
   });
@@ -284,10 +312,26 @@ export function writeHfModel(dir: string, s: RandomLlamaShape, dtype: WeightDTyp
   const arch = s.arch ?? "llama";
   const config = {
     architectures: [
-      { llama: "LlamaForCausalLM", qwen2: "Qwen2ForCausalLM", qwen3: "Qwen3ForCausalLM", phi3: "Phi3ForCausalLM" }[
-        arch
-      ],
+      {
+        llama: s.slidingWindow ? "MistralForCausalLM" : "LlamaForCausalLM",
+        qwen2: "Qwen2ForCausalLM",
+        qwen3: "Qwen3ForCausalLM",
+        phi3: "Phi3ForCausalLM",
+        gemma2: "Gemma2ForCausalLM",
+        gemma3: "Gemma3ForCausalLM",
+      }[arch],
     ],
+    ...(s.slidingWindow ? { sliding_window: s.slidingWindow } : {}),
+    ...(s.windowPattern ? { sliding_window_pattern: s.windowPattern } : {}),
+    ...(isGemma(s)
+      ? {
+          hidden_activation: "gelu_pytorch_tanh",
+          query_pre_attn_scalar: s.queryPreAttnScalar ?? headDimOf(s),
+          attn_logit_softcapping: s.attnSoftcap ?? null,
+          final_logit_softcapping: s.finalSoftcap ?? null,
+          ...(s.ropeLocalTheta ? { rope_local_base_freq: s.ropeLocalTheta } : {}),
+        }
+      : {}),
     ...(s.originalCtx ? { original_max_position_embeddings: s.originalCtx } : {}),
     model_type: arch,
     attention_bias: arch === "qwen2",
@@ -302,7 +346,7 @@ export function writeHfModel(dir: string, s: RandomLlamaShape, dtype: WeightDTyp
     rms_norm_eps: 1e-5,
     rope_theta: s.ropeTheta,
     rope_scaling: s.ropeScaling ?? null,
-    hidden_act: "silu",
+    hidden_act: isGemma(s) ? "gelu_pytorch_tanh" : "silu",
     tie_word_embeddings: s.tied,
     bos_token_id: 1,
     eos_token_id: 2,
@@ -424,6 +468,13 @@ export function quantizedWeights(weights: RefTensor[], type: QuantType): RefTens
   );
 }
 
+// Gemma's norms under GGUF's names (its post_attention_layernorm follows the attention).
+const GEMMA_GGUF_NAMES: [RegExp, string][] = [
+  [/^model\.layers\.(\d+)\.post_attention_layernorm\.weight$/, "blk.$1.post_attention_norm.weight"],
+  [/^model\.layers\.(\d+)\.pre_feedforward_layernorm\.weight$/, "blk.$1.ffn_norm.weight"],
+  [/^model\.layers\.(\d+)\.post_feedforward_layernorm\.weight$/, "blk.$1.post_ffw_norm.weight"],
+];
+
 export function writeGguf(
   path: string,
   s: RandomLlamaShape,
@@ -433,12 +484,15 @@ export function writeGguf(
   const pieces = vocabPieces(s.vocab);
   const w = new GgufWriter();
   const arch = s.arch ?? "llama";
+  const names = isGemma(s) ? [...GEMMA_GGUF_NAMES, ...GGUF_NAMES] : GGUF_NAMES;
   const tensors = (arch === "phi3" ? fusedForPhi3(weights) : weights).map((t) => {
-    const name = GGUF_NAMES.reduce<string | null>(
+    const name = names.reduce<string | null>(
       (acc, [re, to]) => acc ?? (re.test(t.name) ? t.name.replace(re, to) : null),
       null,
     )!;
     let data = t.data;
+    // llama.cpp's converter folds Gemma's 1 + w into its norm weights.
+    if (isGemma(s) && name.endsWith("norm.weight")) data = data.map((v) => v + 1);
     // llama.cpp's converter permutes q/k for Llama only (Qwen keeps HF's order: NEOX RoPE).
     if (arch === "llama" && name.endsWith("attn_q.weight")) data = permuteRope(t, s.heads);
     if (arch === "llama" && name.endsWith("attn_k.weight")) data = permuteRope(t, s.kvHeads);
@@ -463,6 +517,10 @@ export function writeGguf(
     ["tokenizer.ggml.model", "str", "llama"],
   ];
   if (s.headDim !== undefined) kvs.push([`${arch}.attention.key_length`, "u32", s.headDim]);
+  if (s.slidingWindow) kvs.push([`${arch}.attention.sliding_window`, "u32", s.slidingWindow]);
+  if (s.attnSoftcap) kvs.push([`${arch}.attn_logit_softcapping`, "f32", s.attnSoftcap]);
+  if (s.finalSoftcap) kvs.push([`${arch}.final_logit_softcapping`, "f32", s.finalSoftcap]);
+  if (s.ropeLocalTheta) kvs.push([`${arch}.rope.freq_base_swa`, "f32", s.ropeLocalTheta]);
   const scaling = s.ropeScaling;
   const type = scaling?.rope_type ?? scaling?.type;
   if (type === "llama3") {

@@ -1,7 +1,7 @@
 // A plain reference forward pass in f64, HF layout, one token at a time with a
 // dense KV cache: the simplest correct Llama, for checking the engine.
 import { fromF16Bits, toF16Bits } from "../../src/model/f16.ts";
-import { headDimOf, type RandomLlamaShape, type RefTensor } from "./random_llama.ts";
+import { headDimOf, isGemma, isLocalLayer, type RandomLlamaShape, type RefTensor } from "./random_llama.ts";
 
 /**
  * The rotation frequencies and cos/sin factor of a shape's rope_scaling, transcribed from
@@ -72,7 +72,11 @@ export function quantizeActivations(x: Float64Array): Float64Array {
     const d = Math.fround(amax / 127);
     const inv = d === 0 ? 0 : Math.fround(1 / d);
     const stored = fromF16Bits(toF16Bits(d));
-    for (let i = b; i < b + 32; i++) out[i] = stored * Math.round(Math.fround(Math.fround(x[i]) * inv));
+    // Halves away from zero, as the engine (and C's roundf) rounds.
+    for (let i = b; i < b + 32; i++) {
+      const v = Math.fround(Math.fround(x[i]) * inv);
+      out[i] = stored * Math.sign(v) * Math.round(Math.abs(v));
+    }
   }
   return out;
 }
@@ -138,16 +142,25 @@ export class RefLlama {
     let ss = 0;
     for (const v of x) ss += v * v;
     const scale = 1 / Math.sqrt(ss / x.length + 1e-5);
-    return x.map((v, i) => v * scale * w[i]);
+    // Gemma's RMSNorm scales by 1 + w (transformers' Gemma2RMSNorm / Gemma3RMSNorm).
+    const offset = isGemma(this.s) ? 1 : 0;
+    return x.map((v, i) => v * scale * (offset + w[i]));
   }
 
-  private rope(v: Float64Array, heads: number, pos: number): void {
+  /** Layer l's rotation: Gemma 3's local layers use their own base, unscaled. */
+  private rotationOf(l: number): { invFreq: Float64Array; attnFactor: number } {
+    const s = this.s;
+    if (!s.ropeLocalTheta || !isLocalLayer(s, l)) return this.rot;
+    return hfRopeFrequencies({ ...s, ropeTheta: s.ropeLocalTheta, ropeScaling: undefined });
+  }
+
+  private rope(v: Float64Array, heads: number, pos: number, rot: { invFreq: Float64Array; attnFactor: number }): void {
     const hd = this.hd;
     for (let h = 0; h < heads; h++)
       for (let i = 0; i < hd / 2; i++) {
-        const freq = this.rot.invFreq[i];
-        const c = Math.cos(pos * freq) * this.rot.attnFactor;
-        const s = Math.sin(pos * freq) * this.rot.attnFactor;
+        const freq = rot.invFreq[i];
+        const c = Math.cos(pos * freq) * rot.attnFactor;
+        const s = Math.sin(pos * freq) * rot.attnFactor;
         const a = h * hd + i;
         const b = a + hd / 2;
         const x0 = v[a];
@@ -157,65 +170,82 @@ export class RefLlama {
       }
   }
 
+  /** Each query head over its KV head's cached positions (a local layer: the last slidingWindow). */
+  private attend(l: number, q: Float64Array): Float64Array {
+    const s = this.s;
+    const hd = this.hd;
+    const att = new Float64Array(s.heads * hd);
+    const group = s.heads / s.kvHeads;
+    const scale = 1 / Math.sqrt(s.queryPreAttnScalar ?? hd);
+    const n = this.kCache[l].length;
+    const first = isLocalLayer(s, l) ? Math.max(0, n - s.slidingWindow!) : 0;
+    for (let h = 0; h < s.heads; h++) {
+      const kvh = Math.floor(h / group);
+      const scores = this.kCache[l].slice(first).map((kp) => {
+        let d = 0;
+        for (let i = 0; i < hd; i++) d += q[h * hd + i] * kp[kvh * hd + i];
+        const score = d * scale;
+        return s.attnSoftcap ? s.attnSoftcap * Math.tanh(score / s.attnSoftcap) : score;
+      });
+      const max = Math.max(...scores);
+      const e = scores.map((sc) => Math.exp(sc - max));
+      const sum = e.reduce((a, b) => a + b, 0);
+      this.vCache[l].slice(first).forEach((vp, t) => {
+        for (let i = 0; i < hd; i++) att[h * hd + i] += (e[t] / sum) * vp[kvh * hd + i];
+      });
+    }
+    return att;
+  }
+
   /** Feeds one token at the next position; returns the logits for the token after it. */
   forward(token: number): Float64Array {
     const s = this.s;
     const hd = this.hd;
+    const gemma = isGemma(s);
     const pos = this.kCache[0].length;
     let x = this.get("model.embed_tokens.weight").slice(token * s.dim, (token + 1) * s.dim);
+    if (gemma) x = x.map((v) => v * Math.sqrt(s.dim));
+    // Gemma normalizes each sub-block's output before its residual add.
+    const residual = (x0: Float64Array, d: Float64Array, norm: string) => {
+      const add = gemma ? this.rmsnorm(d, this.get(norm)) : d;
+      return x0.map((v0, i) => v0 + add[i]);
+    };
     for (let l = 0; l < s.layers; l++) {
       const p = `model.layers.${l}`;
       const xb = this.rmsnorm(x, this.get(`${p}.input_layernorm.weight`));
       const a = `${p}.self_attn`;
-      const q = this.shapeHeads(
-        this.matvec(this.get(`${a}.q_proj.weight`), xb, s.heads * hd),
-        s.heads,
-        `${a}.q_proj.bias`,
-        `${a}.q_norm.weight`,
-      );
-      const k = this.shapeHeads(
-        this.matvec(this.get(`${a}.k_proj.weight`), xb, s.kvHeads * hd),
-        s.kvHeads,
-        `${a}.k_proj.bias`,
-        `${a}.k_norm.weight`,
-      );
-      const v = this.shapeHeads(
-        this.matvec(this.get(`${a}.v_proj.weight`), xb, s.kvHeads * hd),
-        s.kvHeads,
-        `${a}.v_proj.bias`,
-        "",
-      );
-      this.rope(q, s.heads, pos);
-      this.rope(k, s.kvHeads, pos);
+      const proj = (w: string, heads: number, norm: string) =>
+        this.shapeHeads(
+          this.matvec(this.get(`${a}.${w}_proj.weight`), xb, heads * hd),
+          heads,
+          `${a}.${w}_proj.bias`,
+          norm,
+        );
+      const q = proj("q", s.heads, `${a}.q_norm.weight`);
+      const k = proj("k", s.kvHeads, `${a}.k_norm.weight`);
+      const v = proj("v", s.kvHeads, "");
+      const rot = this.rotationOf(l);
+      this.rope(q, s.heads, pos, rot);
+      this.rope(k, s.kvHeads, pos, rot);
       this.kCache[l].push(k);
       this.vCache[l].push(v);
-      const att = new Float64Array(s.heads * hd);
-      const group = s.heads / s.kvHeads;
-      for (let h = 0; h < s.heads; h++) {
-        const kvh = Math.floor(h / group);
-        const scores = this.kCache[l].map((kp) => {
-          let d = 0;
-          for (let i = 0; i < hd; i++) d += q[h * hd + i] * kp[kvh * hd + i];
-          return d / Math.sqrt(hd);
-        });
-        const max = Math.max(...scores);
-        const e = scores.map((sc) => Math.exp(sc - max));
-        const sum = e.reduce((a, b) => a + b, 0);
-        this.vCache[l].forEach((vp, t) => {
-          for (let i = 0; i < hd; i++) att[h * hd + i] += (e[t] / sum) * vp[kvh * hd + i];
-        });
-      }
-      const o = this.matvec(this.get(`${p}.self_attn.o_proj.weight`), att, s.dim);
-      x = x.map((v0, i) => v0 + o[i]);
-      const xb2 = this.rmsnorm(x, this.get(`${p}.post_attention_layernorm.weight`));
+      const o = this.matvec(this.get(`${a}.o_proj.weight`), this.attend(l, q), s.dim);
+      x = residual(x, o, `${p}.post_attention_layernorm.weight`);
+      const ffnNorm = gemma ? `${p}.pre_feedforward_layernorm.weight` : `${p}.post_attention_layernorm.weight`;
+      const xb2 = this.rmsnorm(x, this.get(ffnNorm));
       const gate = this.matvec(this.get(`${p}.mlp.gate_proj.weight`), xb2, s.ffn);
       const up = this.matvec(this.get(`${p}.mlp.up_proj.weight`), xb2, s.ffn);
-      const hidden = gate.map((g, i) => (g / (1 + Math.exp(-g))) * up[i]);
+      const c = Math.sqrt(2 / Math.PI);
+      const act = (g: number) =>
+        gemma ? 0.5 * g * (1 + Math.tanh(c * (g + 0.044715 * g ** 3))) : g / (1 + Math.exp(-g));
+      const hidden = gate.map((g, i) => act(g) * up[i]);
       const down = this.matvec(this.get(`${p}.mlp.down_proj.weight`), hidden, s.dim);
-      x = x.map((v0, i) => v0 + down[i]);
+      x = residual(x, down, `${p}.post_feedforward_layernorm.weight`);
     }
     const xf = this.rmsnorm(x, this.get("model.norm.weight"));
-    return this.matvec(this.get(s.tied ? "model.embed_tokens.weight" : "lm_head.weight"), xf, s.vocab);
+    const logits = this.matvec(this.get(s.tied ? "model.embed_tokens.weight" : "lm_head.weight"), xf, s.vocab);
+    const cap = s.finalSoftcap;
+    return cap ? logits.map((v) => cap * Math.tanh(v / cap)) : logits;
   }
 }
 
