@@ -2,11 +2,14 @@
 // 4-byte UTF-8), for tokenizer.json and for the tokenizer rebuilt from the GGUF vocab;
 // and incremental detokenizing that never emits half a character.
 import { describe, expect, test } from "bun:test";
-import { readFileSync } from "node:fs";
+import { mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { IncrementalDetokenizer } from "../src/engine/detokenizer.ts";
 import { readGguf } from "../src/model/gguf.ts";
 import { tokenizerFromGguf, tokenizerFromHfFolder, type ModelTokenizer } from "../src/model/tokenizer.ts";
 import { SHARED, stories } from "./helpers/engine.ts";
+import { makeWeights, TINY, writeGguf } from "./helpers/random_llama.ts";
 
 interface Case {
   text: string;
@@ -61,5 +64,26 @@ describe.skipIf(SHARED === null)("stories260K tokenizers", () => {
     }
     // The fuzz set has byte-fallback characters; the check above must have met them.
     expect(multiByteCases).toBeGreaterThan(10);
+  });
+});
+
+describe("GGUF SentencePiece vocabularies without the dummy prefix", () => {
+  test("tokenizer.ggml.add_space_prefix false (Gemma's files): no space before the text, none stripped after", () => {
+    const dir = mkdtempSync(join(tmpdir(), "inferneo-spm-"));
+    try {
+      const tok = (addSpacePrefix: boolean | undefined) => {
+        const path = join(dir, `${String(addSpacePrefix)}.gguf`);
+        writeGguf(path, { ...TINY, addSpacePrefix }, "f32", makeWeights(TINY, "f32"));
+        return tokenizerFromGguf(readGguf(path));
+      };
+      const [llama, gemma] = [tok(undefined), tok(false)];
+      const pieces = (t: ModelTokenizer, text: string) => t.encode(text, false).map((id) => t.idToToken(id));
+      expect(pieces(llama, "at it")).toEqual(["\u2581a", "t", "\u2581i", "t"]);
+      expect(pieces(gemma, "at it")).toEqual(["at", "\u2581i", "t"]);
+      expect(gemma.decode(gemma.encode("at it", false))).toBe("at it");
+      expect(llama.decode(llama.encode("at it", false))).toBe("at it");
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 });

@@ -272,13 +272,15 @@ export function tokenizerFromGguf(g: GgufFile): ModelTokenizer {
   if (kind === "llama") {
     const scoresRaw = g.metadata.get("tokenizer.ggml.scores");
     const scores = Array.isArray(scoresRaw) ? (scoresRaw as number[]) : tokens.map((_, i) => -i);
+    // SentencePiece's dummy prefix: a space before the text (Llama), or none (Gemma).
+    const spacePrefix = g.metadata.get("tokenizer.ggml.add_space_prefix") !== false;
     tokenizerJson = {
       version: "1.0",
       added_tokens: addedTokens,
       normalizer: {
         type: "Sequence",
         normalizers: [
-          { type: "Prepend", prepend: SPIECE },
+          ...(spacePrefix ? [{ type: "Prepend", prepend: SPIECE }] : []),
           { type: "Replace", pattern: { String: " " }, content: SPIECE },
         ],
       },
@@ -290,7 +292,7 @@ export function tokenizerFromGguf(g: GgufFile): ModelTokenizer {
           { type: "Replace", pattern: { String: SPIECE }, content: " " },
           { type: "ByteFallback" },
           { type: "Fuse" },
-          { type: "Strip", content: " ", start: 1, stop: 0 },
+          ...(spacePrefix ? [{ type: "Strip", content: " ", start: 1, stop: 0 }] : []),
         ],
       },
       model: {

@@ -31,6 +31,7 @@ export interface RandomLlamaShape {
   attnSoftcap?: number; // Gemma 2
   finalSoftcap?: number; // Gemma 2
   ropeLocalTheta?: number; // Gemma 3
+  addSpacePrefix?: boolean; // GGUF's tokenizer.ggml.add_space_prefix (Gemma's files say false)
 }
 
 export const isGemma = (s: RandomLlamaShape) => s.arch === "gemma2" || s.arch === "gemma3";
@@ -521,6 +522,8 @@ export function writeGguf(
   if (s.attnSoftcap) kvs.push([`${arch}.attn_logit_softcapping`, "f32", s.attnSoftcap]);
   if (s.finalSoftcap) kvs.push([`${arch}.final_logit_softcapping`, "f32", s.finalSoftcap]);
   if (s.ropeLocalTheta) kvs.push([`${arch}.rope.freq_base_swa`, "f32", s.ropeLocalTheta]);
+  const boolKvs: [string, boolean][] = [];
+  if (s.addSpacePrefix !== undefined) boolKvs.push(["tokenizer.ggml.add_space_prefix", s.addSpacePrefix]);
   const scaling = s.ropeScaling;
   const type = scaling?.rope_type ?? scaling?.type;
   if (type === "llama3") {
@@ -563,8 +566,9 @@ export function writeGguf(
   w.u32(0x46554747);
   w.u32(3);
   w.u64(tensors.length);
-  w.u64(kvs.length + 3);
+  w.u64(kvs.length + boolKvs.length + 3);
   for (const [key, t, v] of kvs) w.kv(key, t, v);
+  for (const [key, v] of boolKvs) w.kv(key, "bool", v);
   w.array("tokenizer.ggml.tokens", "str", pieces);
   w.array(
     "tokenizer.ggml.scores",
