@@ -20,6 +20,7 @@ import {
   type WeightDType,
 } from "./helpers/random_llama.ts";
 import { argmaxAndGap, RefLlama } from "./helpers/ref_llama.ts";
+import { GEMMA2, GEMMA3, LLAMA3_ROPE, MISTRAL, PHI3, PHI3_LONG, QWEN2, QWEN3, scaled } from "./helpers/families.ts";
 
 // Model loads, servers and browsers take seconds on two cores; `bun test` alone defaults to 5 s.
 setDefaultTimeout(60_000);
@@ -34,82 +35,6 @@ function prompt(shape: RandomLlamaShape, n: number, salt: number): number[] {
   for (let i = 1; i < n; i++) ids.push(3 + ((i * 7919 + salt * 104729) % (shape.vocab - 3)));
   return ids;
 }
-
-// Qwen 2: q/k/v biases, rope_theta 1e6, tied. Qwen 3: q/k norms per head, head_dim 64 with
-// q_dim (256) twice hidden, untied.
-const QWEN2: RandomLlamaShape = {
-  ...GQA,
-  dim: 128,
-  heads: 4,
-  kvHeads: 2,
-  ffn: 256,
-  ropeTheta: 1e6,
-  tied: true,
-  seed: 3,
-  arch: "qwen2",
-};
-const QWEN3: RandomLlamaShape = {
-  ...GQA,
-  dim: 128,
-  heads: 4,
-  kvHeads: 2,
-  headDim: 64,
-  ffn: 256,
-  ropeTheta: 1e6,
-  seed: 4,
-  arch: "qwen3",
-};
-// RoPE scaling on GQA's head_dim 64: each scheme from config.json, and from GGUF where it has one.
-const LLAMA3_ROPE = {
-  rope_type: "llama3",
-  factor: 8,
-  low_freq_factor: 1,
-  high_freq_factor: 4,
-  original_max_position_embeddings: 64,
-};
-const scaled = (ropeScaling: Record<string, unknown>): RandomLlamaShape => ({ ...GQA, ropeScaling });
-// Phi-3: q/k/v and gate/up fused in the files; LongRoPE with an original context of 64 (of 512).
-const PHI3: RandomLlamaShape = { ...GQA, heads: 4, kvHeads: 4, seed: 5, arch: "phi3" };
-const ramp = (from: number, to: number) => Array.from({ length: 32 }, (_, i) => from + ((to - from) * i) / 31);
-const PHI3_LONG: RandomLlamaShape = {
-  ...PHI3,
-  originalCtx: 64,
-  ropeScaling: { type: "longrope", long_factor: ramp(1, 12), short_factor: ramp(1, 1.5) },
-};
-
-// Gemma 2: four norms a layer of x * (1 + w), GELU, embeddings x sqrt(hidden), soft caps, every
-// other layer over a window of 8; head_dim 48 with q_dim 192 over hidden 128. Gemma 3: q/k norms,
-// five local layers to one global, a window of 20 (across a block's edge), its own local RoPE base.
-const GEMMA2: RandomLlamaShape = {
-  ...GQA,
-  dim: 128,
-  heads: 4,
-  kvHeads: 2,
-  headDim: 48,
-  ffn: 256,
-  tied: true,
-  seed: 9,
-  arch: "gemma2",
-  slidingWindow: 8,
-  attnSoftcap: 1,
-  finalSoftcap: 2,
-};
-const GEMMA3: RandomLlamaShape = {
-  ...GQA,
-  dim: 128,
-  heads: 4,
-  kvHeads: 1,
-  ffn: 256,
-  layers: 6,
-  tied: true,
-  seed: 10,
-  arch: "gemma3",
-  ropeTheta: 1e6,
-  ropeLocalTheta: 10000,
-  slidingWindow: 20,
-};
-// Mistral: every layer over a window of 12.
-const MISTRAL: RandomLlamaShape = { ...GQA, slidingWindow: 12, seed: 11 };
 
 const cases: {
   name: string;

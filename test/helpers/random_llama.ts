@@ -517,7 +517,8 @@ export function writeGguf(
     [`${arch}.attention.layer_norm_rms_epsilon`, "f32", 1e-5],
     ["tokenizer.ggml.model", "str", "llama"],
   ];
-  if (s.headDim !== undefined) kvs.push([`${arch}.attention.key_length`, "u32", s.headDim]);
+  if (s.headDim !== undefined)
+    kvs.push([`${arch}.attention.key_length`, "u32", s.headDim], [`${arch}.attention.value_length`, "u32", s.headDim]);
   if (s.slidingWindow) kvs.push([`${arch}.attention.sliding_window`, "u32", s.slidingWindow]);
   if (s.attnSoftcap) kvs.push([`${arch}.attn_logit_softcapping`, "f32", s.attnSoftcap]);
   if (s.finalSoftcap) kvs.push([`${arch}.final_logit_softcapping`, "f32", s.finalSoftcap]);
