@@ -1,8 +1,11 @@
 #!/usr/bin/env bun
 // Offline engine speed for a model path, no HTTP:
-//   bun run bench --model <path> [--prompt-tokens 128,512] [--batch 1,8,16,32] [--decode-tokens 64] [--threads N] [--runs 3] [--dtype auto|bfloat16]
+//   bun run bench --model <path> [--prompt-tokens 128,512] [--batch 1,8,16,32] [--decode-tokens 64]
+//       [--depth 8] [--threads N] [--runs 3] [--dtype auto|bfloat16]
 // Prefill tok/s for each prompt length (one sequence), and aggregate decode tok/s with
-// 1, 8, ... sequences decoding together. Fixed prompts, a warm-up, medians. One summary line.
+// 1, 8, ... sequences decoding together, each after a prompt of --depth tokens (decode at
+// depth: attention reads that much K/V a step). Fixed prompts, a warm-up, medians. One
+// summary line.
 import { availableParallelism, cpus } from "node:os";
 import { parseArgs } from "node:util";
 import { LLMEngine } from "../src/engine/llm_engine.ts";
@@ -15,6 +18,7 @@ const { values } = parseArgs({
     "prompt-tokens": { type: "string", default: "128,512" },
     batch: { type: "string", default: "1" },
     "decode-tokens": { type: "string", default: "64" },
+    depth: { type: "string", default: "8" },
     threads: { type: "string", default: String(availableParallelism()) },
     runs: { type: "string", default: "3" },
     dtype: { type: "string", default: "auto" },
@@ -29,6 +33,7 @@ if (!values.model) {
 const requestedLengths = values["prompt-tokens"]!.split(",").map(Number);
 const batches = values.batch!.split(",").map(Number);
 const decodeTokens = Number(values["decode-tokens"]);
+const depth = Number(values.depth);
 const threads = Number(values.threads);
 const runs = Number(values.runs);
 
@@ -61,7 +66,8 @@ async function decode(n: number): Promise<number> {
   await Promise.all(
     Array.from({ length: n }, async (_, i) => {
       let first = true;
-      for await (const out of engine.addRequest(prompt(8, i + 1), { ...greedy, maxTokens: decodeTokens + 1 })) {
+      const at = Math.min(depth, engine.maxModelLen - decodeTokens - 1);
+      for await (const out of engine.addRequest(prompt(at, i + 1), { ...greedy, maxTokens: decodeTokens + 1 })) {
         if (first) {
           first = false;
           if (++started === n) tStart = performance.now();
@@ -75,7 +81,7 @@ async function decode(n: number): Promise<number> {
 }
 
 await prefill(Math.min(...promptLengths)); // warm-up: page in the weights, spin up the threads
-await decode(1);
+if (depth <= 8) await decode(1);
 const parts: string[] = [];
 for (const length of promptLengths) {
   const xs = [];
@@ -85,7 +91,7 @@ for (const length of promptLengths) {
 for (const n of batches) {
   const xs = [];
   for (let r = 0; r < runs; r++) xs.push(await decode(n));
-  parts.push(`decode x${n} ${median(xs).toFixed(1)} tok/s`);
+  parts.push(`decode x${n}${depth > 8 ? ` at depth ${depth}` : ""} ${median(xs).toFixed(1)} tok/s`);
 }
 const c = engine.model.spec.config;
 await engine.shutdown();

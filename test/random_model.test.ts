@@ -2,7 +2,7 @@
 // GGUF in f32/f16, from the same weights) against a plain f64 reference forward pass:
 // the same greedy tokens, and logits within tolerance.
 import { afterAll, describe, expect, setDefaultTimeout, test } from "bun:test";
-import { mkdtempSync, rmSync } from "node:fs";
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { LLMEngine } from "../src/engine/llm_engine.ts";
@@ -16,6 +16,7 @@ import {
   TINY,
   writeGguf,
   writeHfModel,
+  writeSafetensors,
   type RandomLlamaShape,
   type WeightDType,
 } from "./helpers/random_llama.ts";
@@ -226,5 +227,35 @@ describe("LongRoPE's factors follow the length served", () => {
     expect([...long.invFreq!]).toEqual([...base].map((f, i) => f / (s.long_factor as number[])[i]));
     expect(short.attnFactor).toBeCloseTo(Math.sqrt(1 + Math.log(8) / Math.log(64)), 12);
     expect(long.attnFactor).toBe(short.attnFactor);
+  });
+});
+
+describe("Gemma 3's multimodal checkpoint", () => {
+  test("serves its text model: text_config over the text defaults, the language model's tensors, no vision tower", async () => {
+    const out = join(dir, "gemma3-mm");
+    const weights = makeWeights(GEMMA3, "f32");
+    const plain = writeHfModel(join(out, "plain"), GEMMA3, "f32", weights);
+    // The same weights as a Gemma3ForConditionalGeneration folder (transformers >= 4.52 names),
+    // with a vision tower tensor the text model does not read.
+    const mm = writeHfModel(join(out, "mm"), GEMMA3, "f32", weights);
+    const cfg = JSON.parse(readFileSync(join(mm, "config.json"), "utf8")) as Record<string, unknown>;
+    writeFileSync(
+      join(mm, "config.json"),
+      JSON.stringify({ architectures: ["Gemma3ForConditionalGeneration"], model_type: "gemma3", text_config: cfg }),
+    );
+    const renamed = weights.map((t) => ({ ...t, name: t.name.replace(/^model\./, "model.language_model.") }));
+    const vision = { name: "model.vision_tower.patch_embed.weight", shape: [4, 4], data: new Float64Array(16) };
+    writeSafetensors(join(mm, "model.safetensors"), [...renamed, vision], "f32");
+    const ids = prompt(GEMMA3, 9, 5);
+    const logits: Float32Array[] = [];
+    for (const path of [plain, mm]) {
+      const engine = await LLMEngine.create(path, { threads: 2, maxNumSeqs: 2 });
+      try {
+        logits.push(nextTokenLogits(engine, ids));
+      } finally {
+        await engine.shutdown();
+      }
+    }
+    expect([...logits[1]]).toEqual([...logits[0]]);
   });
 });

@@ -32,6 +32,10 @@ pub const Scratch = struct {
     counts: []u32, // (threads, vocab) zero between uses
     raw: []f32, // (threads, vocab)
     seq_of_token: []u32, // (max_tokens) which sequence of the batch each token belongs to
+    tiles: []Tile, // (max_tokens) the step's attention work: a decode token, or a prefill tile
+    tile_m: []f32, // (threads, tile_queries * heads per KV head): attendTile's running maxima
+    tile_l: []f32, // the same: its sums of exponentials
+    tile_acc: []f32, // (threads, tile_queries * heads per KV head, head_dim): its weighted sums
     acts_q: []i8, // (max_tokens, widest) activations quantized to 8 bits, for quantized weights
     acts_scale: []f32, // (max_tokens, widest / 32)
     acts_sum: []f32, // (max_tokens, widest / 32)
@@ -54,6 +58,9 @@ pub const Scratch = struct {
             .{ "h", t * m.intermediate_size },
             .{ "xs", @as(usize, c.max_num_seqs) * m.hidden_size },
             .{ "scores", threads * m.max_position * (m.num_heads / m.num_kv_heads) },
+            .{ "tile_m", threads * kernels.tile_queries * (m.num_heads / m.num_kv_heads) },
+            .{ "tile_l", threads * kernels.tile_queries * (m.num_heads / m.num_kv_heads) },
+            .{ "tile_acc", threads * kernels.tile_queries * (m.num_heads / m.num_kv_heads) * @as(usize, m.head_dim) },
             .{ "probs", threads * m.vocab_size },
             .{ "raw", threads * m.vocab_size },
         }) |field| @field(s, field[0]) = try allocator.alloc(f32, field[1]);
@@ -61,6 +68,7 @@ pub const Scratch = struct {
         s.counts = try allocator.alloc(u32, threads * m.vocab_size);
         @memset(s.counts, 0);
         s.seq_of_token = try allocator.alloc(u32, t);
+        s.tiles = try allocator.alloc(Tile, t);
         const w = std.mem.alignForward(usize, widest(m), 32);
         s.acts_q = try allocator.alloc(i8, t * w);
         s.acts_scale = try allocator.alloc(f32, t * w / 32);
@@ -75,7 +83,8 @@ pub const Scratch = struct {
     }
 
     pub fn deinit(s: *Scratch, allocator: std.mem.Allocator) void {
-        inline for (.{ "x", "xb", "xb2", "qkv", "att", "gate_up", "h", "xs", "scores", "probs", "raw" }) |name| allocator.free(@field(s, name));
+        inline for (.{ "x", "xb", "xb2", "qkv", "att", "gate_up", "h", "xs", "scores", "probs", "raw", "tile_m", "tile_l", "tile_acc" }) |name| allocator.free(@field(s, name));
+        allocator.free(s.tiles);
         allocator.free(s.order);
         allocator.free(s.counts);
         allocator.free(s.seq_of_token);
@@ -191,10 +200,30 @@ fn matmul(e: *Engine, out: []f32, x: []const f32, n_tokens: usize, ws: []const M
     }
 }
 
+/// Consecutive query tokens of one sequence that attend together: one (a decode) or up to
+/// kernels.tile_queries of a prefill chunk.
+pub const Tile = struct { first: u32, n: u32 };
+
+/// The step's tokens as tiles: each sequence's run of query tokens cut into pieces of at most
+/// tile_queries (their positions are consecutive). Returns how many.
+fn makeTiles(b: abi.Batch, tiles: []Tile) usize {
+    var count: usize = 0;
+    for (0..b.num_seqs) |seq| {
+        var t: usize = @intCast(b.query_start_loc[seq]);
+        const end: usize = @intCast(b.query_start_loc[seq + 1]);
+        while (t < end) : (t += kernels.tile_queries) {
+            tiles[count] = .{ .first = @intCast(t), .n = @intCast(@min(kernels.tile_queries, end - t)) };
+            count += 1;
+        }
+    }
+    return count;
+}
+
 const AttentionCtx = struct {
     e: *Engine,
     layer: usize,
     seq_of_token: []const u32,
+    tiles: []const Tile,
 
     fn body(c: AttentionCtx, thread_index: usize, begin: usize, end: usize) void {
         switch (c.e.kv_dtype) {
@@ -203,6 +232,8 @@ const AttentionCtx = struct {
         }
     }
 
+    /// Items are (tile, KV head) pairs: the query heads of a group share their K/V reads, and a
+    /// prefill tile's queries share them too.
     fn attend(c: AttentionCtx, comptime KV: type, thread_index: usize, begin: usize, end: usize) void {
         const e = c.e;
         const m = e.model;
@@ -216,22 +247,34 @@ const AttentionCtx = struct {
         const v_cache = e.kvLayer(KV, e.v_cache, c.layer);
         const scores_len = group * @as(usize, m.max_position);
         const scores = e.scratch.scores[thread_index * scores_len ..][0..scores_len];
-        // One item per (token, KV head): the query heads of a group share their K/V reads.
+        const tile_rows = kernels.tile_queries * group;
+        const work = kernels.TileScratch{
+            .m = e.scratch.tile_m[thread_index * tile_rows ..][0..tile_rows],
+            .l = e.scratch.tile_l[thread_index * tile_rows ..][0..tile_rows],
+            .acc = e.scratch.tile_acc[thread_index * tile_rows * head_dim ..][0 .. tile_rows * head_dim],
+        };
         const bs: usize = e.config.block_size;
         const window: usize = if (e.isLocal(c.layer)) m.sliding_window else 0;
         for (begin..end) |item| {
-            const t = item / m.num_kv_heads;
+            const tile = c.tiles[item / m.num_kv_heads];
             const kv_head = item % m.num_kv_heads;
+            const t: usize = tile.first;
             const seq = c.seq_of_token[t];
-            const context_len: usize = @as(usize, @intCast(b.positions[t])) + 1;
+            const row = b.block_tables[seq * e.config.max_blocks_per_seq ..][0..e.config.max_blocks_per_seq];
+            const heads = kv_head * group * head_dim;
+            const pos: usize = @intCast(b.positions[t]);
+            if (tile.n > 1) {
+                kernels.attendTile(KV, e.scratch.att[t * q_dim + heads ..], q_dim, e.scratch.qkv[t * qkv_dim + heads ..], qkv_dim, tile.n, group, head_dim, k_cache, v_cache, kv_dim, kv_head * head_dim, row, bs, pos, window, e.score_shape, work);
+                continue;
+            }
+            // A decode token: one pass of scores over the context, then the weighted sum of V.
             // A local layer reads from the block where its window starts; the positions of that
             // block before the window are masked.
+            const context_len = pos + 1;
             const start = if (window > 0 and context_len > window) context_len - window else 0;
             const first_block = start / bs;
-            const table = b.block_tables[seq * e.config.max_blocks_per_seq + first_block ..][0 .. e.config.max_blocks_per_seq - first_block];
             var shape = e.score_shape;
             shape.masked = start - first_block * bs;
-            const heads = kv_head * group * head_dim;
             kernels.attendGroup(
                 KV,
                 e.scratch.att[t * q_dim + heads ..][0 .. group * head_dim],
@@ -241,7 +284,7 @@ const AttentionCtx = struct {
                 v_cache,
                 kv_dim,
                 kv_head * head_dim,
-                table,
+                row[first_block..],
                 bs,
                 context_len - first_block * bs,
                 scores,
@@ -391,6 +434,8 @@ pub fn run(e: *Engine) abi.Status {
         for (begin..end) |t| seq_of_token[t] = @intCast(seq);
     }
 
+    const n_tiles = makeTiles(b, s.tiles);
+
     // x = token embeddings
     for (0..n) |t| {
         const row: usize = @intCast(b.token_ids[t]);
@@ -404,7 +449,7 @@ pub fn run(e: *Engine) abi.Status {
         parallel(pool, n, TokenCtx{ .e = e, .layer = l, .phase = .attn_norm }, TokenCtx.body);
         matmul(e, s.qkv, s.xb, n, &.{ layer.wq, layer.wk, layer.wv });
         parallel(pool, n, TokenCtx{ .e = e, .layer = l, .phase = .rope_kv }, TokenCtx.body);
-        parallel(pool, n * m.num_kv_heads, AttentionCtx{ .e = e, .layer = l, .seq_of_token = seq_of_token }, AttentionCtx.body);
+        parallel(pool, n_tiles * m.num_kv_heads, AttentionCtx{ .e = e, .layer = l, .seq_of_token = seq_of_token, .tiles = s.tiles[0..n_tiles] }, AttentionCtx.body);
         matmul(e, s.xb2, s.att, n, &.{layer.wo});
         parallel(pool, n, TokenCtx{ .e = e, .layer = l, .phase = .residual_ffn_norm }, TokenCtx.body);
         matmul(e, s.gate_up, s.xb, n, &.{ layer.w_gate, layer.w_up });

@@ -540,6 +540,116 @@ fn halfMask(comptime w: usize, comptime offset: usize) [vec_len]i32 {
     return mask;
 }
 
+/// Most queries of one sequence a prefill tile takes (attendTile).
+pub const tile_queries = 16;
+
+/// A thread's working memory for attendTile: per row (query x head of the group) its running
+/// max, its sum of exponentials and its weighted sum of V.
+pub const TileScratch = struct {
+    m: []f32, // (tile_queries * group)
+    l: []f32, // (tile_queries * group)
+    acc: []f32, // (tile_queries * group, head_dim)
+};
+
+/// The `group` query heads of `n_q` consecutive positions first_pos .. of one sequence (a
+/// prefill tile), attending causally (and, with a window, over the last `window` positions each)
+/// with an online softmax, FlashAttention's scheme: the tile walks the sequence's K/V block by
+/// block, reading each block once for all its queries, and holds no score row of the whole
+/// context. Row r = i * group + h is query i's head h:
+///   q: at q[i * q_stride + h * head_dim ..]; out: at out[i * out_stride + h * head_dim ..].
+pub fn attendTile(
+    comptime KV: type,
+    out: []f32,
+    out_stride: usize,
+    q: []const f32,
+    q_stride: usize,
+    n_q: usize,
+    group: usize,
+    head_dim: usize,
+    k_cache: []const KV,
+    v_cache: []const KV,
+    kv_dim: usize,
+    kv_offset: usize,
+    block_table: []const i32,
+    block_size: usize,
+    first_pos: usize,
+    window: usize,
+    shape: ScoreShape,
+    work: TileScratch,
+) void {
+    assert(n_q >= 1 and n_q <= tile_queries);
+    const rows = n_q * group;
+    const last_pos = first_pos + n_q - 1;
+    const startOf = struct {
+        fn f(pos: usize, w: usize) usize {
+            return if (w > 0 and pos + 1 > w) pos + 1 - w else 0;
+        }
+    }.f;
+    @memset(work.m[0..rows], -std.math.inf(f32));
+    @memset(work.l[0..rows], 0);
+    @memset(work.acc[0 .. rows * head_dim], 0);
+    var block = startOf(first_pos, window) / block_size;
+    while (block * block_size <= last_pos) : (block += 1) {
+        const first_slot = @as(usize, @intCast(block_table[block])) * block_size;
+        const p0 = block * block_size;
+        const n_pos = @min(block_size, last_pos + 1 - p0);
+        var j: usize = 0;
+        while (j < n_pos) : (j += vec_len) {
+            const n = @min(vec_len, n_pos - j);
+            for (0..n_q) |i| {
+                const pos = first_pos + i;
+                const lo = startOf(pos, window);
+                // This chunk's positions p0 + j .. p0 + j + n against query i's [lo, pos].
+                if (p0 + j > pos or p0 + j + n <= lo) continue;
+                for (0..group) |h| {
+                    const r = i * group + h;
+                    const qv = q[i * q_stride + h * head_dim ..][0..head_dim];
+                    var sc: [vec_len]f32 = undefined;
+                    if (j + vec_len <= block_size) {
+                        sc = scores16(KV, k_cache[(first_slot + j) * kv_dim + kv_offset ..].ptr, kv_dim, qv) * @as(V, @splat(shape.scale));
+                    } else for (0..n) |jj| {
+                        sc[jj] = dot(KV, k_cache[(first_slot + j + jj) * kv_dim + kv_offset ..].ptr, qv.ptr, head_dim) * shape.scale;
+                    }
+                    var chunk_max = -std.math.inf(f32);
+                    for (0..vec_len) |jj| {
+                        const p = p0 + j + jj;
+                        if (jj >= n or p > pos or p < lo) {
+                            sc[jj] = -std.math.inf(f32);
+                            continue;
+                        }
+                        if (shape.softcap != 0) sc[jj] = shape.softcap * std.math.tanh(sc[jj] / shape.softcap);
+                        chunk_max = @max(chunk_max, sc[jj]);
+                    }
+                    const m_new = @max(work.m[r], chunk_max);
+                    const correction = expScalar(work.m[r] - m_new); // 0 for the first chunk (m = -inf)
+                    const e = expVec(@as(V, sc) - @as(V, @splat(m_new)));
+                    work.l[r] = work.l[r] * correction + @reduce(.Add, e);
+                    work.m[r] = m_new;
+                    const acc = work.acc[r * head_dim ..][0..head_dim];
+                    const ea: [vec_len]f32 = e;
+                    var d: usize = 0;
+                    while (d + vec_len <= head_dim) : (d += vec_len) {
+                        var a: V = @as(V, acc[d..][0..vec_len].*) * @as(V, @splat(correction));
+                        for (0..n) |jj| a = @mulAdd(V, @splat(ea[jj]), loadVecN(vec_len, KV, v_cache[(first_slot + j + jj) * kv_dim + kv_offset ..].ptr, d), a);
+                        acc[d..][0..vec_len].* = a;
+                    }
+                    while (d < head_dim) : (d += 1) {
+                        var a = acc[d] * correction;
+                        for (0..n) |jj| a += ea[jj] * @as(f32, @floatCast(v_cache[(first_slot + j + jj) * kv_dim + kv_offset + d]));
+                        acc[d] = a;
+                    }
+                }
+            }
+        }
+    }
+    for (0..n_q) |i| for (0..group) |h| {
+        const r = i * group + h;
+        const inv = 1 / work.l[r];
+        const o = out[i * out_stride + h * head_dim ..][0..head_dim];
+        for (o, work.acc[r * head_dim ..][0..head_dim]) |*x, a| x.* = a * inv;
+    };
+}
+
 /// out[d0 .. d0 + 16 nv] = sum over positions of scores[pos] * v[pos][d ..], the sums in registers.
 inline fn weighted(comptime nv: usize, comptime KV: type, out: []f32, scores: []const f32, v_cache: []const KV, kv_dim: usize, v_offset: usize, block_table: []const i32, block_size: usize, d0: usize) void {
     var acc: [nv]V = .{@as(V, @splat(0))} ** nv;
@@ -769,6 +879,80 @@ test "attendGroup over a scattered block table equals dense attention, per head,
         defer allocator.free(out16);
         attendGroup(f16, out16, q, group, k16, v16, kv_dim, head_dim, &block_table, block_size, context_len, scores, ScoreShape.plain(head_dim));
         for (out, out16) |a, b| try testing.expectApproxEqAbs(a, b, 1e-2);
+    }
+}
+
+/// Dense causal attention in f64 for query head h at position pos of a paged sequence: the
+/// reference attendTile and attendGroup are held to (scores of one head, its window, soft cap).
+fn naiveAttend(out: []f64, q: []const f32, k_cache: []const f32, v_cache: []const f32, kv_dim: usize, kv_offset: usize, table: []const i32, block_size: usize, pos: usize, window: usize, shape: ScoreShape) void {
+    const head_dim = q.len;
+    const lo = if (window > 0 and pos + 1 > window) pos + 1 - window else 0;
+    var w: [512]f64 = undefined;
+    var max: f64 = -std.math.inf(f64);
+    for (lo..pos + 1) |p| {
+        const slot: usize = @as(usize, @intCast(table[p / block_size])) * block_size + p % block_size;
+        var sum: f64 = 0;
+        for (0..head_dim) |d| sum += @as(f64, q[d]) * k_cache[slot * kv_dim + kv_offset + d];
+        var score = sum * shape.scale;
+        if (shape.softcap != 0) score = shape.softcap * std.math.tanh(score / shape.softcap);
+        w[p] = score;
+        max = @max(max, score);
+    }
+    var total: f64 = 0;
+    for (lo..pos + 1) |p| {
+        w[p] = @exp(w[p] - max);
+        total += w[p];
+    }
+    @memset(out, 0);
+    for (lo..pos + 1) |p| {
+        const slot: usize = @as(usize, @intCast(table[p / block_size])) * block_size + p % block_size;
+        for (0..head_dim) |d| out[d] += w[p] / total * v_cache[slot * kv_dim + kv_offset + d];
+    }
+}
+
+test "attendTile (a prefill tile, online softmax) equals dense causal attention: windows, soft caps, scattered blocks" {
+    const allocator = testing.allocator;
+    var prng = std.Random.DefaultPrng.init(12);
+    const rng = prng.random();
+    // (head_dim, block_size, first_pos, n_q, window, softcap): a tile inside one block; one
+    // across blocks deep in the context; partial blocks of 4 with a scalar tail; windows that
+    // start inside a block and ones wider than the context; a soft cap.
+    const configs = [_]struct { usize, usize, usize, usize, usize, f32 }{
+        .{ 64, 16, 0, 16, 0, 0 },   .{ 64, 16, 70, 16, 0, 0 },  .{ 24, 4, 5, 7, 0, 0 },
+        .{ 72, 16, 40, 13, 20, 0 }, .{ 64, 16, 33, 16, 8, 1.5 }, .{ 64, 16, 3, 2, 100, 0 },
+    };
+    for (configs) |config| {
+        const head_dim, const block_size, const first_pos, const n_q, const window, const softcap = config;
+        const group = 2;
+        const kv_dim = 2 * head_dim; // two KV heads; use the second
+        const num_blocks = 12;
+        const k_cache = try allocator.alloc(f32, num_blocks * block_size * kv_dim);
+        defer allocator.free(k_cache);
+        const v_cache = try allocator.alloc(f32, num_blocks * block_size * kv_dim);
+        defer allocator.free(v_cache);
+        fillRandom(rng, k_cache);
+        fillRandom(rng, v_cache);
+        var table: [12]i32 = .{ 7, 2, 11, 0, 5, 9, 1, 3, 10, 4, 8, 6 };
+        const q_stride = group * head_dim + 8; // rows wider than the heads, as qkv rows are
+        const q = try allocator.alloc(f32, n_q * q_stride);
+        defer allocator.free(q);
+        fillRandom(rng, q);
+        const out = try allocator.alloc(f32, n_q * group * head_dim);
+        defer allocator.free(out);
+        const m = try allocator.alloc(f32, tile_queries * group);
+        defer allocator.free(m);
+        const l = try allocator.alloc(f32, tile_queries * group);
+        defer allocator.free(l);
+        const acc = try allocator.alloc(f32, tile_queries * group * head_dim);
+        defer allocator.free(acc);
+        var shape = ScoreShape.plain(head_dim);
+        shape.softcap = softcap;
+        attendTile(f32, out, group * head_dim, q, q_stride, n_q, group, head_dim, k_cache, v_cache, kv_dim, head_dim, &table, block_size, first_pos, window, shape, .{ .m = m, .l = l, .acc = acc });
+        var want: [128]f64 = undefined;
+        for (0..n_q) |i| for (0..group) |h| {
+            naiveAttend(want[0..head_dim], q[i * q_stride + h * head_dim ..][0..head_dim], k_cache, v_cache, kv_dim, head_dim, &table, block_size, first_pos + i, window, shape);
+            for (0..head_dim) |d| try testing.expectApproxEqAbs(want[d], out[(i * group + h) * head_dim + d], 2e-5);
+        };
     }
 }
 

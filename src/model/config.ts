@@ -32,6 +32,7 @@ const SUPPORTED_ARCHITECTURES = [
   "Phi3ForCausalLM",
   "Gemma2ForCausalLM",
   "Gemma3ForCausalLM",
+  "Gemma3ForConditionalGeneration", // its text model
 ];
 // GGUF's general.architecture; its metadata keys begin with the same name.
 const SUPPORTED_GGUF_ARCHITECTURES = ["llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3"];
@@ -195,6 +196,56 @@ function idList(v: unknown): number[] {
   return [];
 }
 
+// transformers' Gemma3TextConfig defaults: a multimodal checkpoint's text_config leaves them out.
+const GEMMA3_TEXT_DEFAULTS = {
+  vocab_size: 262208,
+  hidden_size: 2304,
+  intermediate_size: 9216,
+  num_hidden_layers: 26,
+  num_attention_heads: 8,
+  num_key_value_heads: 4,
+  head_dim: 256,
+  hidden_activation: "gelu_pytorch_tanh",
+  max_position_embeddings: 131072,
+  rms_norm_eps: 1e-6,
+  rope_theta: 1_000_000,
+  rope_local_base_freq: 10000,
+  query_pre_attn_scalar: 256,
+  sliding_window: 4096,
+  sliding_window_pattern: 6,
+  tie_word_embeddings: true,
+};
+
+/**
+ * The text model of a checkpoint: itself, or the language model of Gemma 3's multimodal one
+ * (its text_config, and its language_model tensors under the text model's names; the vision
+ * tower and projector are left out: this server takes text).
+ */
+function textModelOf(cfg: Record<string, unknown>): {
+  cfg: Record<string, unknown>;
+  tensorName: (name: string) => string | null;
+} {
+  const archs = Array.isArray(cfg.architectures) ? (cfg.architectures as string[]) : [];
+  if (!archs.includes("Gemma3ForConditionalGeneration")) return { cfg, tensorName: (n) => n };
+  const textCfg = (cfg.text_config ?? {}) as Record<string, unknown>;
+  return {
+    cfg: {
+      ...GEMMA3_TEXT_DEFAULTS,
+      ...textCfg,
+      architectures: ["Gemma3ForCausalLM"],
+      eos_token_id: cfg.eos_token_id ?? textCfg.eos_token_id,
+      bos_token_id: cfg.bos_token_id ?? textCfg.bos_token_id,
+    },
+    tensorName: (n) => {
+      // transformers before 4.52 saved language_model.model.*; later ones model.language_model.*.
+      const m = /^(?:language_model\.model|model\.language_model)\.(.*)$/.exec(n);
+      if (m) return `model.${m[1]}`;
+      if (n === "language_model.lm_head.weight" || n === "lm_head.weight") return "lm_head.weight";
+      return null; // vision tower, projector
+    },
+  };
+}
+
 export function specFromHfFolder(dir: string): ModelSpec {
   const configPath = join(dir, "config.json");
   if (!existsSync(configPath))
@@ -205,6 +256,8 @@ export function specFromHfFolder(dir: string): ModelSpec {
   } catch {
     throw new ModelLoadError(`${configPath}: not valid JSON`);
   }
+  const text = textModelOf(cfg);
+  cfg = text.cfg;
   const archs = Array.isArray(cfg.architectures) ? (cfg.architectures as string[]) : [];
   if (!archs.some((a) => SUPPORTED_ARCHITECTURES.includes(a))) {
     throw new ModelLoadError(
@@ -232,8 +285,10 @@ export function specFromHfFolder(dir: string): ModelSpec {
   if (typeof cfg.partial_rotary_factor === "number" && cfg.partial_rotary_factor !== 1)
     throw new ModelLoadError(`${dir}: partial_rotary_factor ${cfg.partial_rotary_factor} is not supported (1 is)`);
   const tensors: (TensorEntry & { fused?: Fused })[] = [];
-  for (const t of stored) {
-    if (HF_IGNORED.test(t.name)) continue;
+  for (const stored_ of stored) {
+    const name = text.tensorName(stored_.name);
+    if (name === null || HF_IGNORED.test(name)) continue;
+    const t = { ...stored_, name };
     const fused = fusedOf(HF_FUSED, t.name);
     const r = fused
       ? { role: Role.ATTN_Q, layer: fused.layer }
