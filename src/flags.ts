@@ -51,7 +51,7 @@ export const ENGINE_USAGE = `engine options (serve and generate; in a config fil
   --max-model-len N     context length (default: the model's)
   --max-num-batched-tokens N  --max-num-seqs N  --max-queue-len N
   --block-size N  --num-gpu-blocks-override N  --kv-cache-memory 2GiB
-  --kv-cache-dtype auto|f32|f16  (auto = f32: exact; f16 halves the pool's bytes)
+  --kv-cache-dtype auto|f32|f16  (auto: the weights' own, as vLLM: f32 for f32 models, else f16)
   --dtype auto|float32|bfloat16  (auto = f32 products, exact; bfloat16: float weights
                         repacked to bf16 at load, bf16 products, faster prefill and batches)
   --enable-prefix-caching / --no-enable-prefix-caching (default on)
@@ -191,8 +191,8 @@ export function engineOptionsOf(v: Values): Partial<EngineOptions> {
   set("numBlocksOverride", v.num_gpu_blocks_override);
   set("kvCacheMemoryBytes", v.kv_cache_memory);
   if (v.kv_cache_dtype !== undefined) {
-    const d = v.kv_cache_dtype === "auto" ? "f32" : v.kv_cache_dtype;
-    if (d !== "f32" && d !== "f16")
+    const d = v.kv_cache_dtype;
+    if (d !== "auto" && d !== "f32" && d !== "f16")
       throw new ConfigError(`kv_cache_dtype must be auto, f32 or f16, got '${String(v.kv_cache_dtype)}'`);
     engine.kvCacheDtype = d;
   }

@@ -122,7 +122,7 @@ describe.skipIf(!built)("llama.cpp on the same GGUF: greedy tokens and log-proba
       const path = join(dir, `case${i}.gguf`);
       writeGguf(path, c.shape, c.dtype, makeWeights(c.shape, "f32"));
       const theirs = await llamaCpp(path, 18200 + i);
-      const engine = await LLMEngine.create(path, { threads: 2, maxNumSeqs: 2 });
+      const engine = await LLMEngine.create(path, { threads: 2, maxNumSeqs: 2, kvCacheDtype: "f32" });
       let ours: Awaited<ReturnType<typeof generate>>;
       try {
         const logitBias = Object.fromEntries(BANNED.map((id) => [id, -100]));

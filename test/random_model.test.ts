@@ -259,3 +259,25 @@ describe("Gemma 3's multimodal checkpoint", () => {
     expect([...logits[1]]).toEqual([...logits[0]]);
   });
 });
+
+describe("the KV cache's dtype", () => {
+  test("auto is the weights' own: f32 for an f32 model (exact), f16 for f16 and quantized ones", async () => {
+    const out = join(dir, "kv-auto");
+    const shape = { ...TINY, ffn: 192 }; // rows of whole Q8_0 blocks
+    const weights = makeWeights(shape, "f32");
+    const f32 = writeHfModel(join(out, "f32"), shape, "f32", weights);
+    const q8 = join(out, "q8.gguf");
+    writeGguf(q8, shape, "q8_0", weights);
+    const f16 = writeHfModel(join(out, "f16"), shape, "f16", makeWeights(shape, "f16"));
+    const want: [string, "f32" | "f16"][] = [
+      [f32, "f32"],
+      [f16, "f16"],
+      [q8, "f16"],
+    ];
+    for (const [path, kv] of want) {
+      const engine = await LLMEngine.create(path, { threads: 1, maxNumSeqs: 1 });
+      expect({ path, kv: engine.kvCacheDtype }).toEqual({ path, kv });
+      await engine.shutdown();
+    }
+  });
+});

@@ -89,7 +89,7 @@ describe.skipIf(SHARED === null || !hasNumpy)("shared generator and numpy refere
       });
       expect(exact).toBeGreaterThanOrEqual(8);
       for (const path of [join(out, "hf"), join(out, c.gguf)]) {
-        const engine = await LLMEngine.create(path, { threads: 2, maxNumSeqs: 2 });
+        const engine = await LLMEngine.create(path, { threads: 2, maxNumSeqs: 2, kvCacheDtype: "f32" });
         try {
           const { ids } = await generate(engine, PROMPT, { maxTokens: STEPS });
           expect({ path, ids: ids.slice(0, exact) }).toEqual({ path, ids: ref.generated.slice(0, exact) });
@@ -120,7 +120,7 @@ describe.skipIf(SHARED === null || !hasNumpy)("shared generator: Qwen from safet
       ]);
       const results: { logits: Float32Array; ids: number[] }[] = [];
       for (const path of [join(out, "hf"), join(out, "tiny-f32.gguf")]) {
-        const engine = await LLMEngine.create(path, { threads: 2, maxNumSeqs: 2 });
+        const engine = await LLMEngine.create(path, { threads: 2, maxNumSeqs: 2, kvCacheDtype: "f32" });
         try {
           const logits = nextTokenLogits(engine, PROMPT);
           results.push({ logits, ids: (await generate(engine, PROMPT, { maxTokens: STEPS })).ids });

@@ -33,7 +33,9 @@ export interface EngineOptions {
   numBlocksOverride?: number; // fixes the pool at N blocks
   kvCacheMemoryBytes: number; // pool budget when no override
   enablePrefixCaching: boolean;
-  kvCacheDtype: "f32" | "f16"; // f16 halves KV memory; f32 keeps results exact
+  // auto: the weights' own, as vLLM (f32 for f32 models, where results stay exact; f16 for f16,
+  // bf16 and quantized ones, halving what a long context's decode reads)
+  kvCacheDtype: "auto" | "f32" | "f16";
   // Float weights: f32 products (exact), or repacked to bf16 at load and multiplied in bf16
   // (twice the rate where the CPU has AVX-512 BF16; vLLM's CPU default for f16 models).
   computeDtype: "f32" | "bf16";
@@ -56,7 +58,7 @@ export const DEFAULT_ENGINE_OPTIONS: EngineOptions = {
   blockSizeTokens: 16,
   kvCacheMemoryBytes: 2 * 1024 ** 3,
   enablePrefixCaching: true,
-  kvCacheDtype: "f32",
+  kvCacheDtype: "auto",
   computeDtype: "f32",
   threads: availableParallelism(),
 };
@@ -123,6 +125,7 @@ export class LLMEngine {
   /** Structured output's matchers (xgrammar on a worker thread, started on first use). */
   readonly grammar: GrammarService;
   readonly maxModelLen: number;
+  readonly kvCacheDtype: "f32" | "f16"; // as resolved from the option
   private readonly runner: ModelRunner;
   // pending: sampled tokens whose text is held back (stop strings, half a character), oldest first.
   private readonly requests = new Map<string, { req: Request; sink: OutputSink; pending: TokenLogprob[] }>();
@@ -154,6 +157,8 @@ export class LLMEngine {
       );
     }
     this.maxModelLen = maxModelLen;
+    const kv = options.kvCacheDtype;
+    this.kvCacheDtype = kv === "auto" ? (model.spec.dtype === "f32" ? "f32" : "f16") : kv;
     const bs = options.blockSizeTokens;
     const maxBlocksPerSeq = Math.ceil(maxModelLen / bs);
     // The engine sizes the pool from the byte budget (it knows what a block costs on its device).
@@ -170,7 +175,7 @@ export class LLMEngine {
         maxNumSeqs: options.maxNumSeqs,
         maxBlocksPerSeq,
         numThreads: options.threads,
-        kvCacheDtype: options.kvCacheDtype === "f16" ? DType.F16 : DType.F32,
+        kvCacheDtype: this.kvCacheDtype === "f16" ? DType.F16 : DType.F32,
         computeDtype: options.computeDtype === "bf16" ? DType.BF16 : DType.F32,
       },
       model.spec.files,

@@ -203,7 +203,7 @@ export async function startServer(config: ServeConfig, log: (line: string) => vo
     `device: CPU (${cpus()[0]?.model ?? "unknown"}), ${engine.options.threads} of ${availableParallelism()} threads; engine built for ${libraryBuild()}`,
   );
   log(
-    `KV cache: ${engine.numBlocks} blocks x ${engine.options.blockSizeTokens} tokens = ${engine.numBlocks * engine.options.blockSizeTokens} tokens, ${(kvBytes / 2 ** 20).toFixed(1)} MiB ${engine.options.kvCacheDtype}; max model len ${engine.maxModelLen}; prefix caching ${engine.options.enablePrefixCaching ? "on" : "off"}`,
+    `KV cache: ${engine.numBlocks} blocks x ${engine.options.blockSizeTokens} tokens = ${engine.numBlocks * engine.options.blockSizeTokens} tokens, ${(kvBytes / 2 ** 20).toFixed(1)} MiB ${engine.kvCacheDtype}; max model len ${engine.maxModelLen}; prefix caching ${engine.options.enablePrefixCaching ? "on" : "off"}`,
   );
   log(`ready: ${url}/v1  docs: ${url}/docs${config.server.apiKeys.length > 0 ? "  (API key required)" : ""}`);
 
