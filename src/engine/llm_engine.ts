@@ -425,9 +425,11 @@ export class LLMEngine {
       if (req.matcher === null || req.numComputedTokens + numNewTokens !== req.numTokens) continue;
       const matcher = req.matcher;
       const guard = this.utf8Guard(this.grammar.isJson(matcher));
+      const next = req.nextMask ?? this.grammar.mask(matcher);
+      req.nextMask = null;
       masks.set(
         req,
-        this.grammar.mask(matcher).then(
+        next.then(
           (m) => guard.apply(m, req.utf8State),
           (e: Error) => {
             queueMicrotask(() => this.finish(req, RequestStatus.FINISHED_ERROR, e.message));
@@ -500,6 +502,13 @@ export class LLMEngine {
       ...(status !== null ? { timings: timingsOf(req, now) } : {}),
     });
     if (status !== null) this.finish(req, status);
+    else if (req.matcher !== null) {
+      // The next mask is asked for now (the worker takes it after the accept), so that it is
+      // made while this step's outputs go out and the next step is scheduled. Never after the
+      // end: a matcher that accepted its stop token has no next mask (xgrammar aborts).
+      req.nextMask = this.grammar.mask(req.matcher);
+      req.nextMask.catch(() => {}); // a failure is reported when the step takes it
+    }
   }
 
   private finish(req: Request, status: RequestStatus, error?: string): void {

@@ -101,6 +101,8 @@ export class Request {
   readonly biasValues: Float32Array;
   /** Structured output: the grammar matcher that says which tokens may come next (null: any). */
   matcher: number | null = null;
+  /** The matcher's next mask, asked for as soon as the last token was accepted (null: not yet). */
+  nextMask: Promise<Int32Array> | null = null;
   /** Continuation bytes the output owes its last character (structured output's UTF-8 guard). */
   utf8State = 0;
 
