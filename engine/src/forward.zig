@@ -36,6 +36,8 @@ pub const Scratch = struct {
     tile_m: []f32, // (threads, tile_queries * heads per KV head): attendTile's running maxima
     tile_l: []f32, // the same: its sums of exponentials
     tile_acc: []f32, // (threads, tile_queries * heads per KV head, head_dim): its weighted sums
+    tile_scores: []f32, // (threads, tile_chunk): one row's scores over a chunk
+    tile_part: []f32, // (threads, head_dim): one row's weighted sum over a chunk
     acts_q: []i8, // (max_tokens, widest) activations quantized to 8 bits, for quantized weights
     acts_scale: []f32, // (max_tokens, widest / 32)
     acts_sum: []f32, // (max_tokens, widest / 32)
@@ -61,6 +63,8 @@ pub const Scratch = struct {
             .{ "tile_m", threads * kernels.tile_queries * (m.num_heads / m.num_kv_heads) },
             .{ "tile_l", threads * kernels.tile_queries * (m.num_heads / m.num_kv_heads) },
             .{ "tile_acc", threads * kernels.tile_queries * (m.num_heads / m.num_kv_heads) * @as(usize, m.head_dim) },
+            .{ "tile_scores", threads * kernels.tile_chunk },
+            .{ "tile_part", threads * @as(usize, m.head_dim) },
             .{ "probs", threads * m.vocab_size },
             .{ "raw", threads * m.vocab_size },
         }) |field| @field(s, field[0]) = try allocator.alloc(f32, field[1]);
@@ -83,7 +87,7 @@ pub const Scratch = struct {
     }
 
     pub fn deinit(s: *Scratch, allocator: std.mem.Allocator) void {
-        inline for (.{ "x", "xb", "xb2", "qkv", "att", "gate_up", "h", "xs", "scores", "probs", "raw", "tile_m", "tile_l", "tile_acc" }) |name| allocator.free(@field(s, name));
+        inline for (.{ "x", "xb", "xb2", "qkv", "att", "gate_up", "h", "xs", "scores", "probs", "raw", "tile_m", "tile_l", "tile_acc", "tile_scores", "tile_part" }) |name| allocator.free(@field(s, name));
         allocator.free(s.tiles);
         allocator.free(s.order);
         allocator.free(s.counts);
@@ -252,6 +256,8 @@ const AttentionCtx = struct {
             .m = e.scratch.tile_m[thread_index * tile_rows ..][0..tile_rows],
             .l = e.scratch.tile_l[thread_index * tile_rows ..][0..tile_rows],
             .acc = e.scratch.tile_acc[thread_index * tile_rows * head_dim ..][0 .. tile_rows * head_dim],
+            .scores = e.scratch.tile_scores[thread_index * kernels.tile_chunk ..][0..kernels.tile_chunk],
+            .part = e.scratch.tile_part[thread_index * head_dim ..][0..head_dim],
         };
         const bs: usize = e.config.block_size;
         const window: usize = if (e.isLocal(c.layer)) m.sliding_window else 0;

@@ -543,20 +543,28 @@ fn halfMask(comptime w: usize, comptime offset: usize) [vec_len]i32 {
 /// Most queries of one sequence a prefill tile takes (attendTile).
 pub const tile_queries = 16;
 
+/// Positions a tile's rows take at a time, rounded down to whole blocks (K and V for them stay
+/// in L2 while every row of the tile passes over them); blocks may be at most this long.
+pub const tile_chunk = 256;
+
 /// A thread's working memory for attendTile: per row (query x head of the group) its running
-/// max, its sum of exponentials and its weighted sum of V.
+/// max, its sum of exponentials and its weighted sum of V; and one row's scores over a chunk.
 pub const TileScratch = struct {
     m: []f32, // (tile_queries * group)
     l: []f32, // (tile_queries * group)
     acc: []f32, // (tile_queries * group, head_dim)
+    scores: []f32, // (tile_chunk)
+    part: []f32, // (head_dim) one chunk's weighted sum of V
 };
 
 /// The `group` query heads of `n_q` consecutive positions first_pos .. of one sequence (a
 /// prefill tile), attending causally (and, with a window, over the last `window` positions each)
-/// with an online softmax, FlashAttention's scheme: the tile walks the sequence's K/V block by
-/// block, reading each block once for all its queries, and holds no score row of the whole
-/// context. Row r = i * group + h is query i's head h:
-///   q: at q[i * q_stride + h * head_dim ..]; out: at out[i * out_stride + h * head_dim ..].
+/// with an online softmax, FlashAttention's scheme: the tile walks the sequence's K/V a chunk
+/// of tile_chunk positions at a time, every row of the tile passing over a chunk while it is
+/// in cache, and holds no score row of the whole context. Within a chunk a row's scores, their
+/// softmax and its weighted sum of V run as attendGroup's do (vectors over 16 positions, the
+/// sums in registers); the chunks are merged by their maxima. Row r = i * group + h is query
+/// i's head h: q at q[i * q_stride + h * head_dim ..]; out at out[i * out_stride + h * head_dim ..].
 pub fn attendTile(
     comptime KV: type,
     out: []f32,
@@ -578,6 +586,8 @@ pub fn attendTile(
     work: TileScratch,
 ) void {
     assert(n_q >= 1 and n_q <= tile_queries);
+    assert(block_size <= tile_chunk and work.scores.len >= tile_chunk);
+    const chunk = tile_chunk / block_size * block_size; // whole blocks
     const rows = n_q * group;
     const last_pos = first_pos + n_q - 1;
     const startOf = struct {
@@ -588,57 +598,39 @@ pub fn attendTile(
     @memset(work.m[0..rows], -std.math.inf(f32));
     @memset(work.l[0..rows], 0);
     @memset(work.acc[0 .. rows * head_dim], 0);
-    var block = startOf(first_pos, window) / block_size;
-    while (block * block_size <= last_pos) : (block += 1) {
-        const first_slot = @as(usize, @intCast(block_table[block])) * block_size;
-        const p0 = block * block_size;
-        const n_pos = @min(block_size, last_pos + 1 - p0);
-        var j: usize = 0;
-        while (j < n_pos) : (j += vec_len) {
-            const n = @min(vec_len, n_pos - j);
-            for (0..n_q) |i| {
-                const pos = first_pos + i;
-                const lo = startOf(pos, window);
-                // This chunk's positions p0 + j .. p0 + j + n against query i's [lo, pos].
-                if (p0 + j > pos or p0 + j + n <= lo) continue;
-                for (0..group) |h| {
-                    const r = i * group + h;
-                    const qv = q[i * q_stride + h * head_dim ..][0..head_dim];
-                    var sc: [vec_len]f32 = undefined;
-                    if (j + vec_len <= block_size) {
-                        sc = scores16(KV, k_cache[(first_slot + j) * kv_dim + kv_offset ..].ptr, kv_dim, qv) * @as(V, @splat(shape.scale));
-                    } else for (0..n) |jj| {
-                        sc[jj] = dot(KV, k_cache[(first_slot + j + jj) * kv_dim + kv_offset ..].ptr, qv.ptr, head_dim) * shape.scale;
-                    }
-                    var chunk_max = -std.math.inf(f32);
-                    for (0..vec_len) |jj| {
-                        const p = p0 + j + jj;
-                        if (jj >= n or p > pos or p < lo) {
-                            sc[jj] = -std.math.inf(f32);
-                            continue;
-                        }
-                        if (shape.softcap != 0) sc[jj] = shape.softcap * std.math.tanh(sc[jj] / shape.softcap);
-                        chunk_max = @max(chunk_max, sc[jj]);
-                    }
-                    const m_new = @max(work.m[r], chunk_max);
-                    const correction = expScalar(work.m[r] - m_new); // 0 for the first chunk (m = -inf)
-                    const e = expVec(@as(V, sc) - @as(V, @splat(m_new)));
-                    work.l[r] = work.l[r] * correction + @reduce(.Add, e);
-                    work.m[r] = m_new;
-                    const acc = work.acc[r * head_dim ..][0..head_dim];
-                    const ea: [vec_len]f32 = e;
-                    var d: usize = 0;
-                    while (d + vec_len <= head_dim) : (d += vec_len) {
-                        var a: V = @as(V, acc[d..][0..vec_len].*) * @as(V, @splat(correction));
-                        for (0..n) |jj| a = @mulAdd(V, @splat(ea[jj]), loadVecN(vec_len, KV, v_cache[(first_slot + j + jj) * kv_dim + kv_offset ..].ptr, d), a);
-                        acc[d..][0..vec_len].* = a;
-                    }
-                    while (d < head_dim) : (d += 1) {
-                        var a = acc[d] * correction;
-                        for (0..n) |jj| a += ea[jj] * @as(f32, @floatCast(v_cache[(first_slot + j + jj) * kv_dim + kv_offset + d]));
-                        acc[d] = a;
-                    }
+    var c0 = startOf(first_pos, window) / chunk * chunk;
+    while (c0 <= last_pos) : (c0 += chunk) {
+        const table = block_table[c0 / block_size ..];
+        for (0..n_q) |i| {
+            const pos = first_pos + i;
+            const lo = startOf(pos, window);
+            if (c0 > pos or c0 + chunk <= lo) continue;
+            const len = @min(chunk, pos + 1 - c0); // positions c0 .. c0 + len - 1
+            for (0..group) |h| {
+                const r = i * group + h;
+                const qv = q[i * q_stride + h * head_dim ..][0..head_dim];
+                const sc = work.scores[0..len];
+                chunkScores(KV, sc, qv, k_cache, kv_dim, kv_offset, table, block_size, shape.scale);
+                if (shape.softcap != 0) for (sc) |*v| {
+                    v.* = shape.softcap * std.math.tanh(v.* / shape.softcap);
+                };
+                if (lo > c0) @memset(sc[0 .. lo - c0], -std.math.inf(f32));
+                const chunk_max = maxOf(sc);
+                const m_new = @max(work.m[r], chunk_max);
+                const correction = expScalar(work.m[r] - m_new); // 0 for the first chunk (m = -inf)
+                const sum = expScaled(sc, sc, m_new, 1);
+                work.l[r] = work.l[r] * correction + sum;
+                work.m[r] = m_new;
+                const part = work.part[0..head_dim];
+                var d: usize = 0;
+                while (d + 4 * vec_len <= head_dim) : (d += 4 * vec_len) weighted(4, KV, part, sc, v_cache, kv_dim, kv_offset + d, table, block_size, d);
+                while (d + vec_len <= head_dim) : (d += vec_len) weighted(1, KV, part, sc, v_cache, kv_dim, kv_offset + d, table, block_size, d);
+                while (d < head_dim) : (d += 1) {
+                    var a: f32 = 0;
+                    for (sc, 0..) |w, p| a += w * @as(f32, @floatCast(v_cache[slotOf(table, block_size, p) * kv_dim + kv_offset + d]));
+                    part[d] = a;
                 }
+                for (work.acc[r * head_dim ..][0..head_dim], part) |*a, x| a.* = a.* * correction + x;
             }
         }
     }
@@ -648,6 +640,25 @@ pub fn attendTile(
         const o = out[i * out_stride + h * head_dim ..][0..head_dim];
         for (o, work.acc[r * head_dim ..][0..head_dim]) |*x, a| x.* = a * inv;
     };
+}
+
+/// scores[p] = scale * q . k[p] for the positions p of a block table from its start (16 at a
+/// time where a block has 16 more slots, as attendGroup computes them).
+fn chunkScores(comptime KV: type, scores: []f32, q: []const f32, k_cache: []const KV, kv_dim: usize, kv_offset: usize, table: []const i32, block_size: usize, scale: f32) void {
+    var p: usize = 0;
+    var block_index: usize = 0;
+    while (p < scores.len) : (block_index += 1) {
+        const first_slot = @as(usize, @intCast(table[block_index])) * block_size;
+        const in_block = @min(block_size, scores.len - p);
+        var j: usize = 0;
+        while (j < in_block and j + vec_len <= block_size) : (j += vec_len) {
+            const sv: [vec_len]f32 = scores16(KV, k_cache[(first_slot + j) * kv_dim + kv_offset ..].ptr, kv_dim, q) * @as(V, @splat(scale));
+            const n = @min(vec_len, in_block - j);
+            @memcpy(scores[p + j ..][0..n], sv[0..n]);
+        }
+        for (@min(j, in_block)..in_block) |jj| scores[p + jj] = dot(KV, k_cache[(first_slot + jj) * kv_dim + kv_offset ..].ptr, q.ptr, q.len) * scale;
+        p += in_block;
+    }
 }
 
 /// out[d0 .. d0 + 16 nv] = sum over positions of scores[pos] * v[pos][d ..], the sums in registers.
@@ -887,7 +898,7 @@ test "attendGroup over a scattered block table equals dense attention, per head,
 fn naiveAttend(out: []f64, q: []const f32, k_cache: []const f32, v_cache: []const f32, kv_dim: usize, kv_offset: usize, table: []const i32, block_size: usize, pos: usize, window: usize, shape: ScoreShape) void {
     const head_dim = q.len;
     const lo = if (window > 0 and pos + 1 > window) pos + 1 - window else 0;
-    var w: [512]f64 = undefined;
+    var w: [1024]f64 = undefined;
     var max: f64 = -std.math.inf(f64);
     for (lo..pos + 1) |p| {
         const slot: usize = @as(usize, @intCast(table[p / block_size])) * block_size + p % block_size;
@@ -920,19 +931,22 @@ test "attendTile (a prefill tile, online softmax) equals dense causal attention:
     const configs = [_]struct { usize, usize, usize, usize, usize, f32 }{
         .{ 64, 16, 0, 16, 0, 0 },   .{ 64, 16, 70, 16, 0, 0 },  .{ 24, 4, 5, 7, 0, 0 },
         .{ 72, 16, 40, 13, 20, 0 }, .{ 64, 16, 33, 16, 8, 1.5 }, .{ 64, 16, 3, 2, 100, 0 },
+        // Past one chunk of positions: several chunks, and a window across a chunk's edge.
+        .{ 64, 16, 500, 16, 0, 0 }, .{ 64, 16, 600, 9, 300, 0 },
     };
     for (configs) |config| {
         const head_dim, const block_size, const first_pos, const n_q, const window, const softcap = config;
         const group = 2;
         const kv_dim = 2 * head_dim; // two KV heads; use the second
-        const num_blocks = 12;
+        const num_blocks = 48;
         const k_cache = try allocator.alloc(f32, num_blocks * block_size * kv_dim);
         defer allocator.free(k_cache);
         const v_cache = try allocator.alloc(f32, num_blocks * block_size * kv_dim);
         defer allocator.free(v_cache);
         fillRandom(rng, k_cache);
         fillRandom(rng, v_cache);
-        var table: [12]i32 = .{ 7, 2, 11, 0, 5, 9, 1, 3, 10, 4, 8, 6 };
+        var table: [48]i32 = undefined; // every block, scattered
+        for (&table, 0..) |*b, i| b.* = @intCast((i * 29 + 7) % 48);
         const q_stride = group * head_dim + 8; // rows wider than the heads, as qkv rows are
         const q = try allocator.alloc(f32, n_q * q_stride);
         defer allocator.free(q);
@@ -947,7 +961,9 @@ test "attendTile (a prefill tile, online softmax) equals dense causal attention:
         defer allocator.free(acc);
         var shape = ScoreShape.plain(head_dim);
         shape.softcap = softcap;
-        attendTile(f32, out, group * head_dim, q, q_stride, n_q, group, head_dim, k_cache, v_cache, kv_dim, head_dim, &table, block_size, first_pos, window, shape, .{ .m = m, .l = l, .acc = acc });
+        var chunk_scores: [tile_chunk]f32 = undefined;
+        var part: [128]f32 = undefined;
+        attendTile(f32, out, group * head_dim, q, q_stride, n_q, group, head_dim, k_cache, v_cache, kv_dim, head_dim, &table, block_size, first_pos, window, shape, .{ .m = m, .l = l, .acc = acc, .scores = &chunk_scores, .part = &part });
         var want: [128]f64 = undefined;
         for (0..n_q) |i| for (0..group) |h| {
             naiveAttend(want[0..head_dim], q[i * q_stride + h * head_dim ..][0..head_dim], k_cache, v_cache, kv_dim, head_dim, &table, block_size, first_pos + i, window, shape);

@@ -7,6 +7,7 @@ const errors = @import("errors.zig");
 const Engine = @import("engine.zig").Engine;
 const weights = @import("weights.zig");
 const forward = @import("forward.zig");
+const kernels = @import("kernels.zig");
 
 const allocator = std.heap.c_allocator;
 
@@ -55,6 +56,7 @@ fn checkModelConfig(m: abi.ModelConfig) abi.Status {
 fn checkEngineConfig(c: abi.EngineConfig) abi.Status {
     if (c.block_size == 0 or c.max_num_batched_tokens == 0 or c.max_num_seqs == 0 or c.max_blocks_per_seq == 0)
         return errors.fail(.invalid_argument, "engine config has a zero size", .{});
+    if (c.block_size > kernels.tile_chunk) return errors.fail(.unsupported, "block_size {d} is over the limit of {d}", .{ c.block_size, kernels.tile_chunk });
     if (c.num_blocks == 0 and c.kv_cache_bytes == 0) return errors.fail(.invalid_argument, "engine config gives neither num_blocks nor kv_cache_bytes", .{});
     if (c.num_threads == 0 or c.num_threads > 256) return errors.fail(.invalid_argument, "num_threads {d} not in [1, 256]", .{c.num_threads});
     if (c.kv_cache_dtype != @intFromEnum(abi.DType.f32) and c.kv_cache_dtype != @intFromEnum(abi.DType.f16))
