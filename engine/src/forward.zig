@@ -277,7 +277,7 @@ const AttentionCtx = struct {
             // A local layer reads from the block where its window starts; the positions of that
             // block before the window are masked.
             const context_len = pos + 1;
-            const start = if (window > 0 and context_len > window) context_len - window else 0;
+            const start = kernels.windowStart(pos, window);
             const first_block = start / bs;
             var shape = e.score_shape;
             shape.masked = start - first_block * bs;
@@ -393,8 +393,15 @@ fn ropeAndStore(e: *Engine, l: usize, t: usize) void {
     if (layer.qkv_bias) |bias| for (row, bias) |*v, add| {
         v.* += add;
     };
-    if (layer.q_norm) |w| for (0..m.num_heads) |h| headNorm(row[h * head_dim ..][0..head_dim], w, m.rms_norm_eps);
-    if (layer.k_norm) |w| for (0..m.num_kv_heads) |h| headNorm(row[q_dim + h * head_dim ..][0..head_dim], w, m.rms_norm_eps);
+    // Qwen 3's and Gemma 3's RMSNorm over each q and k head, in place.
+    if (layer.q_norm) |w| for (0..m.num_heads) |h| {
+        const head = row[h * head_dim ..][0..head_dim];
+        kernels.rmsnorm(head, head, w, m.rms_norm_eps);
+    };
+    if (layer.k_norm) |w| for (0..m.num_kv_heads) |h| {
+        const head = row[q_dim + h * head_dim ..][0..head_dim];
+        kernels.rmsnorm(head, head, w, m.rms_norm_eps);
+    };
     for (0..m.num_heads) |h| kernels.rope(row[h * head_dim ..][0..head_dim], cos, sin, interleaved);
     for (0..m.num_kv_heads) |h| kernels.rope(row[q_dim + h * head_dim ..][0..head_dim], cos, sin, interleaved);
     const slot: usize = @intCast(b.slot_mapping[t]);
@@ -407,16 +414,6 @@ fn ropeAndStore(e: *Engine, l: usize, t: usize) void {
         else => unreachable,
     }
 }
-
-/// RMSNorm of one head in place (Qwen 3's q and k norms).
-fn headNorm(head: []f32, weight: kernels.Matrix, eps: f32) void {
-    var copy: [head_dim_max]f32 = undefined;
-    @memcpy(copy[0..head.len], head);
-    kernels.rmsnorm(head, copy[0..head.len], weight, eps);
-}
-
-/// The widest head the per-head norms take (the engine refuses wider at create).
-pub const head_dim_max = 512;
 
 fn storeKv(comptime KV: type, dst: []KV, src: []const f32) void {
     if (KV == f32) @memcpy(dst, src) else for (dst, src) |*d, x| d.* = @floatCast(x);

@@ -274,7 +274,7 @@ inline fn dot4(comptime T: type, w: [*]align(1) const T, x: [*]const f32, n: usi
     return sums;
 }
 
-/// out = x / sqrt(mean(x^2) + eps) * weight, as llama2.c computes it.
+/// out = x / sqrt(mean(x^2) + eps) * weight, as llama2.c computes it. out may be x (in place).
 pub fn rmsnorm(out: []f32, x: []const f32, weight: Matrix, eps: f32) void {
     assert(out.len == x.len);
     assert(weight.rows * weight.cols == x.len);
@@ -540,6 +540,12 @@ fn halfMask(comptime w: usize, comptime offset: usize) [vec_len]i32 {
     return mask;
 }
 
+/// The first position a query at `pos` attends to: pos + 1 - window with a sliding window
+/// (0: none), else 0.
+pub fn windowStart(pos: usize, window: usize) usize {
+    return if (window > 0 and pos + 1 > window) pos + 1 - window else 0;
+}
+
 /// Most queries of one sequence a prefill tile takes (attendTile).
 pub const tile_queries = 16;
 
@@ -590,20 +596,15 @@ pub fn attendTile(
     const chunk = tile_chunk / block_size * block_size; // whole blocks
     const rows = n_q * group;
     const last_pos = first_pos + n_q - 1;
-    const startOf = struct {
-        fn f(pos: usize, w: usize) usize {
-            return if (w > 0 and pos + 1 > w) pos + 1 - w else 0;
-        }
-    }.f;
     @memset(work.m[0..rows], -std.math.inf(f32));
     @memset(work.l[0..rows], 0);
     @memset(work.acc[0 .. rows * head_dim], 0);
-    var c0 = startOf(first_pos, window) / chunk * chunk;
+    var c0 = windowStart(first_pos, window) / chunk * chunk;
     while (c0 <= last_pos) : (c0 += chunk) {
         const table = block_table[c0 / block_size ..];
         for (0..n_q) |i| {
             const pos = first_pos + i;
-            const lo = startOf(pos, window);
+            const lo = windowStart(pos, window);
             if (c0 > pos or c0 + chunk <= lo) continue;
             const len = @min(chunk, pos + 1 - c0); // positions c0 .. c0 + len - 1
             for (0..group) |h| {
@@ -897,7 +898,7 @@ test "attendGroup over a scattered block table equals dense attention, per head,
 /// reference attendTile and attendGroup are held to (scores of one head, its window, soft cap).
 fn naiveAttend(out: []f64, q: []const f32, k_cache: []const f32, v_cache: []const f32, kv_dim: usize, kv_offset: usize, table: []const i32, block_size: usize, pos: usize, window: usize, shape: ScoreShape) void {
     const head_dim = q.len;
-    const lo = if (window > 0 and pos + 1 > window) pos + 1 - window else 0;
+    const lo = windowStart(pos, window);
     var w: [1024]f64 = undefined;
     var max: f64 = -std.math.inf(f64);
     for (lo..pos + 1) |p| {

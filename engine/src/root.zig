@@ -6,7 +6,6 @@ const abi = @import("abi.zig");
 const errors = @import("errors.zig");
 const Engine = @import("engine.zig").Engine;
 const weights = @import("weights.zig");
-const forward = @import("forward.zig");
 const kernels = @import("kernels.zig");
 
 const allocator = std.heap.c_allocator;
@@ -44,7 +43,6 @@ fn checkModelConfig(m: abi.ModelConfig) abi.Status {
     if (m.num_layers > weights.layers_max) return errors.fail(.unsupported, "{d} layers is over the limit of {d}", .{ m.num_layers, weights.layers_max });
     if (m.num_heads % m.num_kv_heads != 0) return errors.fail(.unsupported, "num_heads {d} is not a multiple of num_kv_heads {d}", .{ m.num_heads, m.num_kv_heads });
     if (m.head_dim % 2 != 0) return errors.fail(.unsupported, "head_dim {d} is odd; RoPE needs pairs", .{m.head_dim});
-    if (m.head_dim > forward.head_dim_max) return errors.fail(.unsupported, "head_dim {d} is over the limit of {d}", .{ m.head_dim, forward.head_dim_max });
     if (m.rope_inv_freq) |f| for (f[0 .. m.head_dim / 2]) |v| {
         if (!(v > 0) or !std.math.isFinite(v)) return errors.fail(.invalid_argument, "rope_inv_freq holds {d}; frequencies must be positive", .{v});
     };
