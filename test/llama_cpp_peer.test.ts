@@ -7,11 +7,11 @@
 // is not built.
 import { afterAll, describe, expect, setDefaultTimeout, test } from "bun:test";
 import { spawn, spawnSync } from "node:child_process";
-import { closeSync, existsSync, mkdtempSync, openSync, readSync, rmSync } from "node:fs";
+import { existsSync, mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { LLMEngine } from "../src/engine/llm_engine.ts";
-import { readGguf } from "../src/model/gguf.ts";
+import { readGguf, readTensorBytes } from "../src/model/gguf.ts";
 import { dequantize, type QuantType } from "../src/model/quantize.ts";
 import { generate } from "./helpers/engine.ts";
 import { GEMMA2, GEMMA3, LLAMA3_ROPE, PHI3, PHI3_LONG, QWEN2, QWEN3, scaled } from "./helpers/families.ts";
@@ -171,9 +171,9 @@ describe.skipIf(!built || !existsSync(QUANTIZE))("llama.cpp decodes each quantiz
       const theirs = new Map(readGguf(f32).tensors.map((t) => [t.name, t]));
       let checked = 0;
       for (const t of mine.tensors.filter((t) => t.dims.length === 2)) {
-        const decoded = dequantize(type, readBytes(path, t.offset, t.sizeBytes));
+        const decoded = dequantize(type, readTensorBytes(path, t));
         const ref = theirs.get(t.name)!;
-        const bytes = readBytes(f32, ref.offset, ref.sizeBytes);
+        const bytes = readTensorBytes(f32, ref);
         const values = new Float32Array(bytes.buffer, bytes.byteOffset, bytes.byteLength / 4);
         let worst = 0;
         for (let i = 0; i < values.length; i++) worst = Math.max(worst, Math.abs(values[i] - decoded[i]));
@@ -184,14 +184,3 @@ describe.skipIf(!built || !existsSync(QUANTIZE))("llama.cpp decodes each quantiz
     });
   }
 });
-
-function readBytes(path: string, offset: number, length: number): Uint8Array {
-  const fd = openSync(path, "r");
-  try {
-    const buf = new Uint8Array(length);
-    readSync(fd, buf, 0, length, offset);
-    return buf;
-  } finally {
-    closeSync(fd);
-  }
-}

@@ -1,10 +1,10 @@
 // Turns a model's own description (HF config.json + safetensors, or GGUF metadata)
 // into the engine's config and weight manifest. The engine never reads JSON.
-import { closeSync, existsSync, openSync, readFileSync, readSync } from "node:fs";
+import { existsSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { DType, Role, type DTypeCode, type NativeModelConfig, type RoleCode, type TensorEntry } from "../ffi/native.ts";
 import { ModelLoadError } from "./errors.ts";
-import { GGML_TYPES, type GgufFile } from "./gguf.ts";
+import { GGML_TYPES, readTensorBytes, type GgufFile } from "./gguf.ts";
 import {
   ropeFrequencies,
   ropeScalingFromHf,
@@ -543,13 +543,7 @@ export function withRope(
 /** GGUF's rope_freqs (Llama 3.1) or rope_factors_long/short (Phi-3) tensor: per-pair divisors of the frequencies, in f32. */
 function readRopeFreqs(g: GgufFile, t: GgufFile["tensors"][number]): Float64Array {
   if (t.type !== 0) throw new ModelLoadError(`${g.path}: ${t.name} is not F32`);
-  const bytes = Buffer.alloc(Number(t.sizeBytes));
-  const fd = openSync(g.path, "r");
-  try {
-    readSync(fd, bytes, 0, bytes.length, t.offset);
-  } finally {
-    closeSync(fd);
-  }
+  const bytes = readTensorBytes(g.path, t);
   return Float64Array.from(new Float32Array(bytes.buffer, bytes.byteOffset, bytes.length / 4));
 }
 

@@ -158,6 +158,18 @@ export function ggmlTensorBytes(type: number, elements: number): number | null {
   return (elements / t.blockElems) * t.blockBytes;
 }
 
+/** The bytes of one tensor of a GGUF file (for the few the loader reads itself, and for tests). */
+export function readTensorBytes(path: string, t: GgufTensorInfo): Uint8Array {
+  const bytes = new Uint8Array(t.sizeBytes);
+  const fd = openSync(path, "r");
+  try {
+    readSync(fd, bytes, 0, bytes.length, t.offset);
+  } finally {
+    closeSync(fd);
+  }
+  return bytes;
+}
+
 export function readGguf(path: string): GgufFile {
   const fd = openSync(path, "r");
   try {

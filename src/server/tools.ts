@@ -289,18 +289,21 @@ export class ToolCallStream {
   private text = "";
   private released = 0; // characters of text already given out as content
   private inCall = false;
+  // Forced output goes through the scanner; auto output is read in its family's syntax.
   private readonly forced: ForcedCallScanner | null;
+  private readonly family: ToolFamily;
 
-  constructor(private readonly mode: ToolMode) {
+  constructor(mode: ToolMode) {
     this.forced = mode.kind === "forced" ? new ForcedCallScanner(mode.named) : null;
+    this.family = mode.kind === "auto" ? mode.family : "json";
   }
 
   /** Takes new text; returns what may go out now: content and call pieces. */
   push(delta: string): { content: string; calls: ToolCallDelta[] } {
     if (this.forced) return { content: "", calls: this.forced.push(delta) };
     this.text += delta;
-    if (this.mode.kind === "forced" || this.inCall) return { content: "", calls: [] };
-    const family = this.mode.family;
+    if (this.inCall) return { content: "", calls: [] };
+    const family = this.family;
     if (callStart(this.text, family) >= 0) {
       this.inCall = true; // a call has begun: everything from here waits for the end
       return { content: "", calls: [] };
@@ -326,7 +329,7 @@ export class ToolCallStream {
   finish(): { content: string; calls: ToolCallDelta[]; called: boolean } {
     if (this.forced) return { content: "", calls: [], called: this.forced.called };
     if (!this.inCall) return { content: this.text.slice(this.released), calls: [], called: false };
-    const { content, calls } = parseAutoCalls(this.text, (this.mode as { family: ToolFamily }).family);
+    const { content, calls } = parseAutoCalls(this.text, this.family);
     // Text before the calls was never released past the marker's start.
     const rest = (calls.length > 0 ? content : this.text).slice(this.released);
     return { content: rest, calls: wholeDeltas(calls), called: calls.length > 0 };

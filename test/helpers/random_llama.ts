@@ -504,7 +504,7 @@ export function writeGguf(
     const typeId = tdtype === "f32" ? 0 : tdtype === "f16" ? 1 : GGML_TYPE_ID[tdtype];
     return { name, dims: [...t.shape].reverse(), typeId, bytes };
   });
-  const kvs: [string, "u32" | "f32" | "str", number | string][] = [
+  const kvs: [string, "u32" | "f32" | "str" | "bool", number | string | boolean][] = [
     ["general.architecture", "str", arch],
     ["general.alignment", "u32", 32],
     [`${arch}.context_length`, "u32", s.ctx],
@@ -523,8 +523,7 @@ export function writeGguf(
   if (s.attnSoftcap) kvs.push([`${arch}.attn_logit_softcapping`, "f32", s.attnSoftcap]);
   if (s.finalSoftcap) kvs.push([`${arch}.final_logit_softcapping`, "f32", s.finalSoftcap]);
   if (s.ropeLocalTheta) kvs.push([`${arch}.rope.freq_base_swa`, "f32", s.ropeLocalTheta]);
-  const boolKvs: [string, boolean][] = [];
-  if (s.addSpacePrefix !== undefined) boolKvs.push(["tokenizer.ggml.add_space_prefix", s.addSpacePrefix]);
+  if (s.addSpacePrefix !== undefined) kvs.push(["tokenizer.ggml.add_space_prefix", "bool", s.addSpacePrefix]);
   const scaling = s.ropeScaling;
   const type = scaling?.rope_type ?? scaling?.type;
   if (type === "llama3") {
@@ -567,9 +566,8 @@ export function writeGguf(
   w.u32(0x46554747);
   w.u32(3);
   w.u64(tensors.length);
-  w.u64(kvs.length + boolKvs.length + 3);
+  w.u64(kvs.length + 3);
   for (const [key, t, v] of kvs) w.kv(key, t, v);
-  for (const [key, v] of boolKvs) w.kv(key, "bool", v);
   w.array("tokenizer.ggml.tokens", "str", pieces);
   w.array(
     "tokenizer.ggml.scores",
