@@ -855,30 +855,10 @@ test "attendGroup over a scattered block table equals dense attention, per head,
         defer allocator.free(out);
         attendGroup(f32, out, q, group, k_cache, v_cache, kv_dim, head_dim, &block_table, block_size, context_len, scores, ScoreShape.plain(head_dim));
 
+        var want: [128]f64 = undefined;
         for (0..group) |h| {
-            const w = try allocator.alloc(f64, context_len);
-            defer allocator.free(w);
-            var max: f64 = -std.math.inf(f64);
-            for (0..context_len) |p| {
-                const slot: usize = @as(usize, @intCast(block_table[p / block_size])) * block_size + p % block_size;
-                var sum: f64 = 0;
-                for (0..head_dim) |d| sum += @as(f64, q[h * head_dim + d]) * k_cache[slot * kv_dim + head_dim + d];
-                w[p] = sum / @sqrt(@as(f64, @floatFromInt(head_dim)));
-                max = @max(max, w[p]);
-            }
-            var total: f64 = 0;
-            for (w) |*x| {
-                x.* = @exp(x.* - max);
-                total += x.*;
-            }
-            for (0..head_dim) |d| {
-                var o: f64 = 0;
-                for (0..context_len) |p| {
-                    const slot: usize = @as(usize, @intCast(block_table[p / block_size])) * block_size + p % block_size;
-                    o += w[p] / total * v_cache[slot * kv_dim + head_dim + d];
-                }
-                try testing.expectApproxEqAbs(@as(f32, @floatCast(o)), out[h * head_dim + d], 1e-5);
-            }
+            naiveAttend(want[0..head_dim], q[h * head_dim ..][0..head_dim], k_cache, v_cache, kv_dim, head_dim, &block_table, block_size, context_len - 1, 0, ScoreShape.plain(head_dim));
+            for (0..head_dim) |d| try testing.expectApproxEqAbs(@as(f32, @floatCast(want[d])), out[h * head_dim + d], 1e-5);
         }
         // The same over an f16 copy of the cache, within f16 rounding.
         const k16 = try allocator.alloc(f16, k_cache.len);
