@@ -34,10 +34,10 @@ pub const Engine = struct {
     pool: BlockPool,
     threads: ThreadPool,
 
-    // Paged KV cache in kv_dtype (f32 or f16), per layer: (num_blocks * block_size, kv_dim).
+    // Paged KV cache in kv_dtype (f32 or f16), layer after layer, each laid out as kvLayout() says.
     kv_dtype: abi.DType,
-    k_cache: []u8, // (num_layers, num_blocks * block_size, kv_dim) elements of kv_dtype
-    v_cache: []u8, // (num_layers, num_blocks * block_size, kv_dim) elements of kv_dtype
+    k_cache: []u8,
+    v_cache: []u8,
     rope_cos: []f32, // (max_position, head_dim / 2)
     rope_sin: []f32, // (max_position, head_dim / 2)
     rope_local_cos: []f32 = &.{}, // the same for local layers with their own base (Gemma 3), else empty
@@ -71,9 +71,13 @@ pub const Engine = struct {
         return @as(usize, c.max_num_seqs) * c.max_blocks_per_seq * c.block_size;
     }
 
-    /// Layer `layer` of a cache, as elements: (num_blocks * block_size, kv_dim).
+    pub fn kvLayout(e: *const Engine) kernels.KvLayout {
+        return .{ .block_size = e.config.block_size, .head_dim = e.model.head_dim, .num_kv_heads = e.model.num_kv_heads };
+    }
+
+    /// Layer `layer` of a cache, as elements.
     pub fn kvLayer(e: *const Engine, comptime T: type, cache: []u8, layer: usize) []T {
-        const elems = @as(usize, e.config.num_blocks) * e.config.block_size * e.model.num_kv_heads * e.model.head_dim;
+        const elems = e.kvLayout().layerLen(e.config.num_blocks);
         const all: [*]T = @ptrCast(@alignCast(cache.ptr));
         return all[layer * elems ..][0..elems];
     }
@@ -108,17 +112,16 @@ pub const Engine = struct {
         e.pool = try BlockPool.init(allocator, config.num_blocks);
         errdefer e.pool.deinit(allocator);
 
-        const kv_dim = @as(usize, model.num_kv_heads) * model.head_dim;
-        const slots = @as(usize, config.num_blocks) * config.block_size;
+        const layer_len = e.kvLayout().layerLen(config.num_blocks);
         e.kv_dtype = @enumFromInt(config.kv_cache_dtype);
         const kv_elem_bytes: usize = if (e.kv_dtype == .f16) 2 else 4;
         // The page allocator maps lazily, so an unused pool costs address space, not memory.
         // Huge pages where the kernel gives them: a new block's first write then faults once
         // per 2 MiB rather than once per 4 KiB (a fault costs microseconds in a VM, and a
         // decode step writes a few pages per layer), and attention's reads miss the TLB less.
-        e.k_cache = try weights_mod.allocHugePages(model.num_layers * slots * kv_dim * kv_elem_bytes);
+        e.k_cache = try weights_mod.allocHugePages(model.num_layers * layer_len * kv_elem_bytes);
         errdefer std.heap.page_allocator.free(e.k_cache);
-        e.v_cache = try weights_mod.allocHugePages(model.num_layers * slots * kv_dim * kv_elem_bytes);
+        e.v_cache = try weights_mod.allocHugePages(model.num_layers * layer_len * kv_elem_bytes);
         errdefer std.heap.page_allocator.free(e.v_cache);
 
         const half = model.head_dim / 2;

@@ -26,7 +26,7 @@ pub const Scratch = struct {
     gate_up: []f32, // (max_tokens, 2 * intermediate)
     h: []f32, // (max_tokens, intermediate)
     xs: []f32, // (max_seqs, hidden) final-normed rows that are sampled
-    scores: []f32, // (threads, heads per KV head, max_position)
+    scores: []f32, // (threads, heads per KV head, max_position + vec_len)
     probs: []f32, // (threads, vocab)
     order: []u32, // (threads, vocab)
     counts: []u32, // (threads, vocab) zero between uses
@@ -36,8 +36,7 @@ pub const Scratch = struct {
     tile_m: []f32, // (threads, tile_queries * heads per KV head): attendTile's running maxima
     tile_l: []f32, // the same: its sums of exponentials
     tile_acc: []f32, // (threads, tile_queries * heads per KV head, head_dim): its weighted sums
-    tile_scores: []f32, // (threads, tile_chunk): one row's scores over a chunk
-    tile_part: []f32, // (threads, head_dim): one row's weighted sum over a chunk
+    tile_scores: []f32, // (threads, heads per KV head, tile_chunk + vec_len): one query's scores over a chunk
     acts_q: []i8, // (max_tokens, widest) activations quantized to 8 bits, for quantized weights
     acts_scale: []f32, // (max_tokens, widest / 32)
     acts_sum: []f32, // (max_tokens, widest / 32)
@@ -59,12 +58,11 @@ pub const Scratch = struct {
             .{ "gate_up", t * 2 * @as(usize, m.intermediate_size) },
             .{ "h", t * m.intermediate_size },
             .{ "xs", @as(usize, c.max_num_seqs) * m.hidden_size },
-            .{ "scores", threads * m.max_position * (m.num_heads / m.num_kv_heads) },
+            .{ "scores", threads * (m.max_position + kernels.vec_len) * (m.num_heads / m.num_kv_heads) },
             .{ "tile_m", threads * kernels.tile_queries * (m.num_heads / m.num_kv_heads) },
             .{ "tile_l", threads * kernels.tile_queries * (m.num_heads / m.num_kv_heads) },
             .{ "tile_acc", threads * kernels.tile_queries * (m.num_heads / m.num_kv_heads) * @as(usize, m.head_dim) },
-            .{ "tile_scores", threads * kernels.tile_chunk },
-            .{ "tile_part", threads * @as(usize, m.head_dim) },
+            .{ "tile_scores", threads * (kernels.tile_chunk + kernels.vec_len) * (m.num_heads / m.num_kv_heads) },
             .{ "probs", threads * m.vocab_size },
             .{ "raw", threads * m.vocab_size },
         }) |field| @field(s, field[0]) = try allocator.alloc(f32, field[1]);
@@ -87,7 +85,7 @@ pub const Scratch = struct {
     }
 
     pub fn deinit(s: *Scratch, allocator: std.mem.Allocator) void {
-        inline for (.{ "x", "xb", "xb2", "qkv", "att", "gate_up", "h", "xs", "scores", "probs", "raw", "tile_m", "tile_l", "tile_acc", "tile_scores", "tile_part" }) |name| allocator.free(@field(s, name));
+        inline for (.{ "x", "xb", "xb2", "qkv", "att", "gate_up", "h", "xs", "scores", "probs", "raw", "tile_m", "tile_l", "tile_acc", "tile_scores" }) |name| allocator.free(@field(s, name));
         allocator.free(s.tiles);
         allocator.free(s.order);
         allocator.free(s.counts);
@@ -244,20 +242,20 @@ const AttentionCtx = struct {
         const b = e.batch;
         const head_dim: usize = m.head_dim;
         const q_dim = @as(usize, m.num_heads) * head_dim;
-        const kv_dim = @as(usize, m.num_kv_heads) * head_dim;
-        const qkv_dim = q_dim + 2 * kv_dim;
+        const qkv_dim = q_dim + 2 * @as(usize, m.num_kv_heads) * head_dim;
         const group = m.num_heads / m.num_kv_heads;
+        const layout = e.kvLayout();
         const k_cache = e.kvLayer(KV, e.k_cache, c.layer);
         const v_cache = e.kvLayer(KV, e.v_cache, c.layer);
-        const scores_len = group * @as(usize, m.max_position);
+        const scores_len = group * (@as(usize, m.max_position) + kernels.vec_len);
         const scores = e.scratch.scores[thread_index * scores_len ..][0..scores_len];
         const tile_rows = kernels.tile_queries * group;
+        const chunk_len = group * (kernels.tile_chunk + kernels.vec_len);
         const work = kernels.TileScratch{
             .m = e.scratch.tile_m[thread_index * tile_rows ..][0..tile_rows],
             .l = e.scratch.tile_l[thread_index * tile_rows ..][0..tile_rows],
             .acc = e.scratch.tile_acc[thread_index * tile_rows * head_dim ..][0 .. tile_rows * head_dim],
-            .scores = e.scratch.tile_scores[thread_index * kernels.tile_chunk ..][0..kernels.tile_chunk],
-            .part = e.scratch.tile_part[thread_index * head_dim ..][0..head_dim],
+            .scores = e.scratch.tile_scores[thread_index * chunk_len ..][0..chunk_len],
         };
         const bs: usize = e.config.block_size;
         const window: usize = if (e.isLocal(c.layer)) m.sliding_window else 0;
@@ -270,7 +268,7 @@ const AttentionCtx = struct {
             const heads = kv_head * group * head_dim;
             const pos: usize = @intCast(b.positions[t]);
             if (tile.n > 1) {
-                kernels.attendTile(KV, e.scratch.att[t * q_dim + heads ..], q_dim, e.scratch.qkv[t * qkv_dim + heads ..], qkv_dim, tile.n, group, head_dim, k_cache, v_cache, kv_dim, kv_head * head_dim, row, bs, pos, window, e.score_shape, work);
+                kernels.attendTile(KV, e.scratch.att[t * q_dim + heads ..], q_dim, e.scratch.qkv[t * qkv_dim + heads ..], qkv_dim, tile.n, group, k_cache, v_cache, layout, kv_head, row, pos, window, e.score_shape, work);
                 continue;
             }
             // A decode token: one pass of scores over the context, then the weighted sum of V.
@@ -288,10 +286,9 @@ const AttentionCtx = struct {
                 group,
                 k_cache,
                 v_cache,
-                kv_dim,
-                kv_head * head_dim,
+                layout,
+                kv_head,
                 row[first_block..],
-                bs,
                 context_len - first_block * bs,
                 scores,
                 shape,
@@ -408,15 +405,12 @@ fn ropeAndStore(e: *Engine, l: usize, t: usize) void {
     switch (e.kv_dtype) {
         inline .f32, .f16 => |dt| {
             const KV = KvType(dt);
-            storeKv(KV, e.kvLayer(KV, e.k_cache, l)[slot * kv_dim ..][0..kv_dim], row[q_dim..][0..kv_dim]);
-            storeKv(KV, e.kvLayer(KV, e.v_cache, l)[slot * kv_dim ..][0..kv_dim], row[q_dim + kv_dim ..][0..kv_dim]);
+            const k = row[q_dim..][0..kv_dim];
+            const v = row[q_dim + kv_dim ..][0..kv_dim];
+            kernels.storeKv(KV, e.kvLayout(), e.kvLayer(KV, e.k_cache, l), e.kvLayer(KV, e.v_cache, l), slot, k, v);
         },
         else => unreachable,
     }
-}
-
-fn storeKv(comptime KV: type, dst: []KV, src: []const f32) void {
-    if (KV == f32) @memcpy(dst, src) else for (dst, src) |*d, x| d.* = @floatCast(x);
 }
 
 /// The forward pass and sampling of the step in e.batch. Sampling waits for the caller's

@@ -424,11 +424,52 @@ pub fn geluMul(out: []f32, gate: []const f32, up: []const f32) void {
     for (out, gate, up) |*o, g, u| o.* = 0.5 * g * (1 + std.math.tanh(c * (g + 0.044715 * g * g * g))) * u;
 }
 
+/// Where the paged KV cache keeps each value. A layer's cache is its blocks one after another;
+/// a block holds one run of block_size slots per KV head: K dimension-major (one dimension of
+/// 16 slots is one vector, multiplied by a broadcast q element of each head of a group, with no
+/// sum across lanes), V slot-major (a slot's head_dim values adjacent). A run is what attention
+/// reads in one stream, and what it asks memory for ahead of time.
+pub const KvLayout = struct {
+    block_size: usize,
+    head_dim: usize,
+    num_kv_heads: usize,
+
+    /// Elements of one layer's cache.
+    pub fn layerLen(l: KvLayout, num_blocks: usize) usize {
+        return num_blocks * l.num_kv_heads * l.block_size * l.head_dim;
+    }
+
+    /// Where KV head h's run in `block` starts, in elements.
+    pub inline fn run(l: KvLayout, block: usize, h: usize) usize {
+        return (block * l.num_kv_heads + h) * l.block_size * l.head_dim;
+    }
+
+    pub inline fn kIndex(l: KvLayout, slot: usize, h: usize, d: usize) usize {
+        return l.run(slot / l.block_size, h) + d * l.block_size + slot % l.block_size;
+    }
+
+    pub inline fn vIndex(l: KvLayout, slot: usize, h: usize, d: usize) usize {
+        return l.run(slot / l.block_size, h) + slot % l.block_size * l.head_dim + d;
+    }
+};
+
+/// One token's K and V, (num_kv_heads, head_dim) each, into the cache at `slot`.
+pub fn storeKv(comptime KV: type, l: KvLayout, k_cache: []KV, v_cache: []KV, slot: usize, k: []const f32, v: []const f32) void {
+    for (0..l.num_kv_heads) |h| for (0..l.head_dim) |d| {
+        k_cache[l.kIndex(slot, h, d)] = fromF32(KV, k[h * l.head_dim + d]);
+        v_cache[l.vIndex(slot, h, d)] = fromF32(KV, v[h * l.head_dim + d]);
+    };
+}
+
+inline fn fromF32(comptime KV: type, x: f32) KV {
+    return if (KV == f32) x else @floatCast(x);
+}
+
 /// The `group` query heads that share one KV head (grouped-query attention), attending
-/// over the first `context_len` positions of their sequence in the paged cache. Each K and
-/// V vector is read once for the whole group, block by block of the block table.
-///   q, out: (group, head_dim); k_cache, v_cache: (num_blocks * block_size, kv_dim), the KV
-///   head at kv_offset; scores: scratch, at least group * context_len.
+/// over the first `context_len` positions of their sequence in the paged cache: every score,
+/// the softmax of each head's row, then the weighted sum of V. Each K and V vector is read
+/// once for the whole group.
+///   q, out: (group, head_dim); scores: scratch, at least group * (context_len + vec_len).
 pub fn attendGroup(
     comptime KV: type,
     out: []f32,
@@ -436,108 +477,31 @@ pub fn attendGroup(
     group: usize,
     k_cache: []const KV,
     v_cache: []const KV,
-    kv_dim: usize,
-    kv_offset: usize,
+    layout: KvLayout,
+    kv_head: usize,
     block_table: []const i32,
-    block_size: usize,
     context_len: usize,
     scores: []f32,
     shape: ScoreShape,
 ) void {
     assert(group >= 1);
-    const head_dim = q.len / group;
-    assert(q.len == group * head_dim);
+    assert(q.len == group * layout.head_dim);
     assert(out.len == q.len);
     assert(context_len > shape.masked);
-    assert(scores.len >= group * context_len);
-    assert(block_table.len * block_size >= context_len);
-    const scale = shape.scale;
-    //   scores: | head 0: positions 0 .. context_len | head 1: ... | ... group rows
-    var p: usize = 0;
-    var block_index: usize = 0;
-    while (p < context_len) : (block_index += 1) {
-        const first_slot = @as(usize, @intCast(block_table[block_index])) * block_size;
-        const in_block = @min(block_size, context_len - p);
-        var j: usize = 0;
-        // 16 positions at a time where the block has 16 more slots (past the context they
-        // hold stale values, computed and dropped): no horizontal sum per position.
-        while (j < in_block and j + vec_len <= block_size) : (j += vec_len) {
-            const k = k_cache[(first_slot + j) * kv_dim + kv_offset ..].ptr;
-            const n = @min(vec_len, in_block - j);
-            for (0..group) |h| {
-                const sv: [vec_len]f32 = scores16(KV, k, kv_dim, q[h * head_dim ..][0..head_dim]) * @as(V, @splat(scale));
-                @memcpy(scores[h * context_len + p + j ..][0..n], sv[0..n]);
-            }
-        }
-        for (@min(j, in_block)..in_block) |jj| {
-            const k = k_cache[(first_slot + jj) * kv_dim + kv_offset ..][0..head_dim];
-            for (0..group) |h| scores[h * context_len + p + jj] = dot(KV, k.ptr, q.ptr + h * head_dim, head_dim) * scale;
-        }
-        p += in_block;
-    }
+    const stride = context_len + vec_len; // a row's slack takes a last vector's stale lanes
+    assert(scores.len >= group * stride);
+    assert(block_table.len * layout.block_size >= context_len);
+    scoreRows(KV, scores, stride, q, group, k_cache, layout, kv_head, block_table, context_len, shape.scale);
     for (0..group) |h| {
-        const sh = scores[h * context_len ..][0..context_len];
+        const sh = scores[h * stride ..][0..context_len];
         if (shape.softcap != 0) for (sh) |*v| {
             v.* = shape.softcap * std.math.tanh(v.* / shape.softcap);
         };
         @memset(sh[0..shape.masked], -std.math.inf(f32));
         softmax(sh);
     }
-    // out[h] = sum over positions of score * v, 64 dimensions at a time held in registers.
-    for (0..group) |h| {
-        const o = out[h * head_dim ..][0..head_dim];
-        const sh = scores[h * context_len ..][0..context_len];
-        var d: usize = 0;
-        while (d + 4 * vec_len <= head_dim) : (d += 4 * vec_len) weighted(4, KV, o, sh, v_cache, kv_dim, kv_offset + d, block_table, block_size, d);
-        while (d + vec_len <= head_dim) : (d += vec_len) weighted(1, KV, o, sh, v_cache, kv_dim, kv_offset + d, block_table, block_size, d);
-        while (d < head_dim) : (d += 1) {
-            var acc: f32 = 0;
-            for (0..context_len) |pos| acc += sh[pos] * @as(f32, @floatCast(v_cache[slotOf(block_table, block_size, pos) * kv_dim + kv_offset + d]));
-            o[d] = acc;
-        }
-    }
-}
-
-/// q . k for 16 consecutive slots from k (stride kv_dim): lane i is slot i's dot.
-inline fn scores16(comptime KV: type, k: [*]const KV, kv_dim: usize, q: []const f32) V {
-    var acc: [vec_len]V = .{@as(V, @splat(0))} ** vec_len;
-    var d: usize = 0;
-    while (d + vec_len <= q.len) : (d += vec_len) {
-        const qv: V = q[d..][0..vec_len].*;
-        inline for (0..vec_len) |i| acc[i] = @mulAdd(V, loadVecN(vec_len, KV, k + i * kv_dim, d), qv, acc[i]);
-    }
-    // Sum each accumulator's lanes, all 16 at once: pairs of vectors fold their halves
-    // together, so 16 partials per slot become 8, 4, 2, then one per lane.
-    inline for (0..4) |level| {
-        inline for (0..vec_len >> (level + 1)) |i| acc[i] = foldHalves(vec_len >> level, acc[2 * i], acc[2 * i + 1]);
-    }
-    var result = acc[0];
-    if (d < q.len) {
-        var tail: [vec_len]f32 = undefined;
-        for (0..vec_len) |i| {
-            var t: f32 = 0;
-            for (d..q.len) |dd| t += q[dd] * @as(f32, @floatCast(k[i * kv_dim + dd]));
-            tail[i] = t;
-        }
-        result += @as(V, tail);
-    }
-    return result;
-}
-
-/// x and y hold 16 / w slots each, w partial sums per slot (slot i at lanes w*i ..);
-/// the result holds their 32 / w slots in order, w / 2 partial sums each.
-inline fn foldHalves(comptime w: usize, x: V, y: V) V {
-    return @shuffle(f32, x, y, halfMask(w, 0)) + @shuffle(f32, x, y, halfMask(w, w / 2));
-}
-
-fn halfMask(comptime w: usize, comptime offset: usize) [vec_len]i32 {
-    var mask: [vec_len]i32 = undefined;
-    const slots = vec_len / w;
-    for (0..slots) |i| for (0..w / 2) |j| {
-        mask[i * (w / 2) + j] = @intCast(i * w + offset + j);
-        mask[(slots + i) * (w / 2) + j] = ~@as(i32, @intCast(i * w + offset + j));
-    };
-    return mask;
+    @memset(out, 0);
+    addWeightedV(KV, out, scores, stride, group, v_cache, layout, kv_head, block_table, context_len);
 }
 
 /// The first position a query at `pos` attends to: pos + 1 - window with a sliding window
@@ -554,23 +518,22 @@ pub const tile_queries = 16;
 pub const tile_chunk = 256;
 
 /// A thread's working memory for attendTile: per row (query x head of the group) its running
-/// max, its sum of exponentials and its weighted sum of V; and one row's scores over a chunk.
+/// max, its sum of exponentials and its weighted sum of V; and one query's scores over a chunk.
 pub const TileScratch = struct {
     m: []f32, // (tile_queries * group)
     l: []f32, // (tile_queries * group)
     acc: []f32, // (tile_queries * group, head_dim)
-    scores: []f32, // (tile_chunk)
-    part: []f32, // (head_dim) one chunk's weighted sum of V
+    scores: []f32, // (group, tile_chunk + vec_len)
 };
 
 /// The `group` query heads of `n_q` consecutive positions first_pos .. of one sequence (a
 /// prefill tile), attending causally (and, with a window, over the last `window` positions each)
 /// with an online softmax, FlashAttention's scheme: the tile walks the sequence's K/V a chunk
-/// of tile_chunk positions at a time, every row of the tile passing over a chunk while it is
-/// in cache, and holds no score row of the whole context. Within a chunk a row's scores, their
-/// softmax and its weighted sum of V run as attendGroup's do (vectors over 16 positions, the
-/// sums in registers); the chunks are merged by their maxima. Row r = i * group + h is query
-/// i's head h: q at q[i * q_stride + h * head_dim ..]; out at out[i * out_stride + h * head_dim ..].
+/// of tile_chunk positions at a time, every query of the tile passing over a chunk while it is
+/// in cache, and holds no score row of the whole context. Within a chunk a query's scores and
+/// weighted sums of V run as attendGroup's do; the chunks are merged by their maxima. Row
+/// r = i * group + h is query i's head h: q at q[i * q_stride + h * head_dim ..]; out at
+/// out[i * out_stride + h * head_dim ..].
 pub fn attendTile(
     comptime KV: type,
     out: []f32,
@@ -579,21 +542,22 @@ pub fn attendTile(
     q_stride: usize,
     n_q: usize,
     group: usize,
-    head_dim: usize,
     k_cache: []const KV,
     v_cache: []const KV,
-    kv_dim: usize,
-    kv_offset: usize,
+    layout: KvLayout,
+    kv_head: usize,
     block_table: []const i32,
-    block_size: usize,
     first_pos: usize,
     window: usize,
     shape: ScoreShape,
     work: TileScratch,
 ) void {
+    const head_dim = layout.head_dim;
+    const bs = layout.block_size;
     assert(n_q >= 1 and n_q <= tile_queries);
-    assert(block_size <= tile_chunk and work.scores.len >= tile_chunk);
-    const chunk = tile_chunk / block_size * block_size; // whole blocks
+    assert(bs <= tile_chunk and work.scores.len >= group * (tile_chunk + vec_len));
+    const chunk = tile_chunk / bs * bs; // whole blocks
+    const stride = chunk + vec_len;
     const rows = n_q * group;
     const last_pos = first_pos + n_q - 1;
     @memset(work.m[0..rows], -std.math.inf(f32));
@@ -601,38 +565,29 @@ pub fn attendTile(
     @memset(work.acc[0 .. rows * head_dim], 0);
     var c0 = windowStart(first_pos, window) / chunk * chunk;
     while (c0 <= last_pos) : (c0 += chunk) {
-        const table = block_table[c0 / block_size ..];
+        const table = block_table[c0 / bs ..];
         for (0..n_q) |i| {
             const pos = first_pos + i;
             const lo = windowStart(pos, window);
             if (c0 > pos or c0 + chunk <= lo) continue;
             const len = @min(chunk, pos + 1 - c0); // positions c0 .. c0 + len - 1
+            const qi = q[i * q_stride ..][0 .. group * head_dim];
+            scoreRows(KV, work.scores, stride, qi, group, k_cache, layout, kv_head, table, len, shape.scale);
+            const acc = work.acc[i * group * head_dim ..][0 .. group * head_dim];
             for (0..group) |h| {
                 const r = i * group + h;
-                const qv = q[i * q_stride + h * head_dim ..][0..head_dim];
-                const sc = work.scores[0..len];
-                chunkScores(KV, sc, qv, k_cache, kv_dim, kv_offset, table, block_size, shape.scale);
+                const sc = work.scores[h * stride ..][0..len];
                 if (shape.softcap != 0) for (sc) |*v| {
                     v.* = shape.softcap * std.math.tanh(v.* / shape.softcap);
                 };
                 if (lo > c0) @memset(sc[0 .. lo - c0], -std.math.inf(f32));
-                const chunk_max = maxOf(sc);
-                const m_new = @max(work.m[r], chunk_max);
+                const m_new = @max(work.m[r], maxOf(sc));
                 const correction = expScalar(work.m[r] - m_new); // 0 for the first chunk (m = -inf)
-                const sum = expScaled(sc, sc, m_new, 1);
-                work.l[r] = work.l[r] * correction + sum;
+                work.l[r] = work.l[r] * correction + expScaled(sc, sc, m_new, 1);
                 work.m[r] = m_new;
-                const part = work.part[0..head_dim];
-                var d: usize = 0;
-                while (d + 4 * vec_len <= head_dim) : (d += 4 * vec_len) weighted(4, KV, part, sc, v_cache, kv_dim, kv_offset + d, table, block_size, d);
-                while (d + vec_len <= head_dim) : (d += vec_len) weighted(1, KV, part, sc, v_cache, kv_dim, kv_offset + d, table, block_size, d);
-                while (d < head_dim) : (d += 1) {
-                    var a: f32 = 0;
-                    for (sc, 0..) |w, p| a += w * @as(f32, @floatCast(v_cache[slotOf(table, block_size, p) * kv_dim + kv_offset + d]));
-                    part[d] = a;
-                }
-                for (work.acc[r * head_dim ..][0..head_dim], part) |*a, x| a.* = a.* * correction + x;
+                for (acc[h * head_dim ..][0..head_dim]) |*a| a.* *= correction;
             }
+            addWeightedV(KV, acc, work.scores, stride, group, v_cache, layout, kv_head, table, len);
         }
     }
     for (0..n_q) |i| for (0..group) |h| {
@@ -643,41 +598,105 @@ pub fn attendTile(
     };
 }
 
-/// scores[p] = scale * q . k[p] for the positions p of a block table from its start (16 at a
-/// time where a block has 16 more slots, as attendGroup computes them).
-fn chunkScores(comptime KV: type, scores: []f32, q: []const f32, k_cache: []const KV, kv_dim: usize, kv_offset: usize, table: []const i32, block_size: usize, scale: f32) void {
-    var p: usize = 0;
-    var block_index: usize = 0;
-    while (p < scores.len) : (block_index += 1) {
-        const first_slot = @as(usize, @intCast(table[block_index])) * block_size;
-        const in_block = @min(block_size, scores.len - p);
+/// Blocks ahead whose runs attention asks memory for while it works on one: a run starts a
+/// new stream (another block's, or past the other heads' runs), which the hardware's
+/// prefetchers do not follow.
+const prefetch_blocks = 2;
+
+inline fn prefetchRun(comptime KV: type, cache: []const KV, layout: KvLayout, block: i32, kv_head: usize) void {
+    const run = cache[layout.run(@intCast(block), kv_head)..][0 .. layout.block_size * layout.head_dim];
+    const bytes = std.mem.sliceAsBytes(run);
+    var o: usize = 0;
+    while (o < bytes.len) : (o += 64) @prefetch(bytes.ptr + o, .{});
+}
+
+/// scores[h * stride + p] = scale * q_h . k[p] for the `group` heads of q (rows of head_dim) and
+/// the positions p < len of a block table. Positions go 16 at a time where the block has 16
+/// more slots: lanes past len hold stale slots, computed and left in the row's slack
+/// (stride >= len + vec_len - 1).
+fn scoreRows(comptime KV: type, scores: []f32, stride: usize, q: []const f32, group: usize, k_cache: []const KV, layout: KvLayout, kv_head: usize, table: []const i32, len: usize, scale: f32) void {
+    const bs = layout.block_size;
+    const hd = layout.head_dim;
+    const n_blocks = (len + bs - 1) / bs;
+    for (0..n_blocks) |bi| {
+        if (bi + prefetch_blocks < n_blocks) prefetchRun(KV, k_cache, layout, table[bi + prefetch_blocks], kv_head);
+        const k = k_cache[layout.run(@intCast(table[bi]), kv_head)..].ptr;
+        const p = bi * bs;
+        const in_block = @min(bs, len - p);
         var j: usize = 0;
-        while (j < in_block and j + vec_len <= block_size) : (j += vec_len) {
-            const sv: [vec_len]f32 = scores16(KV, k_cache[(first_slot + j) * kv_dim + kv_offset ..].ptr, kv_dim, q) * @as(V, @splat(scale));
-            const n = @min(vec_len, in_block - j);
-            @memcpy(scores[p + j ..][0..n], sv[0..n]);
+        while (j < in_block and j + vec_len <= bs) : (j += vec_len) {
+            const at = scores[p + j ..];
+            var h: usize = 0;
+            while (h + 4 <= group) : (h += 4) scoreHeads(4, KV, at[h * stride ..], stride, q[h * hd ..], k + j, bs, hd, scale);
+            while (h + 2 <= group) : (h += 2) scoreHeads(2, KV, at[h * stride ..], stride, q[h * hd ..], k + j, bs, hd, scale);
+            if (h < group) scoreHeads(1, KV, at[h * stride ..], stride, q[h * hd ..], k + j, bs, hd, scale);
         }
-        for (@min(j, in_block)..in_block) |jj| scores[p + jj] = dot(KV, k_cache[(first_slot + jj) * kv_dim + kv_offset ..].ptr, q.ptr, q.len) * scale;
-        p += in_block;
+        for (@min(j, in_block)..in_block) |s| for (0..group) |h| {
+            var acc: f32 = 0;
+            for (0..hd) |d| acc += q[h * hd + d] * loadScalar(KV, k, d * bs + s);
+            scores[h * stride + p + s] = acc * scale;
+        };
     }
 }
 
-/// out[d0 .. d0 + 16 nv] = sum over positions of scores[pos] * v[pos][d ..], the sums in registers.
-inline fn weighted(comptime nv: usize, comptime KV: type, out: []f32, scores: []const f32, v_cache: []const KV, kv_dim: usize, v_offset: usize, block_table: []const i32, block_size: usize, d0: usize) void {
-    var acc: [nv]V = .{@as(V, @splat(0))} ** nv;
-    var p: usize = 0;
-    var block_index: usize = 0;
-    while (p < scores.len) : (block_index += 1) {
-        const first_slot = @as(usize, @intCast(block_table[block_index])) * block_size;
-        const in_block = @min(block_size, scores.len - p);
-        for (0..in_block) |j| {
-            const v = v_cache[(first_slot + j) * kv_dim + v_offset ..].ptr;
-            const a: V = @splat(scores[p + j]);
-            inline for (0..nv) |i| acc[i] = @mulAdd(V, a, loadVecN(vec_len, KV, v, i * vec_len), acc[i]);
-        }
-        p += in_block;
+/// Scores of nh heads for 16 slots of a run (k at the first slot; dimension d at k[d * bs]),
+/// two sums a head (even and odd dimensions) so that 2 nh chains of products run at once.
+inline fn scoreHeads(comptime nh: usize, comptime KV: type, out: []f32, stride: usize, q: []const f32, k: [*]const KV, bs: usize, hd: usize, scale: f32) void {
+    var acc: [2][nh]V = .{.{@as(V, @splat(0))} ** nh} ** 2;
+    var d: usize = 0;
+    while (d + 2 <= hd) : (d += 2) inline for (0..2) |e| {
+        const kv = loadVec(KV, k, (d + e) * bs);
+        inline for (0..nh) |i| acc[e][i] = @mulAdd(V, @splat(q[i * hd + d + e]), kv, acc[e][i]);
+    };
+    if (d < hd) {
+        const kv = loadVec(KV, k, d * bs);
+        inline for (0..nh) |i| acc[0][i] = @mulAdd(V, @splat(q[i * hd + d]), kv, acc[0][i]);
     }
-    inline for (0..nv) |i| out[d0 + i * vec_len ..][0..vec_len].* = acc[i];
+    inline for (0..nh) |i| out[i * stride ..][0..vec_len].* = (acc[0][i] + acc[1][i]) * @as(V, @splat(scale));
+}
+
+/// acc[h] += sum over p < len of w[h * stride + p] * v[p], for the `group` heads (acc rows of
+/// head_dim) and the positions of a block table; a block's V run is read once for all heads.
+fn addWeightedV(comptime KV: type, acc: []f32, w: []const f32, stride: usize, group: usize, v_cache: []const KV, layout: KvLayout, kv_head: usize, table: []const i32, len: usize) void {
+    const bs = layout.block_size;
+    const hd = layout.head_dim;
+    const n_blocks = (len + bs - 1) / bs;
+    for (0..n_blocks) |bi| {
+        if (bi + prefetch_blocks < n_blocks) prefetchRun(KV, v_cache, layout, table[bi + prefetch_blocks], kv_head);
+        const v = v_cache[layout.run(@intCast(table[bi]), kv_head)..].ptr;
+        const p = bi * bs;
+        const n = @min(bs, len - p);
+        var h: usize = 0;
+        while (h + 2 <= group) : (h += 2) weightedHeads(2, KV, acc[h * hd ..], w[h * stride + p ..], stride, v, n, hd);
+        if (h < group) weightedHeads(1, KV, acc[h * hd ..], w[h * stride + p ..], stride, v, n, hd);
+    }
+}
+
+/// acc rows of nh heads += the first n slots of a V run weighted by each head's w: 64
+/// dimensions at a time in registers, each V vector loaded once for the nh heads.
+inline fn weightedHeads(comptime nh: usize, comptime KV: type, acc: []f32, w: []const f32, stride: usize, v: [*]const KV, n: usize, hd: usize) void {
+    var d: usize = 0;
+    while (d + 4 * vec_len <= hd) : (d += 4 * vec_len) weightedDims(4, nh, KV, acc, w, stride, v, n, hd, d);
+    while (d + vec_len <= hd) : (d += vec_len) weightedDims(1, nh, KV, acc, w, stride, v, n, hd, d);
+    while (d < hd) : (d += 1) for (0..nh) |i| {
+        var a = acc[i * hd + d];
+        for (0..n) |s| a += w[i * stride + s] * loadScalar(KV, v, s * hd + d);
+        acc[i * hd + d] = a;
+    };
+}
+
+inline fn weightedDims(comptime nv: usize, comptime nh: usize, comptime KV: type, acc: []f32, w: []const f32, stride: usize, v: [*]const KV, n: usize, hd: usize, d0: usize) void {
+    var r: [nh][nv]V = undefined;
+    inline for (0..nh) |i| inline for (0..nv) |c| {
+        r[i][c] = acc[i * hd + d0 + c * vec_len ..][0..vec_len].*;
+    };
+    for (0..n) |s| inline for (0..nv) |c| {
+        const vv = loadVec(KV, v, s * hd + d0 + c * vec_len);
+        inline for (0..nh) |i| r[i][c] = @mulAdd(V, @splat(w[i * stride + s]), vv, r[i][c]);
+    };
+    inline for (0..nh) |i| inline for (0..nv) |c| {
+        acc[i * hd + d0 + c * vec_len ..][0..vec_len].* = r[i][c];
+    };
 }
 
 pub inline fn slotOf(block_table: []const i32, block_size: usize, position: usize) usize {
@@ -830,18 +849,18 @@ test "attendGroup over a scattered block table equals dense attention, per head,
     const allocator = testing.allocator;
     var prng = std.Random.DefaultPrng.init(11);
     const rng = prng.random();
-    // (head_dim, block_size, context_len): a 16-wide step and a scalar tail in blocks of
-    // four (one position at a time); then blocks of 16 (16 positions at a time, the last
-    // block partial) with 64 + 16 dimensions, and 64 + 8 (a tail in both sums).
-    const configs = [_][3]usize{ .{ 24, 4, 10 }, .{ 80, 16, 37 }, .{ 72, 16, 40 } };
+    // (head_dim, block_size, context_len, group): blocks of four (one slot at a time) with a
+    // 24-wide head; blocks of 16 (16 slots at a time, the last block partial) with 80 and 72
+    // dimensions (tails in both sums) and groups of 3 (heads two, then one, at a time) and 8
+    // (four at a time); blocks of 24 (a 16-slot vector and 8 single slots each).
+    const configs = [_][4]usize{ .{ 24, 4, 10, 3 }, .{ 80, 16, 37, 3 }, .{ 72, 16, 40, 8 }, .{ 64, 24, 61, 5 } };
     for (configs) |config| {
-        const head_dim, const block_size, const context_len = config;
-        const kv_dim = 2 * head_dim; // two KV heads; use the second
-        const group = 3;
+        const head_dim, const block_size, const context_len, const group = config;
+        const layout = KvLayout{ .block_size = block_size, .head_dim = head_dim, .num_kv_heads = 2 }; // use the second
         const num_blocks = 6;
-        const k_cache = try allocator.alloc(f32, num_blocks * block_size * kv_dim);
+        const k_cache = try allocator.alloc(f32, layout.layerLen(num_blocks));
         defer allocator.free(k_cache);
-        const v_cache = try allocator.alloc(f32, num_blocks * block_size * kv_dim);
+        const v_cache = try allocator.alloc(f32, layout.layerLen(num_blocks));
         defer allocator.free(v_cache);
         fillRandom(rng, k_cache);
         fillRandom(rng, v_cache);
@@ -849,15 +868,15 @@ test "attendGroup over a scattered block table equals dense attention, per head,
         const q = try allocator.alloc(f32, group * head_dim);
         defer allocator.free(q);
         fillRandom(rng, q);
-        const scores = try allocator.alloc(f32, group * context_len);
+        const scores = try allocator.alloc(f32, group * (context_len + vec_len));
         defer allocator.free(scores);
         const out = try allocator.alloc(f32, group * head_dim);
         defer allocator.free(out);
-        attendGroup(f32, out, q, group, k_cache, v_cache, kv_dim, head_dim, &block_table, block_size, context_len, scores, ScoreShape.plain(head_dim));
+        attendGroup(f32, out, q, group, k_cache, v_cache, layout, 1, &block_table, context_len, scores, ScoreShape.plain(head_dim));
 
         var want: [128]f64 = undefined;
         for (0..group) |h| {
-            naiveAttend(want[0..head_dim], q[h * head_dim ..][0..head_dim], k_cache, v_cache, kv_dim, head_dim, &block_table, block_size, context_len - 1, 0, ScoreShape.plain(head_dim));
+            naiveAttend(want[0..head_dim], q[h * head_dim ..][0..head_dim], k_cache, v_cache, layout, 1, &block_table, context_len - 1, 0, ScoreShape.plain(head_dim));
             for (0..head_dim) |d| try testing.expectApproxEqAbs(@as(f32, @floatCast(want[d])), out[h * head_dim + d], 1e-5);
         }
         // The same over an f16 copy of the cache, within f16 rounding.
@@ -869,22 +888,44 @@ test "attendGroup over a scattered block table equals dense attention, per head,
         for (v16, v_cache) |*d, x| d.* = @floatCast(x);
         const out16 = try allocator.alloc(f32, group * head_dim);
         defer allocator.free(out16);
-        attendGroup(f16, out16, q, group, k16, v16, kv_dim, head_dim, &block_table, block_size, context_len, scores, ScoreShape.plain(head_dim));
+        attendGroup(f16, out16, q, group, k16, v16, layout, 1, &block_table, context_len, scores, ScoreShape.plain(head_dim));
         for (out, out16) |a, b| try testing.expectApproxEqAbs(a, b, 1e-2);
     }
 }
 
+test "storeKv puts each value where KvLayout says, and nowhere else" {
+    const layout = KvLayout{ .block_size = 4, .head_dim = 3, .num_kv_heads = 2 };
+    var k_cache = [_]f16{0} ** (3 * 4 * 3 * 2);
+    var v_cache = [_]f16{0} ** (3 * 4 * 3 * 2);
+    const k = [_]f32{ 1, 2, 3, 4, 5, 6 };
+    const v = [_]f32{ -1, -2, -3, -4, -5, -6 };
+    storeKv(f16, layout, &k_cache, &v_cache, 9, &k, &v); // block 2, slot 1
+    var seen: usize = 0;
+    for (0..2) |h| for (0..3) |d| {
+        try testing.expectEqual(@as(f16, @floatCast(k[h * 3 + d])), k_cache[layout.kIndex(9, h, d)]);
+        try testing.expectEqual(@as(f16, @floatCast(v[h * 3 + d])), v_cache[layout.vIndex(9, h, d)]);
+        // K dimension-major within the run: the next dimension is a block further on.
+        try testing.expectEqual(layout.run(2, h) + d * 4 + 1, layout.kIndex(9, h, d));
+        try testing.expectEqual(layout.run(2, h) + 3 + d, layout.vIndex(9, h, d));
+        seen += 1;
+    };
+    var nonzero: usize = 0;
+    for (k_cache) |x| nonzero += @intFromBool(x != 0);
+    for (v_cache) |x| nonzero += @intFromBool(x != 0);
+    try testing.expectEqual(2 * seen, nonzero);
+}
+
 /// Dense causal attention in f64 for query head h at position pos of a paged sequence: the
 /// reference attendTile and attendGroup are held to (scores of one head, its window, soft cap).
-fn naiveAttend(out: []f64, q: []const f32, k_cache: []const f32, v_cache: []const f32, kv_dim: usize, kv_offset: usize, table: []const i32, block_size: usize, pos: usize, window: usize, shape: ScoreShape) void {
+fn naiveAttend(out: []f64, q: []const f32, k_cache: []const f32, v_cache: []const f32, layout: KvLayout, kv_head: usize, table: []const i32, pos: usize, window: usize, shape: ScoreShape) void {
     const head_dim = q.len;
     const lo = windowStart(pos, window);
     var w: [1024]f64 = undefined;
     var max: f64 = -std.math.inf(f64);
     for (lo..pos + 1) |p| {
-        const slot: usize = @as(usize, @intCast(table[p / block_size])) * block_size + p % block_size;
+        const slot = slotOf(table, layout.block_size, p);
         var sum: f64 = 0;
-        for (0..head_dim) |d| sum += @as(f64, q[d]) * k_cache[slot * kv_dim + kv_offset + d];
+        for (0..head_dim) |d| sum += @as(f64, q[d]) * k_cache[layout.kIndex(slot, kv_head, d)];
         var score = sum * shape.scale;
         if (shape.softcap != 0) score = shape.softcap * std.math.tanh(score / shape.softcap);
         w[p] = score;
@@ -897,8 +938,8 @@ fn naiveAttend(out: []f64, q: []const f32, k_cache: []const f32, v_cache: []cons
     }
     @memset(out, 0);
     for (lo..pos + 1) |p| {
-        const slot: usize = @as(usize, @intCast(table[p / block_size])) * block_size + p % block_size;
-        for (0..head_dim) |d| out[d] += w[p] / total * v_cache[slot * kv_dim + kv_offset + d];
+        const slot = slotOf(table, layout.block_size, p);
+        for (0..head_dim) |d| out[d] += w[p] / total * v_cache[layout.vIndex(slot, kv_head, d)];
     }
 }
 
@@ -906,23 +947,22 @@ test "attendTile (a prefill tile, online softmax) equals dense causal attention:
     const allocator = testing.allocator;
     var prng = std.Random.DefaultPrng.init(12);
     const rng = prng.random();
-    // (head_dim, block_size, first_pos, n_q, window, softcap): a tile inside one block; one
-    // across blocks deep in the context; partial blocks of 4 with a scalar tail; windows that
-    // start inside a block and ones wider than the context; a soft cap.
-    const configs = [_]struct { usize, usize, usize, usize, usize, f32 }{
-        .{ 64, 16, 0, 16, 0, 0 },   .{ 64, 16, 70, 16, 0, 0 },  .{ 24, 4, 5, 7, 0, 0 },
-        .{ 72, 16, 40, 13, 20, 0 }, .{ 64, 16, 33, 16, 8, 1.5 }, .{ 64, 16, 3, 2, 100, 0 },
+    // (head_dim, block_size, first_pos, n_q, window, softcap, group): a tile inside one block;
+    // one across blocks deep in the context; partial blocks of 4 with a scalar tail; windows that
+    // start inside a block and ones wider than the context; a soft cap; groups of 2 and 5.
+    const configs = [_]struct { usize, usize, usize, usize, usize, f32, usize }{
+        .{ 64, 16, 0, 16, 0, 0, 2 },   .{ 64, 16, 70, 16, 0, 0, 5 },   .{ 24, 4, 5, 7, 0, 0, 2 },
+        .{ 72, 16, 40, 13, 20, 0, 2 }, .{ 64, 16, 33, 16, 8, 1.5, 5 }, .{ 64, 16, 3, 2, 100, 0, 2 },
         // Past one chunk of positions: several chunks, and a window across a chunk's edge.
-        .{ 64, 16, 500, 16, 0, 0 }, .{ 64, 16, 600, 9, 300, 0 },
+        .{ 64, 16, 500, 16, 0, 0, 2 }, .{ 64, 16, 600, 9, 300, 0, 5 },
     };
     for (configs) |config| {
-        const head_dim, const block_size, const first_pos, const n_q, const window, const softcap = config;
-        const group = 2;
-        const kv_dim = 2 * head_dim; // two KV heads; use the second
+        const head_dim, const block_size, const first_pos, const n_q, const window, const softcap, const group = config;
+        const layout = KvLayout{ .block_size = block_size, .head_dim = head_dim, .num_kv_heads = 2 }; // use the second
         const num_blocks = 48;
-        const k_cache = try allocator.alloc(f32, num_blocks * block_size * kv_dim);
+        const k_cache = try allocator.alloc(f32, layout.layerLen(num_blocks));
         defer allocator.free(k_cache);
-        const v_cache = try allocator.alloc(f32, num_blocks * block_size * kv_dim);
+        const v_cache = try allocator.alloc(f32, layout.layerLen(num_blocks));
         defer allocator.free(v_cache);
         fillRandom(rng, k_cache);
         fillRandom(rng, v_cache);
@@ -940,14 +980,14 @@ test "attendTile (a prefill tile, online softmax) equals dense causal attention:
         defer allocator.free(l);
         const acc = try allocator.alloc(f32, tile_queries * group * head_dim);
         defer allocator.free(acc);
+        const chunk_scores = try allocator.alloc(f32, group * (tile_chunk + vec_len));
+        defer allocator.free(chunk_scores);
         var shape = ScoreShape.plain(head_dim);
         shape.softcap = softcap;
-        var chunk_scores: [tile_chunk]f32 = undefined;
-        var part: [128]f32 = undefined;
-        attendTile(f32, out, group * head_dim, q, q_stride, n_q, group, head_dim, k_cache, v_cache, kv_dim, head_dim, &table, block_size, first_pos, window, shape, .{ .m = m, .l = l, .acc = acc, .scores = &chunk_scores, .part = &part });
+        attendTile(f32, out, group * head_dim, q, q_stride, n_q, group, k_cache, v_cache, layout, 1, &table, first_pos, window, shape, .{ .m = m, .l = l, .acc = acc, .scores = chunk_scores });
         var want: [128]f64 = undefined;
         for (0..n_q) |i| for (0..group) |h| {
-            naiveAttend(want[0..head_dim], q[i * q_stride + h * head_dim ..][0..head_dim], k_cache, v_cache, kv_dim, head_dim, &table, block_size, first_pos + i, window, shape);
+            naiveAttend(want[0..head_dim], q[i * q_stride + h * head_dim ..][0..head_dim], k_cache, v_cache, layout, 1, &table, first_pos + i, window, shape);
             for (0..head_dim) |d| try testing.expectApproxEqAbs(want[d], out[(i * group + h) * head_dim + d], 2e-5);
         };
     }
