@@ -24,7 +24,7 @@ function checkPromptLine(value: unknown): OfflinePrompt {
 const USAGE = `usage:
   inferneo generate --model <hf folder | file.gguf | org/name> --prompt <text> [options]
   inferneo serve --model <...> [--host 127.0.0.1] [--port 8000]
-  inferneo quantize <in.gguf> <out.gguf> --type q8_0|q4_0|q4_k|q6_k|q5_0|q3_k|iq4_nl|q4_k_m
+  inferneo quantize <in.gguf> <out.gguf> --type q8_0|q4_0|q4_1|q5_0|q5_1|q4_k|q5_k|q6_k|q3_k|iq4_nl|q4_k_m|q5_k_m
 
 generate options:
   --max-tokens N        tokens to generate (default 128)

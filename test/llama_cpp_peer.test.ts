@@ -156,7 +156,7 @@ describe.skipIf(!built)("llama.cpp on the same GGUF: greedy tokens and log-proba
 // The quantized types' bit layouts, read by llama.cpp: its llama-quantize decodes each tensor
 // (requantizing to F32), and every weight must equal what our decoder (the reference's, which
 // the engine matches to 1e-6) makes of the same bytes.
-const QUANT: QuantType[] = ["q4_0", "q8_0", "q5_0", "iq4_nl", "q4_k", "q6_k", "q3_k"];
+const QUANT: QuantType[] = ["q4_0", "q4_1", "q8_0", "q5_0", "q5_1", "iq4_nl", "q4_k", "q5_k", "q6_k", "q3_k"];
 const QUANTIZE = join(import.meta.dir, "..", ".bench", "llama.cpp", "build", "bin", "llama-quantize");
 
 describe.skipIf(!built || !existsSync(QUANTIZE))("llama.cpp decodes each quantized type as we do", () => {

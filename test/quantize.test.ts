@@ -1,7 +1,7 @@
 // `inferneo quantize`: each type writes what the engine reads back exactly (see the random-model
-// tests), and the Q4_K_M mix picks llama.cpp's type for every tensor: Q6_K for the output and for
-// attn_v and ffn_down in the layers llama.cpp gives more bits, Q4_K elsewhere, and its fallbacks
-// (Q5_0, Q8_0) where rows are not whole super-blocks. Where llama.cpp's own llama-quantize is
+// tests), and the Q4_K_M and Q5_K_M mixes pick llama.cpp's type for every tensor: Q6_K for the
+// output and for attn_v and ffn_down in the layers llama.cpp gives more bits, Q4_K (Q5_K)
+// elsewhere, and their fallbacks (Q5_0 or Q5_1, and Q8_0) where rows are not whole super-blocks. Where llama.cpp's own llama-quantize is
 // built (scripts/build-llama-cpp.sh), its choices on the same file are the reference.
 import { afterAll, describe, expect, setDefaultTimeout, test } from "bun:test";
 import { spawnSync } from "node:child_process";
@@ -33,15 +33,17 @@ const EIGHT: RandomLlamaShape = { ...GQA, layers: 8, seed: 7 };
 const NARROW: RandomLlamaShape = { ...GQA, dim: 160, heads: 5, kvHeads: 1, ffn: 320, layers: 2, seed: 8 };
 
 describe("inferneo quantize", () => {
-  for (const [name, shape] of [
-    ["eight layers", EIGHT],
-    ["rows that are not whole super-blocks", NARROW],
+  for (const [name, shape, mix] of [
+    ["eight layers", EIGHT, "q4_k_m"],
+    ["rows that are not whole super-blocks", NARROW, "q4_k_m"],
+    ["eight layers", EIGHT, "q5_k_m"],
+    ["rows that are not whole super-blocks", NARROW, "q5_k_m"],
   ] as const) {
-    test(`Q4_K_M on ${name}: llama.cpp's type for each tensor, and the model runs`, async () => {
-      const src = join(dir, `${shape.seed}-f32.gguf`);
+    test(`${mix.toUpperCase()} on ${name}: llama.cpp's type for each tensor, and the model runs`, async () => {
+      const src = join(dir, `${shape.seed}-${mix}-f32.gguf`);
       writeGguf(src, shape, "f32", makeWeights(shape, "f32"));
-      const out = join(dir, `${shape.seed}-q4_k_m.gguf`);
-      quantizeGguf(src, out, "q4_k_m");
+      const out = join(dir, `${shape.seed}-${mix}.gguf`);
+      quantizeGguf(src, out, mix);
       const got = typesOf(out);
       // llama.cpp's use_more_bits(i, n), transcribed (for eight layers: 0, 3, 6 and 7).
       const n = shape.layers;
@@ -59,14 +61,18 @@ describe("inferneo quantize", () => {
               ? "Q6_K"
               : "Q8_0"
             : cols % 256 === 0
-              ? "Q4_K"
-              : "Q5_0";
+              ? mix === "q4_k_m"
+                ? "Q4_K"
+                : "Q5_K"
+              : mix === "q4_k_m"
+                ? "Q5_0"
+                : "Q5_1";
         expect({ tensor, type }).toEqual({ tensor, type: want });
       }
       expect(Object.values(got)).toContain(k ? "Q6_K" : "Q8_0");
       if (existsSync(LLAMA_QUANTIZE)) {
-        const theirs = join(dir, `${shape.seed}-theirs.gguf`);
-        const r = spawnSync(LLAMA_QUANTIZE, [src, theirs, "Q4_K_M"], { encoding: "utf8" });
+        const theirs = join(dir, `${shape.seed}-${mix}-theirs.gguf`);
+        const r = spawnSync(LLAMA_QUANTIZE, [src, theirs, mix.toUpperCase()], { encoding: "utf8" });
         expect(r.status).toBe(0);
         expect(got).toEqual(typesOf(theirs));
       }

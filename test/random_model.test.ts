@@ -54,7 +54,10 @@ const cases: {
   // Quantized GGUF: the reference runs on the decoded weights, so results must agree as closely as f32 does.
   { name: "GQA, Q8_0 (GGUF)", shape: GQA, dtype: "q8_0", format: "gguf" },
   { name: "GQA, Q4_0 (GGUF)", shape: GQA, dtype: "q4_0", format: "gguf" },
+  { name: "GQA, Q4_1 (GGUF)", shape: GQA, dtype: "q4_1", format: "gguf" },
+  { name: "GQA, Q5_1 (GGUF)", shape: GQA, dtype: "q5_1", format: "gguf" },
   { name: "GQA, Q4_K (GGUF)", shape: GQA, dtype: "q4_k", format: "gguf" },
+  { name: "GQA, Q5_K (GGUF)", shape: GQA, dtype: "q5_k", format: "gguf" },
   { name: "GQA, Q6_K (GGUF)", shape: GQA, dtype: "q6_k", format: "gguf" },
   // Packed at load as the type that holds their values exactly (Q8_0, Q6_K).
   { name: "GQA, Q5_0 (GGUF)", shape: GQA, dtype: "q5_0", format: "gguf" },
@@ -123,7 +126,18 @@ const cases: {
     format: "hf",
   },
 ];
-const QUANT_TYPES: readonly string[] = ["q8_0", "q4_0", "q4_k", "q6_k", "q5_0", "iq4_nl", "q3_k"];
+const QUANT_TYPES: readonly string[] = [
+  "q8_0",
+  "q4_0",
+  "q4_1",
+  "q5_1",
+  "q4_k",
+  "q5_k",
+  "q6_k",
+  "q5_0",
+  "iq4_nl",
+  "q3_k",
+];
 
 /** The shape without each feature it sets that the reference can leave out. */
 function ablations(s: RandomLlamaShape): [string, Partial<RandomLlamaShape>][] {

@@ -55,10 +55,13 @@ enum ifn_dtype {
     IFN_DTYPE_F32 = 0,
     IFN_DTYPE_F16 = 1,
     IFN_DTYPE_Q4_0 = 2,   /* blocks of 32: f16 scale, 16 bytes of 4-bit weights */
+    IFN_DTYPE_Q4_1 = 3,   /* blocks of 32: f16 scale and offset, 4-bit weights */
     IFN_DTYPE_Q5_0 = 6,   /* blocks of 32 (22 bytes); rewritten as Q8_0 at load, exactly */
+    IFN_DTYPE_Q5_1 = 7,   /* blocks of 32: f16 scale and offset, 5-bit weights */
     IFN_DTYPE_Q8_0 = 8,   /* blocks of 32: f16 scale, 32 int8 weights */
     IFN_DTYPE_Q3_K = 11,  /* super-blocks of 256 (110 bytes); rewritten as Q6_K at load, exactly */
     IFN_DTYPE_Q4_K = 12,  /* super-blocks of 256 */
+    IFN_DTYPE_Q5_K = 13,  /* super-blocks of 256 */
     IFN_DTYPE_Q6_K = 14,  /* super-blocks of 256 */
     IFN_DTYPE_IQ4_NL = 20,/* blocks of 32 (18 bytes); rewritten as Q8_0 at load, exactly */
     IFN_DTYPE_BF16 = 30,

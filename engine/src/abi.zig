@@ -21,10 +21,13 @@ pub const DType = enum(u32) {
     f32 = 0,
     f16 = 1,
     q4_0 = 2,
+    q4_1 = 3,
     q5_0 = 6,
+    q5_1 = 7,
     q8_0 = 8,
     q3_k = 11,
     q4_k = 12,
+    q5_k = 13,
     q6_k = 14,
     iq4_nl = 20,
     bf16 = 30,
@@ -43,8 +46,8 @@ pub const DType = enum(u32) {
     pub fn blockElems(dtype: DType) ?u64 {
         return switch (dtype) {
             .f32, .f16, .bf16 => 1,
-            .q4_0, .q8_0, .q5_0, .iq4_nl => 32,
-            .q4_k, .q6_k, .q3_k => 256,
+            .q4_0, .q4_1, .q5_1, .q8_0, .q5_0, .iq4_nl => 32,
+            .q4_k, .q5_k, .q6_k, .q3_k => 256,
             _ => null,
         };
     }
@@ -55,9 +58,12 @@ pub const DType = enum(u32) {
             .f16, .bf16 => 2,
             .q4_0, .iq4_nl => 18,
             .q5_0 => 22,
+            .q4_1 => 20,
+            .q5_1 => 24,
             .q3_k => 110,
             .q8_0 => 34,
             .q4_k => 144,
+            .q5_k => 176,
             .q6_k => 210,
             _ => null,
         };

@@ -84,7 +84,7 @@ pub fn main() !void {
     @memset(plain, 1);
     const stdout = std.io.getStdOut().writer();
     var sinks: [16]f32 = .{0} ** 16;
-    inline for (.{ .{ "q4_0", quant.BlockQ4_0 }, .{ "q8_0", quant.BlockQ8_0 }, .{ "q4_k", quant.BlockQ4_K }, .{ "q6_k", quant.BlockQ6_K }, .{ "bf16", u16 }, .{ "f16 (f32 products)", f16 } }) |case| {
+    inline for (.{ .{ "q4_0", quant.BlockQ4_0 }, .{ "q8_0", quant.BlockQ8_0 }, .{ "q4_k", quant.BlockQ4_K }, .{ "q5_k", quant.BlockQ5_K }, .{ "q6_k", quant.BlockQ6_K }, .{ "bf16", u16 }, .{ "f16 (f32 products)", f16 } }) |case| {
         if (only == null or std.mem.eql(u8, only.?, case[0])) try benchType(case[0], case[1], allocator, threads, in, &pool, plain, &sinks, prng.random(), stdout);
     }
 }

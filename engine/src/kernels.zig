@@ -23,7 +23,7 @@ pub const Matrix = struct {
 
     pub const Layout = enum {
         plain,
-        /// Q8_0/Q4_0/Q4_K/Q6_K for the integer products (qgemm.pack).
+        /// Q8_0/Q4_0/Q4_1/Q5_1/Q4_K/Q5_K/Q6_K for the integer products (qgemm.pack).
         int_groups,
         /// Float weights rounded to bf16 pairs for bf16 products (bgemm.pack).
         bf16_groups,
@@ -47,7 +47,7 @@ pub const Matrix = struct {
         }
         const row_ptr = m.data + row * m.rowBytes();
         switch (m.dtype) {
-            inline .f32, .f16, .bf16, .q8_0, .q4_0, .q4_k, .q6_k => |t| {
+            inline .f32, .f16, .bf16, .q8_0, .q4_0, .q4_1, .q5_1, .q4_k, .q5_k, .q6_k => |t| {
                 const p: [*]align(1) const StorageType(t) = @ptrCast(row_ptr);
                 for (out, 0..) |*o, c| o.* = loadScalar(StorageType(t), p, c);
             },
@@ -62,7 +62,7 @@ pub const Matrix = struct {
         switch (m.layout) {
             .plain => {},
             .int_groups => return switch (m.dtype) {
-                inline .q8_0, .q4_0, .q4_k, .q6_k => |t| qgemm.weightAt(StorageType(t), m.data, m.cols, row, col),
+                inline .q8_0, .q4_0, .q4_1, .q5_1, .q4_k, .q5_k, .q6_k => |t| qgemm.weightAt(StorageType(t), m.data, m.cols, row, col),
                 else => unreachable,
             },
             .bf16_groups => return bgemm.weightAt(m.data, m.cols, row, col),
@@ -73,7 +73,7 @@ pub const Matrix = struct {
         }
         const row_ptr = m.data + row * m.rowBytes();
         return switch (m.dtype) {
-            inline .f32, .f16, .bf16, .q8_0, .q4_0, .q4_k, .q6_k => |t| loadScalar(StorageType(t), @ptrCast(row_ptr), col),
+            inline .f32, .f16, .bf16, .q8_0, .q4_0, .q4_1, .q5_1, .q4_k, .q5_k, .q6_k => |t| loadScalar(StorageType(t), @ptrCast(row_ptr), col),
             else => unreachable,
         };
     }
@@ -87,7 +87,10 @@ pub fn StorageType(comptime dtype: DType) type {
         .bf16 => u16,
         .q8_0 => quant.BlockQ8_0,
         .q4_0 => quant.BlockQ4_0,
+        .q4_1 => quant.BlockQ4_1,
+        .q5_1 => quant.BlockQ5_1,
         .q4_k => quant.BlockQ4_K,
+        .q5_k => quant.BlockQ5_K,
         .q6_k => quant.BlockQ6_K,
         .q5_0 => quant.BlockQ5_0,
         .iq4_nl => quant.BlockIQ4_NL,
@@ -159,7 +162,7 @@ pub fn matmulRows(out: []f32, out_stride: usize, x: []const f32, n_tokens: usize
         },
         // Quantized weights are always packed (at load) and multiplied in integers: the
         // caller quantized x.
-        inline .q8_0, .q4_0, .q4_k, .q6_k => |t| {
+        inline .q8_0, .q4_0, .q4_1, .q5_1, .q4_k, .q5_k, .q6_k => |t| {
             assert(w.layout == .int_groups);
             qgemm.matmulRows(StorageType(t), out, out_stride, acts.q8.?, n_tokens, w.data, w.cols, row_begin, row_end);
         },
@@ -169,7 +172,7 @@ pub fn matmulRows(out: []f32, out_stride: usize, x: []const f32, n_tokens: usize
 
 /// A matmul's input in the forms its weights' fast paths take (null where not made).
 pub const Acts = struct {
-    /// Quantized to 8 bits: for packed (Q8_0, Q4_0, Q4_K, Q6_K) weights, which need it.
+    /// Quantized to 8 bits: for packed (Q8_0, Q4_0, Q4_1, Q5_1, Q4_K, Q5_K, Q6_K) weights, which need it.
     q8: ?quant.QuantActs = null,
     /// Rounded to bf16 (tokens, cols): for packed float weights (bf16 products), which need it.
     bf16: ?[]const u16 = null,
@@ -296,7 +299,7 @@ pub fn rmsnorm(out: []f32, x: []const f32, weight: Matrix, eps: f32) void {
     const mean: f32 = @floatCast(ss / @as(f64, @floatFromInt(x.len)));
     const scale = 1.0 / @sqrt(mean + eps);
     switch (weight.dtype) {
-        inline .f32, .f16, .bf16, .q8_0, .q4_0, .q4_k, .q6_k => |t| {
+        inline .f32, .f16, .bf16, .q8_0, .q4_0, .q4_1, .q5_1, .q4_k, .q5_k, .q6_k => |t| {
             const w: [*]align(1) const StorageType(t) = @ptrCast(weight.data);
             var j: usize = 0;
             if (t == .f32) {
@@ -761,7 +764,7 @@ test "matmulRows over packed quantized weights equals a plain dot over decoded w
     var storage: [rows * (cols / 32) * 34 + rows * (cols / 256) * 210]u8 = undefined;
     var x: [n_tokens * cols]f32 = undefined;
     fillRandom(rng, &x);
-    inline for (.{ DType.q8_0, DType.q4_0, DType.q4_k, DType.q6_k }) |dtype| {
+    inline for (.{ DType.q8_0, DType.q4_0, DType.q4_1, DType.q5_1, DType.q4_k, DType.q5_k, DType.q6_k }) |dtype| {
         const w = Matrix{ .dtype = dtype, .data = @ptrCast(&storage), .rows = rows, .cols = cols };
         const bytes = storage[0 .. rows * w.rowBytes()];
         rng.bytes(bytes);
@@ -771,7 +774,7 @@ test "matmulRows over packed quantized weights equals a plain dot over decoded w
         while (off < bytes.len) : (off += unit_bytes) {
             const at: []const usize = switch (dtype) {
                 .q6_k => &.{208},
-                .q4_k => &.{ 0, 2 },
+                .q4_k, .q5_k, .q4_1, .q5_1 => &.{ 0, 2 },
                 else => &.{0},
             };
             for (at) |a| std.mem.writeInt(u16, bytes[off + a ..][0..2], @bitCast(@as(f16, @floatCast(rng.float(f32) * 0.01))), .little);

@@ -1,12 +1,12 @@
 //! Integer matrix products for quantized weights against 8-bit activations (llama.cpp's
 //! Q8 activations, computed with VNNI's vpdpbusd where the CPU has it): every product
-//! with Q8_0, Q4_0, Q4_K and Q6_K weights, from one token to a whole prefill.
+//! with Q8_0, Q4_0, Q4_1, Q5_1, Q4_K, Q5_K and Q6_K weights, from one token to a whole prefill.
 //!
 //! The weights are repacked once, at load, into 16-row groups. In a group each 32-weight
 //! block is a run of 64-byte vectors of "quads": quad k holds row r's weights 4k..4k+3 at
 //! bytes 4r..4r+3, as unsigned bytes u with a per-row scale s and offset o such that
-//! w = s * u + o (Q4 types keep two quads per vector, in the low and high nibbles, and
-//! Q6_K adds two vectors of their top bits, so a packed matrix is as small as the file's,
+//! w = s * u + o (Q4 types keep two quads per vector, in the low and high nibbles, Q5 types
+//! add a vector of their fifth bits and Q6_K two of their top two, so a packed matrix is as small as the file's,
 //! give or take its scales' layout). One vpdpbusd then multiplies 16 rows by four
 //! weights of one token (its four activation bytes broadcast), so the 16 outputs of a
 //! token land in one vector and nothing needs a horizontal sum. Four groups make a
@@ -69,18 +69,25 @@ const vec_bytes = 64; // one zmm: 16 rows x 4 bytes
 
 /// Whether a quantized type is repacked at load for the integer products.
 pub fn packs(comptime T: type) bool {
-    return T == quant.BlockQ8_0 or T == quant.BlockQ4_0 or T == quant.BlockQ4_K or T == quant.BlockQ6_K;
+    return quant.isBlock(T);
 }
 
 /// 64-byte vectors of weights per 32-weight block: one per quad (Q8_0), one per two quads
-/// of nibbles (Q4 types), or, for Q6_K, four of nibbles (the low four bits of each
-/// weight) and two of 2-bit fields (the top two bits of quads 0..3, then of quads 4..7).
+/// of nibbles (Q4 types), or four of nibbles (the low four bits of each weight) and, for
+/// Q5_1 and Q5_K, one of fifth bits (bit k of a byte for quad k) or, for Q6_K, two of 2-bit fields
+/// (the top two bits of quads 0..3, then of quads 4..7).
 fn vectorsPerBlock(comptime T: type) usize {
     return switch (T) {
         quant.BlockQ8_0 => 8,
         quant.BlockQ6_K => 6,
+        quant.BlockQ5_K, quant.BlockQ5_1 => 5,
         else => 4,
     };
+}
+
+/// Whether a 32-weight block has its own offset (w = d * q + m): Q4_1, Q5_1.
+fn hasMin(comptime T: type) bool {
+    return T == quant.BlockQ4_1 or T == quant.BlockQ5_1;
 }
 
 /// Groups a stripe holds: the rows a decode's tile takes (stream_tile_rows).
@@ -88,10 +95,10 @@ pub const stripe_groups = 4;
 const stripe_rows = stripe_groups * group_rows;
 
 /// Where a packed stripe keeps its bytes. For each 32-weight block (a "unit"): the four
-/// groups' weight vectors, then the four groups' 32-byte scale records (Q8_0, Q4_0: an f16
-/// scale per row; Q4_K: a 6-bit scale per row, then a 6-bit min; Q6_K: an i8 scale per row
-/// for each 16-weight half). The K types put each super-block's f16 factors (d per row;
-/// Q4_K also dmin) in front of its eight units. A decode's tile, the whole stripe, then
+/// groups' weight vectors, then the four groups' scale records (Q8_0, Q4_0: an f16
+/// scale per row; Q4_1, Q5_1: an f16 scale per row, then an f16 offset; Q4_K, Q5_K: a 6-bit scale per row, then a 6-bit min; Q6_K: an i8 scale per
+/// row for each 16-weight half). The K types put each super-block's f16 factors (d per row;
+/// Q4_K and Q5_K also dmin) in front of its eight units. A decode's tile, the whole stripe, then
 /// reads one run of memory front to back, its scales inside it: with four groups' weights
 /// and scales as eight streams a thread, a tile's start found three or four of them cold,
 /// and the kernel read 0.80-0.84 of a plain read where one stream reads 0.95-1.02 (q4_0-like
@@ -100,9 +107,9 @@ fn Stripe(comptime T: type) type {
     return struct {
         /// A group's weight vectors in a block, its scale record, its super-block factors.
         const w_bytes = vectorsPerBlock(T) * vec_bytes;
-        const s_bytes = 32;
+        const s_bytes = if (hasMin(T)) 64 else 32;
         const d_bytes = switch (T) {
-            quant.BlockQ4_K => 64,
+            quant.BlockQ4_K, quant.BlockQ5_K => 64,
             quant.BlockQ6_K => 32,
             else => 0,
         };
@@ -176,12 +183,17 @@ fn packGroup(comptime T: type, comptime Src: type, dst: []u8, pos: usize, base: 
                     for (&u, blk.qs) |*x, q| x.* = @as(u8, @bitCast(q)) ^ 0x80;
                     std.mem.writeInt(u16, scales[2 * r ..][0..2], blk.d, .little);
                 },
-                quant.BlockQ4_0 => {
+                quant.BlockQ4_0, quant.BlockQ4_1, quant.BlockQ5_1 => {
                     for (0..16) |i| {
                         u[i] = blk.qs[i] & 0xF;
                         u[i + 16] = blk.qs[i] >> 4;
                     }
+                    if (T == quant.BlockQ5_1) {
+                        const qh = std.mem.readInt(u32, &blk.qh, .little);
+                        for (&u, 0..) |*x, i| x.* |= @as(u8, @intCast((qh >> @intCast(i)) & 1)) << 4;
+                    }
                     std.mem.writeInt(u16, scales[2 * r ..][0..2], blk.d, .little);
+                    if (comptime hasMin(T)) std.mem.writeInt(u16, scales[32 + 2 * r ..][0..2], blk.m, .little);
                 },
                 quant.BlockQ6_K => {
                     const h = b % 8 / 4; // half of the super-block
@@ -196,11 +208,12 @@ fn packGroup(comptime T: type, comptime Src: type, dst: []u8, pos: usize, base: 
                     scales[group_rows + r] = @bitCast(blk.scales[8 * h + 2 * k + 1]);
                     std.mem.writeInt(u16, factors[2 * r ..][0..2], blk.d, .little);
                 },
-                quant.BlockQ4_K => {
+                quant.BlockQ4_K, quant.BlockQ5_K => {
                     const sub = b % 8;
                     for (0..32) |i| {
                         const byte = blk.qs[32 * (sub / 2) + i];
                         u[i] = if (sub % 2 == 0) byte & 0xF else byte >> 4;
+                        if (T == quant.BlockQ5_K) u[i] |= ((blk.qh[i] >> @intCast(sub)) & 1) << 4;
                     }
                     const sm = quant.scaleMinK4(sub, &blk.scales);
                     scales[r] = sm[0];
@@ -216,6 +229,7 @@ fn packGroup(comptime T: type, comptime Src: type, dst: []u8, pos: usize, base: 
                     w[k * vec_bytes + 4 * r + i % 4] = u[i];
                 } else {
                     w[k % 4 * vec_bytes + 4 * r + i % 4] |= (u[i] & 0xF) << @as(u3, if (k < 4) 0 else 4);
+                    if (vecs == 5) w[4 * vec_bytes + 4 * r + i % 4] |= (u[i] >> 4) << @intCast(k);
                     if (vecs == 6) w[(4 + k / 4) * vec_bytes + 4 * r + i % 4] |= (u[i] >> 4) << @intCast(2 * (k % 4));
                 }
             }
@@ -256,7 +270,12 @@ inline fn blockScales(comptime T: type, stripe: [*]const u8, pos: usize, b: usiz
             const d: F16 = @floatCast(h);
             return .{ .s = d, .o = d * @as(F16, @splat(if (T == quant.BlockQ8_0) -128 else -8)) };
         },
-        quant.BlockQ4_K => {
+        quant.BlockQ4_1, quant.BlockQ5_1 => {
+            const d: F16 = @floatCast(@as(@Vector(16, f16), @bitCast(scales[0..32].*)));
+            const m: F16 = @floatCast(@as(@Vector(16, f16), @bitCast(scales[32..64].*)));
+            return .{ .s = d, .o = m };
+        },
+        quant.BlockQ4_K, quant.BlockQ5_K => {
             const sc: @Vector(16, u8) = scales[0..16].*;
             const m: @Vector(16, u8) = scales[16..32].*;
             const dd = stripe + L.factors(pos) + L.blockOffset(b / 8 * 8);
@@ -295,6 +314,7 @@ inline fn unpackedByte(comptime T: type, w: [*]const u8, r: usize, i: usize) u8 
     const byte = w[k % 4 * vec_bytes + 4 * r + i % 4];
     const low = if (k < 4) byte & 0xF else byte >> 4;
     if (vecs == 4) return low;
+    if (vecs == 5) return low | ((w[4 * vec_bytes + 4 * r + i % 4] >> @intCast(k)) & 1) << 4;
     const top = (w[(4 + k / 4) * vec_bytes + 4 * r + i % 4] >> @intCast(2 * (k % 4))) & 3;
     return low | top << 4;
 }
@@ -342,7 +362,7 @@ inline fn tileInt(comptime T: type, comptime ng: usize, comptime nt: usize, data
     @setEvalBranchQuota(10_000); // the unrolled loops of four groups by three tokens
     const L = Stripe(T);
     const vecs = comptime vectorsPerBlock(T);
-    const k_quant = T == quant.BlockQ4_K;
+    const k_quant = T == quant.BlockQ4_K or T == quant.BlockQ5_K;
     // A streamed Q4 product (a decode's token or few) takes the high nibbles in place, as 16
     // times their value: one AND where a shift would take a second op on the ports vpdpbusd
     // uses, and it is bound by those ports as much as by memory (1B q4_0 decode step, median
@@ -392,7 +412,7 @@ inline fn tileInt(comptime T: type, comptime ng: usize, comptime nt: usize, data
             }
         }
         var xscale: [nt]F16 = undefined;
-        // Q8_0, Q4_0: o / s * (d_x * sum q); Q4_K: d_x * sum q; Q6_K: -32 d_x * sum q over
+        // Q8_0, Q4_0: o / s * (d_x * sum q); Q4_K, Q4_1 and the Q5s with offsets: d_x * sum q; Q6_K: -32 d_x * sum q over
         // the block's first 16 weights (xoffset) and its last 16 (xoffset_hi).
         var xoffset: [nt]F16 = undefined;
         var xoffset_hi: [nt]F16 = undefined;
@@ -424,6 +444,19 @@ inline fn tileInt(comptime T: type, comptime ng: usize, comptime nt: usize, data
                     inline for (0..nt) |t| {
                         const sum = if (k % 2 == 0) &isum[t] else &isum_hi[t];
                         sum.* = dpbusd(16, sum.*, w, broadcast4(xq[t] + 32 * b + 4 * k));
+                    }
+                }
+            } else if (vecs == 5) {
+                // Bit j of a fifth-bit byte (quad j) to bit 4 of the low nibbles' byte, bit 4 + j to the high's.
+                const fifth: @Vector(64, u8) = wb[4 * vec_bytes ..][0..vec_bytes].*;
+                const bit4: @Vector(64, u8) = @splat(0x10);
+                inline for (0..4) |j| {
+                    const v: @Vector(64, u8) = wb[j * vec_bytes ..][0..vec_bytes].*;
+                    const lo = (v & @as(@Vector(64, u8), @splat(0xF))) | ((fifth << @splat(4 - j)) & bit4);
+                    const hi = (v >> @splat(4)) | ((fifth >> @splat(j)) & bit4);
+                    inline for (0..nt) |t| {
+                        isum[t] = dpbusd(16, isum[t], lo, broadcast4(xq[t] + 32 * b + 4 * j));
+                        isum_hi[t] = dpbusd(16, isum_hi[t], hi, broadcast4(xq[t] + 32 * b + 16 + 4 * j));
                     }
                 }
             } else if (vecs == 6) {
@@ -486,6 +519,14 @@ inline fn tileInt(comptime T: type, comptime ng: usize, comptime nt: usize, data
                         acc_sc[gi][t] = @splat(0);
                         acc_m[gi][t] = @splat(0);
                     }
+                }
+            } else if (hasMin(T)) {
+                // w = d * u + m, so sum_k w x = d * (d_x * sum(u q)) + m * (d_x * sum q).
+                const d_row: F16 = @floatCast(@as(@Vector(16, f16), @bitCast(sc[0..32].*)));
+                const m_row: F16 = @floatCast(@as(@Vector(16, f16), @bitCast(sc[32..64].*)));
+                inline for (0..nt) |t| {
+                    const dot = @as(F16, @floatFromInt(isum[t])) * xscale[t];
+                    acc[gi][t] = @mulAdd(F16, m_row, xoffset[t], @mulAdd(F16, d_row, dot, acc[gi][t]));
                 }
             } else {
                 // w = s * (u + bias), so sum_k w x = s * (d_x * sum(u q) + bias * d_x * sum q).
@@ -659,14 +700,15 @@ test "integer GEMM over packed weights equals a plain sum over decoded weights a
     defer allocator.free(storage);
     const out = try allocator.alloc(f32, max_tokens * (rows + 3));
     defer allocator.free(out);
-    inline for (.{ .{ quant.BlockQ8_0, .q8_0 }, .{ quant.BlockQ4_0, .q4_0 }, .{ quant.BlockQ4_K, .q4_k }, .{ quant.BlockQ6_K, .q6_k } }) |case| {
+    inline for (.{ .{ quant.BlockQ8_0, .q8_0 }, .{ quant.BlockQ4_0, .q4_0 }, .{ quant.BlockQ4_1, .q4_1 }, .{ quant.BlockQ5_1, .q5_1 }, .{ quant.BlockQ4_K, .q4_k }, .{ quant.BlockQ5_K, .q5_k }, .{ quant.BlockQ6_K, .q6_k } }) |case| {
         const T = case[0];
         rng.bytes(storage);
         const blocks: [*]align(1) T = @ptrCast(storage.ptr);
         const units = cols / quant.unitElems(T);
         for (0..rows * units) |bi| {
             blocks[bi].d = @bitCast(@as(f16, @floatCast(rng.float(f32) * 0.01)));
-            if (T == quant.BlockQ4_K) blocks[bi].dmin = @bitCast(@as(f16, @floatCast(rng.float(f32) * 0.01)));
+            if (@hasField(T, "dmin")) blocks[bi].dmin = @bitCast(@as(f16, @floatCast(rng.float(f32) * 0.01)));
+            if (@hasField(T, "m")) blocks[bi].m = @bitCast(@as(f16, @floatCast(rng.float(f32) * 0.01 - 0.005)));
         }
         // Q6_K's scales are signed bytes: the random ones include negatives.
         const w = Matrix{ .dtype = case[1], .data = storage.ptr, .rows = rows, .cols = cols };

@@ -10,11 +10,18 @@ pub const BlockQ8_0 = extern struct { d: u16, qs: [32]i8 };
 /// Q4_0: 32 weights = d (f16) * (q - 8); element j < 16 is the low nibble of qs[j],
 /// element j >= 16 the high nibble of qs[j - 16].
 pub const BlockQ4_0 = extern struct { d: u16, qs: [16]u8 };
+/// Q4_1: 32 weights = d * q + m (f16 each), q 4 bits in Q4_0's order.
+pub const BlockQ4_1 = extern struct { d: u16, m: u16, qs: [16]u8 };
+/// Q5_1: 32 weights = d * q + m, q 5 bits: Q4_1's nibbles with bit j of qh on top of element j.
+pub const BlockQ5_1 = extern struct { d: u16, m: u16, qh: [4]u8, qs: [16]u8 };
 /// Q4_K: 256 weights in 8 sub-blocks of 32, each with a 6-bit scale and min.
 /// Element e: group g = e / 64 uses qs[32g ..][0..32]; the first 32 of the group are
 /// low nibbles (sub-block 2g), the next 32 high nibbles (sub-block 2g + 1).
 /// w = d * scale * q - dmin * min.
 pub const BlockQ4_K = extern struct { d: u16, dmin: u16, scales: [12]u8, qs: [128]u8 };
+/// Q5_K: Q4_K with a fifth bit: element e of sub-block s = e / 32 takes Q4_K's nibble, with
+/// bit s of qh[e % 32] on top; w = d * scale * q - dmin * min, q 0..31.
+pub const BlockQ5_K = extern struct { d: u16, dmin: u16, scales: [12]u8, qh: [32]u8, qs: [128]u8 };
 /// Q6_K: 256 weights in 16 groups of 16 with an i8 scale each; w = d * scale * (q - 32),
 /// q = 4 low bits from ql and 2 high bits from qh (see load6K).
 pub const BlockQ6_K = extern struct { ql: [128]u8, qh: [64]u8, scales: [16]i8, d: u16 };
@@ -39,19 +46,22 @@ comptime {
     assert(@sizeOf(BlockQ3_K) == 110);
     assert(@sizeOf(BlockQ8_0) == 34);
     assert(@sizeOf(BlockQ4_0) == 18);
+    assert(@sizeOf(BlockQ4_1) == 20);
+    assert(@sizeOf(BlockQ5_1) == 24);
     assert(@sizeOf(BlockQ4_K) == 144);
+    assert(@sizeOf(BlockQ5_K) == 176);
     assert(@sizeOf(BlockQ6_K) == 210);
 }
 
 pub fn isBlock(comptime T: type) bool {
-    return T == BlockQ8_0 or T == BlockQ4_0 or T == BlockQ4_K or T == BlockQ6_K;
+    return T == BlockQ8_0 or T == BlockQ4_0 or T == BlockQ4_1 or T == BlockQ5_1 or T == BlockQ4_K or T == BlockQ5_K or T == BlockQ6_K;
 }
 
 /// Weights per storage unit: 1 for plain floats, the block size for quantized types.
 pub fn unitElems(comptime T: type) usize {
     return switch (T) {
-        BlockQ8_0, BlockQ4_0, BlockQ5_0, BlockIQ4_NL => 32,
-        BlockQ4_K, BlockQ6_K, BlockQ3_K => 256,
+        BlockQ8_0, BlockQ4_0, BlockQ4_1, BlockQ5_1, BlockQ5_0, BlockIQ4_NL => 32,
+        BlockQ4_K, BlockQ5_K, BlockQ6_K, BlockQ3_K => 256,
         else => 1,
     };
 }
@@ -138,12 +148,28 @@ pub inline fn load(comptime lanes: usize, comptime T: type, p: [*]align(1) const
             const q: F = @floatFromInt(@as(@Vector(lanes, i16), nib) - @as(@Vector(lanes, i16), @splat(8)));
             return q * @as(F, @splat(half(b.d)));
         },
-        BlockQ4_K => {
+        BlockQ4_1, BlockQ5_1 => {
+            const bytes: @Vector(lanes, u8) = b.qs[e % 16 ..][0..lanes].*;
+            var nib = if (e < 16) bytes & @as(@Vector(lanes, u8), @splat(0xF)) else bytes >> @splat(4);
+            if (T == BlockQ5_1) {
+                const qh = std.mem.readInt(u32, &b.qh, .little);
+                var fifth: @Vector(lanes, u8) = undefined;
+                inline for (0..lanes) |l| fifth[l] = @intCast((qh >> @intCast(e + l)) & 1);
+                nib |= fifth << @splat(4);
+            }
+            return @as(F, @floatFromInt(nib)) * @as(F, @splat(half(b.d))) + @as(F, @splat(half(b.m)));
+        },
+        BlockQ4_K, BlockQ5_K => {
             const g = e / 64;
             const within = e % 64;
             const sm = scaleMinK4(2 * g + within / 32, &b.scales);
             const bytes: @Vector(lanes, u8) = b.qs[32 * g + within % 32 ..][0..lanes].*;
-            const nib = if (within < 32) bytes & @as(@Vector(lanes, u8), @splat(0xF)) else bytes >> @splat(4);
+            var nib = if (within < 32) bytes & @as(@Vector(lanes, u8), @splat(0xF)) else bytes >> @splat(4);
+            if (T == BlockQ5_K) {
+                const qh: @Vector(lanes, u8) = b.qh[within % 32 ..][0..lanes].*;
+                const shift: u3 = @intCast(2 * g + within / 32);
+                nib |= ((qh >> @splat(shift)) & @as(@Vector(lanes, u8), @splat(1))) << @splat(4);
+            }
             const scale = half(b.d) * @as(f32, @floatFromInt(sm[0]));
             const min = half(b.dmin) * @as(f32, @floatFromInt(sm[1]));
             return @as(F, @floatFromInt(nib)) * @as(F, @splat(scale)) - @as(F, @splat(min));
@@ -264,6 +290,68 @@ test "Q4_K decodes scales, mins and nibbles per sub-block" {
         const want = 0.5 * @as(f32, @floatFromInt(sc[s])) * q - 0.25 * @as(f32, @floatFromInt(mn[s]));
         try testing.expectApproxEqAbs(want, scalar(BlockQ4_K, p, e), 1e-5);
     }
+}
+
+test "Q4_1 and Q5_1 decode as ggml's dequantize_row_q4_1 and _q5_1" {
+    var prng = std.Random.DefaultPrng.init(6);
+    const rng = prng.random();
+    var b4: BlockQ4_1 = undefined;
+    var b5: BlockQ5_1 = undefined;
+    rng.bytes(std.mem.asBytes(&b4));
+    rng.bytes(std.mem.asBytes(&b5));
+    b4.d = f16Bits(0.5);
+    b4.m = f16Bits(-1.25);
+    b5.d = f16Bits(0.25);
+    b5.m = f16Bits(0.75);
+    const p4: [*]align(1) const BlockQ4_1 = @ptrCast(&b4);
+    const p5: [*]align(1) const BlockQ5_1 = @ptrCast(&b5);
+    const qh = std.mem.readInt(u32, &b5.qh, .little);
+    for (0..16) |j| {
+        try testing.expectEqual(@as(f32, @floatFromInt(b4.qs[j] & 0xF)) * 0.5 - 1.25, scalar(BlockQ4_1, p4, j));
+        try testing.expectEqual(@as(f32, @floatFromInt(b4.qs[j] >> 4)) * 0.5 - 1.25, scalar(BlockQ4_1, p4, j + 16));
+        const x0 = (b5.qs[j] & 0xF) | @as(u8, @intCast((qh >> @intCast(j)) & 1)) << 4;
+        const x1 = (b5.qs[j] >> 4) | @as(u8, @intCast((qh >> @intCast(j + 16)) & 1)) << 4;
+        try testing.expectEqual(@as(f32, @floatFromInt(x0)) * 0.25 + 0.75, scalar(BlockQ5_1, p5, j));
+        try testing.expectEqual(@as(f32, @floatFromInt(x1)) * 0.25 + 0.75, scalar(BlockQ5_1, p5, j + 16));
+    }
+    const v = load(16, BlockQ5_1, p5, 16);
+    for (0..16) |l| try testing.expectEqual(scalar(BlockQ5_1, p5, 16 + l), v[l]);
+}
+
+test "Q5_K decodes as ggml's dequantize_row_q5_K walks it" {
+    var prng = std.Random.DefaultPrng.init(5);
+    const rng = prng.random();
+    var b: BlockQ5_K = undefined;
+    rng.bytes(std.mem.asBytes(&b));
+    b.d = f16Bits(0.5);
+    b.dmin = f16Bits(0.25);
+    const p: [*]align(1) const BlockQ5_K = @ptrCast(&b);
+    // ggml's loop: 64 weights at a time, two sub-blocks sharing 32 qs bytes, the qh masks
+    // moving up two bits each time.
+    var e: usize = 0;
+    var mask_lo: u8 = 1;
+    var mask_hi: u8 = 2;
+    for (0..4) |g| {
+        const sm1 = scaleMinK4(2 * g, &b.scales);
+        const sm2 = scaleMinK4(2 * g + 1, &b.scales);
+        inline for (.{ 0, 1 }) |second| {
+            const sm = if (second == 0) sm1 else sm2;
+            const mask = if (second == 0) mask_lo else mask_hi;
+            for (0..32) |l| {
+                const byte = b.qs[32 * g + l];
+                const nib: u8 = if (second == 0) byte & 0xF else byte >> 4;
+                const q: f32 = @floatFromInt(nib + @as(u8, if (b.qh[l] & mask != 0) 16 else 0));
+                const want = 0.5 * @as(f32, @floatFromInt(sm[0])) * q - 0.25 * @as(f32, @floatFromInt(sm[1]));
+                try testing.expectApproxEqAbs(want, scalar(BlockQ5_K, p, e), 1e-5);
+                e += 1;
+            }
+        }
+        mask_lo <<= 2;
+        mask_hi <<= 2;
+    }
+    // Wide loads agree with the scalar decode.
+    const v = load(16, BlockQ5_K, p, 112);
+    for (0..16) |l| try testing.expectEqual(scalar(BlockQ5_K, p, 112 + l), v[l]);
 }
 
 test "Q6_K decodes low and high bits with the right scale" {

@@ -196,7 +196,7 @@ fn packAll(allocator: std.mem.Allocator, w: *Weights, bf16_products: bool, threa
         // Q5_0, IQ4_NL and Q3_K are packed as the type that holds their values exactly.
         const packed_type = m.dtype.transcodedTo() orelse m.dtype;
         const bytes = switch (packed_type) {
-            inline .q8_0, .q4_0, .q4_k, .q6_k => |t| qgemm.packedBytes(kernels.StorageType(t), m.rows, m.cols),
+            inline .q8_0, .q4_0, .q4_1, .q5_1, .q4_k, .q5_k, .q6_k => |t| qgemm.packedBytes(kernels.StorageType(t), m.rows, m.cols),
             inline .f32, .f16, .bf16 => |t| if (bf16_products) bgemm.packedBytes(m.rows, m.cols) else fgemm.packedBytes(kernels.StorageType(t), m.rows, m.cols),
             else => continue,
         };
@@ -234,7 +234,7 @@ fn packWorker(jobs: []const PackJob, next: *std.atomic.Value(usize)) void {
         const j = jobs[i];
         const m = j.source;
         switch (m.dtype) {
-            inline .q8_0, .q4_0, .q4_k, .q6_k, .q5_0, .iq4_nl, .q3_k => |t| {
+            inline .q8_0, .q4_0, .q4_1, .q5_1, .q4_k, .q5_k, .q6_k, .q5_0, .iq4_nl, .q3_k => |t| {
                 const to = comptime t.transcodedTo() orelse t;
                 qgemm.packGroups(kernels.StorageType(to), kernels.StorageType(t), j.dst, m.data, m.rows, m.cols, j.g_begin, j.g_end);
             },
@@ -363,7 +363,7 @@ fn expectedShape(role: abi.Role, c: abi.ModelConfig) [2]u64 {
 fn checkTensor(t: abi.Tensor, role: abi.Role, config: abi.ModelConfig, maps: []const []align(std.mem.page_size) const u8, status: *abi.Status) !Matrix {
     const dtype: abi.DType = @enumFromInt(t.dtype);
     const block_elems = dtype.blockElems() orelse {
-        status.* = errors.fail(.unsupported, "tensor {s} (layer {d}) has dtype {d}, which this engine does not support (supported: f32, f16, bf16, q8_0, q4_0, q4_k, q6_k, q5_0, q3_k, iq4_nl)", .{ roleName(role), t.layer, t.dtype });
+        status.* = errors.fail(.unsupported, "tensor {s} (layer {d}) has dtype {d}, which this engine does not support (supported: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k, q3_k, iq4_nl)", .{ roleName(role), t.layer, t.dtype });
         return error.LoadFailed;
     };
     const block_bytes = dtype.blockBytes().?;

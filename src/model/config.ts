@@ -109,7 +109,10 @@ const DTYPE_NAMES: Record<number, string> = {
   [DType.BF16]: "bf16",
   [DType.Q8_0]: "q8_0",
   [DType.Q4_0]: "q4_0",
+  [DType.Q4_1]: "q4_1",
+  [DType.Q5_1]: "q5_1",
   [DType.Q4_K]: "q4_k",
+  [DType.Q5_K]: "q5_k",
   [DType.Q6_K]: "q6_k",
   [DType.Q5_0]: "q5_0",
   [DType.Q3_K]: "q3_k",
@@ -120,15 +123,18 @@ const GGUF_DTYPES: Record<number, DTypeCode> = {
   0: DType.F32,
   1: DType.F16,
   2: DType.Q4_0,
+  3: DType.Q4_1,
+  7: DType.Q5_1,
   8: DType.Q8_0,
   12: DType.Q4_K,
+  13: DType.Q5_K,
   14: DType.Q6_K,
   6: DType.Q5_0,
   11: DType.Q3_K,
   20: DType.IQ4_NL,
   30: DType.BF16,
 };
-const SUPPORTED_GGUF_TYPES = "F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q6_K, Q5_0, Q3_K, IQ4_NL";
+const SUPPORTED_GGUF_TYPES = "F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, Q3_K, IQ4_NL";
 
 /** A fused tensor's parts, each a run of its rows (the file's bytes are not touched). */
 function splitFused(t: TensorEntry, kind: Fused, c: NativeModelConfig, where: string): TensorEntry[] {

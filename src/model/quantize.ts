@@ -5,11 +5,14 @@
 // ones, not llama.cpp's error-minimizing search.
 import { fromF16Bits, toF16Bits } from "./f16.ts";
 
-export type QuantType = "q8_0" | "q4_0" | "q4_k" | "q6_k" | "q5_0" | "q3_k" | "iq4_nl";
+export type QuantType = "q8_0" | "q4_0" | "q4_1" | "q5_1" | "q4_k" | "q5_k" | "q6_k" | "q5_0" | "q3_k" | "iq4_nl";
 export const GGML_TYPE_ID: Record<QuantType, number> = {
   q8_0: 8,
   q4_0: 2,
+  q4_1: 3,
+  q5_1: 7,
   q4_k: 12,
+  q5_k: 13,
   q6_k: 14,
   q5_0: 6,
   q3_k: 11,
@@ -18,7 +21,10 @@ export const GGML_TYPE_ID: Record<QuantType, number> = {
 export const BLOCK: Record<QuantType, { elems: number; bytes: number }> = {
   q8_0: { elems: 32, bytes: 34 },
   q4_0: { elems: 32, bytes: 18 },
+  q4_1: { elems: 32, bytes: 20 },
+  q5_1: { elems: 32, bytes: 24 },
   q4_k: { elems: 256, bytes: 144 },
+  q5_k: { elems: 256, bytes: 176 },
   q6_k: { elems: 256, bytes: 210 },
   q5_0: { elems: 32, bytes: 22 },
   q3_k: { elems: 256, bytes: 110 },
@@ -46,7 +52,36 @@ function q4_0(x: ArrayLike<number>, o: number, out: DataView, at: number): void 
   for (let j = 0; j < 16; j++) out.setUint8(at + 2 + j, q(x[o + j]) | (q(x[o + j + 16]) << 4));
 }
 
-function q4_k(x: ArrayLike<number>, o: number, out: DataView, at: number): void {
+/** Q4_1 and Q5_1: 32 weights = d * q + m, q 4 (5) bits; Q5_1's fifth bits in qh, as Q5_0's. */
+function q_1(bits: 4 | 5, x: ArrayLike<number>, o: number, out: DataView, at: number): void {
+  let lo = Infinity;
+  let hi = -Infinity;
+  for (let j = 0; j < 32; j++) {
+    lo = Math.min(lo, x[o + j]);
+    hi = Math.max(hi, x[o + j]);
+  }
+  const top = (1 << bits) - 1;
+  const d = f16((hi - lo) / top);
+  const m = f16(lo);
+  out.setUint16(at, toF16Bits(d), true);
+  out.setUint16(at + 2, toF16Bits(m), true);
+  const q = (v: number) => (d === 0 ? 0 : clamp(Math.round((v - m) / d), 0, top));
+  const qs = at + (bits === 5 ? 8 : 4);
+  let qh = 0;
+  for (let j = 0; j < 16; j++) {
+    const [a, b] = [q(x[o + j]), q(x[o + j + 16])];
+    out.setUint8(qs + j, (a & 0xf) | ((b & 0xf) << 4));
+    qh |= ((a >> 4) << j) | ((b >> 4) << (j + 16));
+  }
+  if (bits === 5) out.setUint32(at + 4, qh >>> 0, true);
+}
+
+const q4_1 = (x: ArrayLike<number>, o: number, out: DataView, at: number) => q_1(4, x, o, out, at);
+const q5_1 = (x: ArrayLike<number>, o: number, out: DataView, at: number) => q_1(5, x, o, out, at);
+
+/** Q4_K (4-bit q) and Q5_K (5-bit: Q4_K's nibbles, each with a bit of qh on top): 8 sub-blocks of 32, 6-bit scales and mins. */
+function kQuant(bits: 4 | 5, x: ArrayLike<number>, o: number, out: DataView, at: number): void {
+  const top = (1 << bits) - 1;
   const scale: number[] = [];
   const mval: number[] = [];
   for (let s = 0; s < 8; s++) {
@@ -56,7 +91,7 @@ function q4_k(x: ArrayLike<number>, o: number, out: DataView, at: number): void 
       lo = Math.min(lo, x[o + 32 * s + j]);
       hi = Math.max(hi, x[o + 32 * s + j]);
     }
-    scale.push(Math.max(hi - lo, 1e-8) / 15);
+    scale.push(Math.max(hi - lo, 1e-8) / top);
     mval.push(-lo);
   }
   const d = f16(Math.max(...scale) / 63);
@@ -70,11 +105,20 @@ function q4_k(x: ArrayLike<number>, o: number, out: DataView, at: number): void 
     out.setUint8(at + 8 + j, mn[j] | ((mn[j + 4] >> 4) << 6));
     out.setUint8(at + 12 + j, (sc[j + 4] & 0xf) | ((mn[j + 4] & 0xf) << 4));
   }
-  const q = (s: number, v: number) => clamp(Math.round((v + dmin * mn[s]) / (d * sc[s])), 0, 15);
+  const q = (s: number, v: number) => clamp(Math.round((v + dmin * mn[s]) / (d * sc[s])), 0, top);
+  const qs = at + (bits === 5 ? 48 : 16);
+  if (bits === 5) for (let l = 0; l < 32; l++) out.setUint8(at + 16 + l, 0);
   for (let g = 0; g < 4; g++)
-    for (let l = 0; l < 32; l++)
-      out.setUint8(at + 16 + 32 * g + l, q(2 * g, x[o + 64 * g + l]) | (q(2 * g + 1, x[o + 64 * g + 32 + l]) << 4));
+    for (let l = 0; l < 32; l++) {
+      const [a, b] = [q(2 * g, x[o + 64 * g + l]), q(2 * g + 1, x[o + 64 * g + 32 + l])];
+      out.setUint8(qs + 32 * g + l, (a & 0xf) | ((b & 0xf) << 4));
+      if (bits === 5)
+        out.setUint8(at + 16 + l, out.getUint8(at + 16 + l) | ((a >> 4) << (2 * g)) | ((b >> 4) << (2 * g + 1)));
+    }
 }
+
+const q4_k = (x: ArrayLike<number>, o: number, out: DataView, at: number) => kQuant(4, x, o, out, at);
+const q5_k = (x: ArrayLike<number>, o: number, out: DataView, at: number) => kQuant(5, x, o, out, at);
 
 function q6_k(x: ArrayLike<number>, o: number, out: DataView, at: number): void {
   const groupScale: number[] = [];
@@ -168,7 +212,7 @@ function q3_k(x: ArrayLike<number>, o: number, out: DataView, at: number): void 
   out.setUint16(at + 108, toF16Bits(d), true);
 }
 
-const QUANTIZE = { q8_0, q4_0, q4_k, q6_k, q5_0, q3_k, iq4_nl };
+const QUANTIZE = { q8_0, q4_0, q4_1, q5_1, q4_k, q5_k, q6_k, q5_0, q3_k, iq4_nl };
 
 /** Quantizes a row-major matrix whose rows are a whole number of blocks. */
 export function quantize(type: QuantType, data: ArrayLike<number>, cols: number): Uint8Array {
@@ -200,7 +244,17 @@ export function dequantize(type: QuantType, buf: Uint8Array): Float64Array {
         y[o + j] = d * ((byte & 0xf) - 8);
         y[o + j + 16] = d * ((byte >> 4) - 8);
       }
-    } else if (type === "q4_k") {
+    } else if (type === "q4_1" || type === "q5_1") {
+      const d = fromF16Bits(view.getUint16(at, true));
+      const m = fromF16Bits(view.getUint16(at + 2, true));
+      const five = type === "q5_1";
+      const qh = five ? view.getUint32(at + 4, true) : 0;
+      for (let j = 0; j < 16; j++) {
+        const byte = view.getUint8(at + (five ? 8 : 4) + j);
+        y[o + j] = d * ((byte & 0xf) | (((qh >>> j) & 1) << 4)) + m;
+        y[o + j + 16] = d * ((byte >> 4) | (((qh >>> (j + 16)) & 1) << 4)) + m;
+      }
+    } else if (type === "q4_k" || type === "q5_k") {
       const d = fromF16Bits(view.getUint16(at, true));
       const dmin = fromF16Bits(view.getUint16(at + 2, true));
       const s = (i: number) => view.getUint8(at + 4 + i);
@@ -208,13 +262,16 @@ export function dequantize(type: QuantType, buf: Uint8Array): Float64Array {
         j < 4
           ? [s(j) & 63, s(j + 4) & 63]
           : [(s(j + 4) & 0xf) | ((s(j - 4) >> 6) << 4), (s(j + 4) >> 4) | ((s(j) >> 6) << 4)];
+      // Q5_K: qh[l] bit 2g (bit 2g + 1) is the fifth bit of the low (high) nibble of group g's byte l.
+      const five = type === "q5_k";
+      const fifth = (l: number, bit: number) => (five ? ((view.getUint8(at + 16 + l) >> bit) & 1) << 4 : 0);
       for (let g = 0; g < 4; g++) {
         const [sc1, m1] = scaleMin(2 * g);
         const [sc2, m2] = scaleMin(2 * g + 1);
         for (let l = 0; l < 32; l++) {
-          const byte = view.getUint8(at + 16 + 32 * g + l);
-          y[o + 64 * g + l] = d * sc1 * (byte & 0xf) - dmin * m1;
-          y[o + 64 * g + 32 + l] = d * sc2 * (byte >> 4) - dmin * m2;
+          const byte = view.getUint8(at + (five ? 48 : 16) + 32 * g + l);
+          y[o + 64 * g + l] = d * sc1 * ((byte & 0xf) | fifth(l, 2 * g)) - dmin * m1;
+          y[o + 64 * g + 32 + l] = d * sc2 * ((byte >> 4) | fifth(l, 2 * g + 1)) - dmin * m2;
         }
       }
     } else if (type === "q5_0") {

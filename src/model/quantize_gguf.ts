@@ -7,9 +7,20 @@ import { fromF16Bits } from "./f16.ts";
 import { readGguf } from "./gguf.ts";
 import { BLOCK, GGML_TYPE_ID, quantize, type QuantType } from "./quantize.ts";
 
-export const QUANT_TYPES: readonly QuantType[] = ["q8_0", "q4_0", "q4_k", "q6_k", "q5_0", "q3_k", "iq4_nl"];
+export const QUANT_TYPES: readonly QuantType[] = [
+  "q8_0",
+  "q4_0",
+  "q4_1",
+  "q5_0",
+  "q5_1",
+  "q4_k",
+  "q5_k",
+  "q6_k",
+  "q3_k",
+  "iq4_nl",
+];
 /** Type mixes, as llama.cpp's llama-quantize chooses types per tensor (the types, not its scale search). */
-export const QUANT_MIXES = ["q4_k_m"] as const;
+export const QUANT_MIXES = ["q4_k_m", "q5_k_m"] as const;
 export type QuantTarget = QuantType | (typeof QUANT_MIXES)[number];
 
 // llama.cpp's use_more_bits: the first and last eighth of the layers, and every third between.
@@ -17,20 +28,22 @@ const useMoreBits = (i: number, n: number) =>
   i < Math.floor(n / 8) || i >= Math.floor((7 * n) / 8) || (i - Math.floor(n / 8)) % 3 === 2;
 
 // llama.cpp's fallbacks for rows that are not whole 256-weight super-blocks.
-const FALLBACK: Partial<Record<QuantType, QuantType>> = { q4_k: "q5_0", q6_k: "q8_0", q3_k: "q4_0" };
+const FALLBACK: Partial<Record<QuantType, QuantType>> = { q4_k: "q5_0", q5_k: "q5_1", q6_k: "q8_0", q3_k: "q4_0" };
+const MIX_BASE: Record<(typeof QUANT_MIXES)[number], QuantType> = { q4_k_m: "q4_k", q5_k_m: "q5_k" };
 
 /**
- * The type of each tensor (null: kept as it is) for a type or a mix. Q4_K_M: Q4_K, with Q6_K
- * for the output (or the tied embedding), and for attn_v and ffn_down in the layers
- * useMoreBits picks.
+ * The type of each tensor (null: kept as it is) for a type or a mix. Q4_K_M (Q5_K_M): Q4_K
+ * (Q5_K), with Q6_K for the output (or the tied embedding), and for attn_v and ffn_down in the
+ * layers useMoreBits picks.
  */
 function planTypes(names: string[], cols: number[], target: QuantTarget): (QuantType | null)[] {
   const count = (suffix: string) => names.filter((n) => n.endsWith(suffix)).length;
   const seen: Record<string, number> = {};
   const hasOutput = names.includes("output.weight");
   return names.map((name, i) => {
-    let type: QuantType = target === "q4_k_m" ? "q4_k" : target;
-    if (target === "q4_k_m") {
+    const mix = target === "q4_k_m" || target === "q5_k_m";
+    let type: QuantType = mix ? MIX_BASE[target] : target;
+    if (mix) {
       if (name === "output.weight" || (!hasOutput && name === "token_embd.weight")) type = "q6_k";
       for (const suffix of ["attn_v.weight", "ffn_down.weight"])
         if (name.endsWith(suffix)) {
