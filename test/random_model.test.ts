@@ -44,6 +44,7 @@ const cases: {
   format: "hf" | "gguf";
   kvCacheDtype?: "f16";
   computeDtype?: "bf16";
+  blockSizeTokens?: number;
 }[] = [
   { name: "tiny f32 (HF)", shape: TINY, dtype: "f32", format: "hf" },
   { name: "tiny f16 (HF)", shape: TINY, dtype: "f16", format: "hf" },
@@ -114,6 +115,14 @@ const cases: {
   { name: "Gemma 3 f16 (GGUF)", shape: GEMMA3, dtype: "f16", format: "gguf" },
   { name: "Mistral, sliding window 12 (HF)", shape: MISTRAL, dtype: "f32", format: "hf" },
   { name: "Mistral, sliding window 12 (GGUF)", shape: MISTRAL, dtype: "f16", format: "gguf" },
+  // Blocks of 4: those behind the window go back to the pool every few tokens as it decodes.
+  {
+    name: "Mistral, sliding window 12, blocks of 4 (HF)",
+    shape: MISTRAL,
+    dtype: "f32",
+    format: "hf",
+    blockSizeTokens: 4,
+  },
   { name: "Phi-3 (fused qkv and gate_up) f32 (HF)", shape: PHI3, dtype: "f32", format: "hf" },
   { name: "Phi-3 f16 (GGUF)", shape: PHI3, dtype: "f16", format: "gguf" },
   { name: "Phi-3 Q4_K (GGUF)", shape: PHI3, dtype: "q4_k", format: "gguf" },
@@ -170,6 +179,7 @@ describe("random-weight models against the reference forward pass", () => {
         maxNumSeqs: 4,
         kvCacheDtype: c.kvCacheDtype ?? "f32",
         computeDtype: c.computeDtype ?? "f32",
+        ...(c.blockSizeTokens ? { blockSizeTokens: c.blockSizeTokens } : {}),
       });
       // An f16 cache rounds K and V: logits move by about 1e-3 of their scale, not 1e-5.
       // Quantized weights meet 8-bit activations (as llama.cpp's do), and so does the reference;
@@ -228,6 +238,41 @@ describe("random-weight models against the reference forward pass", () => {
       }
     });
   }
+});
+
+describe("a sliding window on every layer (Mistral)", () => {
+  test("blocks behind the window go back to the pool: a request longer than the pool runs, with the same tokens", async () => {
+    const path = writeHfModel(join(dir, "mistral-pool"), MISTRAL, "f32", makeWeights(MISTRAL, "f32"));
+    const ids = prompt(MISTRAL, 9, 5);
+    const options = {
+      threads: 2,
+      maxNumSeqs: 2,
+      blockSizeTokens: 4,
+      maxNumBatchedTokens: 8,
+      kvCacheDtype: "f32" as const,
+    };
+    const roomy = await LLMEngine.create(path, options);
+    let want: number[];
+    try {
+      want = (await generate(roomy, ids, { maxTokens: 80 })).ids;
+    } finally {
+      await roomy.shutdown();
+    }
+    // 89 tokens need 23 blocks of 4; the window (12) and a chunk (8) need at most 6 at a time.
+    const tight = await LLMEngine.create(path, { ...options, numBlocksOverride: 8 });
+    try {
+      let most = 0;
+      tight.stepObserver = () => {
+        most = Math.max(most, tight.kv.numBlocks - tight.kv.numFreeBlocks);
+      };
+      const { ids: got } = await generate(tight, ids, { maxTokens: 80 });
+      expect(got).toEqual(want);
+      expect(most).toBeLessThanOrEqual(tight.kv.blocksHeld(89, 8));
+      expect(tight.kv.numFreeBlocks).toBe(8);
+    } finally {
+      await tight.shutdown();
+    }
+  });
 });
 
 describe("LongRoPE's factors follow the length served", () => {

@@ -31,6 +31,8 @@ export class KvCacheManager {
     readonly numBlocks: number,
     readonly maxBlocksPerSeq: number,
     readonly enablePrefixCaching: boolean,
+    /** Positions a query sees when every layer has a sliding window (Mistral); 0: the whole context. */
+    readonly slidingWindow = 0,
   ) {}
 
   get numFreeBlocks(): number {
@@ -43,6 +45,15 @@ export class KvCacheManager {
 
   blocksFor(numTokens: number): number {
     return Math.ceil(numTokens / this.blockSizeTokens);
+  }
+
+  /**
+   * The most blocks a request of `numTokens` holds at once, computing at most `chunk` tokens a
+   * step: all of them, or, under a sliding window, the window's and a chunk's.
+   */
+  blocksHeld(numTokens: number, chunk: number): number {
+    const all = this.blocksFor(numTokens);
+    return this.slidingWindow > 0 ? Math.min(all, this.blocksFor(this.slidingWindow + chunk) + 1) : all;
   }
 
   private hashesUpTo(req: Request, numBlocks: number): bigint[] {
@@ -93,11 +104,28 @@ export class KvCacheManager {
     req.numOfferedBlocks = full;
   }
 
+  /**
+   * Under a sliding window on every layer: gives back the blocks that lie wholly before the
+   * window of the next position to compute, which no later query reads. Their entries in the
+   * block table then name the first block still held, so the engine's table stays whole (a
+   * prefill tile reads whole chunks and masks what lies before the window).
+   */
+  releaseOutsideWindow(req: Request): void {
+    if (this.slidingWindow === 0) return;
+    const firstSeen = req.numComputedTokens + 1 - this.slidingWindow;
+    const dead = Math.min(Math.floor(Math.max(0, firstSeen) / this.blockSizeTokens), req.blockTable.length - 1);
+    if (dead <= req.numReleasedBlocks) return;
+    this.pool.freeBlocks(req.blockTable.slice(req.numReleasedBlocks, dead));
+    req.blockTable.fill(req.blockTable[dead], req.numReleasedBlocks, dead);
+    req.numReleasedBlocks = dead;
+  }
+
   free(req: Request): void {
     req.numOfferedBlocks = 0;
-    if (req.blockTable.length === 0) return;
-    // Tail first: cached blocks are evicted least recently freed first, so a prefix outlives its tail.
-    this.pool.freeBlocks([...req.blockTable].reverse());
+    const held = req.blockTable.slice(req.numReleasedBlocks);
+    req.numReleasedBlocks = 0;
     req.blockTable = [];
+    // Tail first: cached blocks are evicted least recently freed first, so a prefix outlives its tail.
+    if (held.length > 0) this.pool.freeBlocks(held.reverse());
   }
 }

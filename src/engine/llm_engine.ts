@@ -182,7 +182,18 @@ export class LLMEngine {
       model.spec.tensors,
     );
     const numBlocks = this.native.numBlocks;
-    this.kv = new KvCacheManager(this.native, bs, numBlocks, maxBlocksPerSeq, options.enablePrefixCaching);
+    // Blocks behind the window go back to the pool only when every layer has one (Mistral).
+    const window = c.slidingWindow ?? 0;
+    const pattern = c.slidingWindowPattern ?? 0;
+    const everyLayerLocal = window > 0 && (pattern === 0 || pattern > c.numLayers);
+    this.kv = new KvCacheManager(
+      this.native,
+      bs,
+      numBlocks,
+      maxBlocksPerSeq,
+      options.enablePrefixCaching,
+      everyLayerLocal ? window : 0,
+    );
     this.scheduler = new Scheduler(
       {
         maxNumBatchedTokens: options.maxNumBatchedTokens,
@@ -224,9 +235,10 @@ export class LLMEngine {
         "max_tokens",
       );
     }
-    if (this.kv.blocksFor(total) > this.kv.numBlocks) {
+    const held = this.kv.blocksHeld(total, this.options.maxNumBatchedTokens);
+    if (held > this.kv.numBlocks) {
       throw new InvalidRequestError(
-        `the request needs ${this.kv.blocksFor(total)} KV blocks but the pool has ${this.kv.numBlocks}`,
+        `the request needs ${held} KV blocks but the pool has ${this.kv.numBlocks}`,
         "max_tokens",
       );
     }
@@ -390,6 +402,7 @@ export class LLMEngine {
         if (isFinished(req.status)) continue;
         req.numComputedTokens += numNewTokens;
         this.kv.cacheFullBlocks(req);
+        this.kv.releaseOutsideWindow(req);
       }
       for (const s of sampled) {
         if (!isFinished(s.req.status)) this.append(s);

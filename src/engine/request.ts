@@ -89,6 +89,8 @@ export class Request {
    * stays unnamed. Only the pool knows which blocks are cached; this is where to resume.
    */
   numOfferedBlocks = 0;
+  /** Leading blocks of blockTable given back to the pool behind a sliding window (their entries name a held one). */
+  numReleasedBlocks = 0;
   /** Prompt tokens served from the prefix cache at first admission (null until admitted). */
   numCachedPromptTokens: number | null = null;
   readonly arrivalMs = performance.now();
