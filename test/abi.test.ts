@@ -26,8 +26,9 @@ const GREEDY_ROW: SamplingRow = { ...GREEDY, numTopLogprobs: 1, seed: 1n };
 describe("ABI v5", () => {
   test("the library reports each struct's size and field offsets, and they are what the header declares", () => {
     const l = structLayouts();
-    expect(l.sampling.size).toBe(72);
-    expect(l.sampling.at.use_mask).toBe(68);
+    expect(l.sampling.size).toBe(64);
+    expect(l.sampling.at.state_slot).toBe(48);
+    expect(l.sampling.at.use_mask).toBe(60);
     expect(l.engineConfig.size).toBe(40);
     expect(l.engineConfig.at.kv_cache_bytes).toBe(32);
     expect(l.tensor.size).toBe(48);
@@ -35,9 +36,9 @@ describe("ABI v5", () => {
     expect(l.model.at.rope_local_theta).toBe(96);
     expect(l.model.at.rope_attn_factor).toBe(48);
     expect(l.model.at.rope_inv_freq).toBe(56);
-    expect(l.batch.at.allowed_token_mask).toBe(160);
-    expect(l.batch.at.masks_pending).toBe(168);
-    expect(l.batch.size).toBe(176);
+    expect(l.batch.at.allowed_token_mask).toBe(152);
+    expect(l.batch.at.masks_pending).toBe(160);
+    expect(l.batch.size).toBe(168);
     // Offsets increase in declaration order and stay inside the struct.
     for (const layout of Object.values(l)) {
       const offsets = Object.values(layout.at as Record<string, number>);
@@ -153,6 +154,39 @@ describe("ABI v5", () => {
         expect(b.outTokenIds[0]).toBe(11);
       } finally {
         engine.native.freeBlocks(blocks);
+      }
+    });
+
+    test("a sequence state: penalties count its tokens, and the engine appends each token it draws", () => {
+      const n = engine.native;
+      const blocks = n.allocateBlocks(1);
+      try {
+        const prompt = [1, 17, 42, 99];
+        const logits = nextTokenLogits(engine, prompt);
+        const best = logits.indexOf(Math.max(...logits));
+        // A repetition penalty over a state holding the favourite: the engine draws another.
+        const penalized = (slot: number) => {
+          fillStep(prompt, null);
+          n.setSampling(0, { ...GREEDY_ROW, repetitionPenalty: 1e6, stateSlot: slot });
+          n.stepSync();
+          return n.batch.outTokenIds[0];
+        };
+        n.openSeqState(0, [best], 0);
+        const second = penalized(0);
+        expect(second).not.toBe(best);
+        // The state now holds that draw too (appended by the step): a third token comes next.
+        const third = penalized(0);
+        expect([best, second]).not.toContain(third);
+        // Reopened empty, the favourite is free again.
+        n.openSeqState(0, [], 0);
+        expect(penalized(0)).toBe(best);
+        n.closeSeqState(0);
+        expect(() => penalized(0)).toThrow(/sequence state 0, which is not open/);
+        expect(() => n.openSeqState(2, prompt, 0)).toThrow(/slot 2 of 2/);
+        expect(() => n.openSeqState(0, [1, 2], 3)).toThrow(/sequence state of 2 tokens/);
+        expect(() => n.openSeqState(0, [1, 1 << 20], 0)).toThrow(/holds token/);
+      } finally {
+        n.freeBlocks(blocks);
       }
     });
 

@@ -32,10 +32,10 @@ async function untilSteps(engine: LLMEngine, n: number): Promise<void> {
 }
 
 /** The 32 requests, four at a time with a step between, as traffic arrives. */
-async function staggered(engine: LLMEngine): Promise<number[][]> {
+async function staggered(engine: LLMEngine, extra: Partial<typeof DEFAULT_SAMPLING> = {}): Promise<number[][]> {
   const runs = [];
   for (let i = 0; i < 32; i++) {
-    runs.push(generate(engine, promptOf(LENGTHS[i], i), { maxTokens: MAX_TOKENS[i] }));
+    runs.push(generate(engine, promptOf(LENGTHS[i], i), { maxTokens: MAX_TOKENS[i], ...extra }));
     if (i % 4 === 3) await untilSteps(engine, 1);
   }
   return (await Promise.all(runs)).map((r) => r.ids);
@@ -59,6 +59,32 @@ describe("continuous batching", () => {
     try {
       expect(await staggered(engine)).toEqual(alone);
       expect(engine.kv.numFreeBlocks).toBe(engine.numBlocks);
+    } finally {
+      await engine.shutdown();
+    }
+  });
+
+  test("with penalties, preempted, more requests than sequence-state slots: each as it ran alone", async () => {
+    // The penalties count each request's tokens in an engine-side state (max_num_seqs slots),
+    // given back when a request stops running and reopened with its tokens when it runs again.
+    const penalties = { repetitionPenalty: 1.3, frequencyPenalty: 0.5, presencePenalty: 0.2 };
+    const single = await LLMEngine.create(modelPath, { threads: 2, maxNumSeqs: 1, enablePrefixCaching: false });
+    let want: number[][];
+    try {
+      want = await staggered(single, penalties);
+    } finally {
+      await single.shutdown();
+    }
+    const engine = await LLMEngine.create(modelPath, {
+      threads: 2,
+      maxNumSeqs: 16,
+      maxNumBatchedTokens: 128,
+      numBlocksOverride: 40,
+    });
+    try {
+      expect(await staggered(engine, penalties)).toEqual(want);
+      expect(engine.scheduler.numPreemptions).toBeGreaterThan(0);
+      expect(want).not.toEqual(alone); // the penalties changed what was drawn
     } finally {
       await engine.shutdown();
     }

@@ -11,8 +11,10 @@
  * ifn_status_string()/ifn_last_error() describe failures. Structs are mirrored
  * field for field by `extern struct`s in engine/src/abi.zig, and the library reports
  * every struct's size and field offsets (ifn_struct_layout): callers lay out what
- * they send by that report, not by a table of their own. Fields are only ever
- * appended, with 0 meaning "as before", so a newer library reads an older caller.
+ * they send by that report, not by a table of their own. ABI 5 is completed together with the
+ * CUDA backend and may still change until then (sequence states replaced the per-step token
+ * history); after that, fields are only ever appended, with 0 meaning "as before", so a newer
+ * library reads an older caller.
  *
  * Threads: everything may be called from one thread at a time. While an async step
  * is in flight (ifn_engine_step_async until its callback), the engine thread owns the
@@ -167,9 +169,8 @@ typedef struct ifn_sampling_params {
     int32_t num_top_logprobs; /* 0..IFN_TOP_LOGPROBS_MAX alternatives to report */
     uint64_t seed;
     uint64_t draw_index;      /* which draw of this seed's stream: tokens generated so far */
-    int32_t history_offset;   /* this row's tokens in batch.history_token_ids: */
-    int32_t history_prompt_len; /*   the first history_prompt_len are the prompt, */
-    int32_t history_len;      /*   the rest (history_len - history_prompt_len) the output */
+    int32_t state_slot;       /* the sequence state (ifn_seq_state_open) the penalties count, and to which
+                                 the drawn token is appended; -1: none. Rows of a step name distinct slots */
     int32_t bias_offset;      /* this row's entries in batch.logit_bias_ids/values */
     int32_t bias_count;       /* <= IFN_LOGIT_BIAS_MAX */
     int32_t use_mask;         /* 1: draw only tokens allowed by this row of batch.allowed_token_mask */
@@ -201,9 +202,8 @@ typedef struct ifn_batch {
     int32_t* out_token_ids;       /* (max_num_seqs) */
     float* out_logprobs;          /* (max_num_seqs) log-probability of the sampled token */
     float* logits;                /* (max_num_seqs, vocab_size) filled when return_logits */
-    uint32_t history_capacity;    /* entries in history_token_ids */
     uint32_t bias_capacity;       /* entries in logit_bias_ids/values */
-    int32_t* history_token_ids;   /* (history_capacity) token history of rows with penalties */
+    uint32_t _pad1;
     int32_t* logit_bias_ids;      /* (bias_capacity) */
     float* logit_bias_values;     /* (bias_capacity) */
     int32_t* out_top_ids;         /* (max_num_seqs, IFN_TOP_LOGPROBS_MAX) */
@@ -254,6 +254,13 @@ int32_t ifn_engine_step(ifn_engine* engine);
 int32_t ifn_engine_set_callback(ifn_engine* engine, ifn_step_callback callback, void* user_data);
 int32_t ifn_engine_step_async(ifn_engine* engine);
 const char* ifn_engine_last_error(const ifn_engine* engine);
+
+/* Per-sequence sampling state, kept across steps in one of max_num_seqs slots: the tokens so far,
+ * the first prompt_len of them the prompt, which the penalties count. Every step that samples a
+ * row naming the slot (ifn_sampling_params.state_slot) appends the token it drew, so the caller
+ * sends a sequence's history once, not every step. Refused (IFN_ERR_BUSY) while a step runs. */
+int32_t ifn_seq_state_open(ifn_engine* engine, uint32_t slot, const int32_t* tokens, uint32_t n, uint32_t prompt_len);
+int32_t ifn_seq_state_close(ifn_engine* engine, uint32_t slot);
 
 /* Block pool: the paged-KV allocator. All-or-nothing: on failure nothing changes. */
 int32_t ifn_blocks_allocate(ifn_engine* engine, uint32_t n, int32_t* out_block_ids);

@@ -154,9 +154,7 @@ pub const SamplingParams = extern struct {
     num_top_logprobs: i32 = 0,
     seed: u64,
     draw_index: u64,
-    history_offset: i32 = 0,
-    history_prompt_len: i32 = 0,
-    history_len: i32 = 0,
+    state_slot: i32 = -1, // the sequence state (ifn_seq_state_open) whose tokens the penalties count; -1: none
     bias_offset: i32 = 0,
     bias_count: i32 = 0,
     use_mask: i32 = 0, // 1: only tokens whose bit is set in this row of batch.allowed_token_mask may be drawn
@@ -182,9 +180,8 @@ pub const Batch = extern struct {
     out_token_ids: [*]i32,
     out_logprobs: [*]f32,
     logits: [*]f32,
-    history_capacity: u32,
     bias_capacity: u32,
-    history_token_ids: [*]i32,
+    _pad1: u32 = 0,
     logit_bias_ids: [*]i32,
     logit_bias_values: [*]f32,
     out_top_ids: [*]i32,
@@ -206,6 +203,6 @@ comptime {
     std.debug.assert(@sizeOf(ModelConfig) == 104);
     std.debug.assert(@sizeOf(Tensor) == 48);
     std.debug.assert(@sizeOf(EngineConfig) == 40);
-    std.debug.assert(@sizeOf(SamplingParams) == 72);
-    std.debug.assert(@sizeOf(Batch) == 16 + 11 * 8 + 8 + 5 * 8 + 8 + 8 + 8);
+    std.debug.assert(@sizeOf(SamplingParams) == 64);
+    std.debug.assert(@sizeOf(Batch) == 16 + 11 * 8 + 8 + 4 * 8 + 8 + 8 + 8);
 }

@@ -47,6 +47,7 @@ pub const Engine = struct {
 
     batch: abi.Batch,
     batch_arrays: BatchArrays,
+    seq_state: SeqState,
 
     // Engine thread: one step at a time, handed over under `mutex`.
     thread: std.Thread,
@@ -66,10 +67,27 @@ pub const Engine = struct {
         masks: []u32, // (max_num_seqs, mask_words), all ones until the caller writes a row
     };
 
-    /// Room for every row's full token history (prompt and output) in one step.
-    fn historyCapacity(c: abi.EngineConfig) usize {
-        return @as(usize, c.max_num_seqs) * c.max_blocks_per_seq * c.block_size;
-    }
+    /// Per-sequence sampling state across steps, in max_num_seqs slots: the tokens so far (the
+    /// first prompt_len the prompt), which the penalties count. The caller opens a slot with
+    /// them; every step that samples a row naming the slot appends the token it drew.
+    const SeqState = struct {
+        tokens: []i32, // (max_num_seqs, capacity)
+        len: []u32, // (max_num_seqs); 0 and closed, or open
+        prompt_len: []u32,
+        open: []bool,
+        capacity: usize, // max_blocks_per_seq * block_size: a whole sequence
+
+        pub fn history(s: SeqState, slot: usize) []const i32 {
+            return s.tokens[slot * s.capacity ..][0..s.len[slot]];
+        }
+
+        pub fn append(s: SeqState, slot: usize, token: i32) void {
+            if (s.len[slot] < s.capacity) {
+                s.tokens[slot * s.capacity + s.len[slot]] = token;
+                s.len[slot] += 1;
+            }
+        }
+    };
 
     pub fn kvLayout(e: *const Engine) kernels.KvLayout {
         return .{ .block_size = e.config.block_size, .head_dim = e.model.head_dim, .num_kv_heads = e.model.num_kv_heads };
@@ -194,10 +212,10 @@ pub const Engine = struct {
     fn initBatch(e: *Engine) !void {
         const t: usize = e.config.max_num_batched_tokens;
         const s: usize = e.config.max_num_seqs;
-        const history = historyCapacity(e.config);
+        const capacity = @as(usize, e.config.max_blocks_per_seq) * e.config.block_size;
         const bias = s * abi.logit_bias_max;
         const k = s * abi.top_logprobs_max;
-        const i32_count = 3 * t + (s + 1) + s + s * e.config.max_blocks_per_seq + s + s + history + bias + k;
+        const i32_count = 3 * t + (s + 1) + s + s * e.config.max_blocks_per_seq + s + s + s * capacity + bias + k;
         const i32s = try e.allocator.alloc(i32, i32_count);
         errdefer e.allocator.free(i32s);
         @memset(i32s, 0);
@@ -208,6 +226,12 @@ pub const Engine = struct {
         const sampling = try e.allocator.alloc(abi.SamplingParams, s);
         errdefer e.allocator.free(sampling);
         const f32s = try e.allocator.alloc(f32, s + s * @as(usize, e.model.vocab_size) + bias + k);
+        errdefer e.allocator.free(f32s);
+        const state_counts = try e.allocator.alloc(u32, 2 * s);
+        errdefer e.allocator.free(state_counts);
+        @memset(state_counts, 0);
+        const state_open = try e.allocator.alloc(bool, s);
+        @memset(state_open, false);
         e.batch_arrays = .{ .i32s = i32s, .sampling = sampling, .f32s = f32s, .masks = masks };
         var rest = i32s;
         const take = struct {
@@ -233,9 +257,7 @@ pub const Engine = struct {
             .sampling = sampling.ptr,
             .out_logprobs = f32s.ptr,
             .logits = f32s.ptr + s,
-            .history_capacity = @intCast(history),
             .bias_capacity = @intCast(bias),
-            .history_token_ids = take(&rest, history),
             .logit_bias_ids = take(&rest, bias),
             .out_top_ids = take(&rest, k),
             .logit_bias_values = f32s.ptr + s + s * @as(usize, e.model.vocab_size),
@@ -243,7 +265,41 @@ pub const Engine = struct {
             .mask_words = @intCast(mask_words),
             .allowed_token_mask = masks.ptr,
         };
-        assert(rest.len == 0);
+        e.seq_state = .{
+            .tokens = rest[0 .. s * capacity],
+            .len = state_counts[0..s],
+            .prompt_len = state_counts[s..],
+            .open = state_open,
+            .capacity = capacity,
+        };
+        assert(rest.len == s * capacity);
+    }
+
+    /// Opens sequence-state slot `slot` with the tokens so far (the first prompt_len the prompt).
+    pub fn seqStateOpen(e: *Engine, slot: u32, tokens: []const i32, prompt_len: u32) abi.Status {
+        e.mutex.lock();
+        defer e.mutex.unlock();
+        if (e.busy) return errors.fail(.busy, "cannot open a sequence state while a step runs", .{});
+        const st = e.seq_state;
+        if (slot >= st.open.len) return errors.fail(.invalid_argument, "sequence state slot {d} of {d}", .{ slot, st.open.len });
+        if (tokens.len > st.capacity or prompt_len > tokens.len)
+            return errors.fail(.invalid_argument, "sequence state of {d} tokens ({d} of the prompt) over {d}", .{ tokens.len, prompt_len, st.capacity });
+        for (tokens) |tok| if (tok < 0 or tok >= e.model.vocab_size) return errors.fail(.invalid_argument, "sequence state holds token {d}", .{tok});
+        @memcpy(st.tokens[slot * st.capacity ..][0..tokens.len], tokens);
+        st.len[slot] = @intCast(tokens.len);
+        st.prompt_len[slot] = prompt_len;
+        st.open[slot] = true;
+        return .ok;
+    }
+
+    pub fn seqStateClose(e: *Engine, slot: u32) abi.Status {
+        e.mutex.lock();
+        defer e.mutex.unlock();
+        if (e.busy) return errors.fail(.busy, "cannot close a sequence state while a step runs", .{});
+        if (slot >= e.seq_state.open.len) return errors.fail(.invalid_argument, "sequence state slot {d} of {d}", .{ slot, e.seq_state.open.len });
+        e.seq_state.open[slot] = false;
+        e.seq_state.len[slot] = 0;
+        return .ok;
     }
 
     fn deinitBatch(e: *Engine) void {
@@ -251,6 +307,8 @@ pub const Engine = struct {
         e.allocator.free(e.batch_arrays.sampling);
         e.allocator.free(e.batch_arrays.f32s);
         e.allocator.free(e.batch_arrays.masks);
+        e.allocator.free(e.seq_state.len.ptr[0 .. 2 * e.seq_state.len.len]);
+        e.allocator.free(e.seq_state.open);
     }
 
     /// Checks every index the step will follow, so a bad batch is refused rather than
@@ -299,12 +357,13 @@ pub const Engine = struct {
                 return errors.fail(.invalid_argument, "sampling parameters of row {d} out of range", .{i});
             if (p.num_top_logprobs < 0 or p.num_top_logprobs > abi.top_logprobs_max)
                 return errors.fail(.invalid_argument, "row {d} asks for {d} top logprobs (at most {d})", .{ i, p.num_top_logprobs, abi.top_logprobs_max });
-            if (p.history_offset < 0 or p.history_len < 0 or p.history_prompt_len < 0 or p.history_prompt_len > p.history_len or
-                @as(u64, @intCast(p.history_offset)) + @as(u64, @intCast(p.history_len)) > b.history_capacity)
-                return errors.fail(.invalid_argument, "row {d} token history out of range", .{i});
-            for (b.history_token_ids[@intCast(p.history_offset)..][0..@intCast(p.history_len)]) |tok| {
-                if (tok < 0 or tok >= e.model.vocab_size) return errors.fail(.invalid_argument, "row {d} history holds token {d}", .{ i, tok });
-            }
+            if (p.state_slot >= 0) {
+                if (p.state_slot >= e.seq_state.open.len or !e.seq_state.open[@intCast(p.state_slot)])
+                    return errors.fail(.invalid_argument, "row {d} names sequence state {d}, which is not open", .{ i, p.state_slot });
+                // Each row appends the token it draws to its state: two rows may not share one.
+                for (b.sampling[0..i]) |q| if (q.state_slot == p.state_slot)
+                    return errors.fail(.invalid_argument, "rows share sequence state {d}", .{p.state_slot});
+            } else if (p.state_slot != -1) return errors.fail(.invalid_argument, "row {d} has state_slot {d}", .{ i, p.state_slot });
             if (p.use_mask != 0 and p.use_mask != 1) return errors.fail(.invalid_argument, "row {d} use_mask is {d} (0 or 1)", .{ i, p.use_mask });
             if (p.bias_offset < 0 or p.bias_count < 0 or p.bias_count > abi.logit_bias_max or
                 @as(u64, @intCast(p.bias_offset)) + @as(u64, @intCast(p.bias_count)) > b.bias_capacity)

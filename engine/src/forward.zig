@@ -313,11 +313,12 @@ const SampleCtx = struct {
         const k_max = abi.top_logprobs_max;
         for (begin..end) |i| {
             const p = b.sampling[i];
-            const history_offset: usize = @intCast(p.history_offset);
             const bias_offset: usize = @intCast(p.bias_offset);
+            const slot: ?usize = if (p.state_slot >= 0) @intCast(p.state_slot) else null;
             const row = sampler.Row{
                 .params = p,
-                .history = b.history_token_ids[history_offset..][0..@intCast(p.history_len)],
+                .history = if (slot) |st| e.seq_state.history(st) else &.{},
+                .prompt_len = if (slot) |st| e.seq_state.prompt_len[st] else 0,
                 .bias_ids = b.logit_bias_ids[bias_offset..][0..@intCast(p.bias_count)],
                 .bias_values = b.logit_bias_values[bias_offset..][0..@intCast(p.bias_count)],
                 .mask = if (p.use_mask == 1) b.allowed_token_mask[i * b.mask_words ..][0..b.mask_words] else null,
@@ -325,6 +326,7 @@ const SampleCtx = struct {
             const s = sampler.sample(b.logits[i * vocab ..][0..vocab], row, scratch, b.out_top_ids[i * k_max ..][0..k_max], b.out_top_logprobs[i * k_max ..][0..k_max]);
             b.out_token_ids[i] = @intCast(s.token_id);
             b.out_logprobs[i] = s.logprob;
+            if (slot) |st| e.seq_state.append(st, @intCast(s.token_id));
         }
     }
 };

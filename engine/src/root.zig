@@ -181,6 +181,19 @@ export fn ifn_engine_last_error(engine: ?*const Engine) [*:0]const u8 {
     return &e.async_error;
 }
 
+export fn ifn_seq_state_open(engine: ?*Engine, slot: u32, tokens: ?[*]const i32, n: u32, prompt_len: u32) i32 {
+    errors.clear();
+    const e = engine orelse return code(errors.fail(.invalid_argument, "engine is null", .{}));
+    const t: []const i32 = if (tokens) |p| p[0..n] else if (n == 0) &.{} else return code(errors.fail(.invalid_argument, "tokens is null", .{}));
+    return code(e.seqStateOpen(slot, t, prompt_len));
+}
+
+export fn ifn_seq_state_close(engine: ?*Engine, slot: u32) i32 {
+    errors.clear();
+    const e = engine orelse return code(errors.fail(.invalid_argument, "engine is null", .{}));
+    return code(e.seqStateClose(slot));
+}
+
 fn blockIds(ids: ?[*]const i32, n: u32, e: *const Engine) ?[]const u32 {
     const p = ids orelse return null;
     const slice = p[0..n];

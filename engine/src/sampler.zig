@@ -22,6 +22,7 @@ pub const Scratch = struct {
 pub const Row = struct {
     params: SamplingParams,
     history: []const i32 = &.{}, // prompt tokens, then output tokens
+    prompt_len: usize = 0, // how many of history are the prompt's
     bias_ids: []const i32 = &.{},
     bias_values: []const f32 = &.{},
     /// Allowed tokens (structured output): bit t % 32 of word t / 32; null when any token may be drawn.
@@ -140,8 +141,7 @@ const seen_bit: u32 = 1 << 31;
 /// output tokens. `counts` comes back all zero.
 fn applyPenalties(logits: []f32, row: Row, counts: []u32) void {
     const p = row.params;
-    const prompt_len: usize = @intCast(row.params.history_prompt_len);
-    const output = row.history[prompt_len..];
+    const output = row.history[row.prompt_len..];
     for (output) |t| counts[@intCast(t)] += 1;
     if (p.repetition_penalty != 1) {
         for (row.history) |t| {
@@ -346,9 +346,8 @@ test "logit bias and penalties steer greedy choice; the reported logprob stays t
         var p = base;
         p.frequency_penalty = 0.6;
         p.presence_penalty = 0.5;
-        p.history_prompt_len = 1;
         var logits = [_]f32{ 1, 4, 3, 0 };
-        const s = sample(&logits, .{ .params = p, .history = &.{ 3, 1, 1 } }, testScratch(4, &probs, &order), &ids, &lps);
+        const s = sample(&logits, .{ .params = p, .history = &.{ 3, 1, 1 }, .prompt_len = 1 }, testScratch(4, &probs, &order), &ids, &lps);
         try testing.expectEqual(@as(u32, 2), s.token_id);
         try testing.expectApproxEqAbs(@as(f32, 2.3), logits[1], 1e-6);
         try testing.expectEqual(@as(f32, 0), logits[3]); // prompt tokens take no frequency penalty
@@ -357,9 +356,8 @@ test "logit bias and penalties steer greedy choice; the reported logprob stays t
         // Repetition 2 over prompt and output: 4 -> 2, and -1 -> -2, once per distinct token.
         var p = base;
         p.repetition_penalty = 2;
-        p.history_prompt_len = 2;
         var logits = [_]f32{ -1, 4, 3, 0 };
-        const s = sample(&logits, .{ .params = p, .history = &.{ 0, 1, 1, 0 } }, testScratch(4, &probs, &order), &ids, &lps);
+        const s = sample(&logits, .{ .params = p, .history = &.{ 0, 1, 1, 0 }, .prompt_len = 2 }, testScratch(4, &probs, &order), &ids, &lps);
         try testing.expectEqual(@as(u32, 2), s.token_id);
         try testing.expectEqual(@as(f32, 2), logits[1]);
         try testing.expectEqual(@as(f32, -2), logits[0]);

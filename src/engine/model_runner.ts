@@ -2,7 +2,7 @@
 // reads back the sampled tokens. The descriptor's arrays are engine-owned and
 // reused, so a step allocates nothing on the native side.
 import { LOGIT_BIAS_MAX, TOP_LOGPROBS_MAX, type NativeEngine } from "../ffi/native.ts";
-import type { Request, TokenLogprob } from "./request.ts";
+import { RequestStatus, type Request, type TokenLogprob } from "./request.ts";
 import type { ScheduledRequest } from "./scheduler.ts";
 
 export interface SampledToken extends TokenLogprob {
@@ -11,11 +11,42 @@ export interface SampledToken extends TokenLogprob {
 }
 
 export class ModelRunner {
+  /** Engine-side sequence states (penalties' token counts) of running requests, by slot. */
+  private readonly stateSlots = new Map<Request, number>();
+  private readonly freeSlots: number[];
+
   constructor(
     private readonly engine: NativeEngine,
     readonly blockSizeTokens: number,
     private readonly eosTokenIds: readonly number[],
-  ) {}
+  ) {
+    this.freeSlots = Array.from({ length: engine.config.maxNumSeqs }, (_, i) => engine.config.maxNumSeqs - 1 - i);
+  }
+
+  /**
+   * The slot of a request's sequence state in the engine, opened with its tokens so far the
+   * first time it samples with penalties; the engine appends each token it draws there, so its
+   * history crosses once. A request that stopped running (finished, aborted, preempted) gives
+   * its slot back at the next step; one that runs again reopens with its tokens then.
+   */
+  private stateSlot(req: Request): number {
+    const held = this.stateSlots.get(req);
+    if (held !== undefined) return held;
+    const slot = this.freeSlots.pop();
+    if (slot === undefined) throw new Error("no sequence state slot free");
+    this.engine.openSeqState(slot, req.tokenIds, req.promptTokenIds.length);
+    this.stateSlots.set(req, slot);
+    return slot;
+  }
+
+  private closeIdleStates(): void {
+    for (const [req, slot] of this.stateSlots) {
+      if (req.status === RequestStatus.RUNNING) continue;
+      this.engine.closeSeqState(slot);
+      this.stateSlots.delete(req);
+      this.freeSlots.push(slot);
+    }
+  }
 
   /** Fills the step descriptor; returns the requests whose last token is in this step (they sample). */
   /** masked: the sampling requests whose rows take a grammar's bitmask (written by writeMask). */
@@ -29,8 +60,8 @@ export class ModelRunner {
     const maxBlocks = this.engine.config.maxBlocksPerSeq;
     const sampled: Request[] = [];
     let t = 0;
-    let historyCursor = 0;
     let biasCursor = 0;
+    this.closeIdleStates();
     scheduled.forEach(({ req, numNewTokens }, s) => {
       b.queryStartLoc[s] = t;
       for (let j = 0; j < numNewTokens; j++, t++) {
@@ -47,11 +78,6 @@ export class ModelRunner {
       b.sampleIndices[row] = t - 1;
       const p = req.params;
       const penalties = p.presencePenalty !== 0 || p.frequencyPenalty !== 0 || p.repetitionPenalty !== 1;
-      const historyOffset = historyCursor;
-      if (penalties) {
-        b.historyTokenIds.set(req.tokenIds, historyCursor);
-        historyCursor += req.tokenIds.length;
-      }
       const biasOffset = biasCursor;
       b.logitBiasIds.set(req.biasIds, biasCursor);
       b.logitBiasValues.set(req.biasValues, biasCursor);
@@ -79,9 +105,7 @@ export class ModelRunner {
         numTopLogprobs: Math.min(p.logprobs ?? 0, TOP_LOGPROBS_MAX),
         seed: req.seed,
         drawIndex: req.numOutputTokens,
-        historyOffset,
-        historyPromptLen: penalties ? req.promptTokenIds.length : 0,
-        historyLen: penalties ? req.tokenIds.length : 0,
+        stateSlot: penalties ? this.stateSlot(req) : -1,
         biasOffset,
         biasCount: biasCursor - biasOffset,
         useMask: mask,

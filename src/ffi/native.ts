@@ -116,7 +116,7 @@ export interface TensorEntry {
   cols: number;
 }
 
-/** Mirrors ifn_sampling_params; history and bias point into the batch's shared arrays. */
+/** Mirrors ifn_sampling_params; bias points into the batch's shared arrays. */
 export interface SamplingRow {
   temperature: number;
   topP: number;
@@ -128,9 +128,7 @@ export interface SamplingRow {
   numTopLogprobs: number;
   seed: bigint;
   drawIndex: number;
-  historyOffset: number;
-  historyPromptLen: number;
-  historyLen: number;
+  stateSlot: number; // the sequence state (openSeqState) the penalties count; -1: none
   biasOffset: number;
   biasCount: number;
   useMask: boolean; // draw only tokens allowed by this row of batch.allowedTokenMask
@@ -148,9 +146,7 @@ export const GREEDY_ROW: SamplingRow = {
   numTopLogprobs: 0,
   seed: 0n,
   drawIndex: 0,
-  historyOffset: 0,
-  historyPromptLen: 0,
-  historyLen: 0,
+  stateSlot: -1,
   biasOffset: 0,
   biasCount: 0,
   useMask: false,
@@ -215,6 +211,11 @@ function open(path: string) {
     ifn_engine_set_callback: { args: [FFIType.ptr, FFIType.function, FFIType.ptr], returns: FFIType.i32 },
     ifn_engine_step_async: { args: [FFIType.ptr], returns: FFIType.i32 },
     ifn_engine_last_error: { args: [FFIType.ptr], returns: FFIType.cstring },
+    ifn_seq_state_open: {
+      args: [FFIType.ptr, FFIType.u32, FFIType.ptr, FFIType.u32, FFIType.u32],
+      returns: FFIType.i32,
+    },
+    ifn_seq_state_close: { args: [FFIType.ptr, FFIType.u32], returns: FFIType.i32 },
     ifn_blocks_allocate: { args: [FFIType.ptr, FFIType.u32, FFIType.ptr], returns: FFIType.i32 },
     ifn_blocks_free: { args: [FFIType.ptr, FFIType.u32, FFIType.ptr], returns: FFIType.i32 },
     ifn_blocks_ref: { args: [FFIType.ptr, FFIType.u32, FFIType.ptr], returns: FFIType.i32 },
@@ -313,9 +314,7 @@ const STRUCT_FIELDS = {
     "num_top_logprobs",
     "seed",
     "draw_index",
-    "history_offset",
-    "history_prompt_len",
-    "history_len",
+    "state_slot",
     "bias_offset",
     "bias_count",
     "use_mask",
@@ -336,9 +335,8 @@ const STRUCT_FIELDS = {
     "out_token_ids",
     "out_logprobs",
     "logits",
-    "history_capacity",
     "bias_capacity",
-    "history_token_ids",
+    "_pad1",
     "logit_bias_ids",
     "logit_bias_values",
     "out_top_ids",
@@ -396,7 +394,6 @@ export interface BatchView {
   outTokenIds: Int32Array;
   outLogprobs: Float32Array;
   logits: Float32Array;
-  historyTokenIds: Int32Array;
   logitBiasIds: Int32Array;
   logitBiasValues: Float32Array;
   outTopIds: Int32Array;
@@ -548,7 +545,6 @@ export class NativeEngine {
       outTokenIds: view("out_token_ids", s, Int32Array),
       outLogprobs: view("out_logprobs", s, Float32Array),
       logits: view("logits", s * model.vocabSize, Float32Array),
-      historyTokenIds: view("history_token_ids", u32("history_capacity"), Int32Array),
       logitBiasIds: view("logit_bias_ids", u32("bias_capacity"), Int32Array),
       logitBiasValues: view("logit_bias_values", u32("bias_capacity"), Float32Array),
       outTopIds: view("out_top_ids", s * TOP_LOGPROBS_MAX, Int32Array),
@@ -599,9 +595,7 @@ export class NativeEngine {
     w.i32("num_top_logprobs", p.numTopLogprobs, row);
     w.u64("seed", p.seed, row);
     w.u64("draw_index", p.drawIndex, row);
-    w.i32("history_offset", p.historyOffset, row);
-    w.i32("history_prompt_len", p.historyPromptLen, row);
-    w.i32("history_len", p.historyLen, row);
+    w.i32("state_slot", p.stateSlot, row);
     w.i32("bias_offset", p.biasOffset, row);
     w.i32("bias_count", p.biasCount, row);
     w.i32("use_mask", p.useMask ? 1 : 0, row);
@@ -653,6 +647,19 @@ export class NativeEngine {
         reject(engineError(status, String(symbols.ifn_last_error())));
       }
     });
+  }
+
+  /** Opens sequence-state slot `slot` with a sequence's tokens so far (the first promptLen its prompt). */
+  openSeqState(slot: number, tokens: readonly number[], promptLen: number): void {
+    const symbols = load();
+    const buf = Int32Array.from(tokens);
+    const p = buf.length > 0 ? ptr(buf) : null;
+    check(symbols.ifn_seq_state_open(this.ptr, slot, p, buf.length, promptLen), () => String(symbols.ifn_last_error()));
+  }
+
+  closeSeqState(slot: number): void {
+    const symbols = load();
+    check(symbols.ifn_seq_state_close(this.ptr, slot), () => String(symbols.ifn_last_error()));
   }
 
   allocateBlocks(n: number): number[] {
