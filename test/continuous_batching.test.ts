@@ -4,7 +4,7 @@ import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from "
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { LLMEngine } from "../src/engine/llm_engine.ts";
+import { LLMEngine, type EngineOptions } from "../src/engine/llm_engine.ts";
 import { QueueFullError } from "../src/engine/scheduler.ts";
 import { DEFAULT_SAMPLING } from "../src/engine/request.ts";
 import { generate, GREEDY } from "./helpers/engine.ts";
@@ -41,17 +41,32 @@ async function staggered(engine: LLMEngine, extra: Partial<typeof DEFAULT_SAMPLI
   return (await Promise.all(runs)).map((r) => r.ids);
 }
 
+/** An engine for one test: made, used, shut down whatever happens. */
+async function withEngine<T>(options: Partial<EngineOptions>, run: (engine: LLMEngine) => Promise<T>): Promise<T> {
+  const engine = await LLMEngine.create(modelPath, options);
+  try {
+    return await run(engine);
+  } finally {
+    await engine.shutdown();
+  }
+}
+/** One sequence at a time: each request as it runs alone. */
+const SINGLE = { threads: 2, maxNumSeqs: 1, enablePrefixCaching: false };
+/** 40 blocks of 16 = 640 tokens for up to 16 requests of up to 430 tokens each: preemption. */
+const TIGHT = { threads: 2, maxNumSeqs: 16, maxNumBatchedTokens: 128, numBlocksOverride: 40 };
+
 const LENGTHS = Array.from({ length: 32 }, (_, i) => 1 + Math.floor((i * 397) % 400));
 const MAX_TOKENS = Array.from({ length: 32 }, (_, i) => 4 + ((i * 13) % 29));
 
 describe("continuous batching", () => {
   let alone: number[][];
   beforeAll(async () => {
-    const engine = await LLMEngine.create(modelPath, { threads: 2, maxNumSeqs: 1, enablePrefixCaching: false });
-    alone = [];
-    for (let i = 0; i < 32; i++)
-      alone.push((await generate(engine, promptOf(LENGTHS[i], i), { maxTokens: MAX_TOKENS[i] })).ids);
-    await engine.shutdown();
+    alone = await withEngine(SINGLE, async (engine) => {
+      const ids = [];
+      for (let i = 0; i < 32; i++)
+        ids.push((await generate(engine, promptOf(LENGTHS[i], i), { maxTokens: MAX_TOKENS[i] })).ids);
+      return ids;
+    });
   });
 
   test("32 staggered requests of 1 to 400 prompt tokens give the tokens each gives alone", async () => {
@@ -68,43 +83,20 @@ describe("continuous batching", () => {
     // The penalties count each request's tokens in an engine-side state (max_num_seqs slots),
     // given back when a request stops running and reopened with its tokens when it runs again.
     const penalties = { repetitionPenalty: 1.3, frequencyPenalty: 0.5, presencePenalty: 0.2 };
-    const single = await LLMEngine.create(modelPath, { threads: 2, maxNumSeqs: 1, enablePrefixCaching: false });
-    let want: number[][];
-    try {
-      want = await staggered(single, penalties);
-    } finally {
-      await single.shutdown();
-    }
-    const engine = await LLMEngine.create(modelPath, {
-      threads: 2,
-      maxNumSeqs: 16,
-      maxNumBatchedTokens: 128,
-      numBlocksOverride: 40,
-    });
-    try {
+    const want = await withEngine(SINGLE, (single) => staggered(single, penalties));
+    await withEngine(TIGHT, async (engine) => {
       expect(await staggered(engine, penalties)).toEqual(want);
       expect(engine.scheduler.numPreemptions).toBeGreaterThan(0);
       expect(want).not.toEqual(alone); // the penalties changed what was drawn
-    } finally {
-      await engine.shutdown();
-    }
+    });
   });
 
   test("the same 32 with a pool too small to hold them: preempted, and still identical", async () => {
-    // 40 blocks of 16 = 640 tokens for up to 16 requests of up to 430 tokens each.
-    const engine = await LLMEngine.create(modelPath, {
-      threads: 2,
-      maxNumSeqs: 16,
-      maxNumBatchedTokens: 128,
-      numBlocksOverride: 40,
-    });
-    try {
+    await withEngine(TIGHT, async (engine) => {
       expect(await staggered(engine)).toEqual(alone);
       expect(engine.scheduler.numPreemptions).toBeGreaterThan(0);
       expect(engine.kv.numFreeBlocks).toBe(40);
-    } finally {
-      await engine.shutdown();
-    }
+    });
   });
 });
 

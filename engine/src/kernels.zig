@@ -613,6 +613,15 @@ inline fn prefetchRun(comptime KV: type, cache: []const KV, layout: KvLayout, bl
     while (o < bytes.len) : (o += 64) @prefetch(bytes.ptr + o, .{});
 }
 
+/// Block bi of a walk over the first `len` positions of a block table: KV head kv_head's run in
+/// it, its first position and how many positions it holds. Asks memory for the run
+/// prefetch_blocks further on.
+inline fn walkBlock(comptime KV: type, cache: []const KV, layout: KvLayout, kv_head: usize, table: []const i32, len: usize, bi: usize) struct { run: [*]const KV, p: usize, n: usize } {
+    const bs = layout.block_size;
+    if ((bi + prefetch_blocks) * bs < len) prefetchRun(KV, cache, layout, table[bi + prefetch_blocks], kv_head);
+    return .{ .run = cache[layout.run(@intCast(table[bi]), kv_head)..].ptr, .p = bi * bs, .n = @min(bs, len - bi * bs) };
+}
+
 /// scores[h * stride + p] = scale * q_h . k[p] for the `group` heads of q (rows of head_dim) and
 /// the positions p < len of a block table. Positions go 16 at a time where the block has 16
 /// more slots: lanes past len hold stale slots, computed and left in the row's slack
@@ -620,12 +629,11 @@ inline fn prefetchRun(comptime KV: type, cache: []const KV, layout: KvLayout, bl
 fn scoreRows(comptime KV: type, scores: []f32, stride: usize, q: []const f32, group: usize, k_cache: []const KV, layout: KvLayout, kv_head: usize, table: []const i32, len: usize, scale: f32) void {
     const bs = layout.block_size;
     const hd = layout.head_dim;
-    const n_blocks = (len + bs - 1) / bs;
-    for (0..n_blocks) |bi| {
-        if (bi + prefetch_blocks < n_blocks) prefetchRun(KV, k_cache, layout, table[bi + prefetch_blocks], kv_head);
-        const k = k_cache[layout.run(@intCast(table[bi]), kv_head)..].ptr;
-        const p = bi * bs;
-        const in_block = @min(bs, len - p);
+    for (0..(len + bs - 1) / bs) |bi| {
+        const blk = walkBlock(KV, k_cache, layout, kv_head, table, len, bi);
+        const k = blk.run;
+        const p = blk.p;
+        const in_block = blk.n;
         var j: usize = 0;
         while (j < in_block and j + vec_len <= bs) : (j += vec_len) {
             const at = scores[p + j ..];
@@ -663,15 +671,11 @@ inline fn scoreHeads(comptime nh: usize, comptime KV: type, out: []f32, stride: 
 fn addWeightedV(comptime KV: type, acc: []f32, w: []const f32, stride: usize, group: usize, v_cache: []const KV, layout: KvLayout, kv_head: usize, table: []const i32, len: usize) void {
     const bs = layout.block_size;
     const hd = layout.head_dim;
-    const n_blocks = (len + bs - 1) / bs;
-    for (0..n_blocks) |bi| {
-        if (bi + prefetch_blocks < n_blocks) prefetchRun(KV, v_cache, layout, table[bi + prefetch_blocks], kv_head);
-        const v = v_cache[layout.run(@intCast(table[bi]), kv_head)..].ptr;
-        const p = bi * bs;
-        const n = @min(bs, len - p);
+    for (0..(len + bs - 1) / bs) |bi| {
+        const blk = walkBlock(KV, v_cache, layout, kv_head, table, len, bi);
         var h: usize = 0;
-        while (h + 2 <= group) : (h += 2) weightedHeads(2, KV, acc[h * hd ..], w[h * stride + p ..], stride, v, n, hd);
-        if (h < group) weightedHeads(1, KV, acc[h * hd ..], w[h * stride + p ..], stride, v, n, hd);
+        while (h + 2 <= group) : (h += 2) weightedHeads(2, KV, acc[h * hd ..], w[h * stride + blk.p ..], stride, blk.run, blk.n, hd);
+        if (h < group) weightedHeads(1, KV, acc[h * hd ..], w[h * stride + blk.p ..], stride, blk.run, blk.n, hd);
     }
 }
 
