@@ -107,14 +107,14 @@ describe("model loading refuses", () => {
   });
 
   test("a quantized GGUF type this build cannot run, naming it", async () => {
-    const p = join(dir, "q5k.gguf");
+    const p = join(dir, "q2k.gguf");
     const raw = Buffer.from(readFileSync(ggufPath));
-    // Retype the first 2-D tensor (token_embd, type F32 = 0) as Q5_K (13) by editing its info record.
+    // Retype the first 2-D tensor (token_embd, type F32 = 0) as Q2_K (10) by editing its info record.
     const name = Buffer.from("token_embd.weight");
     const at = raw.indexOf(name) + name.length; // then n_dims u32, 2 dims u64, type u32
-    raw.writeUInt32LE(13, at + 4 + 16);
+    raw.writeUInt32LE(10, at + 4 + 16);
     writeFileSync(p, raw);
-    expect(await loadError(p)).toMatch(/token_embd\.weight is Q5_K, which is not supported yet/);
+    expect(await loadError(p)).toMatch(/token_embd\.weight is Q2_K, which is not supported yet/);
   });
 
   test("an unsupported architecture", async () => {
