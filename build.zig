@@ -22,6 +22,7 @@ pub fn build(b: *std.Build) void {
         .link_libc = true,
     });
     lib.addIncludePath(b.path("engine/include"));
+    lib.root_module.addOptions("build_options", backendOptions(b, "cpu"));
     b.installArtifact(lib);
 
     const tests = b.addTest(.{
@@ -30,6 +31,7 @@ pub fn build(b: *std.Build) void {
         .optimize = .Debug,
         .link_libc = true,
     });
+    tests.root_module.addOptions("build_options", backendOptions(b, "cpu"));
     const run_tests = b.addRunArtifact(tests);
     const test_step = b.step("test", "Run the engine's unit tests (kernels against naive versions, block pool, sampler, threads)");
     test_step.dependOn(&run_tests.step);
@@ -45,4 +47,11 @@ pub fn build(b: *std.Build) void {
     if (b.args) |args| run_bench.addArgs(args);
     const bench_step = b.step("bench-kernels", "Time one-token packed products against a plain read of memory (one thread)");
     bench_step.dependOn(&run_bench.step);
+}
+
+/// The options engine/src/engine.zig reads: which backend the library is built with.
+fn backendOptions(b: *std.Build, backend: []const u8) *std.Build.Step.Options {
+    const options = b.addOptions();
+    options.addOption([]const u8, "backend", backend);
+    return options;
 }

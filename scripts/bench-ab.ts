@@ -55,9 +55,8 @@ async function open(lib: string): Promise<Side> {
       maxNumBatchedTokens: 16,
       maxNumSeqs: 1,
       maxBlocksPerSeq: contextMax / blockSize,
-      numThreads: Number(values.threads),
       kvCacheDtype: ffi.DType.F32,
-      computeDtype: ffi.DType.F32,
+      cpu: { numThreads: Number(values.threads), computeDtype: ffi.DType.F32 },
     },
     model.spec.files,
     model.spec.tensors,
@@ -76,8 +75,8 @@ function step(side: Side, pos: number): void {
   b.seqLens[0] = pos + 1;
   b.blockTables.set(side.blocks, 0);
   b.sampleIndices[0] = 0;
-  n.setSampling(0, GREEDY_ROW);
-  n.setCounts(1, 1, 1, false);
+  n.descriptors[0].setSampling(0, GREEDY_ROW);
+  n.descriptors[0].setCounts(1, 1, 1, false);
   const t = performance.now();
   n.stepSync();
   side.times.push(performance.now() - t);

@@ -2,6 +2,7 @@
 // Offline engine speed for a model path, no HTTP:
 //   bun run bench --model <path> [--prompt-tokens 128,512] [--batch 1,8,16,32] [--decode-tokens 64]
 //       [--depth 8] [--threads N] [--runs 3] [--dtype auto|bfloat16] [--kv-cache-dtype auto|f32|f16]
+//       [--no-async-scheduling]
 // Prefill tok/s for each prompt length (one sequence), and aggregate decode tok/s with
 // 1, 8, ... sequences decoding together, each after a prompt of --depth tokens (decode at
 // depth: attention reads that much K/V a step). Fixed prompts, a warm-up, medians. One
@@ -23,6 +24,7 @@ const { values } = parseArgs({
     runs: { type: "string", default: "3" },
     dtype: { type: "string", default: "auto" },
     "kv-cache-dtype": { type: "string", default: "auto" },
+    "no-async-scheduling": { type: "boolean", default: false },
   },
 });
 if (!values.model) {
@@ -45,6 +47,7 @@ const engine = await LLMEngine.create(values.model, {
   enablePrefixCaching: false, // every run computes its prompt
   computeDtype: values.dtype === "bfloat16" || values.dtype === "bf16" ? "bf16" : "f32",
   kvCacheDtype: values["kv-cache-dtype"] as "auto" | "f32" | "f16",
+  asyncScheduling: !values["no-async-scheduling"],
 });
 // A prompt must leave room for the one token it is timed to: at most max_model_len - 1.
 const promptLengths = requestedLengths.map((l) => Math.min(l, engine.maxModelLen - 1));

@@ -25,6 +25,8 @@ export const FLAGS = {
   kv_cache_dtype: "string",
   dtype: "string",
   gpu_memory_utilization: "float",
+  enforce_eager: "bool",
+  async_scheduling: "bool",
   tensor_parallel_size: "int",
   enable_prefix_caching: "bool",
   threads: "int",
@@ -46,8 +48,11 @@ export type Values = Partial<Record<Key, string | number | boolean | string[]>>;
 
 /** The engine options, as both commands' usage texts list them. */
 export const ENGINE_USAGE = `engine options (serve and generate; in a config file as snake_case keys):
-  --device auto|cpu|cuda  (auto: a GPU when this build has a backend for it, else the CPU)
+  --device auto|cpu|cuda  (auto: a GPU where the CUDA build finds one, else the CPU; says which)
   --threads N           compute threads (default: all cores)
+  --gpu-memory-utilization 0.9  share of the GPU's memory for weights, workspace and the KV pool
+  --enforce-eager       no CUDA graphs (GPU)
+  --no-async-scheduling  schedule each step after the last ends (default: while it runs)
   --max-model-len N     context length (default: the model's)
   --max-num-batched-tokens N  --max-num-seqs N  --max-queue-len N
   --block-size N  --num-gpu-blocks-override N  --kv-cache-memory 2GiB
@@ -72,6 +77,9 @@ export const ENGINE_KEYS = [
   "kv_cache_dtype",
   "dtype",
   "enable_prefix_caching",
+  "gpu_memory_utilization",
+  "enforce_eager",
+  "async_scheduling",
 ] as const satisfies readonly Key[];
 
 type ArgOption = { type: "string" | "boolean"; multiple?: boolean };
@@ -174,12 +182,13 @@ export function engineOptionsOf(v: Values): Partial<EngineOptions> {
   if (v.device !== undefined && !["auto", "cpu", "cuda"].includes(String(v.device))) {
     throw new ConfigError(`device must be auto, cpu or cuda, got '${String(v.device)}'`);
   }
-  if (v.device === "cuda") {
-    throw new ConfigError(
-      "device cuda: this build has no CUDA backend yet; use --device cpu (or auto, which takes the CPU)",
-    );
-  }
   const engine: Partial<EngineOptions> = {};
+  if (v.device !== undefined) engine.device = v.device as EngineOptions["device"];
+  if (v.gpu_memory_utilization !== undefined) {
+    const g = v.gpu_memory_utilization as number;
+    if (!(g > 0 && g <= 1)) throw new ConfigError(`gpu_memory_utilization must be in (0, 1], got ${g}`);
+    engine.gpuMemoryUtilization = g;
+  }
   const set = <K extends keyof EngineOptions>(k: K, x: unknown) => {
     if (x !== undefined) engine[k] = x as EngineOptions[K];
   };
@@ -202,6 +211,8 @@ export function engineOptionsOf(v: Values): Partial<EngineOptions> {
     engine.computeDtype = d;
   }
   set("enablePrefixCaching", v.enable_prefix_caching);
+  set("enforceEager", v.enforce_eager);
+  set("asyncScheduling", v.async_scheduling);
   set("threads", v.threads);
   for (const [k, min] of [
     ["maxNumSeqs", 1],

@@ -164,9 +164,8 @@ describe("model loading refuses", () => {
       maxNumBatchedTokens: 64,
       maxNumSeqs: 2,
       maxBlocksPerSeq: 16,
-      numThreads: 1,
       kvCacheDtype: DType.F32,
-      computeDtype: DType.F32,
+      cpu: { numThreads: 1, computeDtype: DType.F32 },
       kvCacheBytes: 0,
     };
     const badShape = spec.tensors.map((t) =>
@@ -229,7 +228,7 @@ describe("requests and steps refuse", () => {
     b.queryStartLoc[1] = 1;
     b.seqLens[0] = 1;
     b.blockTables[0] = 0;
-    n.setCounts(1, 1, 0, false);
+    n.descriptors[0].setCounts(1, 1, 0, false);
     expect(() => n.stepSync()).toThrow(/token id 9999 is outside the vocabulary/);
     b.tokenIds[0] = 5;
     b.slotMapping[0] = 17;

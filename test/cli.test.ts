@@ -90,6 +90,16 @@ describe("inferneo errors", () => {
     expect(r.stderr.trim()).toBe("inferneo: model path /nonexistent/model does not exist");
   });
 
+  test("--device cuda without a usable GPU is one line and exit code 1; auto runs on the CPU", () => {
+    // Here either no CUDA build exists (no nvcc) or it finds no GPU: one line says which.
+    const cuda = run(["generate", "--model", EMBEDDED_GGUF, "--device", "cuda", "--prompt", "hi", "--max-tokens", "2"]);
+    expect(cuda.code).toBe(1);
+    expect(cuda.stderr.trim().split("\n").length).toBe(1);
+    expect(cuda.stderr.trim()).toMatch(/^inferneo: device cuda: (this build has no CUDA backend|no usable GPU)/);
+    const auto = run(["generate", "--model", EMBEDDED_GGUF, "--device", "auto", "--prompt", "hi", "--max-tokens", "2"]);
+    expect(auto.code).toBe(0);
+  });
+
   test("serve: a bad --port or --host is one line and exit code 2", () => {
     for (const [args, message] of [
       [["--port", "99999"], "inferneo serve: --port must be a port number (0-65535), got 99999"],

@@ -100,6 +100,39 @@ describe("continuous batching", () => {
   });
 });
 
+describe("async scheduling", () => {
+  test("steps queued behind the one running give the tokens of one step at a time, and every block back", async () => {
+    // Seeded sampling, penalties, stop tokens, min_tokens and a pool tight enough to preempt:
+    // what a step draws is known only when it ends, so these all act a step late.
+    const mixed = (i: number) => ({
+      maxTokens: MAX_TOKENS[i],
+      temperature: i % 3 === 0 ? 0 : 0.9,
+      seed: i,
+      ...(i % 4 === 1 ? { repetitionPenalty: 1.2, presencePenalty: 0.3 } : {}),
+      ...(i % 5 === 2 ? { stopTokenIds: [3 + ((i * 131) % 509), 7, 11], ignoreEos: false } : {}),
+      ...(i % 6 === 3 ? { minTokens: 3 } : {}),
+    });
+    const run = (asyncScheduling: boolean) =>
+      withEngine({ ...TIGHT, asyncScheduling }, async (engine) => {
+        let queuedBehind = 0;
+        engine.stepObserver = () => {
+          if (engine.runner.numInFlight > 0) queuedBehind += 1;
+        };
+        const outs = await Promise.all(
+          Array.from({ length: 24 }, (_, i) => generate(engine, promptOf(LENGTHS[i], i), mixed(i))),
+        );
+        expect(engine.kv.numFreeBlocks).toBe(40);
+        return { ids: outs.map((o) => o.ids), queuedBehind, preemptions: engine.scheduler.numPreemptions };
+      });
+    const serial = await run(false);
+    const piped = await run(true);
+    expect(piped.ids).toEqual(serial.ids);
+    expect(serial.queuedBehind).toBe(0);
+    expect(piped.queuedBehind).toBeGreaterThan(10);
+    expect(piped.preemptions).toBeGreaterThan(0);
+  });
+});
+
 describe("prefix caching", () => {
   test("a request sharing a 256-token prefix with a finished one is served from cache, with the same output", async () => {
     const prefix = promptOf(256, 42);

@@ -419,8 +419,12 @@ describe("configuration", () => {
     expect(() => serveConfig(parseServeArgs(["--config", file], {}))).toThrow(
       /tensor_parallel_size 2 needs several GPUs/,
     );
-    const gpu = serveConfig(parseServeArgs(["--model", "m", "--gpu-memory-utilization", "0.9"], {}));
-    expect(gpu.notes.join()).toMatch(/gpu_memory_utilization 0.9 has no effect/);
+    const gpu = serveConfig(parseServeArgs(["--model", "m", "--gpu-memory-utilization", "0.8", "--enforce-eager"], {}));
+    expect(gpu.engine.gpuMemoryUtilization).toBe(0.8);
+    expect(gpu.engine.enforceEager).toBe(true);
+    expect(serveConfig(parseServeArgs(["--model", "m", "--no-async-scheduling"], {})).engine.asyncScheduling).toBe(
+      false,
+    );
     expect(() => serveConfig(parseServeArgs(["--model", "m", "--gpu-memory-utilization", "1.5"], {}))).toThrow(
       ConfigError,
     );
@@ -435,11 +439,9 @@ describe("configuration", () => {
     );
     expect(serveConfig(parseServeArgs(["--model", "m", "--dtype", "bfloat16"], {})).engine.computeDtype).toBe("bf16");
     expect(serveConfig(parseServeArgs(["--model", "m", "--dtype", "auto"], {})).engine.computeDtype).toBe("f32");
-    // No CUDA backend yet: cuda is one clear refusal, auto takes the CPU.
-    expect(() => serveConfig(parseServeArgs(["--model", "m", "--device", "cuda"], {}))).toThrow(
-      /device cuda: this build has no CUDA backend yet/,
-    );
-    expect(() => serveConfig(parseServeArgs(["--model", "m", "--device", "auto"], {}))).not.toThrow();
+    // Which library runs is decided when the engine starts (the CLI test starts one without a GPU).
+    expect(serveConfig(parseServeArgs(["--model", "m", "--device", "cuda"], {})).engine.device).toBe("cuda");
+    expect(serveConfig(parseServeArgs(["--model", "m", "--device", "auto"], {})).engine.device).toBe("auto");
     expect(() => serveConfig(parseServeArgs(["--model", "m", "--device", "tpu"], {}))).toThrow(
       /device must be auto, cpu or cuda/,
     );

@@ -16,12 +16,26 @@
  * history); after that, fields are only ever appended, with 0 meaning "as before", so a newer
  * library reads an older caller.
  *
- * Threads: everything may be called from one thread at a time. While an async step
- * is in flight (ifn_engine_step_async until its callback), the engine thread owns the
- * batch and the KV cache: the caller must not write the batch, start another step or
- * destroy the engine; the block-pool calls (ifn_blocks_*) and the getters
- * (ifn_engine_num_blocks, ifn_engine_kv_cache_bytes, ifn_blocks_num_*) stay safe, as
- * they touch only the pool's bookkeeping, which the step does not.
+ * Backends: libinferneo.so runs on the CPU (Zig kernels); libinferneo_cuda.so on an NVIDIA GPU
+ * (CUDA kernels, GEMMs through cuBLASLt opened at run time). Both implement this header;
+ * ifn_backend_name() says which one is loaded and ifn_device_count() how many devices it can use.
+ *
+ * Steps: the engine holds IFN_NUM_BATCHES step descriptors (ifn_engine_batch). Steps queued with
+ * ifn_engine_step_async run on the engine thread one after another in the order queued, so the
+ * caller fills one descriptor while the other runs, and queues it before that one ends: the next
+ * step starts the moment the last ends. A token id -(r + 1) in a step's token_ids is a placeholder
+ * for the token that sampled row r of the step that ran just before it drew (the caller scheduled
+ * the step before it knew that token); the engine writes the token in before the step's checks.
+ * A step whose placeholders name a failed step, or a row it did not have, fails.
+ *
+ * Threads: everything may be called from one thread at a time. While a step is queued or running
+ * (ifn_engine_step_async until its callback), its descriptor belongs to the engine: the caller must
+ * not write it, but for the mask rows while masks_pending is set. Safe meanwhile: filling and
+ * queueing the other descriptor; the block-pool calls (ifn_blocks_*) and the getters
+ * (ifn_engine_num_blocks, ifn_engine_kv_cache_bytes, ifn_engine_device_info, ifn_blocks_num_*),
+ * which touch only bookkeeping that steps do not; ifn_seq_state_open/_close of a slot that no
+ * queued or running step names (else IFN_ERR_BUSY). Not while a step is queued or running:
+ * ifn_engine_step, ifn_engine_set_callback, ifn_engine_destroy.
  */
 #ifndef INFERNEO_H
 #define INFERNEO_H
@@ -34,6 +48,9 @@ extern "C" {
 
 /* Bumped on any change to a struct layout or a function signature. */
 #define IFN_ABI_VERSION 5
+
+/* Step descriptors an engine holds. */
+#define IFN_NUM_BATCHES 2
 
 /* Most alternatives a sampled row reports with its log-probability. */
 #define IFN_TOP_LOGPROBS_MAX 20
@@ -135,20 +152,47 @@ typedef struct ifn_tensor {
     uint64_t cols;       /* inner, contiguous dimension */
 } ifn_tensor;
 
+/* The CPU backend's options. */
+typedef struct ifn_cpu_options {
+    uint32_t num_threads;            /* compute threads, the engine thread included */
+    uint32_t compute_dtype;          /* IFN_DTYPE_F32: float weights in f32 products (exact);
+                                        IFN_DTYPE_BF16: bf16 products where four or more tokens
+                                        share a float weight (prefill, batched decode) */
+} ifn_cpu_options;
+
+/* The CUDA backend's options. */
+typedef struct ifn_cuda_options {
+    uint32_t device_ordinal;
+    uint32_t enforce_eager;          /* 1: every step launched kernel by kernel; 0: decode steps
+                                        replay CUDA graphs captured per batch-size bucket at start */
+    float memory_utilization;        /* share of the device's memory the engine may hold in all
+                                        (weights, workspace, KV pool); 0: 0.9 */
+    uint32_t compute_dtype;          /* 0 (IFN_DTYPE_F32): float weights in their own type, f32 kept
+                                        in f32; IFN_DTYPE_BF16 or IFN_DTYPE_F16: cast to that */
+} ifn_cuda_options;
+
 typedef struct ifn_engine_config {
-    uint32_t num_blocks;             /* KV pool size, in blocks; 0: as many as kv_cache_bytes holds, at most
+    uint32_t num_blocks;             /* KV pool size, in blocks; 0: as many as the budget holds, at most
                                         max_num_seqs * max_blocks_per_seq (read back: ifn_engine_num_blocks) */
     uint32_t block_size;             /* tokens per KV block */
     uint32_t max_num_batched_tokens; /* tokens in one step, all sequences together */
     uint32_t max_num_seqs;           /* sequences (and sampled rows) in one step */
     uint32_t max_blocks_per_seq;     /* width of a block-table row */
-    uint32_t num_threads;            /* compute threads, the engine thread included */
     uint32_t kv_cache_dtype;         /* IFN_DTYPE_F32 or IFN_DTYPE_F16 */
-    uint32_t compute_dtype;          /* IFN_DTYPE_F32: float weights in f32 products (exact);
-                                        IFN_DTYPE_BF16: bf16 products where four or more tokens
-                                        share a float weight (prefill, batched decode) */
-    uint64_t kv_cache_bytes;         /* the KV pool's byte budget when num_blocks is 0 */
+    uint64_t kv_cache_bytes;         /* the KV pool's byte budget when num_blocks is 0; on CUDA, 0
+                                        means what memory_utilization leaves after weights and workspace */
+    ifn_cpu_options cpu;
+    ifn_cuda_options cuda;
 } ifn_engine_config;
+
+/* What the device an engine runs on reports. */
+typedef struct ifn_device_info {
+    uint64_t memory_total_bytes;     /* 0: not known (the CPU backend) */
+    uint64_t memory_used_bytes;      /* by every process on the device */
+    uint64_t weights_bytes;          /* this engine's weights as it holds them */
+    float utilization;               /* 0..1 over the last sampling period (NVML); -1: not known */
+    uint32_t ordinal;
+} ifn_device_info;
 
 /*
  * One sampled row. Order of processing, as vLLM applies it: the allowed-token mask
@@ -191,7 +235,7 @@ typedef struct ifn_batch {
     uint32_t return_logits;       /* 1: the caller reads the sampled rows' logits from `logits` after the step
                                      (bias, penalties and the mask may have changed them); 0: the engine
                                      keeps them to itself (a GPU never copies them to the host) */
-    int32_t* token_ids;           /* (max_num_batched_tokens) */
+    int32_t* token_ids;           /* (max_num_batched_tokens); -(r + 1): the draw of row r of the step before */
     int32_t* positions;           /* (max_num_batched_tokens) position of each token in its sequence */
     int32_t* slot_mapping;        /* (max_num_batched_tokens) block * block_size + offset where its K/V go */
     int32_t* query_start_loc;     /* (max_num_seqs + 1) first token of each sequence, then num_tokens */
@@ -219,8 +263,9 @@ typedef struct ifn_batch {
 
 typedef struct ifn_engine ifn_engine;
 
-/* Called on the engine thread when an async step ends, with the user_data given to set_callback. */
-typedef void (*ifn_step_callback)(int32_t status, void* user_data);
+/* Called on the engine thread when an async step ends: its status, which descriptor it ran, and
+ * the user_data given to ifn_engine_set_callback. */
+typedef void (*ifn_step_callback)(int32_t status, uint32_t batch_index, void* user_data);
 
 /* Structs ifn_struct_layout describes, in order. */
 enum ifn_struct_id {
@@ -229,36 +274,48 @@ enum ifn_struct_id {
     IFN_STRUCT_ENGINE_CONFIG = 2,
     IFN_STRUCT_SAMPLING_PARAMS = 3,
     IFN_STRUCT_BATCH = 4,
+    IFN_STRUCT_CPU_OPTIONS = 5,
+    IFN_STRUCT_CUDA_OPTIONS = 6,
+    IFN_STRUCT_DEVICE_INFO = 7,
 };
 
 int32_t ifn_abi_version(void);
 const char* ifn_status_string(int32_t status);
-/* Detail of the last failure on the calling thread (or of the last async step). */
+/* Detail of the last failure on the calling thread. */
 const char* ifn_last_error(void);
 /* out[0] = sizeof the struct, out[1 + i] = offset of its i-th field (declaration order);
  * returns how many numbers were written (0: unknown struct or capacity too small). */
 uint32_t ifn_struct_layout(uint32_t which, uint32_t* out, uint32_t capacity);
+/* "cpu" or "cuda". */
+const char* ifn_backend_name(void);
+/* Devices this backend can run on now (the CPU: 1; CUDA: visible GPUs, 0 with the reason in
+ * ifn_last_error() when there is no driver or no GPU). */
+int32_t ifn_device_count(void);
 
 /* files: n_files NUL-terminated paths laid end to end in one buffer. */
 int32_t ifn_engine_create(const ifn_model_config* model, const ifn_engine_config* config,
                           const uint8_t* files, uint32_t n_files,
                           const ifn_tensor* tensors, uint32_t n_tensors, ifn_engine** out);
 void ifn_engine_destroy(ifn_engine* engine);
-ifn_batch* ifn_engine_batch(ifn_engine* engine);
+/* Descriptor index (< IFN_NUM_BATCHES); NULL for another index. */
+ifn_batch* ifn_engine_batch(ifn_engine* engine, uint32_t index);
 uint64_t ifn_engine_kv_cache_bytes(const ifn_engine* engine);
 uint32_t ifn_engine_num_blocks(const ifn_engine* engine);
+int32_t ifn_engine_device_info(const ifn_engine* engine, ifn_device_info* out);
 
-/* Runs the step described by ifn_engine_batch() on the calling thread. */
-int32_t ifn_engine_step(ifn_engine* engine);
-/* Hands the step to the engine thread and returns at once; `callback` fires when done. */
+/* Runs descriptor `index` on the calling thread; IFN_ERR_BUSY while a step is queued. */
+int32_t ifn_engine_step(ifn_engine* engine, uint32_t index);
+/* Queues descriptor `index` for the engine thread and returns at once; `callback` fires as it ends. */
 int32_t ifn_engine_set_callback(ifn_engine* engine, ifn_step_callback callback, void* user_data);
-int32_t ifn_engine_step_async(ifn_engine* engine);
-const char* ifn_engine_last_error(const ifn_engine* engine);
+int32_t ifn_engine_step_async(ifn_engine* engine, uint32_t index);
+/* Detail of the last failure of an async step on descriptor `index`. */
+const char* ifn_engine_last_error(const ifn_engine* engine, uint32_t index);
 
 /* Per-sequence sampling state, kept across steps in one of max_num_seqs slots: the tokens so far,
  * the first prompt_len of them the prompt, which the penalties count. Every step that samples a
  * row naming the slot (ifn_sampling_params.state_slot) appends the token it drew, so the caller
- * sends a sequence's history once, not every step. Refused (IFN_ERR_BUSY) while a step runs. */
+ * sends a sequence's history once, not every step. Refused (IFN_ERR_BUSY) for a slot that a queued
+ * or running step names. */
 int32_t ifn_seq_state_open(ifn_engine* engine, uint32_t slot, const int32_t* tokens, uint32_t n, uint32_t prompt_len);
 int32_t ifn_seq_state_close(ifn_engine* engine, uint32_t slot);
 

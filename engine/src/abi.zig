@@ -131,16 +131,30 @@ pub const Tensor = extern struct {
     cols: u64,
 };
 
+/// The CPU backend's part of the engine config.
+pub const CpuOptions = extern struct {
+    num_threads: u32, // compute threads, the engine thread included
+    compute_dtype: u32, // DType.f32 or DType.bf16 (float weights repacked to bf16 at load, every product in bf16)
+};
+
+/// The CUDA backend's part of the engine config.
+pub const CudaOptions = extern struct {
+    device_ordinal: u32,
+    enforce_eager: u32, // 1: every step launched kernel by kernel (no CUDA graphs)
+    memory_utilization: f32, // share of the device's memory the engine may hold in all; 0: 0.9
+    compute_dtype: u32, // 0 or DType.f32: float weights in their own type (f32 stays f32); DType.bf16 / .f16: cast
+};
+
 pub const EngineConfig = extern struct {
-    num_blocks: u32, // 0: as many as kv_cache_bytes holds, capped at max_num_seqs full sequences
+    num_blocks: u32, // 0: as many as the budget holds, capped at max_num_seqs full sequences
     block_size: u32,
     max_num_batched_tokens: u32,
     max_num_seqs: u32,
     max_blocks_per_seq: u32,
-    num_threads: u32,
     kv_cache_dtype: u32, // DType.f32 or DType.f16
-    compute_dtype: u32, // DType.f32 or DType.bf16 (float weights repacked to bf16 at load, every product in bf16)
-    kv_cache_bytes: u64, // the KV pool's budget when num_blocks is 0
+    kv_cache_bytes: u64, // the KV pool's budget when num_blocks is 0 (CUDA: 0 means from memory_utilization)
+    cpu: CpuOptions,
+    cuda: CudaOptions,
 };
 
 pub const SamplingParams = extern struct {
@@ -196,13 +210,29 @@ pub const Batch = extern struct {
 };
 
 /// The structs whose layout the library reports (ifn_struct_layout), by number.
-pub const layout_structs = [_]type{ ModelConfig, Tensor, EngineConfig, SamplingParams, Batch };
+pub const layout_structs = [_]type{ ModelConfig, Tensor, EngineConfig, SamplingParams, Batch, CpuOptions, CudaOptions, DeviceInfo };
+
+/// Step descriptors an engine holds: the caller fills one while the other runs.
+pub const num_batches = 2;
+
+/// What the device an engine runs on reports (ifn_engine_device_info).
+pub const DeviceInfo = extern struct {
+    memory_total_bytes: u64, // 0: not known (the CPU backend)
+    memory_used_bytes: u64, // by every process on the device
+    weights_bytes: u64, // this engine's weights as it holds them
+    utilization: f32, // 0..1 over the last sampling period; -1: not known
+    ordinal: u32,
+};
 
 comptime {
     const std = @import("std");
     std.debug.assert(@sizeOf(ModelConfig) == 104);
     std.debug.assert(@sizeOf(Tensor) == 48);
-    std.debug.assert(@sizeOf(EngineConfig) == 40);
+    std.debug.assert(@sizeOf(EngineConfig) == 56);
+    std.debug.assert(@sizeOf(DeviceInfo) == 32);
     std.debug.assert(@sizeOf(SamplingParams) == 64);
     std.debug.assert(@sizeOf(Batch) == 16 + 11 * 8 + 8 + 4 * 8 + 8 + 8 + 8);
 }
+
+/// Called on the engine thread when an async step ends: its status, which descriptor it ran, user_data.
+pub const StepCallback = *const fn (status: i32, batch_index: u32, user_data: ?*anyopaque) callconv(.C) void;

@@ -12,8 +12,9 @@ const bgemm = @import("bgemm.zig");
 const qgemm = @import("qgemm.zig");
 const sampler = @import("sampler.zig");
 const Matrix = kernels.Matrix;
-const Engine = @import("engine.zig").Engine;
-const KvType = @import("engine.zig").KvType;
+const CpuBackend = @import("cpu_backend.zig").CpuBackend;
+const KvType = @import("cpu_backend.zig").KvType;
+const awaitMasks = @import("batch.zig").awaitMasks;
 const thread_pool = @import("thread_pool.zig");
 const ThreadPool = thread_pool.ThreadPool;
 
@@ -47,7 +48,7 @@ pub const Scratch = struct {
         const t: usize = c.max_num_batched_tokens;
         const q_dim = @as(usize, m.num_heads) * m.head_dim;
         const kv_dim = @as(usize, m.num_kv_heads) * m.head_dim;
-        const threads: usize = c.num_threads;
+        const threads: usize = c.cpu.num_threads;
         var s: Scratch = undefined;
         inline for (.{
             .{ "x", t * m.hidden_size },
@@ -76,7 +77,7 @@ pub const Scratch = struct {
         s.acts_scale = try allocator.alloc(f32, t * w / 32);
         s.acts_sum = try allocator.alloc(f32, t * w / 32);
         s.acts_sum_lo = try allocator.alloc(f32, t * w / 32);
-        s.acts_bf16 = try allocator.alloc(u16, if (c.compute_dtype == @intFromEnum(abi.DType.bf16)) t * w else 0);
+        s.acts_bf16 = try allocator.alloc(u16, if (c.cpu.compute_dtype == @intFromEnum(abi.DType.bf16)) t * w else 0);
         return s;
     }
 
@@ -153,7 +154,7 @@ const ConvertCtx = struct {
     }
 };
 
-fn matmul(e: *Engine, out: []f32, x: []const f32, n_tokens: usize, ws: []const Matrix) void {
+fn matmul(e: *CpuBackend, out: []f32, x: []const f32, n_tokens: usize, ws: []const Matrix) void {
     var total_rows: usize = 0;
     var int_dot = false;
     var bf16_products = false;
@@ -222,7 +223,7 @@ fn makeTiles(b: abi.Batch, tiles: []Tile) usize {
 }
 
 const AttentionCtx = struct {
-    e: *Engine,
+    e: *CpuBackend,
     layer: usize,
     seq_of_token: []const u32,
     tiles: []const Tile,
@@ -239,7 +240,7 @@ const AttentionCtx = struct {
     fn attend(c: AttentionCtx, comptime KV: type, thread_index: usize, begin: usize, end: usize) void {
         const e = c.e;
         const m = e.model;
-        const b = e.batch;
+        const b = e.batch.*;
         const head_dim: usize = m.head_dim;
         const q_dim = @as(usize, m.num_heads) * head_dim;
         const qkv_dim = q_dim + 2 * @as(usize, m.num_kv_heads) * head_dim;
@@ -298,12 +299,12 @@ const AttentionCtx = struct {
 };
 
 const SampleCtx = struct {
-    e: *Engine,
+    e: *CpuBackend,
 
     fn body(c: SampleCtx, thread_index: usize, begin: usize, end: usize) void {
         const e = c.e;
         const vocab: usize = e.model.vocab_size;
-        const b = e.batch;
+        const b = e.batch.*;
         const scratch = sampler.Scratch{
             .probs = e.scratch.probs[thread_index * vocab ..][0..vocab],
             .order = e.scratch.order[thread_index * vocab ..][0..vocab],
@@ -334,7 +335,7 @@ const SampleCtx = struct {
 /// The per-token work between matmuls, split over tokens: norms, RoPE and the KV write,
 /// residual adds, SwiGLU. Each phase reads and writes only its own tokens' rows.
 const TokenCtx = struct {
-    e: *Engine,
+    e: *CpuBackend,
     layer: usize,
     phase: enum { attn_norm, rope_kv, residual_ffn_norm, silu, residual },
 
@@ -374,9 +375,9 @@ fn addResidual(x: []f32, d: []f32, post_norm: ?kernels.Matrix, eps: f32) void {
 }
 
 /// RoPE on token t's q and k heads, then its K and V into the cache at its slot.
-fn ropeAndStore(e: *Engine, l: usize, t: usize) void {
+fn ropeAndStore(e: *CpuBackend, l: usize, t: usize) void {
     const m = e.model;
-    const b = e.batch;
+    const b = e.batch.*;
     const head_dim: usize = m.head_dim;
     const half = head_dim / 2;
     const q_dim = @as(usize, m.num_heads) * head_dim;
@@ -418,9 +419,9 @@ fn ropeAndStore(e: *Engine, l: usize, t: usize) void {
 /// The forward pass and sampling of the step in e.batch. Sampling waits for the caller's
 /// masks when they are still being written (structured output), so they are made while
 /// the matmuls run.
-pub fn run(e: *Engine) abi.Status {
+pub fn run(e: *CpuBackend) abi.Status {
     const m = e.model;
-    const b = e.batch;
+    const b = e.batch.*;
     const s = &e.scratch;
     const pool = &e.threads;
     const n: usize = b.num_tokens;
@@ -469,7 +470,7 @@ pub fn run(e: *Engine) abi.Status {
     if (m.final_softcap != 0) for (logits) |*v| {
         v.* = m.final_softcap * std.math.tanh(v.* / m.final_softcap);
     };
-    const masks = e.awaitMasks();
+    const masks = awaitMasks(e.batch);
     if (masks != .ok) return masks;
     parallel(pool, n_samples, SampleCtx{ .e = e }, SampleCtx.body);
     return .ok;

@@ -4,7 +4,9 @@
 const std = @import("std");
 const abi = @import("abi.zig");
 const errors = @import("errors.zig");
-const Engine = @import("engine.zig").Engine;
+const engine_mod = @import("engine.zig");
+const Engine = engine_mod.Engine;
+const backend = engine_mod.backend_module;
 const weights = @import("weights.zig");
 const kernels = @import("kernels.zig");
 
@@ -55,13 +57,7 @@ fn checkEngineConfig(c: abi.EngineConfig) abi.Status {
     if (c.block_size == 0 or c.max_num_batched_tokens == 0 or c.max_num_seqs == 0 or c.max_blocks_per_seq == 0)
         return errors.fail(.invalid_argument, "engine config has a zero size", .{});
     if (c.block_size > kernels.tile_chunk) return errors.fail(.unsupported, "block_size {d} is over the limit of {d}", .{ c.block_size, kernels.tile_chunk });
-    if (c.num_blocks == 0 and c.kv_cache_bytes == 0) return errors.fail(.invalid_argument, "engine config gives neither num_blocks nor kv_cache_bytes", .{});
-    if (c.num_threads == 0 or c.num_threads > 256) return errors.fail(.invalid_argument, "num_threads {d} not in [1, 256]", .{c.num_threads});
-    if (c.kv_cache_dtype != @intFromEnum(abi.DType.f32) and c.kv_cache_dtype != @intFromEnum(abi.DType.f16))
-        return errors.fail(.unsupported, "KV cache dtype {d}: f32 (0) and f16 (1) are supported", .{c.kv_cache_dtype});
-    if (c.compute_dtype != @intFromEnum(abi.DType.f32) and c.compute_dtype != @intFromEnum(abi.DType.bf16))
-        return errors.fail(.unsupported, "compute dtype {d}: f32 (0) and bf16 (30) are supported", .{c.compute_dtype});
-    return .ok;
+    return backend.checkConfig(c);
 }
 
 export fn ifn_engine_create(
@@ -83,9 +79,6 @@ export fn ifn_engine_create(
     if (status != .ok) return code(status);
     status = checkEngineConfig(c.*);
     if (status != .ok) return code(status);
-    var sized = c.*;
-    if (sized.num_blocks == 0) sized.num_blocks = blocksForBudget(m.*, sized);
-    if (sized.num_blocks == 0) return code(errors.fail(.out_of_memory, "kv_cache_bytes {d} holds no KV block of {d} bytes", .{ sized.kv_cache_bytes, kvBytesPerBlock(m.*, sized) }));
     if (n_files == 0 or n_files > weights.files_max) return code(errors.fail(.invalid_argument, "n_files {d} not in [1, {d}]", .{ n_files, weights.files_max }));
 
     var paths: [weights.files_max][:0]const u8 = undefined;
@@ -95,28 +88,15 @@ export fn ifn_engine_create(
         cursor += p.len + 1;
     }
     var load_status: abi.Status = .internal;
-    const engine = Engine.create(allocator, m.*, sized, paths[0..n_files], tensors.?[0..n_tensors], &load_status) catch |err| {
+    const engine = Engine.create(allocator, m.*, c.*, paths[0..n_files], tensors.?[0..n_tensors], &load_status) catch |err| {
         return switch (err) {
             error.LoadFailed => code(load_status),
-            error.OutOfMemory => code(errors.fail(.out_of_memory, "out of memory while creating the engine (KV pool of {d} blocks)", .{sized.num_blocks})),
+            error.OutOfMemory => code(errors.fail(.out_of_memory, "out of memory while creating the engine", .{})),
             else => code(errors.fail(.internal, "cannot start the engine threads: {s}", .{@errorName(err)})),
         };
     };
     out_ptr.* = engine;
     return 0;
-}
-
-/// Bytes one KV block takes: K and V of every layer for block_size tokens.
-fn kvBytesPerBlock(m: abi.ModelConfig, c: abi.EngineConfig) u64 {
-    const elem: u64 = if (c.kv_cache_dtype == @intFromEnum(abi.DType.f16)) 2 else 4;
-    return @as(u64, c.block_size) * m.num_layers * 2 * m.num_kv_heads * m.head_dim * elem;
-}
-
-/// As many blocks as the budget holds, but no more than max_num_seqs full-length sequences use.
-fn blocksForBudget(m: abi.ModelConfig, c: abi.EngineConfig) u32 {
-    const by_budget = c.kv_cache_bytes / kvBytesPerBlock(m, c);
-    const by_seqs = @as(u64, c.max_num_seqs) * c.max_blocks_per_seq;
-    return @intCast(@min(by_budget, by_seqs, std.math.maxInt(i32)));
 }
 
 export fn ifn_engine_num_blocks(engine: ?*const Engine) u32 {
@@ -144,41 +124,53 @@ export fn ifn_engine_destroy(engine: ?*Engine) void {
     if (engine) |e| e.destroy();
 }
 
-export fn ifn_engine_batch(engine: ?*Engine) ?*abi.Batch {
+export fn ifn_engine_batch(engine: ?*Engine, index: u32) ?*abi.Batch {
     const e = engine orelse return null;
-    return &e.batch;
+    return e.batch(index);
 }
 
 export fn ifn_engine_kv_cache_bytes(engine: ?*const Engine) u64 {
     const e = engine orelse return 0;
-    return e.kvCacheBytes();
+    return e.backend.kvCacheBytes();
 }
 
-export fn ifn_engine_step(engine: ?*Engine) i32 {
-    errors.clear();
+export fn ifn_engine_device_info(engine: ?*const Engine, out: ?*abi.DeviceInfo) i32 {
     const e = engine orelse return code(errors.fail(.invalid_argument, "engine is null", .{}));
-    return code(e.stepSync());
-}
-
-export fn ifn_engine_set_callback(engine: ?*Engine, callback: ?*const fn (status: i32, user_data: ?*anyopaque) callconv(.C) void, user_data: ?*anyopaque) i32 {
-    const e = engine orelse return code(errors.fail(.invalid_argument, "engine is null", .{}));
-    e.mutex.lock();
-    defer e.mutex.unlock();
-    if (e.busy) return code(errors.fail(.busy, "cannot change the callback while a step runs", .{}));
-    e.callback = callback;
-    e.callback_user_data = user_data;
+    const o = out orelse return code(errors.fail(.invalid_argument, "out is null", .{}));
+    o.* = e.backend.deviceInfo();
     return 0;
 }
 
-export fn ifn_engine_step_async(engine: ?*Engine) i32 {
-    errors.clear();
-    const e = engine orelse return code(errors.fail(.invalid_argument, "engine is null", .{}));
-    return code(e.stepAsync());
+export fn ifn_backend_name() [*:0]const u8 {
+    return backend.name;
 }
 
-export fn ifn_engine_last_error(engine: ?*const Engine) [*:0]const u8 {
+export fn ifn_device_count() i32 {
+    return backend.deviceCount();
+}
+
+export fn ifn_engine_step(engine: ?*Engine, index: u32) i32 {
+    errors.clear();
+    const e = engine orelse return code(errors.fail(.invalid_argument, "engine is null", .{}));
+    return code(e.stepSync(index));
+}
+
+export fn ifn_engine_set_callback(engine: ?*Engine, callback: ?abi.StepCallback, user_data: ?*anyopaque) i32 {
+    errors.clear();
+    const e = engine orelse return code(errors.fail(.invalid_argument, "engine is null", .{}));
+    return code(e.setCallback(callback, user_data));
+}
+
+export fn ifn_engine_step_async(engine: ?*Engine, index: u32) i32 {
+    errors.clear();
+    const e = engine orelse return code(errors.fail(.invalid_argument, "engine is null", .{}));
+    return code(e.stepAsync(index));
+}
+
+export fn ifn_engine_last_error(engine: ?*const Engine, index: u32) [*:0]const u8 {
     const e = engine orelse return "";
-    return &e.async_error;
+    if (index >= abi.num_batches) return "";
+    return &e.async_error[index];
 }
 
 export fn ifn_seq_state_open(engine: ?*Engine, slot: u32, tokens: ?[*]const i32, n: u32, prompt_len: u32) i32 {
@@ -255,6 +247,7 @@ export fn ifn_blocks_ref_count(engine: ?*const Engine, block_id: i32) u32 {
 
 test {
     _ = @import("block_pool.zig");
+    _ = @import("seq_state.zig");
     _ = @import("kernels.zig");
     _ = @import("sampler.zig");
     _ = @import("thread_pool.zig");

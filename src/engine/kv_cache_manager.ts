@@ -94,10 +94,13 @@ export class KvCacheManager {
     return true;
   }
 
-  /** After a step: offers the request's newly full blocks to the pool's cache, so later requests can share them. */
-  cacheFullBlocks(req: Request): void {
+  /**
+   * After a step: offers the request's newly full blocks among its first `computedTokens` (what
+   * the steps that ended have computed) to the pool's cache, so later requests can share them.
+   */
+  cacheFullBlocks(req: Request, computedTokens: number): void {
     if (!this.enablePrefixCaching) return;
-    const full = Math.floor(req.numComputedTokens / this.blockSizeTokens);
+    const full = Math.floor(computedTokens / this.blockSizeTokens);
     if (full <= req.numOfferedBlocks) return;
     const hashes = this.hashesUpTo(req, full);
     this.pool.cacheBlocks(req.blockTable.slice(req.numOfferedBlocks, full), hashes.slice(req.numOfferedBlocks));
@@ -106,13 +109,14 @@ export class KvCacheManager {
 
   /**
    * Under a sliding window on every layer: gives back the blocks that lie wholly before the
-   * window of the next position to compute, which no later query reads. Their entries in the
+   * window of the position after the first `computedTokens`, which no later query reads (nor
+   * the step in flight behind them, whose queries come later). Their entries in the
    * block table then name the first block still held, so the engine's table stays whole (a
    * prefill tile reads whole chunks and masks what lies before the window).
    */
-  releaseOutsideWindow(req: Request): void {
+  releaseOutsideWindow(req: Request, computedTokens: number): void {
     if (this.slidingWindow === 0) return;
-    const firstSeen = req.numComputedTokens + 1 - this.slidingWindow;
+    const firstSeen = computedTokens + 1 - this.slidingWindow;
     const dead = Math.min(Math.floor(Math.max(0, firstSeen) / this.blockSizeTokens), req.blockTable.length - 1);
     if (dead <= req.numReleasedBlocks) return;
     this.pool.freeBlocks(req.blockTable.slice(req.numReleasedBlocks, dead));

@@ -3,7 +3,7 @@
 // postprocess(). One step is in flight at a time; while it runs on the engine
 // thread, the event loop serves everything else.
 import { availableParallelism } from "node:os";
-import { DType, LOGIT_BIAS_MAX, NativeEngine, TOP_LOGPROBS_MAX } from "../ffi/native.ts";
+import { DType, LOGIT_BIAS_MAX, NativeEngine, resolveDevice, TOP_LOGPROBS_MAX } from "../ffi/native.ts";
 import { withRope } from "../model/config.ts";
 import { loadModel, type LoadedModel } from "../model/load.ts";
 import { AsyncQueue } from "./async_queue.ts";
@@ -11,7 +11,7 @@ import { KvCacheManager } from "./kv_cache_manager.ts";
 import { GrammarService } from "./grammar.ts";
 import { Utf8Guard } from "./utf8_guard.ts";
 import { EngineMetrics, type MetricsPrefix } from "./metrics.ts";
-import { ModelRunner, type SampledToken } from "./model_runner.ts";
+import { ModelRunner, type LaunchedStep, type SampledToken } from "./model_runner.ts";
 import { OutputText } from "./output.ts";
 import {
   finishReason,
@@ -31,7 +31,7 @@ export interface EngineOptions {
   maxQueueLen: number;
   blockSizeTokens: number;
   numBlocksOverride?: number; // fixes the pool at N blocks
-  kvCacheMemoryBytes: number; // pool budget when no override
+  kvCacheMemoryBytes: number | null; // pool budget when no override; null: the device's default
   enablePrefixCaching: boolean;
   // auto: the weights' own, as vLLM (f32 for f32 models, where results stay exact; f16 for f16,
   // bf16 and quantized ones, halving what a long context's decode reads)
@@ -40,6 +40,13 @@ export interface EngineOptions {
   // (twice the rate where the CPU has AVX-512 BF16; vLLM's CPU default for f16 models).
   computeDtype: "f32" | "bf16";
   threads: number;
+  // Which engine library: the CPU's, CUDA's, or (auto) CUDA's where it finds a GPU.
+  device: "auto" | "cpu" | "cuda";
+  gpuMemoryUtilization: number; // CUDA: share of the device's memory for weights, workspace and KV (vLLM's)
+  enforceEager: boolean; // CUDA: no CUDA graphs
+  // Schedule and queue the next step while one runs (vLLM's async scheduling): the JS work
+  // between steps overlaps the engine's compute.
+  asyncScheduling: boolean;
   servedModelName?: string;
   metricsPrefix?: MetricsPrefix; // "vllm": metrics under vLLM's names, for routers that read them
 }
@@ -56,12 +63,26 @@ export const DEFAULT_ENGINE_OPTIONS: EngineOptions = {
   maxNumSeqs: 64,
   maxQueueLen: 1024,
   blockSizeTokens: 16,
-  kvCacheMemoryBytes: 2 * 1024 ** 3,
+  kvCacheMemoryBytes: null,
   enablePrefixCaching: true,
   kvCacheDtype: "auto",
   computeDtype: "f32",
   threads: availableParallelism(),
+  device: "auto",
+  gpuMemoryUtilization: 0.9,
+  enforceEager: false,
+  asyncScheduling: true,
 };
+
+/** The CPU's KV pool budget when none is given (a GPU's comes from --gpu-memory-utilization). */
+const CPU_KV_CACHE_BYTES = 2 * 1024 ** 3;
+
+/** A step queued on the engine, and how far each of its requests has computed once it ends. */
+interface InFlightStep {
+  launched: LaunchedStep;
+  computedAfter: Map<Request, { tokens: number; preemptions: number }>;
+  computing: Set<bigint>; // hashes of the full blocks it computes, cached once it ends
+}
 
 export interface RequestOutput {
   requestId: string;
@@ -126,7 +147,9 @@ export class LLMEngine {
   readonly grammar: GrammarService;
   readonly maxModelLen: number;
   readonly kvCacheDtype: "f32" | "f16"; // as resolved from the option
-  private readonly runner: ModelRunner;
+  /** Why --device auto took the CPU (null: as asked). */
+  readonly deviceNote: string | null;
+  readonly runner: ModelRunner;
   // pending: sampled tokens whose text is held back (stop strings, half a character), oldest first.
   private readonly requests = new Map<string, { req: Request; sink: OutputSink; pending: TokenLogprob[] }>();
   private looping = false;
@@ -165,21 +188,29 @@ export class LLMEngine {
     // RoPE for the length served (LongRoPE's factors depend on it).
     const rope = { ...c };
     withRope(rope, model.spec.ropeScaling, maxModelLen);
+    const { device, note } = resolveDevice(options.device);
+    this.deviceNote = note;
     this.native = new NativeEngine(
       rope,
       {
         numBlocks: options.numBlocksOverride ?? 0,
-        kvCacheBytes: options.kvCacheMemoryBytes,
+        kvCacheBytes: options.kvCacheMemoryBytes ?? (device === "cpu" ? CPU_KV_CACHE_BYTES : 0),
         blockSizeTokens: bs,
         maxNumBatchedTokens: options.maxNumBatchedTokens,
         maxNumSeqs: options.maxNumSeqs,
         maxBlocksPerSeq,
-        numThreads: options.threads,
         kvCacheDtype: this.kvCacheDtype === "f16" ? DType.F16 : DType.F32,
-        computeDtype: options.computeDtype === "bf16" ? DType.BF16 : DType.F32,
+        cpu: { numThreads: options.threads, computeDtype: options.computeDtype === "bf16" ? DType.BF16 : DType.F32 },
+        cuda: {
+          deviceOrdinal: 0,
+          enforceEager: options.enforceEager,
+          memoryUtilization: options.gpuMemoryUtilization,
+          computeDtype: options.computeDtype === "bf16" ? DType.BF16 : DType.F32,
+        },
       },
       model.spec.files,
       model.spec.tensors,
+      device,
     );
     const numBlocks = this.native.numBlocks;
     // Blocks behind the window go back to the pool only when every layer has one (Mistral).
@@ -204,7 +235,8 @@ export class LLMEngine {
     );
     this.runner = new ModelRunner(this.native, bs, model.spec.eosTokenIds);
     this.grammar = new GrammarService(model.tokenizer, c.vocabSize, model.spec.eosTokenIds);
-    this.overlapMasks = availableParallelism() > options.threads;
+    // A GPU's compute leaves the host's cores to the mask workers.
+    this.overlapMasks = device === "cuda" || availableParallelism() > options.threads;
     this.metrics = new EngineMetrics(
       { numRunning: () => this.numRunning, numWaiting: () => this.numWaiting, kvCacheUsage: () => this.kv.usage },
       options.servedModelName ?? "model",
@@ -370,43 +402,97 @@ export class LLMEngine {
     });
   }
 
+  /**
+   * The step loop. With async scheduling, the next step is scheduled and queued while the one
+   * before it runs (its decode tokens are placeholders for what that step draws), and the
+   * outputs of a step are handled while the next one computes. A request that a step's output
+   * ends was scheduled once more: that step's draw for it is dropped, and its blocks are already
+   * back in the pool (the engine runs steps in order, so no later step sees what it wrote there).
+   */
   private async loop(): Promise<void> {
-    while (this.scheduler.hasWork) {
-      const preemptionsBefore = this.scheduler.numPreemptions;
-      const hitsBefore = this.kv.numPrefixHitTokens;
-      const queriesBefore = this.kv.numPrefixQueryTokens;
-      let scheduled = this.scheduler.schedule();
-      this.metrics.preemptions.inc(this.scheduler.numPreemptions - preemptionsBefore);
-      this.metrics.prefixCacheHits.inc(this.kv.numPrefixHitTokens - hitsBefore);
-      this.metrics.prefixCacheQueries.inc(this.kv.numPrefixQueryTokens - queriesBefore);
-      if (scheduled.length === 0) {
-        // Unreachable while validate() bounds every request by the pool size; fail loudly rather than spin.
-        const head = this.scheduler.waiting[0];
-        if (head) this.finish(head, RequestStatus.FINISHED_ERROR, "the KV pool cannot hold this request");
-        continue;
-      }
-      this.stepObserver?.(scheduled);
-      // The observer may abort; an aborted request has already given its blocks back.
-      scheduled = scheduled.filter((s) => !isFinished(s.req.status));
-      if (scheduled.length === 0) continue;
-      let sampled: SampledToken[];
-      try {
-        sampled = await this.runner.execute(scheduled, false, this.grammarMasks(scheduled), this.overlapMasks);
-      } catch (e) {
-        for (const { req } of scheduled) this.finish(req, RequestStatus.FINISHED_ERROR, (e as Error).message);
-        continue;
-      }
-      this.stepCount += 1;
-      for (const { req, numNewTokens } of scheduled) {
-        // An abort that arrived during the step already freed the request.
-        if (isFinished(req.status)) continue;
-        req.numComputedTokens += numNewTokens;
-        this.kv.cacheFullBlocks(req);
-        this.kv.releaseOutsideWindow(req);
-      }
-      for (const s of sampled) {
-        if (!isFinished(s.req.status)) this.append(s);
-      }
+    let inFlight: InFlightStep | null = null;
+    while (this.scheduler.hasWork || inFlight !== null) {
+      const pipeline: boolean = inFlight === null || (this.options.asyncScheduling && this.mayPipeline(inFlight));
+      const next: InFlightStep | null = pipeline && this.scheduler.hasWork ? await this.launch(inFlight) : null;
+      if (inFlight !== null) await this.complete(inFlight);
+      inFlight = next;
+    }
+  }
+
+  /** Where masks are written before the step is queued, a constrained request waits for its last draw. */
+  private mayPipeline(step: InFlightStep): boolean {
+    return this.overlapMasks || !step.launched.sampled.some((r) => r.matcher !== null);
+  }
+
+  /** Schedules and queues one step; null when nothing could be scheduled. */
+  private async launch(behind: InFlightStep | null): Promise<InFlightStep | null> {
+    const preemptionsBefore = this.scheduler.numPreemptions;
+    const hitsBefore = this.kv.numPrefixHitTokens;
+    const queriesBefore = this.kv.numPrefixQueryTokens;
+    let scheduled = this.scheduler.schedule(behind?.computing);
+    this.metrics.preemptions.inc(this.scheduler.numPreemptions - preemptionsBefore);
+    this.metrics.prefixCacheHits.inc(this.kv.numPrefixHitTokens - hitsBefore);
+    this.metrics.prefixCacheQueries.inc(this.kv.numPrefixQueryTokens - queriesBefore);
+    if (scheduled.length === 0) {
+      // Behind a step in flight, the running requests may all be waiting for its draws.
+      // Otherwise unreachable while validate() bounds every request by the pool size; fail
+      // loudly rather than spin.
+      if (behind !== null) return null;
+      const head = this.scheduler.waiting[0];
+      if (head) this.finish(head, RequestStatus.FINISHED_ERROR, "the KV pool cannot hold this request");
+      else if (this.scheduler.running[0])
+        this.finish(this.scheduler.running[0], RequestStatus.FINISHED_ERROR, "nothing could be scheduled for it");
+      return null;
+    }
+    this.stepObserver?.(scheduled);
+    // The observer may abort; an aborted request has already given its blocks back.
+    scheduled = scheduled.filter((s) => !isFinished(s.req.status));
+    if (scheduled.length === 0) return null;
+    let launched: LaunchedStep;
+    try {
+      launched = await this.runner.launch(scheduled, this.grammarMasks(scheduled), this.overlapMasks);
+    } catch (e) {
+      for (const { req } of scheduled) this.finish(req, RequestStatus.FINISHED_ERROR, (e as Error).message);
+      return null;
+    }
+    // The step's tokens count as computed from now on, and its draws as pending, so that
+    // the next step can be scheduled before this one ends.
+    const computedAfter = new Map<Request, { tokens: number; preemptions: number }>();
+    const computing = new Set<bigint>();
+    const bs = this.options.blockSizeTokens;
+    for (const { req, numNewTokens } of scheduled) {
+      // Blocks this step fills whose tokens are all known (not a placeholder's).
+      const known = Math.min(req.numComputedTokens + numNewTokens, req.tokenIds.length);
+      for (const h of this.kv.fullBlockHashes(req, known).slice(Math.floor(req.numComputedTokens / bs)))
+        computing.add(h);
+      req.numComputedTokens += numNewTokens;
+      computedAfter.set(req, { tokens: req.numComputedTokens, preemptions: req.numPreemptions });
+    }
+    for (const req of launched.sampled) req.numPendingTokens += 1;
+    return { launched, computedAfter, computing };
+  }
+
+  /** Waits for a step and hands out what it drew. */
+  private async complete(step: InFlightStep): Promise<void> {
+    let sampled: SampledToken[];
+    try {
+      sampled = await this.runner.collect(step.launched);
+    } catch (e) {
+      for (const req of step.launched.sampled) req.numPendingTokens -= 1;
+      for (const { req } of step.launched.scheduled)
+        this.finish(req, RequestStatus.FINISHED_ERROR, (e as Error).message);
+      return;
+    }
+    this.stepCount += 1;
+    for (const [req, after] of step.computedAfter) {
+      // Aborted or preempted since: its blocks went back already.
+      if (isFinished(req.status) || req.numPreemptions !== after.preemptions) continue;
+      this.kv.cacheFullBlocks(req, after.tokens);
+      this.kv.releaseOutsideWindow(req, after.tokens);
+    }
+    for (const s of sampled) {
+      s.req.numPendingTokens -= 1;
+      if (!isFinished(s.req.status)) this.append(s);
     }
   }
 
@@ -438,12 +524,19 @@ export class LLMEngine {
       if (req.matcher === null || req.numComputedTokens + numNewTokens !== req.numTokens) continue;
       const matcher = req.matcher;
       const guard = this.utf8Guard(this.grammar.isJson(matcher));
-      const next = req.nextMask ?? this.grammar.mask(matcher);
-      req.nextMask = null;
+      let next: Promise<Int32Array | null>;
+      if (req.numPendingTokens > 0) {
+        // The step in flight is drawing its last token: the mask follows that token (append).
+        next = new Promise((resolve) => (req.maskWaiter = resolve));
+      } else {
+        next = req.nextMask ?? this.grammar.mask(matcher);
+        req.nextMask = null;
+      }
       masks.set(
         req,
         next.then(
-          (m) => guard.apply(m, req.utf8State),
+          // The guard's state is read once the mask is there: after the token it follows.
+          (m) => (m === null ? null : guard.apply(m, req.utf8State)),
           (e: Error) => {
             queueMicrotask(() => this.finish(req, RequestStatus.FINISHED_ERROR, e.message));
             return null;
@@ -480,7 +573,7 @@ export class LLMEngine {
       !heldOff &&
       (((!p.ignoreEos || req.matcher !== null) && this.model.spec.eosTokenIds.includes(s.tokenId)) ||
         p.stopTokenIds.includes(s.tokenId));
-    const atLength = req.numOutputTokens >= p.maxTokens || req.numTokens >= this.maxModelLen;
+    const atLength = req.numOutputTokens >= p.maxTokens || req.tokenIds.length >= this.maxModelLen;
     entry.pending.push({ tokenId: s.tokenId, logprob: s.logprob, top: s.top });
     let text = "";
     let released = entry.pending.length; // without a detokenizer, every token goes out at once
@@ -519,8 +612,12 @@ export class LLMEngine {
       // The next mask is asked for now (the worker takes it after the accept), so that it is
       // made while this step's outputs go out and the next step is scheduled. Never after the
       // end: a matcher that accepted its stop token has no next mask (xgrammar aborts).
-      req.nextMask = this.grammar.mask(req.matcher);
-      req.nextMask.catch(() => {}); // a failure is reported when the step takes it
+      const mask = this.grammar.mask(req.matcher);
+      mask.catch(() => {}); // a failure is reported when the step takes it
+      if (req.maskWaiter !== null) {
+        req.maskWaiter(mask);
+        req.maskWaiter = null;
+      } else req.nextMask = mask;
     }
   }
 
@@ -529,6 +626,9 @@ export class LLMEngine {
     if (!entry) return;
     this.requests.delete(req.id);
     this.scheduler.remove(req);
+    // A step queued behind the one that ended it may wait for its mask: it allows every token.
+    req.maskWaiter?.(null);
+    req.maskWaiter = null;
     if (req.matcher !== null) this.grammar.close(req.matcher);
     const alreadyReported = status === RequestStatus.FINISHED_STOPPED || status === RequestStatus.FINISHED_LENGTH;
     req.status = status;

@@ -105,6 +105,8 @@ export class Request {
   matcher: number | null = null;
   /** The matcher's next mask, asked for as soon as the last token was accepted (null: not yet). */
   nextMask: Promise<Int32Array> | null = null;
+  /** A queued step's wait for the mask after the token being drawn now (null: none waits). */
+  maskWaiter: ((mask: Promise<Int32Array> | null) => void) | null = null;
   /** Continuation bytes the output owes its last character (structured output's UTF-8 guard). */
   utf8State = 0;
 
@@ -123,8 +125,17 @@ export class Request {
     this.biasValues = Float32Array.from(bias, ([, value]) => value);
   }
 
+  /** Tokens that steps in flight are drawing (async scheduling): counted, not yet in tokenIds. */
+  numPendingTokens = 0;
+
+  /** Prompt, generated and pending tokens: what the scheduler computes up to. */
   get numTokens(): number {
-    return this.tokenIds.length;
+    return this.tokenIds.length + this.numPendingTokens;
+  }
+
+  /** Whether a token still being drawn is this request's last (max_tokens): nothing more to schedule. */
+  get drawingLast(): boolean {
+    return this.numPendingTokens > 0 && this.numOutputTokens + this.numPendingTokens >= this.params.maxTokens;
   }
 
   get numOutputTokens(): number {

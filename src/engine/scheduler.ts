@@ -44,13 +44,18 @@ export class Scheduler {
     return this.waiting.length > 0 || this.running.length > 0;
   }
 
-  schedule(): ScheduledRequest[] {
+  /**
+   * The next step's requests and how many new tokens each computes. computing: hashes of full
+   * blocks that a step in flight is computing (they are cached when it ends).
+   */
+  schedule(computing: ReadonlySet<bigint> = new Set()): ScheduledRequest[] {
     let budget = this.config.maxNumBatchedTokens;
     const scheduled: ScheduledRequest[] = [];
     const preempted = new Set<Request>();
 
     for (let i = 0; i < this.running.length && budget > 0; i++) {
       const req = this.running[i];
+      if (req.drawingLast) continue;
       const numNewTokens = Math.min(req.numTokens - req.numComputedTokens, budget);
       if (numNewTokens <= 0) continue;
       // Not enough blocks: preempt the newest running request (it recomputes later) until there are.
@@ -70,7 +75,7 @@ export class Scheduler {
     }
 
     // Nothing new starts in a step that had to preempt: the pool is too tight for it.
-    if (preempted.size === 0) this.admitWaiting(budget, scheduled);
+    if (preempted.size === 0) this.admitWaiting(budget, scheduled, computing);
     return scheduled;
   }
 
@@ -81,11 +86,11 @@ export class Scheduler {
    * running, oldest first among equals. A small request behind one of 1,000 sequences gets
    * the next free seat instead of waiting for all of them.
    */
-  private admitWaiting(budget: number, scheduled: ScheduledRequest[]): void {
-    // Full blocks that requests admitted in this step will compute: a waiting request
-    // that would compute the same block again waits one step and then finds it cached
+  private admitWaiting(budget: number, scheduled: ScheduledRequest[], inFlight: ReadonlySet<bigint>): void {
+    // Full blocks that requests admitted in this step (or a step in flight) will compute: a
+    // waiting request that would compute the same block again waits and then finds it cached
     // (n > 1 choices, or many users sending the same system prompt at once).
-    const computing = new Set<bigint>();
+    const computing = new Set<bigint>(inFlight);
     const runningInGroup = new Map<string, number>();
     for (const r of this.running) runningInGroup.set(r.groupId, (runningInGroup.get(r.groupId) ?? 0) + 1);
     const passed = new Set<Request>(); // admitted, or skipped for this step

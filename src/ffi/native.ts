@@ -90,17 +90,34 @@ export interface NativeModelConfig {
   ropeLocalTheta?: number; // local layers' RoPE base (Gemma 3)
 }
 
-/** Mirrors ifn_engine_config. */
+/** Which library runs the engine: libinferneo.so (CPU) or libinferneo_cuda.so. */
+export type Device = "cpu" | "cuda";
+
+/** Mirrors ifn_engine_config (with its ifn_cpu_options and ifn_cuda_options). */
 export interface NativeEngineConfig {
-  numBlocks: number; // 0: the engine sizes the pool from kvCacheBytes (read back: NativeEngine.numBlocks)
-  kvCacheBytes: number;
+  numBlocks: number; // 0: the engine sizes the pool from its budget (read back: NativeEngine.numBlocks)
+  kvCacheBytes: number; // the budget; on CUDA 0 means what gpuMemoryUtilization leaves
   blockSizeTokens: number;
   maxNumBatchedTokens: number;
   maxNumSeqs: number;
   maxBlocksPerSeq: number;
-  numThreads: number;
   kvCacheDtype: typeof DType.F32 | typeof DType.F16;
-  computeDtype: typeof DType.F32 | typeof DType.BF16;
+  cpu: { numThreads: number; computeDtype: typeof DType.F32 | typeof DType.BF16 };
+  cuda?: {
+    deviceOrdinal: number;
+    enforceEager: boolean;
+    memoryUtilization: number; // 0: 0.9
+    computeDtype: typeof DType.F32 | typeof DType.BF16 | typeof DType.F16; // F32: the weights' own float type
+  };
+}
+
+/** Mirrors ifn_device_info. */
+export interface DeviceInfo {
+  memoryTotalBytes: number; // 0: not known (CPU)
+  memoryUsedBytes: number;
+  weightsBytes: number;
+  utilization: number | null; // 0..1; null: not known
+  ordinal: number;
 }
 
 /** Mirrors ifn_tensor: where one tensor's bytes are. */
@@ -163,14 +180,16 @@ export class EngineError extends Error {
 }
 
 /**
- * The engine library to load: INFERNEO_LIB if set; else the build for this machine
+ * The engine library to load. CPU: INFERNEO_LIB if set; else the build for this machine
  * (zig-out/lib, what `npm ci` makes); else, in a portable install, the richest of the
- * per-level builds (zig-out/cpu/<level>/lib) that this CPU can run.
+ * per-level builds (zig-out/cpu/<level>/lib) that this CPU can run. CUDA: INFERNEO_CUDA_LIB
+ * if set, else zig-out/lib/libinferneo_cuda.so (built where nvcc was found).
  */
-export function libraryPath(): string {
+export function libraryPath(device: Device = "cpu"): string {
+  const root = join(import.meta.dir, "..", "..", "zig-out");
+  if (device === "cuda") return process.env.INFERNEO_CUDA_LIB ?? join(root, "lib", "libinferneo_cuda.so");
   const override = process.env.INFERNEO_LIB;
   if (override) return override;
-  const root = join(import.meta.dir, "..", "..", "zig-out");
   const native = join(root, "lib", "libinferneo.so");
   const levelsDir = join(root, "cpu");
   if (existsSync(native) || !existsSync(levelsDir)) return native;
@@ -184,9 +203,9 @@ export function libraryPath(): string {
   return join(levelsDir, level, "lib", "libinferneo.so");
 }
 
-/** What the loaded library was built for: "this machine's CPU", a CPU level, or the INFERNEO_LIB path. */
+/** What the CPU library was built for: "this machine's CPU", a CPU level, or the INFERNEO_LIB path. */
 export function libraryBuild(): string {
-  const path = libraryPath();
+  const path = libraryPath("cpu");
   if (process.env.INFERNEO_LIB) return path;
   return basename(dirname(dirname(dirname(path)))) === "cpu" ? basename(dirname(dirname(path))) : "this machine's CPU";
 }
@@ -203,14 +222,17 @@ function open(path: string) {
       returns: FFIType.i32,
     },
     ifn_engine_destroy: { args: [FFIType.ptr], returns: FFIType.void },
-    ifn_engine_batch: { args: [FFIType.ptr], returns: FFIType.ptr },
+    ifn_backend_name: { args: [], returns: FFIType.cstring },
+    ifn_device_count: { args: [], returns: FFIType.i32 },
+    ifn_engine_batch: { args: [FFIType.ptr, FFIType.u32], returns: FFIType.ptr },
+    ifn_engine_device_info: { args: [FFIType.ptr, FFIType.ptr], returns: FFIType.i32 },
     ifn_engine_kv_cache_bytes: { args: [FFIType.ptr], returns: FFIType.u64 },
     ifn_engine_num_blocks: { args: [FFIType.ptr], returns: FFIType.u32 },
     ifn_struct_layout: { args: [FFIType.u32, FFIType.ptr, FFIType.u32], returns: FFIType.u32 },
-    ifn_engine_step: { args: [FFIType.ptr], returns: FFIType.i32 },
+    ifn_engine_step: { args: [FFIType.ptr, FFIType.u32], returns: FFIType.i32 },
     ifn_engine_set_callback: { args: [FFIType.ptr, FFIType.function, FFIType.ptr], returns: FFIType.i32 },
-    ifn_engine_step_async: { args: [FFIType.ptr], returns: FFIType.i32 },
-    ifn_engine_last_error: { args: [FFIType.ptr], returns: FFIType.cstring },
+    ifn_engine_step_async: { args: [FFIType.ptr, FFIType.u32], returns: FFIType.i32 },
+    ifn_engine_last_error: { args: [FFIType.ptr, FFIType.u32], returns: FFIType.cstring },
     ifn_seq_state_open: {
       args: [FFIType.ptr, FFIType.u32, FFIType.ptr, FFIType.u32, FFIType.u32],
       returns: FFIType.i32,
@@ -227,16 +249,27 @@ function open(path: string) {
   });
 }
 
-let lib: Lib | null = null;
-let layouts: Layouts | null = null;
+type Symbols = Lib["symbols"];
 
-function load(): Lib["symbols"] {
-  if (lib) return lib.symbols;
-  const path = libraryPath();
+/** An opened engine library: its symbols and the struct layouts it reports. */
+interface Loaded {
+  symbols: Symbols;
+  layouts: Layouts;
+  path: string;
+}
+
+const loaded = new Map<Device, Loaded>();
+
+function load(device: Device = "cpu"): Loaded {
+  const held = loaded.get(device);
+  if (held) return held;
+  const path = libraryPath(device);
   if (!existsSync(path)) {
     throw new EngineError(
       Status.IO,
-      `the native engine is not built (${path} is missing): run \`npm run build:engine\``,
+      device === "cuda"
+        ? `this build has no CUDA backend (${path} is missing: nvcc was not found when the engine was built)`
+        : `the native engine is not built (${path} is missing): run \`npm run build:engine\``,
     );
   }
   const opened = open(path);
@@ -245,21 +278,46 @@ function load(): Lib["symbols"] {
     opened.close();
     throw new EngineError(
       Status.UNSUPPORTED,
-      `libinferneo speaks ABI ${version}, this code expects ${ABI_VERSION}: rebuild with \`npm run build:engine\``,
+      `${basename(path)} speaks ABI ${version}, this code expects ${ABI_VERSION}: rebuild with \`npm run build:engine\``,
     );
   }
-  layouts = readLayouts(opened.symbols);
-  lib = opened;
-  return opened.symbols;
+  const entry = { symbols: opened.symbols, layouts: readLayouts(opened.symbols), path };
+  loaded.set(device, entry);
+  return entry;
 }
 
-function engineError(status: number, detail: string): EngineError {
-  const kind = String(load().ifn_status_string(status));
+/** How many devices the device's library can run on now, and why none when 0. */
+export function deviceCount(device: Device): { count: number; reason: string } {
+  const { symbols } = load(device);
+  const count = symbols.ifn_device_count();
+  return { count, reason: count > 0 ? "" : String(symbols.ifn_last_error()) };
+}
+
+/**
+ * The device `--device` names: cpu; cuda (an error in one line when there is no CUDA build or no
+ * usable GPU); auto, a GPU when the CUDA build finds one, else the CPU, with the reason.
+ */
+export function resolveDevice(requested: "auto" | Device): { device: Device; note: string | null } {
+  if (requested === "cpu") return { device: "cpu", note: null };
+  let why: string;
+  try {
+    const { count, reason } = deviceCount("cuda");
+    if (count > 0) return { device: "cuda", note: null };
+    why = `no usable GPU (${reason})`;
+  } catch (e) {
+    why = (e as Error).message;
+  }
+  if (requested === "cuda") throw new EngineError(Status.UNSUPPORTED, `device cuda: ${why}`);
+  return { device: "cpu", note: `device auto: the CPU, since ${why}` };
+}
+
+function engineError(symbols: Symbols, status: number, detail: string): EngineError {
+  const kind = String(symbols.ifn_status_string(status));
   return new EngineError(status, detail ? `${kind}: ${detail}` : kind);
 }
 
-function check(status: number, detail: () => string): void {
-  if (status !== Status.OK) throw engineError(status, detail());
+function check(symbols: Symbols, status: number, detail: () => string): void {
+  if (status !== Status.OK) throw engineError(symbols, status, detail());
 }
 
 // The fields of each struct of engine/include/inferneo.h, in declaration order. Their
@@ -298,10 +356,10 @@ const STRUCT_FIELDS = {
     "max_num_batched_tokens",
     "max_num_seqs",
     "max_blocks_per_seq",
-    "num_threads",
     "kv_cache_dtype",
-    "compute_dtype",
     "kv_cache_bytes",
+    "cpu",
+    "cuda",
   ],
   sampling: [
     "temperature",
@@ -347,11 +405,23 @@ const STRUCT_FIELDS = {
     "masks_pending",
     "_pad2",
   ],
+  cpuOptions: ["num_threads", "compute_dtype"],
+  cudaOptions: ["device_ordinal", "enforce_eager", "memory_utilization", "compute_dtype"],
+  deviceInfo: ["memory_total_bytes", "memory_used_bytes", "weights_bytes", "utilization", "ordinal"],
 } as const;
 type StructName = keyof typeof STRUCT_FIELDS;
 type FieldOf<S extends StructName> = (typeof STRUCT_FIELDS)[S][number];
 /** ifn_struct_id, in STRUCT_FIELDS' order. */
-const STRUCT_IDS: Record<StructName, number> = { model: 0, tensor: 1, engineConfig: 2, sampling: 3, batch: 4 };
+const STRUCT_IDS: Record<StructName, number> = {
+  model: 0,
+  tensor: 1,
+  engineConfig: 2,
+  sampling: 3,
+  batch: 4,
+  cpuOptions: 5,
+  cudaOptions: 6,
+  deviceInfo: 7,
+};
 
 export interface StructLayout<S extends StructName> {
   size: number;
@@ -359,7 +429,7 @@ export interface StructLayout<S extends StructName> {
 }
 type Layouts = { [S in StructName]: StructLayout<S> };
 
-function readLayouts(symbols: Lib["symbols"]): Layouts {
+function readLayouts(symbols: Symbols): Layouts {
   const out = new Uint32Array(64);
   const layouts = {} as Record<StructName, { size: number; at: Record<string, number> }>;
   for (const name of Object.keys(STRUCT_FIELDS) as StructName[]) {
@@ -376,10 +446,9 @@ function readLayouts(symbols: Lib["symbols"]): Layouts {
   return layouts as unknown as Layouts;
 }
 
-/** Struct layouts as this build of the library reports them. */
-export function structLayouts(): Layouts {
-  load();
-  return layouts!;
+/** Struct layouts as the device's library reports them. */
+export function structLayouts(device: Device = "cpu"): Layouts {
+  return load(device).layouts;
 }
 
 /** Typed views over the engine-owned step descriptor; filled in place, never reallocated. */
@@ -402,7 +471,7 @@ export interface BatchView {
   allowedTokenMask: Uint32Array; // (maxNumSeqs, maskWords): bit t % 32 of word t / 32 allows token t
 }
 
-/** Writes fields by name into a struct laid out as the library reports. */
+/** Writes fields by name into a struct laid out as the library reports, at `base` in `buffer`. */
 class StructWriter<S extends StructName> {
   readonly buffer: ArrayBuffer;
   private readonly view: DataView;
@@ -410,26 +479,30 @@ class StructWriter<S extends StructName> {
     private readonly layout: StructLayout<S>,
     count = 1,
     buffer?: ArrayBuffer,
+    private readonly base = 0,
   ) {
     this.buffer = buffer ?? new ArrayBuffer(layout.size * Math.max(1, count));
     this.view = new DataView(this.buffer);
   }
+  private at(field: FieldOf<S>, index: number): number {
+    return this.base + index * this.layout.size + this.layout.at[field];
+  }
   u32(field: FieldOf<S>, v: number, index = 0): void {
-    this.view.setUint32(index * this.layout.size + this.layout.at[field], v, true);
+    this.view.setUint32(this.at(field, index), v, true);
   }
   i32(field: FieldOf<S>, v: number, index = 0): void {
-    this.view.setInt32(index * this.layout.size + this.layout.at[field], v, true);
+    this.view.setInt32(this.at(field, index), v, true);
   }
   f32(field: FieldOf<S>, v: number, index = 0): void {
-    this.view.setFloat32(index * this.layout.size + this.layout.at[field], v, true);
+    this.view.setFloat32(this.at(field, index), v, true);
   }
   u64(field: FieldOf<S>, v: bigint | number, index = 0): void {
-    this.view.setBigUint64(index * this.layout.size + this.layout.at[field], BigInt.asUintN(64, BigInt(v)), true);
+    this.view.setBigUint64(this.at(field, index), BigInt.asUintN(64, BigInt(v)), true);
   }
 }
 
-function modelStruct(model: NativeModelConfig): ArrayBuffer {
-  const w = new StructWriter(structLayouts().model);
+function modelStruct(layouts: Layouts, model: NativeModelConfig): ArrayBuffer {
+  const w = new StructWriter(layouts.model);
   w.u32("vocab_size", model.vocabSize);
   w.u32("hidden_size", model.hiddenSize);
   w.u32("intermediate_size", model.intermediateSize);
@@ -457,22 +530,28 @@ function modelStruct(model: NativeModelConfig): ArrayBuffer {
   return w.buffer;
 }
 
-function engineConfigStruct(config: NativeEngineConfig): ArrayBuffer {
-  const w = new StructWriter(structLayouts().engineConfig);
+function engineConfigStruct(layouts: Layouts, config: NativeEngineConfig): ArrayBuffer {
+  const w = new StructWriter(layouts.engineConfig);
   w.u32("num_blocks", config.numBlocks);
   w.u32("block_size", config.blockSizeTokens);
   w.u32("max_num_batched_tokens", config.maxNumBatchedTokens);
   w.u32("max_num_seqs", config.maxNumSeqs);
   w.u32("max_blocks_per_seq", config.maxBlocksPerSeq);
-  w.u32("num_threads", config.numThreads);
   w.u32("kv_cache_dtype", config.kvCacheDtype);
-  w.u32("compute_dtype", config.computeDtype);
   w.u64("kv_cache_bytes", config.kvCacheBytes);
+  const cpu = new StructWriter(layouts.cpuOptions, 1, w.buffer, layouts.engineConfig.at.cpu);
+  cpu.u32("num_threads", config.cpu.numThreads);
+  cpu.u32("compute_dtype", config.cpu.computeDtype);
+  const cuda = new StructWriter(layouts.cudaOptions, 1, w.buffer, layouts.engineConfig.at.cuda);
+  cuda.u32("device_ordinal", config.cuda?.deviceOrdinal ?? 0);
+  cuda.u32("enforce_eager", config.cuda?.enforceEager ? 1 : 0);
+  cuda.f32("memory_utilization", config.cuda?.memoryUtilization ?? 0);
+  cuda.u32("compute_dtype", config.cuda?.computeDtype ?? DType.F32);
   return w.buffer;
 }
 
-function tensorStructs(tensors: TensorEntry[]): ArrayBuffer {
-  const w = new StructWriter(structLayouts().tensor, tensors.length);
+function tensorStructs(layouts: Layouts, tensors: TensorEntry[]): ArrayBuffer {
+  const w = new StructWriter(layouts.tensor, tensors.length);
   tensors.forEach((e, i) => {
     w.u32("role", e.role, i);
     w.u32("layer", e.layer, i);
@@ -486,46 +565,24 @@ function tensorStructs(tensors: TensorEntry[]): ArrayBuffer {
   return w.buffer;
 }
 
-export class NativeEngine {
-  readonly config: NativeEngineConfig;
-  readonly model: NativeModelConfig;
+/** Descriptors an engine holds (IFN_NUM_BATCHES): one is filled while the other runs. */
+export const NUM_BATCHES = 2;
+
+/** One engine-owned step descriptor: typed views over its arrays and setters for its header. */
+export class StepDescriptor {
   readonly batch: BatchView;
-  /** The KV pool's size in blocks, as the engine sized it. */
-  readonly numBlocks: number;
-  private handle: Pointer | null;
   private readonly header: DataView;
-  private readonly batchLayout: StructLayout<"batch">;
   private readonly masksPending: Int32Array; // over the batch's masks_pending field
   private readonly sampling: StructWriter<"sampling">;
-  private callback: JSCallback | null = null;
-  private pendingStep: { resolve: (status: number) => void } | null = null;
-  private readonly idsScratch = new Int32Array(new ArrayBuffer(4 * 4096));
 
-  constructor(model: NativeModelConfig, config: NativeEngineConfig, files: string[], tensors: TensorEntry[]) {
-    const symbols = load();
-    this.model = model;
-    this.config = config;
-    const modelBuf = modelStruct(model);
-    const configBuf = engineConfigStruct(config);
-    const tensorBuf = tensorStructs(tensors);
-    const filesBuf = Buffer.from(files.map((f) => `${f}\0`).join(""), "utf8");
-    const out = new BigUint64Array(1);
-    const status = symbols.ifn_engine_create(
-      ptr(modelBuf),
-      ptr(configBuf),
-      ptr(filesBuf),
-      files.length,
-      ptr(tensorBuf),
-      tensors.length,
-      ptr(out),
-    );
-    check(status, () => String(symbols.ifn_last_error()));
-    this.handle = Number(out[0]) as Pointer;
-    this.numBlocks = symbols.ifn_engine_num_blocks(this.handle);
-
-    const batchPtr = symbols.ifn_engine_batch(this.handle);
-    if (batchPtr === null) throw new EngineError(Status.INTERNAL, "engine returned no batch descriptor");
-    const L = (this.batchLayout = structLayouts().batch);
+  constructor(
+    readonly index: number,
+    batchPtr: Pointer,
+    private readonly layouts: Layouts,
+    config: NativeEngineConfig,
+    vocabSize: number,
+  ) {
+    const L = layouts.batch;
     this.header = new DataView(toArrayBuffer(batchPtr, 0, L.size));
     this.masksPending = new Int32Array(this.header.buffer, L.at.masks_pending, 1);
     const s = config.maxNumSeqs;
@@ -544,7 +601,7 @@ export class NativeEngine {
       sampleIndices: view("sample_indices", s, Int32Array),
       outTokenIds: view("out_token_ids", s, Int32Array),
       outLogprobs: view("out_logprobs", s, Float32Array),
-      logits: view("logits", s * model.vocabSize, Float32Array),
+      logits: view("logits", s * vocabSize, Float32Array),
       logitBiasIds: view("logit_bias_ids", u32("bias_capacity"), Int32Array),
       logitBiasValues: view("logit_bias_values", u32("bias_capacity"), Float32Array),
       outTopIds: view("out_top_ids", s * TOP_LOGPROBS_MAX, Int32Array),
@@ -552,18 +609,9 @@ export class NativeEngine {
       maskWords,
       allowedTokenMask: view("allowed_token_mask", s * maskWords, Uint32Array),
     };
-    const samplingLayout = structLayouts().sampling;
+    const samplingLayout = layouts.sampling;
     const samplingBuf = toArrayBuffer(read.ptr(batchPtr, L.at.sampling) as Pointer, 0, s * samplingLayout.size);
     this.sampling = new StructWriter(samplingLayout, s, samplingBuf);
-  }
-
-  private get ptr(): Pointer {
-    if (this.handle === null) throw new EngineError(Status.INVALID_ARGUMENT, "engine already destroyed");
-    return this.handle;
-  }
-
-  get kvCacheBytes(): number {
-    return Number(load().ifn_engine_kv_cache_bytes(this.ptr));
   }
 
   /**
@@ -576,7 +624,7 @@ export class NativeEngine {
   }
 
   setCounts(numTokens: number, numSeqs: number, numSamples: number, returnLogits: boolean): void {
-    const at = this.batchLayout.at;
+    const at = this.layouts.batch.at;
     this.header.setUint32(at.num_tokens, numTokens, true);
     this.header.setUint32(at.num_seqs, numSeqs, true);
     this.header.setUint32(at.num_samples, numSamples, true);
@@ -600,107 +648,220 @@ export class NativeEngine {
     w.i32("bias_count", p.biasCount, row);
     w.i32("use_mask", p.useMask ? 1 : 0, row);
   }
+}
 
-  /** Runs the filled batch on the calling thread (blocks the event loop: tests and tools only). */
-  stepSync(): void {
-    const symbols = load();
-    const handle = this.ptr;
-    check(symbols.ifn_engine_step(handle), () => String(symbols.ifn_last_error()));
+/** A placeholder token id: the token that row `row` of the step before draws (the engine fills it in). */
+export function drawOfStepBefore(row: number): number {
+  return -(row + 1);
+}
+
+export class NativeEngine {
+  readonly config: NativeEngineConfig;
+  readonly model: NativeModelConfig;
+  readonly device: Device;
+  /** The step descriptors, by index. */
+  readonly descriptors: StepDescriptor[];
+  /** The KV pool's size in blocks, as the engine sized it. */
+  readonly numBlocks: number;
+  private handle: Pointer | null;
+  private readonly symbols: Symbols;
+  private callback: JSCallback | null = null;
+  /** Steps queued on the engine thread, oldest first: they end in this order. */
+  private readonly queued: { index: number; resolve: (status: number) => void }[] = [];
+  private keepAlive: ReturnType<typeof setInterval> | null = null;
+  private readonly idsScratch = new Int32Array(new ArrayBuffer(4 * 4096));
+
+  constructor(
+    model: NativeModelConfig,
+    config: NativeEngineConfig,
+    files: string[],
+    tensors: TensorEntry[],
+    device: Device = "cpu",
+  ) {
+    const { symbols, layouts } = load(device);
+    this.symbols = symbols;
+    this.device = device;
+    this.model = model;
+    this.config = config;
+    const modelBuf = modelStruct(layouts, model);
+    const configBuf = engineConfigStruct(layouts, config);
+    const tensorBuf = tensorStructs(layouts, tensors);
+    const filesBuf = Buffer.from(files.map((f) => `${f}\0`).join(""), "utf8");
+    const out = new BigUint64Array(1);
+    const status = symbols.ifn_engine_create(
+      ptr(modelBuf),
+      ptr(configBuf),
+      ptr(filesBuf),
+      files.length,
+      ptr(tensorBuf),
+      tensors.length,
+      ptr(out),
+    );
+    check(symbols, status, () => String(symbols.ifn_last_error()));
+    const handle = Number(out[0]) as Pointer;
+    this.handle = handle;
+    this.numBlocks = symbols.ifn_engine_num_blocks(handle);
+    this.descriptors = Array.from({ length: NUM_BATCHES }, (_, i) => {
+      const batchPtr = symbols.ifn_engine_batch(handle, i);
+      if (batchPtr === null) throw new EngineError(Status.INTERNAL, `engine returned no descriptor ${i}`);
+      return new StepDescriptor(i, batchPtr as Pointer, layouts, config, model.vocabSize);
+    });
   }
 
-  /** Runs the filled batch on the engine thread; the event loop stays free meanwhile. */
-  step(): Promise<void> {
-    const symbols = load();
-    const handle = this.ptr;
-    if (this.callback === null) {
-      // Fires on the engine thread and is queued onto the JS thread. An exception
-      // inside a JSCallback would kill the process, so nothing here may throw.
-      this.callback = new JSCallback(
-        (status: number, _userData: Pointer | null) => {
-          try {
-            const pending = this.pendingStep;
-            this.pendingStep = null;
-            pending?.resolve(status);
-          } catch {
-            // Nothing to do: the awaiting side sees no resolution only if it is gone.
+  /** Descriptor 0's arrays (tools and tests that run one step at a time). */
+  get batch(): BatchView {
+    return this.descriptors[0].batch;
+  }
+
+  private get ptr(): Pointer {
+    if (this.handle === null) throw new EngineError(Status.INVALID_ARGUMENT, "engine already destroyed");
+    return this.handle;
+  }
+
+  get kvCacheBytes(): number {
+    return Number(this.symbols.ifn_engine_kv_cache_bytes(this.ptr));
+  }
+
+  get backendName(): string {
+    return String(this.symbols.ifn_backend_name());
+  }
+
+  deviceInfo(): DeviceInfo {
+    const { layouts } = load(this.device);
+    const L = layouts.deviceInfo;
+    const buf = new ArrayBuffer(L.size);
+    check(this.symbols, this.symbols.ifn_engine_device_info(this.ptr, ptr(buf)), () =>
+      String(this.symbols.ifn_last_error()),
+    );
+    const v = new DataView(buf);
+    const utilization = v.getFloat32(L.at.utilization, true);
+    return {
+      memoryTotalBytes: Number(v.getBigUint64(L.at.memory_total_bytes, true)),
+      memoryUsedBytes: Number(v.getBigUint64(L.at.memory_used_bytes, true)),
+      weightsBytes: Number(v.getBigUint64(L.at.weights_bytes, true)),
+      utilization: utilization < 0 ? null : utilization,
+      ordinal: v.getUint32(L.at.ordinal, true),
+    };
+  }
+
+  /** Runs descriptor `index` on the calling thread (blocks the event loop: tests and tools only). */
+  stepSync(index = 0): void {
+    const symbols = this.symbols;
+    check(symbols, symbols.ifn_engine_step(this.ptr, index), () => String(symbols.ifn_last_error()));
+  }
+
+  /** Steps queued and not yet ended. */
+  get numQueued(): number {
+    return this.queued.length;
+  }
+
+  private ensureCallback(): void {
+    if (this.callback !== null) return;
+    const symbols = this.symbols;
+    // Fires on the engine thread and is queued onto the JS thread. An exception inside a
+    // JSCallback would kill the process, so nothing here may throw.
+    this.callback = new JSCallback(
+      (status: number, _index: number, _userData: Pointer | null) => {
+        try {
+          const done = this.queued.shift();
+          if (this.queued.length === 0 && this.keepAlive !== null) {
+            clearInterval(this.keepAlive);
+            this.keepAlive = null;
           }
-        },
-        { args: [FFIType.i32, FFIType.ptr], returns: FFIType.void, threadsafe: true },
-      );
-      check(symbols.ifn_engine_set_callback(handle, this.callback.ptr, null), () => String(symbols.ifn_last_error()));
-    }
-    if (this.pendingStep !== null) return Promise.reject(new EngineError(Status.BUSY, "a step is already in flight"));
-    // A threadsafe callback does not keep the process alive; this timer does, for the step's duration.
-    const keepAlive = setInterval(() => {}, 1 << 30);
+          done?.resolve(status);
+        } catch {
+          // Nothing to do: the awaiting side sees no resolution only if it is gone.
+        }
+      },
+      { args: [FFIType.i32, FFIType.u32, FFIType.ptr], returns: FFIType.void, threadsafe: true },
+    );
+    check(symbols, symbols.ifn_engine_set_callback(this.ptr, this.callback.ptr, null), () =>
+      String(symbols.ifn_last_error()),
+    );
+  }
+
+  /**
+   * Queues descriptor `index` on the engine thread; it runs after the steps queued before it,
+   * and the event loop stays free meanwhile. Resolves when it ends.
+   */
+  step(index = 0): Promise<void> {
+    const symbols = this.symbols;
+    const handle = this.ptr;
+    this.ensureCallback();
     return new Promise<void>((resolve, reject) => {
-      this.pendingStep = {
-        resolve: (status) => {
-          clearInterval(keepAlive);
+      const entry = {
+        index,
+        resolve: (status: number) => {
           if (status === Status.OK) resolve();
-          else reject(engineError(status, String(symbols.ifn_engine_last_error(handle))));
+          else reject(engineError(symbols, status, String(symbols.ifn_engine_last_error(handle, index))));
         },
       };
-      const status = symbols.ifn_engine_step_async(handle);
+      this.queued.push(entry);
+      const status = symbols.ifn_engine_step_async(handle, index);
       if (status !== Status.OK) {
-        this.pendingStep = null;
-        clearInterval(keepAlive);
-        reject(engineError(status, String(symbols.ifn_last_error())));
+        this.queued.pop();
+        reject(engineError(symbols, status, String(symbols.ifn_last_error())));
+        return;
       }
+      // A threadsafe callback does not keep the process alive; this timer does, while steps are queued.
+      this.keepAlive ??= setInterval(() => {}, 1 << 30);
     });
   }
 
   /** Opens sequence-state slot `slot` with a sequence's tokens so far (the first promptLen its prompt). */
   openSeqState(slot: number, tokens: readonly number[], promptLen: number): void {
-    const symbols = load();
+    const symbols = this.symbols;
     const buf = Int32Array.from(tokens);
     const p = buf.length > 0 ? ptr(buf) : null;
-    check(symbols.ifn_seq_state_open(this.ptr, slot, p, buf.length, promptLen), () => String(symbols.ifn_last_error()));
+    check(symbols, symbols.ifn_seq_state_open(this.ptr, slot, p, buf.length, promptLen), () =>
+      String(symbols.ifn_last_error()),
+    );
   }
 
   closeSeqState(slot: number): void {
-    const symbols = load();
-    check(symbols.ifn_seq_state_close(this.ptr, slot), () => String(symbols.ifn_last_error()));
+    const symbols = this.symbols;
+    check(symbols, symbols.ifn_seq_state_close(this.ptr, slot), () => String(symbols.ifn_last_error()));
   }
 
   allocateBlocks(n: number): number[] {
     if (n === 0) return [];
-    const symbols = load();
+    const symbols = this.symbols;
     const ids = this.scratchFor(n);
-    check(symbols.ifn_blocks_allocate(this.ptr, n, ptr(ids)), () => String(symbols.ifn_last_error()));
+    check(symbols, symbols.ifn_blocks_allocate(this.ptr, n, ptr(ids)), () => String(symbols.ifn_last_error()));
     return Array.from(ids.subarray(0, n));
   }
 
   freeBlocks(ids: readonly number[]): void {
     if (ids.length === 0) return;
-    const symbols = load();
+    const symbols = this.symbols;
     const buf = this.scratchFor(ids.length);
     buf.set(ids);
-    check(symbols.ifn_blocks_free(this.ptr, ids.length, ptr(buf)), () => String(symbols.ifn_last_error()));
+    check(symbols, symbols.ifn_blocks_free(this.ptr, ids.length, ptr(buf)), () => String(symbols.ifn_last_error()));
   }
 
   refBlocks(ids: readonly number[]): void {
     if (ids.length === 0) return;
-    const symbols = load();
+    const symbols = this.symbols;
     const buf = this.scratchFor(ids.length);
     buf.set(ids);
-    check(symbols.ifn_blocks_ref(this.ptr, ids.length, ptr(buf)), () => String(symbols.ifn_last_error()));
+    check(symbols, symbols.ifn_blocks_ref(this.ptr, ids.length, ptr(buf)), () => String(symbols.ifn_last_error()));
   }
 
   get numFreeBlocks(): number {
-    return load().ifn_blocks_num_free(this.ptr);
+    return this.symbols.ifn_blocks_num_free(this.ptr);
   }
 
   get numCachedBlocks(): number {
-    return load().ifn_blocks_num_cached(this.ptr);
+    return this.symbols.ifn_blocks_num_cached(this.ptr);
   }
 
   /** Names held, full blocks by the hash of their tokens, for later prefix-cache hits. */
   cacheBlocks(ids: readonly number[], hashes: readonly bigint[]): void {
     if (ids.length === 0) return;
-    const symbols = load();
+    const symbols = this.symbols;
     const idBuf = new Int32Array(ids);
     const hashBuf = new BigUint64Array(hashes);
-    check(symbols.ifn_blocks_cache_insert(this.ptr, ids.length, ptr(idBuf), ptr(hashBuf)), () =>
+    check(symbols, symbols.ifn_blocks_cache_insert(this.ptr, ids.length, ptr(idBuf), ptr(hashBuf)), () =>
       String(symbols.ifn_last_error()),
     );
   }
@@ -710,12 +871,12 @@ export class NativeEngine {
     if (hashes.length === 0) return [];
     const hashBuf = new BigUint64Array(hashes);
     const out = new Int32Array(hashes.length);
-    const hits = load().ifn_blocks_cache_lookup(this.ptr, hashes.length, ptr(hashBuf), ptr(out));
+    const hits = this.symbols.ifn_blocks_cache_lookup(this.ptr, hashes.length, ptr(hashBuf), ptr(out));
     return Array.from(out.subarray(0, hits));
   }
 
   refCount(blockId: number): number {
-    return load().ifn_blocks_ref_count(this.ptr, blockId);
+    return this.symbols.ifn_blocks_ref_count(this.ptr, blockId);
   }
 
   private scratchFor(n: number): Int32Array {
@@ -724,8 +885,8 @@ export class NativeEngine {
 
   destroy(): void {
     if (this.handle === null) return;
-    if (this.pendingStep !== null) throw new EngineError(Status.BUSY, "cannot destroy the engine while a step runs");
-    load().ifn_engine_destroy(this.handle);
+    if (this.queued.length > 0) throw new EngineError(Status.BUSY, "cannot destroy the engine while a step runs");
+    this.symbols.ifn_engine_destroy(this.handle);
     this.handle = null;
     this.callback?.close();
     this.callback = null;

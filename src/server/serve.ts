@@ -88,13 +88,6 @@ export function serveConfig(v: Values): ServeConfig {
       `tensor_parallel_size ${v.tensor_parallel_size} needs several GPUs; this build runs on one CPU process (use 1)`,
     );
   }
-  if (v.gpu_memory_utilization !== undefined) {
-    const g = v.gpu_memory_utilization as number;
-    if (!(g > 0 && g <= 1)) throw new ConfigError(`gpu_memory_utilization must be in (0, 1], got ${g}`);
-    notes.push(
-      `gpu_memory_utilization ${g} has no effect: this build has no GPU backend; the KV pool is sized by --kv-cache-memory`,
-    );
-  }
   const engine: Partial<EngineOptions> = {
     servedModelName: (v.served_model_name as string) ?? v.model,
     ...engineOptionsOf(v),
@@ -166,6 +159,15 @@ async function warmWeights(files: string[], log: (line: string) => void): Promis
 
 const stderrLog = (line: string) => void process.stderr.write(`${line}\n`);
 
+/** What the engine runs on, as said at start. */
+function deviceLine(engine: LLMEngine): string {
+  if (engine.native.device === "cpu")
+    return `CPU (${cpus()[0]?.model ?? "unknown"}), ${engine.options.threads} of ${availableParallelism()} threads; engine built for ${libraryBuild()}`;
+  const d = engine.native.deviceInfo();
+  const gib = (b: number) => (b / 2 ** 30).toFixed(1);
+  return `CUDA GPU ${d.ordinal}, ${gib(d.memoryTotalBytes)} GiB (weights ${gib(d.weightsBytes)} GiB), ${engine.options.enforceEager ? "eager" : "CUDA graphs for decode"}`;
+}
+
 export async function startServer(config: ServeConfig, log: (line: string) => void = stderrLog) {
   const state = new ServerState();
   const app = createApp(state, config.server);
@@ -199,9 +201,12 @@ export async function startServer(config: ServeConfig, log: (line: string) => vo
   log(
     `model: ${config.server.servedModelName} (${c.numLayers} layers, hidden ${c.hiddenSize}, ${c.numHeads} heads / ${c.numKvHeads} KV heads, vocab ${c.vocabSize}), weights ${engine.model.spec.dtype}, products ${engine.options.computeDtype === "bf16" ? "bf16 (--dtype bfloat16)" : "f32"}`,
   );
-  log(
-    `device: CPU (${cpus()[0]?.model ?? "unknown"}), ${engine.options.threads} of ${availableParallelism()} threads; engine built for ${libraryBuild()}`,
-  );
+  if (engine.deviceNote) log(`note: ${engine.deviceNote}`);
+  log(`device: ${deviceLine(engine)}`);
+  if (engine.native.device === "cpu" && config.engine.gpuMemoryUtilization !== undefined)
+    log(
+      `note: gpu_memory_utilization ${config.engine.gpuMemoryUtilization} has no effect on the CPU; the KV pool is sized by --kv-cache-memory`,
+    );
   log(
     `KV cache: ${engine.numBlocks} blocks x ${engine.options.blockSizeTokens} tokens = ${engine.numBlocks * engine.options.blockSizeTokens} tokens, ${(kvBytes / 2 ** 20).toFixed(1)} MiB ${engine.kvCacheDtype}; max model len ${engine.maxModelLen}; prefix caching ${engine.options.enablePrefixCaching ? "on" : "off"}`,
   );
