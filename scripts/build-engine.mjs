@@ -33,6 +33,16 @@ const levels = args.length === 0 && process.env.INFERNEO_CPU ? process.env.INFER
 if (levels.length === 0) process.exit(zigBuild([]));
 for (const level of levels) {
   console.error(`building the engine for ${level}`);
-  const status = zigBuild([`-Dcpu=${level}`, "--prefix", join(root, "zig-out", "cpu", level)]);
+  // The CPU library alone: the CUDA backend is built once, after the levels.
+  const status = zigBuild([
+    `-Dcpu=${level}`,
+    "-Dcuda=off",
+    "-Demulated=false",
+    "--prefix",
+    join(root, "zig-out", "cpu", level),
+  ]);
   if (status !== 0) process.exit(status);
 }
+// The CUDA backend, where nvcc is here, beside the per-level CPU libraries (its host side is
+// built for a baseline x86-64 whatever the level).
+process.exit(zigBuild(["-Dcpu-lib=false", "-Demulated=false"]));

@@ -140,12 +140,23 @@ describe("LoadBalancedClient through a kill and a drain", () => {
 describe("LoadBalancedClient strategies", () => {
   test("least-loaded sends new requests to the replica with fewer running and waiting", async () => {
     const { startTestServer, postJson } = await import("./helpers/server.ts");
-    const busy = await startTestServer(modelPath, ["--served-model-name", M, "--max-num-seqs", "2"]);
-    const idle = await startTestServer(modelPath, ["--served-model-name", M]);
+    // A long context, so that the long requests outlast the short ones by far (they are stopped with the servers).
+    const shape = { ...TINY, ctx: 8192 };
+    const longPath = writeHfModel(join(dir, "long"), shape, "f32", makeWeights(shape, "f32"));
+    const busy = await startTestServer(longPath, [
+      "--served-model-name",
+      M,
+      "--max-num-seqs",
+      "2",
+      "--drain-timeout",
+      "0",
+    ]);
+    const idle = await startTestServer(longPath, ["--served-model-name", M]);
+    let long: Promise<unknown>[] = [];
     try {
       // Four long requests keep `busy` running two and queueing two.
-      const long = Array.from({ length: 4 }, (_, i) =>
-        postJson(`${busy.url}/v1/completions`, { model: M, prompt: `long ${i}`, max_tokens: 480, ignore_eos: true }),
+      long = Array.from({ length: 4 }, (_, i) =>
+        postJson(`${busy.url}/v1/completions`, { model: M, prompt: `long ${i}`, max_tokens: 8000, ignore_eos: true }),
       );
       await Bun.sleep(100);
       const lb = new LoadBalancedClient([busy.url, idle.url], { strategy: "least-loaded" });
@@ -160,10 +171,10 @@ describe("LoadBalancedClient strategies", () => {
       );
       expect(idleServed).toBe(6);
       expect((await before.get()).values.reduce((a, v) => a + v.value, 0)).toBe(servedBefore);
-      await Promise.all(long);
     } finally {
       await busy.stop();
       await idle.stop();
+      await Promise.allSettled(long);
     }
   });
 });

@@ -33,6 +33,10 @@ pub const DType = enum(u32) {
     bf16 = 30,
     _,
 
+    pub fn isFloat(dtype: DType) bool {
+        return dtype == .f32 or dtype == .f16 or dtype == .bf16;
+    }
+
     /// The type a file's type is rewritten into at load (losslessly), or null if none.
     pub fn transcodedTo(dtype: DType) ?DType {
         return switch (dtype) {

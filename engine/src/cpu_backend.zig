@@ -36,12 +36,6 @@ pub fn checkConfig(c: abi.EngineConfig) abi.Status {
     return .ok;
 }
 
-/// Bytes one KV block takes: K and V of every layer for block_size tokens.
-pub fn kvBytesPerBlock(m: abi.ModelConfig, c: abi.EngineConfig) u64 {
-    const elem: u64 = if (c.kv_cache_dtype == @intFromEnum(abi.DType.f16)) 2 else 4;
-    return @as(u64, c.block_size) * m.num_layers * 2 * m.num_kv_heads * m.head_dim * elem;
-}
-
 pub const CpuBackend = struct {
     allocator: std.mem.Allocator,
     model: abi.ModelConfig,
@@ -183,6 +177,14 @@ pub const CpuBackend = struct {
         if (b.v_cache.len > 0) std.heap.page_allocator.free(b.v_cache);
         b.weights.deinit(allocator);
         b.* = undefined;
+    }
+
+    /// A sequence state was opened: the CPU's sampler reads it from the engine's SeqState.
+    pub fn seqStateOpened(b: *CpuBackend, slot: u32, seq_state: *const SeqState) abi.Status {
+        _ = b;
+        _ = slot;
+        _ = seq_state;
+        return .ok;
     }
 
     /// The forward pass and sampling of a validated step.

@@ -25,6 +25,12 @@ pub const Backend = if (std.mem.eql(u8, build_options.backend, "cuda")) backend_
 
 const nb = abi.num_batches;
 
+/// Bytes one KV block takes on either backend: K and V of every layer for block_size tokens.
+pub fn kvBytesPerBlock(m: abi.ModelConfig, c: abi.EngineConfig) u64 {
+    const elem: u64 = if (c.kv_cache_dtype == @intFromEnum(abi.DType.f16)) 2 else 4;
+    return @as(u64, c.block_size) * m.num_layers * 2 * m.num_kv_heads * m.head_dim * elem;
+}
+
 pub const Engine = struct {
     allocator: std.mem.Allocator,
     model: abi.ModelConfig,
@@ -101,7 +107,7 @@ pub const Engine = struct {
     fn sizePool(e: *Engine, status: *abi.Status) error{LoadFailed}!u32 {
         const c = e.config;
         if (c.num_blocks != 0) return c.num_blocks;
-        const per_block = backend_module.kvBytesPerBlock(e.model, c);
+        const per_block = kvBytesPerBlock(e.model, c);
         const budget = e.backend.kvBudgetBytes();
         const by_seqs = @as(u64, c.max_num_seqs) * c.max_blocks_per_seq;
         const blocks: u32 = @intCast(@min(budget / per_block, by_seqs, std.math.maxInt(i32)));
@@ -266,7 +272,7 @@ pub const Engine = struct {
             return errors.fail(.invalid_argument, "sequence state of {d} tokens ({d} of the prompt) over {d}", .{ tokens.len, prompt_len, st.capacity });
         for (tokens) |tok| if (tok < 0 or tok >= e.model.vocab_size) return errors.fail(.invalid_argument, "sequence state holds token {d}", .{tok});
         st.set(slot, tokens, prompt_len);
-        return .ok;
+        return e.backend.seqStateOpened(slot, &e.seq_state);
     }
 
     pub fn seqStateClose(e: *Engine, slot: u32) abi.Status {

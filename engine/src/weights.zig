@@ -77,8 +77,33 @@ pub fn load(
     threads: usize,
     status: *abi.Status,
 ) !Weights {
-    if (paths.len == 0 or paths.len > files_max) {
-        status.* = errors.fail(.invalid_argument, "expected 1 to {d} model files, got {d}", .{ files_max, paths.len });
+    var w = try loadViews(allocator, config, paths, tensors, status);
+    errdefer w.deinit(allocator);
+    for (tensors) |t| if (t.file_index == dummy_file) {
+        status.* = errors.fail(.unsupported, "random (dummy) weights are made by the CUDA backend; the CPU reads files", .{});
+        return error.LoadFailed;
+    };
+    try packAll(allocator, &w, bf16_products, threads);
+    return w;
+}
+
+/// A tensor's file index that means "no file: random weights of this shape" (--load-format dummy).
+pub const dummy_file: u32 = 0xFFFF_FFFF;
+
+/// A dummy tensor's data: never read (the backend that takes dummy weights makes its own).
+const no_data: [*]const u8 = @ptrFromInt(0x1000);
+
+/// The files mapped and every tensor checked against the config, as views into the files (in
+/// their stored types, plain rows): what a backend reads its weights from.
+pub fn loadViews(
+    allocator: std.mem.Allocator,
+    config: abi.ModelConfig,
+    paths: []const [:0]const u8,
+    tensors: []const abi.Tensor,
+    status: *abi.Status,
+) !Weights {
+    if (paths.len > files_max) {
+        status.* = errors.fail(.invalid_argument, "expected at most {d} model files, got {d}", .{ files_max, paths.len });
         return error.LoadFailed;
     }
     const maps = try allocator.alloc([]align(std.mem.page_size) const u8, paths.len);
@@ -161,8 +186,12 @@ pub fn load(
         allocator.free(w.norm_copies);
     }
     if (config.norm_weight_offset != 0) try offsetNorms(allocator, &w, config.norm_weight_offset);
-    try packAll(allocator, &w, bf16_products, threads);
     return w;
+}
+
+/// Whether a view is a dummy tensor's (no data behind it).
+pub fn isDummy(m: Matrix) bool {
+    return m.data == no_data;
 }
 
 /// Repacks every quantized matrix for the integer products (Q5_0 and IQ4_NL as Q8_0, Q3_K
@@ -298,7 +327,7 @@ fn offsetNorms(allocator: std.mem.Allocator, w: *Weights, offset: f32) !void {
     for (norms.items) |m| {
         const copy = try allocator.alloc(f32, m.cols);
         try copies.append(copy);
-        m.readRow(copy, 0);
+        if (isDummy(m.*)) @memset(copy, 1 - offset) else m.readRow(copy, 0); // a dummy norm is all ones
         for (copy) |*v| v.* += offset;
         m.* = .{ .dtype = .f32, .data = @ptrCast(copy.ptr), .rows = 1, .cols = m.cols };
     }
@@ -331,7 +360,7 @@ fn qkvBias(allocator: std.mem.Allocator, c: abi.ModelConfig, biases: []const Slo
     const row = try allocator.alloc(f32, q_dim + 2 * kv_dim);
     var at: usize = 0;
     for (biases, [_]usize{ q_dim, kv_dim, kv_dim }) |b, len| {
-        if (b.m) |m| m.readRow(row[at..][0..len], 0) else @memset(row[at..][0..len], 0);
+        if (b.m != null and !isDummy(b.m.?)) b.m.?.readRow(row[at..][0..len], 0) else @memset(row[at..][0..len], 0);
         at += len;
     }
     return row;
@@ -381,6 +410,7 @@ fn checkTensor(t: abi.Tensor, role: abi.Role, config: abi.ModelConfig, maps: []c
         status.* = errors.fail(.shape, "tensor {s} (layer {d}) holds {d} bytes, but ({d}, {d}) weights of dtype {d} need {d}", .{ roleName(role), t.layer, t.size_bytes, t.rows, t.cols, t.dtype, want_bytes });
         return error.LoadFailed;
     }
+    if (t.file_index == dummy_file) return .{ .dtype = dtype, .data = no_data, .rows = t.rows, .cols = t.cols };
     if (t.file_index >= maps.len) {
         status.* = errors.fail(.invalid_argument, "tensor {s} (layer {d}) names file {d} of {d}", .{ roleName(role), t.layer, t.file_index, maps.len });
         return error.LoadFailed;

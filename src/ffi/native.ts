@@ -258,12 +258,13 @@ interface Loaded {
   path: string;
 }
 
-const loaded = new Map<Device, Loaded>();
+/** Opened libraries by path (INFERNEO_LIB / INFERNEO_CUDA_LIB may name another one later). */
+const loaded = new Map<string, Loaded>();
 
 function load(device: Device = "cpu"): Loaded {
-  const held = loaded.get(device);
-  if (held) return held;
   const path = libraryPath(device);
+  const held = loaded.get(path);
+  if (held) return held;
   if (!existsSync(path)) {
     throw new EngineError(
       Status.IO,
@@ -282,7 +283,7 @@ function load(device: Device = "cpu"): Loaded {
     );
   }
   const entry = { symbols: opened.symbols, layouts: readLayouts(opened.symbols), path };
-  loaded.set(device, entry);
+  loaded.set(path, entry);
   return entry;
 }
 
@@ -665,6 +666,7 @@ export class NativeEngine {
   readonly numBlocks: number;
   private handle: Pointer | null;
   private readonly symbols: Symbols;
+  private readonly layouts: Layouts;
   private callback: JSCallback | null = null;
   /** Steps queued on the engine thread, oldest first: they end in this order. */
   private readonly queued: { index: number; resolve: (status: number) => void }[] = [];
@@ -680,6 +682,7 @@ export class NativeEngine {
   ) {
     const { symbols, layouts } = load(device);
     this.symbols = symbols;
+    this.layouts = layouts;
     this.device = device;
     this.model = model;
     this.config = config;
@@ -727,8 +730,7 @@ export class NativeEngine {
   }
 
   deviceInfo(): DeviceInfo {
-    const { layouts } = load(this.device);
-    const L = layouts.deviceInfo;
+    const L = this.layouts.deviceInfo;
     const buf = new ArrayBuffer(L.size);
     check(this.symbols, this.symbols.ifn_engine_device_info(this.ptr, ptr(buf)), () =>
       String(this.symbols.ifn_last_error()),
