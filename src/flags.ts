@@ -27,6 +27,7 @@ export const FLAGS = {
   gpu_memory_utilization: "float",
   enforce_eager: "bool",
   async_scheduling: "bool",
+  load_format: "string",
   tensor_parallel_size: "int",
   enable_prefix_caching: "bool",
   threads: "int",
@@ -53,6 +54,8 @@ export const ENGINE_USAGE = `engine options (serve and generate; in a config fil
   --gpu-memory-utilization 0.9  share of the GPU's memory for weights, workspace and the KV pool
   --enforce-eager       no CUDA graphs (GPU)
   --no-async-scheduling  schedule each step after the last ends (default: while it runs)
+  --load-format auto|dummy  dummy: random weights of the model's shape (a preset such as
+                        llama-3-8b, a model folder, or a config.json), made on the GPU: benchmarks
   --max-model-len N     context length (default: the model's)
   --max-num-batched-tokens N  --max-num-seqs N  --max-queue-len N
   --block-size N  --num-gpu-blocks-override N  --kv-cache-memory 2GiB
@@ -80,6 +83,7 @@ export const ENGINE_KEYS = [
   "gpu_memory_utilization",
   "enforce_eager",
   "async_scheduling",
+  "load_format",
 ] as const satisfies readonly Key[];
 
 type ArgOption = { type: "string" | "boolean"; multiple?: boolean };
@@ -213,6 +217,11 @@ export function engineOptionsOf(v: Values): Partial<EngineOptions> {
   set("enablePrefixCaching", v.enable_prefix_caching);
   set("enforceEager", v.enforce_eager);
   set("asyncScheduling", v.async_scheduling);
+  if (v.load_format !== undefined) {
+    if (v.load_format !== "auto" && v.load_format !== "dummy")
+      throw new ConfigError(`load_format must be auto or dummy, got '${String(v.load_format)}'`);
+    engine.loadFormat = v.load_format;
+  }
   set("threads", v.threads);
   for (const [k, min] of [
     ["maxNumSeqs", 1],

@@ -3,12 +3,13 @@
 // batching with preemption, prefix caching, penalties and async scheduling, with CUDA graphs
 // and without. What a GPU adds (cuBLASLt, real concurrency, speed) is scripts/gpu-check's.
 import { afterAll, beforeAll, describe, expect, setDefaultTimeout, test } from "bun:test";
-import { mkdtempSync, rmSync } from "node:fs";
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { LLMEngine, type EngineOptions } from "../src/engine/llm_engine.ts";
 import { withEmulatedCuda, HAVE_EMULATED_CUDA } from "./helpers/cuda.ts";
 import { EMBEDDED_GGUF, generate, goldens, nextTokenLogits } from "./helpers/engine.ts";
+import { postJson, settled, startTestServer } from "./helpers/server.ts";
 import { GEMMA2, GEMMA3, QWEN2, QWEN3 } from "./helpers/families.ts";
 import {
   GQA,
@@ -173,5 +174,81 @@ describe.skipIf(!HAVE_EMULATED_CUDA)("the CUDA backend (emulated)", () => {
       await gpu.shutdown();
       await alone.shutdown();
     }
+  });
+
+  test("over HTTP: --device cuda serves the golden completion, a JSON-schema answer, and GPU gauges", async () => {
+    const s = await withEmulatedCuda(() =>
+      startTestServer(EMBEDDED_GGUF, ["--device", "cuda", "--served-model-name", "m", "--max-num-seqs", "4"]),
+    );
+    try {
+      const c = goldens()[0];
+      const r = await postJson(`${s.url}/v1/completions`, {
+        model: "m",
+        prompt: c.prompt_ids,
+        max_tokens: 40,
+        temperature: 0,
+        ignore_eos: true,
+      });
+      expect(r.status).toBe(200);
+      const text = (r.json.choices as { text: string }[])[0].text;
+      expect(c.completion_text_all === null || c.completion_text_all.startsWith(text)).toBe(true);
+      // The grammar's masks go to the device with the sampling rows.
+      const schema = {
+        type: "object",
+        properties: { n: { type: "integer", minimum: 0, maximum: 99 } },
+        required: ["n"],
+        additionalProperties: false,
+      };
+      const j = await postJson(`${s.url}/v1/chat/completions`, {
+        model: "m",
+        messages: [{ role: "user", content: "a number" }],
+        max_tokens: 40,
+        response_format: { type: "json_schema", json_schema: { name: "n", schema } },
+      });
+      expect(j.status).toBe(200);
+      const answer = JSON.parse((j.json.choices as { message: { content: string } }[])[0].message.content) as {
+        n: unknown;
+      };
+      expect(Number.isInteger(answer.n)).toBe(true);
+      const m = (await (await fetch(`${s.url}/metrics`)).json()) as Record<string, unknown>;
+      expect(m.gpu_utilization).toBeNull(); // no NVML under the emulator
+      expect(m.gpu_memory_total_bytes).toBeGreaterThan(0);
+      const prom = await (await fetch(`${s.url}/metrics`, { headers: { accept: "text/plain" } })).text();
+      expect(prom).toMatch(/inferneo:gpu_memory_used_bytes\{model_name="m"\} \d+/);
+      expect(await settled(s)).toBe(true);
+    } finally {
+      await s.stop();
+    }
+  });
+
+  test("--load-format dummy: a config.json's shape with random weights, no files; the CPU refuses it", async () => {
+    const folder = join(dir, "dummy");
+    mkdirSync(folder);
+    writeFileSync(
+      join(folder, "config.json"),
+      JSON.stringify({
+        architectures: ["LlamaForCausalLM"],
+        hidden_size: 256,
+        intermediate_size: 512,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        vocab_size: 1000,
+        max_position_embeddings: 512,
+        rope_theta: 10000,
+      }),
+    );
+    const gpu = await cudaEngine(folder, { loadFormat: "dummy" });
+    try {
+      expect(gpu.model.spec.files).toEqual([]);
+      expect(gpu.model.spec.dtype).toBe("bf16");
+      const out = await generate(gpu, [1, 20, 30], { maxTokens: 8 });
+      expect(out.ids.length).toBe(8);
+    } finally {
+      await gpu.shutdown();
+    }
+    await expect(LLMEngine.create(folder, { device: "cpu", loadFormat: "dummy" })).rejects.toThrow(
+      /dummy\) weights are made by the CUDA backend/,
+    );
   });
 });

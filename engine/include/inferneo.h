@@ -140,12 +140,16 @@ typedef struct ifn_model_config {
     float rope_local_theta;        /* local layers' RoPE base, unscaled (Gemma 3); 0: one table for all */
 } ifn_model_config;
 
+/* A tensor's file_index meaning no file: random values of its shape and (float) type, made by
+ * the CUDA backend (benchmarks of a shape without its weights: --load-format dummy). */
+#define IFN_FILE_DUMMY 0xFFFFFFFFu
+
 /* One tensor of the weight manifest: where its bytes are in which file. */
 typedef struct ifn_tensor {
     uint32_t role;       /* enum ifn_tensor_role */
     uint32_t layer;      /* 0 for global tensors */
     uint32_t dtype;      /* enum ifn_dtype */
-    uint32_t file_index; /* index into the files given to ifn_engine_create */
+    uint32_t file_index; /* index into the files given to ifn_engine_create, or IFN_FILE_DUMMY */
     uint64_t offset;     /* byte offset of the first element in that file */
     uint64_t size_bytes;
     uint64_t rows;       /* outer dimension (1 for vectors) */

@@ -4,6 +4,8 @@
 pub const abi_version: i32 = 5;
 pub const top_logprobs_max = 20;
 pub const logit_bias_max = 1024;
+/// A tensor's file_index meaning no file: random values (IFN_FILE_DUMMY).
+pub const file_dummy: u32 = 0xFFFF_FFFF;
 
 pub const Status = enum(i32) {
     ok = 0,

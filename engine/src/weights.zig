@@ -87,8 +87,7 @@ pub fn load(
     return w;
 }
 
-/// A tensor's file index that means "no file: random weights of this shape" (--load-format dummy).
-pub const dummy_file: u32 = 0xFFFF_FFFF;
+pub const dummy_file = abi.file_dummy;
 
 /// A dummy tensor's data: never read (the backend that takes dummy weights makes its own).
 const no_data: [*]const u8 = @ptrFromInt(0x1000);

@@ -5,7 +5,7 @@
 import { availableParallelism } from "node:os";
 import { DType, LOGIT_BIAS_MAX, NativeEngine, resolveDevice, TOP_LOGPROBS_MAX } from "../ffi/native.ts";
 import { withRope } from "../model/config.ts";
-import { loadModel, type LoadedModel } from "../model/load.ts";
+import { loadModel, type LoadedModel, type LoadFormat } from "../model/load.ts";
 import { AsyncQueue } from "./async_queue.ts";
 import { KvCacheManager } from "./kv_cache_manager.ts";
 import { GrammarService } from "./grammar.ts";
@@ -26,7 +26,7 @@ import { Scheduler, type ScheduledRequest } from "./scheduler.ts";
 
 export interface EngineOptions {
   maxModelLen?: number; // default: the model's own context length
-  maxNumBatchedTokens: number;
+  maxNumBatchedTokens?: number; // tokens in one step; default: the device's (below)
   maxNumSeqs: number;
   maxQueueLen: number;
   blockSizeTokens: number;
@@ -47,6 +47,7 @@ export interface EngineOptions {
   // Schedule and queue the next step while one runs (vLLM's async scheduling): the JS work
   // between steps overlaps the engine's compute.
   asyncScheduling: boolean;
+  loadFormat?: LoadFormat; // dummy: the model's shape with random weights (CUDA), for benchmarks
   servedModelName?: string;
   metricsPrefix?: MetricsPrefix; // "vllm": metrics under vLLM's names, for routers that read them
 }
@@ -59,7 +60,6 @@ export function computeDtypeOf(v: string): "f32" | "bf16" | null {
 }
 
 export const DEFAULT_ENGINE_OPTIONS: EngineOptions = {
-  maxNumBatchedTokens: 256, // on CPU a 256-token prefill chunk stalls the decodes sharing its step for ~0.4 s (110M model)
   maxNumSeqs: 64,
   maxQueueLen: 1024,
   blockSizeTokens: 16,
@@ -76,6 +76,11 @@ export const DEFAULT_ENGINE_OPTIONS: EngineOptions = {
 
 /** The CPU's KV pool budget when none is given (a GPU's comes from --gpu-memory-utilization). */
 const CPU_KV_CACHE_BYTES = 2 * 1024 ** 3;
+/**
+ * Tokens a step takes by default: on the CPU a 256-token prefill chunk already stalls the decodes
+ * sharing its step for ~0.4 s (110M model); a GPU's GEMMs reach their rate only with thousands.
+ */
+const DEFAULT_STEP_TOKENS = { cpu: 256, cuda: 8192 } as const;
 
 /** A step queued on the engine, and how far each of its requests has computed once it ends. */
 interface InFlightStep {
@@ -146,6 +151,8 @@ export class LLMEngine {
   /** Structured output's matchers (xgrammar on a worker thread, started on first use). */
   readonly grammar: GrammarService;
   readonly maxModelLen: number;
+  /** Tokens in one step (the option, or the device's default). */
+  readonly maxNumBatchedTokens: number;
   readonly kvCacheDtype: "f32" | "f16"; // as resolved from the option
   /** Why --device auto took the CPU (null: as asked). */
   readonly deviceNote: string | null;
@@ -159,7 +166,7 @@ export class LLMEngine {
   stepObserver: ((scheduled: readonly ScheduledRequest[]) => void) | null = null;
 
   static async create(modelArg: string, options: Partial<EngineOptions> = {}): Promise<LLMEngine> {
-    return new LLMEngine(await loadModel(modelArg), {
+    return new LLMEngine(await loadModel(modelArg, options.loadFormat), {
       ...DEFAULT_ENGINE_OPTIONS,
       servedModelName: modelArg,
       ...options,
@@ -190,13 +197,15 @@ export class LLMEngine {
     withRope(rope, model.spec.ropeScaling, maxModelLen);
     const { device, note } = resolveDevice(options.device);
     this.deviceNote = note;
+    const stepTokens = options.maxNumBatchedTokens ?? DEFAULT_STEP_TOKENS[device];
+    this.maxNumBatchedTokens = stepTokens;
     this.native = new NativeEngine(
       rope,
       {
         numBlocks: options.numBlocksOverride ?? 0,
         kvCacheBytes: options.kvCacheMemoryBytes ?? (device === "cpu" ? CPU_KV_CACHE_BYTES : 0),
         blockSizeTokens: bs,
-        maxNumBatchedTokens: options.maxNumBatchedTokens,
+        maxNumBatchedTokens: stepTokens,
         maxNumSeqs: options.maxNumSeqs,
         maxBlocksPerSeq,
         kvCacheDtype: this.kvCacheDtype === "f16" ? DType.F16 : DType.F32,
@@ -227,7 +236,7 @@ export class LLMEngine {
     );
     this.scheduler = new Scheduler(
       {
-        maxNumBatchedTokens: options.maxNumBatchedTokens,
+        maxNumBatchedTokens: stepTokens,
         maxNumSeqs: options.maxNumSeqs,
         maxQueueLen: options.maxQueueLen,
       },
@@ -238,7 +247,12 @@ export class LLMEngine {
     // A GPU's compute leaves the host's cores to the mask workers.
     this.overlapMasks = device === "cuda" || availableParallelism() > options.threads;
     this.metrics = new EngineMetrics(
-      { numRunning: () => this.numRunning, numWaiting: () => this.numWaiting, kvCacheUsage: () => this.kv.usage },
+      {
+        numRunning: () => this.numRunning,
+        numWaiting: () => this.numWaiting,
+        kvCacheUsage: () => this.kv.usage,
+        gpu: device === "cuda" ? () => this.native.deviceInfo() : null,
+      },
       options.servedModelName ?? "model",
       { blockSizeTokens: bs, numBlocks, enablePrefixCaching: options.enablePrefixCaching },
       options.metricsPrefix,
@@ -267,7 +281,7 @@ export class LLMEngine {
         "max_tokens",
       );
     }
-    const held = this.kv.blocksHeld(total, this.options.maxNumBatchedTokens);
+    const held = this.kv.blocksHeld(total, this.maxNumBatchedTokens);
     if (held > this.kv.numBlocks) {
       throw new InvalidRequestError(
         `the request needs ${held} KV blocks but the pool has ${this.kv.numBlocks}`,

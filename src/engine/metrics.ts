@@ -12,6 +12,8 @@ export interface EngineGauges {
   numRunning(): number;
   numWaiting(): number;
   kvCacheUsage(): number;
+  /** The GPU's utilization (0..1, null where NVML is absent) and memory; null on the CPU. */
+  gpu: (() => { utilization: number | null; memoryUsedBytes: number; memoryTotalBytes: number }) | null;
 }
 
 export type MetricsPrefix = "inferneo" | "vllm";
@@ -82,6 +84,23 @@ export class EngineMetrics {
         this.set(gauges.kvCacheUsage());
       },
     });
+    const gpu = gauges.gpu;
+    if (gpu !== null) {
+      for (const [name, help, read] of [
+        ["gpu_utilization", "The GPU's utilization over NVML's last sample (0-1).", () => gpu().utilization ?? NaN],
+        ["gpu_memory_used_bytes", "Device memory in use, by every process.", () => gpu().memoryUsedBytes],
+        ["gpu_memory_total_bytes", "Device memory.", () => gpu().memoryTotalBytes],
+      ] as const) {
+        new Gauge({
+          name: `${p}:${name}`,
+          help,
+          registers: r,
+          collect() {
+            this.set(read());
+          },
+        });
+      }
+    }
     const info = new Gauge({
       name: `${p}:cache_config_info`,
       help: "The KV cache's configuration, as labels.",

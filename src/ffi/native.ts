@@ -7,6 +7,8 @@ import { cpuFlags, pickLevel } from "./cpu_levels.ts";
 
 export const ABI_VERSION = 5;
 export const TOP_LOGPROBS_MAX = 20;
+/** A tensor's file index meaning "no file: the engine makes random values of its shape" (IFN_FILE_DUMMY). */
+export const DUMMY_FILE = 0xffffffff;
 export const LOGIT_BIAS_MAX = 1024;
 
 export const Status = {
@@ -689,7 +691,8 @@ export class NativeEngine {
     const modelBuf = modelStruct(layouts, model);
     const configBuf = engineConfigStruct(layouts, config);
     const tensorBuf = tensorStructs(layouts, tensors);
-    const filesBuf = Buffer.from(files.map((f) => `${f}\0`).join(""), "utf8");
+    // A model with no files (dummy weights) still passes a buffer: a pointer to nothing is refused.
+    const filesBuf = Buffer.from(files.map((f) => `${f}\0`).join("") || "\0", "utf8");
     const out = new BigUint64Array(1);
     const status = symbols.ifn_engine_create(
       ptr(modelBuf),

@@ -2,7 +2,15 @@
 // into the engine's config and weight manifest. The engine never reads JSON.
 import { existsSync, readFileSync } from "node:fs";
 import { join } from "node:path";
-import { DType, Role, type DTypeCode, type NativeModelConfig, type RoleCode, type TensorEntry } from "../ffi/native.ts";
+import {
+  DType,
+  DUMMY_FILE,
+  Role,
+  type DTypeCode,
+  type NativeModelConfig,
+  type RoleCode,
+  type TensorEntry,
+} from "../ffi/native.ts";
 import { ModelLoadError } from "./errors.ts";
 import { GGML_TYPES, readTensorBytes, type GgufFile } from "./gguf.ts";
 import {
@@ -12,7 +20,7 @@ import {
   SUPPORTED_ROPE_SCALING,
   type RopeScaling,
 } from "./rope.ts";
-import { readSafetensorsFolder } from "./safetensors.ts";
+import { readSafetensorsFolder, type StoredTensor } from "./safetensors.ts";
 
 export interface ModelSpec {
   config: NativeModelConfig; // its RoPE frequencies for a context of maxPosition
@@ -252,16 +260,33 @@ function textModelOf(cfg: Record<string, unknown>): {
   };
 }
 
-export function specFromHfFolder(dir: string): ModelSpec {
+/** A Hugging Face folder's config.json, parsed. */
+export function readHfConfig(dir: string): Record<string, unknown> {
   const configPath = join(dir, "config.json");
   if (!existsSync(configPath))
     throw new ModelLoadError(`${dir}: no config.json (is this a Hugging Face model folder?)`);
-  let cfg: Record<string, unknown>;
   try {
-    cfg = JSON.parse(readFileSync(configPath, "utf8")) as Record<string, unknown>;
+    return JSON.parse(readFileSync(configPath, "utf8")) as Record<string, unknown>;
   } catch {
     throw new ModelLoadError(`${configPath}: not valid JSON`);
   }
+}
+
+export function specFromHfFolder(dir: string): ModelSpec {
+  const stored = readSafetensorsFolder(dir);
+  return specFromHfConfig(readHfConfig(dir), dir, stored, [...new Set(stored.map((t) => t.file))]);
+}
+
+/**
+ * The spec of a config.json and its tensors as stored: `files` the files they are in (a tensor
+ * whose file is not among them is made up by the engine: --load-format dummy).
+ */
+export function specFromHfConfig(
+  cfg: Record<string, unknown>,
+  dir: string,
+  stored: StoredTensor[],
+  files: string[],
+): ModelSpec {
   const text = textModelOf(cfg);
   cfg = text.cfg;
   const archs = Array.isArray(cfg.architectures) ? (cfg.architectures as string[]) : [];
@@ -286,8 +311,6 @@ export function specFromHfFolder(dir: string): ModelSpec {
   const scaling = ropeScalingFromHf(cfg.rope_scaling, trained, dir, cfg.original_max_position_embeddings);
   const maxPosition = scaledMaxPosition(trained, scaling);
 
-  const stored = readSafetensorsFolder(dir);
-  const files = [...new Set(stored.map((t) => t.file))];
   if (typeof cfg.partial_rotary_factor === "number" && cfg.partial_rotary_factor !== 1)
     throw new ModelLoadError(`${dir}: partial_rotary_factor ${cfg.partial_rotary_factor} is not supported (1 is)`);
   const tensors: (TensorEntry & { fused?: Fused })[] = [];
@@ -313,7 +336,7 @@ export function specFromHfFolder(dir: string): ModelSpec {
       role: r.role,
       layer: r.layer,
       dtype,
-      fileIndex: files.indexOf(t.file),
+      fileIndex: files.includes(t.file) ? files.indexOf(t.file) : DUMMY_FILE,
       offset: t.offset,
       sizeBytes: t.sizeBytes,
       rows,

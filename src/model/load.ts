@@ -3,6 +3,7 @@ import { readGguf } from "./gguf.ts";
 import { specFromGguf, specFromHfFolder, type ModelSpec } from "./config.ts";
 import { resolveModel, type ModelSource } from "./resolve.ts";
 import { tokenizerFromGguf, tokenizerFromHfFolder, type ModelTokenizer } from "./tokenizer.ts";
+import { dummyModel } from "./dummy.ts";
 
 export interface LoadedModel {
   source: ModelSource;
@@ -10,7 +11,11 @@ export interface LoadedModel {
   tokenizer: ModelTokenizer;
 }
 
-export async function loadModel(arg: string): Promise<LoadedModel> {
+/** auto: the model's files; dummy: its shape alone (random weights, made by the CUDA backend). */
+export type LoadFormat = "auto" | "dummy";
+
+export async function loadModel(arg: string, loadFormat: LoadFormat = "auto"): Promise<LoadedModel> {
+  if (loadFormat === "dummy") return dummyModel(arg);
   const source = await resolveModel(arg);
   if (source.kind === "gguf") {
     const gguf = readGguf(source.path);

@@ -9,7 +9,10 @@ import { ModelLoadError } from "./errors.ts";
 export const EMBEDDED_MODEL = join(import.meta.dir, "..", "..", "assets", "stories260K", "stories260K.gguf");
 export const EMBEDDED_MODEL_NAME = "stories260K";
 
-export type ModelSource = { kind: "hf"; dir: string } | { kind: "gguf"; path: string };
+/** Where a model's files are. */
+export type FileSource = { kind: "hf"; dir: string } | { kind: "gguf"; path: string };
+/** What a model was loaded from: its files, or (--load-format dummy) a shape with random weights. */
+export type ModelSource = FileSource | { kind: "dummy"; name: string };
 
 const HUB_ID = /^[A-Za-z0-9][\w.-]*\/[\w.-]+$/;
 // What a Llama model needs from a hub repository; everything else (other formats, images) is skipped.
@@ -31,7 +34,7 @@ export function cachedSnapshot(id: string, revision = "main", env: NodeJS.Proces
   return existsSync(join(snapshot, "config.json")) ? snapshot : null;
 }
 
-export async function resolveModel(arg: string, env: NodeJS.ProcessEnv = process.env): Promise<ModelSource> {
+export async function resolveModel(arg: string, env: NodeJS.ProcessEnv = process.env): Promise<FileSource> {
   if (existsSync(arg)) {
     const st = statSync(arg);
     if (st.isDirectory()) return { kind: "hf", dir: arg };

@@ -188,7 +188,7 @@ export async function startServer(config: ServeConfig, log: (line: string) => vo
   for (const note of config.notes) log(`note: ${note}`);
   let engine: LLMEngine;
   try {
-    const model = await loadModel(config.model);
+    const model = await loadModel(config.model, config.engine.loadFormat);
     await warmWeights(model.spec.files, log);
     engine = new LLMEngine(model, { ...DEFAULT_ENGINE_OPTIONS, ...config.engine });
   } catch (e) {

@@ -6,6 +6,7 @@ import { join } from "node:path";
 import { fromBf16Bits, fromF16Bits, toBf16Bits, toF16Bits } from "../../src/model/f16.ts";
 import { dequantize, GGML_TYPE_ID, quantize, type QuantType } from "../../src/model/quantize.ts";
 import { hfRopeFrequencies } from "./ref_llama.ts";
+import { vocabPieces } from "../../src/model/dummy.ts";
 
 export interface RandomLlamaShape {
   dim: number;
@@ -190,27 +191,6 @@ export function makeWeights(s: RandomLlamaShape, dtype: WeightDType): RefTensor[
       );
     return { name, shape, data };
   });
-}
-
-function vocabPieces(n: number): string[] {
-  const pieces = ["<unk>", "<s>", "</s>"];
-  for (let b = 0; b < 256; b++) pieces.push(`<0x${b.toString(16).toUpperCase().padStart(2, "0")}>`);
-  const letters = "etaoinshrdlcumwfgypbvkjxqz";
-  const seen = new Set(pieces);
-  const add = (p: string) => {
-    if (pieces.length < n && !seen.has(p)) {
-      pieces.push(p);
-      seen.add(p);
-    }
-  };
-  add("\u2581");
-  for (const c of letters) add(c);
-  for (const c of letters) add(`\u2581${c}`);
-  for (const a of letters) for (const b of letters) add(`${a}${b}`);
-  for (const a of letters) for (const b of letters) add(`\u2581${a}${b}`);
-  // Real shapes' vocabularies (benchmarks) go on with pieces no text makes, as Gemma's <unusedN>.
-  for (let i = 0; pieces.length < n; i++) add(`<unused${i}>`);
-  return pieces;
 }
 
 function tokenizerJson(pieces: string[]): object {

@@ -19,7 +19,12 @@ import {
 import type { ServerContext } from "../state.ts";
 import { VERSION } from "../state.ts";
 
-const swaggerDir = dirname(createRequire(import.meta.url).resolve("swagger-ui-dist/package.json"));
+/** Where swagger-ui-dist's files are: found when /docs first asks (a bundled server may lack it). */
+let swaggerDir: string | null = null;
+function swaggerFile(file: string): string {
+  swaggerDir ??= dirname(createRequire(import.meta.url).resolve("swagger-ui-dist/package.json"));
+  return join(swaggerDir, file);
+}
 const SWAGGER_ASSETS: Record<string, string> = {
   "swagger-ui-bundle.js": "text/javascript; charset=utf-8",
   "swagger-ui.css": "text/css; charset=utf-8",
@@ -124,7 +129,7 @@ export function docsRoutes(ctx: ServerContext, root: () => AnyElysia) {
       ({ params }) => {
         const type = SWAGGER_ASSETS[params.file];
         if (!type) throw new ApiError(404, `no asset ${params.file}`, "invalid_request_error", null, "not_found");
-        return new Response(Bun.file(join(swaggerDir, params.file)), {
+        return new Response(Bun.file(swaggerFile(params.file)), {
           headers: { "content-type": type, "cache-control": "public, max-age=86400" },
         });
       },

@@ -1,8 +1,19 @@
 // Operations: liveness and readiness, version, metrics (Prometheus text or JSON), models.
 import { Elysia } from "elysia";
+import type { LLMEngine } from "../../engine/llm_engine.ts";
 import type { ServerContext } from "../state.ts";
 import { VERSION } from "../state.ts";
 import { ErrorResponse, Health, ModelList, Version } from "../schemas.ts";
+
+/** The GPU's utilization (0-1, null without NVML) and memory; nulls on the CPU. */
+function gpuFields(engine: LLMEngine | null) {
+  const info = engine?.native.device === "cuda" ? engine.native.deviceInfo() : null;
+  return {
+    gpu_utilization: info?.utilization ?? null,
+    gpu_memory_used_bytes: info?.memoryUsedBytes ?? null,
+    gpu_memory_total_bytes: info?.memoryTotalBytes ?? null,
+  };
+}
 
 function wantsPrometheus(accept: string | null): boolean {
   return accept !== null && /text\/plain|openmetrics/.test(accept);
@@ -48,7 +59,7 @@ export function opsRoutes({ state, options }: ServerContext) {
           kv_cache_usage: engine?.kv.usage ?? 0,
           kv_cache_blocks_total: engine?.numBlocks ?? 0,
           kv_cache_blocks_free: engine?.kv.numFreeBlocks ?? 0,
-          gpu_utilization: null,
+          ...gpuFields(engine),
           prompt_tokens_total: await scalar("prompt_tokens_total"),
           generation_tokens_total: await scalar("generation_tokens_total"),
           num_preemptions_total: await scalar("num_preemptions_total"),
