@@ -78,6 +78,17 @@ pub fn build(b: *std.Build) !void {
     if (b.args) |args| run_bench.addArgs(args);
     const bench_step = b.step("bench-kernels", "Time one-token packed products against a plain read of memory (one thread)");
     bench_step.dependOn(&run_bench.step);
+
+    // Decode attention at depth alone: see bench_attention.zig.
+    const bench_attn = b.addExecutable(.{
+        .name = "bench-attention",
+        .root_source_file = b.path("engine/src/bench_attention.zig"),
+        .target = target,
+        .optimize = .ReleaseFast,
+    });
+    const run_attn = b.addRunArtifact(bench_attn);
+    if (b.args) |args| run_attn.addArgs(args);
+    b.step("bench-attention", "Time one decode token's attention over every layer's K/V at a depth").dependOn(&run_attn.step);
 }
 
 /// The options engine/src/engine.zig reads: which backend the library is built with.

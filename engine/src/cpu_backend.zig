@@ -59,12 +59,12 @@ pub const CpuBackend = struct {
     seq_state: *SeqState = undefined,
 
     pub fn kvLayout(e: *const CpuBackend) kernels.KvLayout {
-        return .{ .block_size = e.config.block_size, .head_dim = e.model.head_dim, .num_kv_heads = e.model.num_kv_heads };
+        return .{ .block_size = e.config.block_size, .head_dim = e.model.head_dim, .num_kv_heads = e.model.num_kv_heads, .num_blocks = e.config.num_blocks };
     }
 
     /// Layer `layer` of a cache, as elements.
     pub fn kvLayer(e: *const CpuBackend, comptime T: type, cache: []u8, layer: usize) []T {
-        const elems = e.kvLayout().layerLen(e.config.num_blocks);
+        const elems = e.kvLayout().layerLen();
         const all: [*]T = @ptrCast(@alignCast(cache.ptr));
         return all[layer * elems ..][0..elems];
     }
@@ -128,7 +128,7 @@ pub const CpuBackend = struct {
         std.debug.assert(b.k_cache.len == 0);
         b.config.num_blocks = num_blocks;
         const kv_elem_bytes: usize = if (b.kv_dtype == .f16) 2 else 4;
-        const bytes = b.model.num_layers * b.kvLayout().layerLen(num_blocks) * kv_elem_bytes;
+        const bytes = b.model.num_layers * b.kvLayout().layerLen() * kv_elem_bytes;
         // The page allocator maps lazily, so an unused pool costs address space, not memory.
         // Huge pages where the kernel gives them: a new block's first write then faults once
         // per 2 MiB rather than once per 4 KiB (a fault costs microseconds in a VM, and a

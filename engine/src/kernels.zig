@@ -8,6 +8,7 @@ const quant = @import("quant.zig");
 const qgemm = @import("qgemm.zig");
 const bgemm = @import("bgemm.zig");
 const fgemm = @import("fgemm.zig");
+const Prefetcher = qgemm.Prefetcher;
 
 pub const vec_len = 16;
 const V = @Vector(vec_len, f32);
@@ -359,13 +360,16 @@ pub inline fn expScalar(x: f32) f32 {
 /// out[i] = exp((x[i] - max) * scale); returns their sum. out may be x.
 pub fn expScaled(out: []f32, x: []const f32, max: f32, scale: f32) f32 {
     assert(out.len == x.len);
-    var sum: f32 = 0;
+    // Summed lane by lane and reduced once: a float @reduce is an ordered chain of 16 adds,
+    // which a vector a time made the slowest part of decode attention at depth.
+    var acc: V = @splat(0);
     var i: usize = 0;
     while (i + vec_len <= x.len) : (i += vec_len) {
         const e = expVec((@as(V, x[i..][0..vec_len].*) - @as(V, @splat(max))) * @as(V, @splat(scale)));
         out[i..][0..vec_len].* = e;
-        sum += @reduce(.Add, e);
+        acc += e;
     }
+    var sum = @reduce(.Add, acc);
     for (out[i..], x[i..]) |*o, v| {
         o.* = expScalar((v - max) * scale);
         sum += o.*;
@@ -427,24 +431,27 @@ pub fn geluMul(out: []f32, gate: []const f32, up: []const f32) void {
     for (out, gate, up) |*o, g, u| o.* = 0.5 * g * (1 + std.math.tanh(c * (g + 0.044715 * g * g * g))) * u;
 }
 
-/// Where the paged KV cache keeps each value. A layer's cache is its blocks one after another;
-/// a block holds one run of block_size slots per KV head: K dimension-major (one dimension of
-/// 16 slots is one vector, multiplied by a broadcast q element of each head of a group, with no
-/// sum across lanes), V slot-major (a slot's head_dim values adjacent). A run is what attention
-/// reads in one stream, and what it asks memory for ahead of time.
+/// Where the paged KV cache keeps each value. A layer's cache holds one run of block_size slots
+/// per KV head and block, each head's runs in block order (head-major): K dimension-major (one
+/// dimension of 16 slots is one vector, multiplied by a broadcast q element of each head of a
+/// group, with no sum across lanes), V slot-major (a slot's head_dim values adjacent). A run is
+/// what attention reads in one stream and asks memory for ahead of time; a sequence whose
+/// blocks were handed out in order (a fresh pool's, a prompt's) reads each head's K and V as
+/// one stream, which the hardware's prefetchers follow.
 pub const KvLayout = struct {
     block_size: usize,
     head_dim: usize,
     num_kv_heads: usize,
+    num_blocks: usize,
 
     /// Elements of one layer's cache.
-    pub fn layerLen(l: KvLayout, num_blocks: usize) usize {
-        return num_blocks * l.num_kv_heads * l.block_size * l.head_dim;
+    pub fn layerLen(l: KvLayout) usize {
+        return l.num_blocks * l.num_kv_heads * l.block_size * l.head_dim;
     }
 
     /// Where KV head h's run in `block` starts, in elements.
     pub inline fn run(l: KvLayout, block: usize, h: usize) usize {
-        return (block * l.num_kv_heads + h) * l.block_size * l.head_dim;
+        return (h * l.num_blocks + block) * l.block_size * l.head_dim;
     }
 
     pub inline fn kIndex(l: KvLayout, slot: usize, h: usize, d: usize) usize {
@@ -601,25 +608,29 @@ pub fn attendTile(
     };
 }
 
-/// Blocks ahead whose runs attention asks memory for while it works on one: a run starts a
-/// new stream (another block's, or past the other heads' runs), which the hardware's
-/// prefetchers do not follow.
-const prefetch_blocks = 2;
-
-inline fn prefetchRun(comptime KV: type, cache: []const KV, layout: KvLayout, block: i32, kv_head: usize) void {
-    const run = cache[layout.run(@intCast(block), kv_head)..][0 .. layout.block_size * layout.head_dim];
-    const bytes = std.mem.sliceAsBytes(run);
-    var o: usize = 0;
-    while (o < bytes.len) : (o += 64) @prefetch(bytes.ptr + o, .{});
-}
+/// Blocks ahead whose runs attention asks memory for while it works on one: a block out of
+/// order starts a new stream, which the hardware's prefetchers take a while to follow. A run's
+/// lines are asked for a few at a time through the block's arithmetic (qgemm.Prefetcher), not
+/// all at once, which would hold the core up until its line buffers drained.
+const prefetch_blocks = 4;
 
 /// Block bi of a walk over the first `len` positions of a block table: KV head kv_head's run in
-/// it, its first position and how many positions it holds. Asks memory for the run
-/// prefetch_blocks further on.
-inline fn walkBlock(comptime KV: type, cache: []const KV, layout: KvLayout, kv_head: usize, table: []const i32, len: usize, bi: usize) struct { run: [*]const KV, p: usize, n: usize } {
+/// it, its first position, how many positions it holds, and the run prefetch_blocks further on
+/// to ask memory for meanwhile.
+inline fn walkBlock(comptime KV: type, cache: []const KV, layout: KvLayout, kv_head: usize, table: []const i32, len: usize, bi: usize) struct { run: [*]const KV, p: usize, n: usize, ahead: Prefetcher } {
     const bs = layout.block_size;
-    if ((bi + prefetch_blocks) * bs < len) prefetchRun(KV, cache, layout, table[bi + prefetch_blocks], kv_head);
-    return .{ .run = cache[layout.run(@intCast(table[bi]), kv_head)..].ptr, .p = bi * bs, .n = @min(bs, len - bi * bs) };
+    var ahead = Prefetcher{ .next = 0, .end = 0 };
+    if ((bi + prefetch_blocks) * bs < len) {
+        const run = cache[layout.run(@intCast(table[bi + prefetch_blocks]), kv_head)..][0 .. bs * layout.head_dim];
+        const bytes = std.mem.sliceAsBytes(run);
+        ahead = .{ .next = @intFromPtr(bytes.ptr), .end = @intFromPtr(bytes.ptr + bytes.len) };
+    }
+    return .{ .run = cache[layout.run(@intCast(table[bi]), kv_head)..].ptr, .p = bi * bs, .n = @min(bs, len - bi * bs), .ahead = ahead };
+}
+
+/// The lines of a prefetch the block's steps did not reach.
+inline fn finishPrefetch(p: *Prefetcher) void {
+    while (p.next < p.end) : (p.next += 64) @prefetch(@as([*]const u8, @ptrFromInt(p.next)), .{ .locality = 2 });
 }
 
 /// scores[h * stride + p] = scale * q_h . k[p] for the `group` heads of q (rows of head_dim) and
@@ -630,18 +641,21 @@ fn scoreRows(comptime KV: type, scores: []f32, stride: usize, q: []const f32, gr
     const bs = layout.block_size;
     const hd = layout.head_dim;
     for (0..(len + bs - 1) / bs) |bi| {
-        const blk = walkBlock(KV, k_cache, layout, kv_head, table, len, bi);
+        var blk = walkBlock(KV, k_cache, layout, kv_head, table, len, bi);
         const k = blk.run;
         const p = blk.p;
         const in_block = blk.n;
+        const pf = &blk.ahead;
         var j: usize = 0;
         while (j < in_block and j + vec_len <= bs) : (j += vec_len) {
             const at = scores[p + j ..];
             var h: usize = 0;
-            while (h + 4 <= group) : (h += 4) scoreHeads(4, KV, at[h * stride ..], stride, q[h * hd ..], k + j, bs, hd, scale);
-            while (h + 2 <= group) : (h += 2) scoreHeads(2, KV, at[h * stride ..], stride, q[h * hd ..], k + j, bs, hd, scale);
-            if (h < group) scoreHeads(1, KV, at[h * stride ..], stride, q[h * hd ..], k + j, bs, hd, scale);
+            while (h + 8 <= group) : (h += 8) scoreHeads(8, KV, at[h * stride ..], stride, q[h * hd ..], k + j, bs, hd, scale, pf);
+            while (h + 4 <= group) : (h += 4) scoreHeads(4, KV, at[h * stride ..], stride, q[h * hd ..], k + j, bs, hd, scale, pf);
+            while (h + 2 <= group) : (h += 2) scoreHeads(2, KV, at[h * stride ..], stride, q[h * hd ..], k + j, bs, hd, scale, pf);
+            if (h < group) scoreHeads(1, KV, at[h * stride ..], stride, q[h * hd ..], k + j, bs, hd, scale, pf);
         }
+        finishPrefetch(pf);
         for (@min(j, in_block)..in_block) |s| for (0..group) |h| {
             var acc: f32 = 0;
             for (0..hd) |d| acc += q[h * hd + d] * loadScalar(KV, k, d * bs + s);
@@ -652,13 +666,16 @@ fn scoreRows(comptime KV: type, scores: []f32, stride: usize, q: []const f32, gr
 
 /// Scores of nh heads for 16 slots of a run (k at the first slot; dimension d at k[d * bs]),
 /// two sums a head (even and odd dimensions) so that 2 nh chains of products run at once.
-inline fn scoreHeads(comptime nh: usize, comptime KV: type, out: []f32, stride: usize, q: []const f32, k: [*]const KV, bs: usize, hd: usize, scale: f32) void {
+inline fn scoreHeads(comptime nh: usize, comptime KV: type, out: []f32, stride: usize, q: []const f32, k: [*]const KV, bs: usize, hd: usize, scale: f32, pf: *Prefetcher) void {
     var acc: [2][nh]V = .{.{@as(V, @splat(0))} ** nh} ** 2;
     var d: usize = 0;
-    while (d + 2 <= hd) : (d += 2) inline for (0..2) |e| {
-        const kv = loadVec(KV, k, (d + e) * bs);
-        inline for (0..nh) |i| acc[e][i] = @mulAdd(V, @splat(q[i * hd + d + e]), kv, acc[e][i]);
-    };
+    while (d + 2 <= hd) : (d += 2) {
+        pf.step();
+        inline for (0..2) |e| {
+            const kv = loadVec(KV, k, (d + e) * bs);
+            inline for (0..nh) |i| acc[e][i] = @mulAdd(V, @splat(q[i * hd + d + e]), kv, acc[e][i]);
+        }
+    }
     if (d < hd) {
         const kv = loadVec(KV, k, d * bs);
         inline for (0..nh) |i| acc[0][i] = @mulAdd(V, @splat(q[i * hd + d]), kv, acc[0][i]);
@@ -672,19 +689,22 @@ fn addWeightedV(comptime KV: type, acc: []f32, w: []const f32, stride: usize, gr
     const bs = layout.block_size;
     const hd = layout.head_dim;
     for (0..(len + bs - 1) / bs) |bi| {
-        const blk = walkBlock(KV, v_cache, layout, kv_head, table, len, bi);
+        var blk = walkBlock(KV, v_cache, layout, kv_head, table, len, bi);
+        const pf = &blk.ahead;
         var h: usize = 0;
-        while (h + 2 <= group) : (h += 2) weightedHeads(2, KV, acc[h * hd ..], w[h * stride + blk.p ..], stride, blk.run, blk.n, hd);
-        if (h < group) weightedHeads(1, KV, acc[h * hd ..], w[h * stride + blk.p ..], stride, blk.run, blk.n, hd);
+        while (h + 4 <= group) : (h += 4) weightedHeads(4, KV, acc[h * hd ..], w[h * stride + blk.p ..], stride, blk.run, blk.n, hd, pf);
+        while (h + 2 <= group) : (h += 2) weightedHeads(2, KV, acc[h * hd ..], w[h * stride + blk.p ..], stride, blk.run, blk.n, hd, pf);
+        if (h < group) weightedHeads(1, KV, acc[h * hd ..], w[h * stride + blk.p ..], stride, blk.run, blk.n, hd, pf);
+        finishPrefetch(pf);
     }
 }
 
 /// acc rows of nh heads += the first n slots of a V run weighted by each head's w: 64
 /// dimensions at a time in registers, each V vector loaded once for the nh heads.
-inline fn weightedHeads(comptime nh: usize, comptime KV: type, acc: []f32, w: []const f32, stride: usize, v: [*]const KV, n: usize, hd: usize) void {
+inline fn weightedHeads(comptime nh: usize, comptime KV: type, acc: []f32, w: []const f32, stride: usize, v: [*]const KV, n: usize, hd: usize, pf: *Prefetcher) void {
     var d: usize = 0;
-    while (d + 4 * vec_len <= hd) : (d += 4 * vec_len) weightedDims(4, nh, KV, acc, w, stride, v, n, hd, d);
-    while (d + vec_len <= hd) : (d += vec_len) weightedDims(1, nh, KV, acc, w, stride, v, n, hd, d);
+    while (d + 4 * vec_len <= hd) : (d += 4 * vec_len) weightedDims(4, nh, KV, acc, w, stride, v, n, hd, d, pf);
+    while (d + vec_len <= hd) : (d += vec_len) weightedDims(1, nh, KV, acc, w, stride, v, n, hd, d, pf);
     while (d < hd) : (d += 1) for (0..nh) |i| {
         var a = acc[i * hd + d];
         for (0..n) |s| a += w[i * stride + s] * loadScalar(KV, v, s * hd + d);
@@ -692,15 +712,18 @@ inline fn weightedHeads(comptime nh: usize, comptime KV: type, acc: []f32, w: []
     };
 }
 
-inline fn weightedDims(comptime nv: usize, comptime nh: usize, comptime KV: type, acc: []f32, w: []const f32, stride: usize, v: [*]const KV, n: usize, hd: usize, d0: usize) void {
+inline fn weightedDims(comptime nv: usize, comptime nh: usize, comptime KV: type, acc: []f32, w: []const f32, stride: usize, v: [*]const KV, n: usize, hd: usize, d0: usize, pf: *Prefetcher) void {
     var r: [nh][nv]V = undefined;
     inline for (0..nh) |i| inline for (0..nv) |c| {
         r[i][c] = acc[i * hd + d0 + c * vec_len ..][0..vec_len].*;
     };
-    for (0..n) |s| inline for (0..nv) |c| {
-        const vv = loadVec(KV, v, s * hd + d0 + c * vec_len);
-        inline for (0..nh) |i| r[i][c] = @mulAdd(V, @splat(w[i * stride + s]), vv, r[i][c]);
-    };
+    for (0..n) |s| {
+        pf.step();
+        inline for (0..nv) |c| {
+            const vv = loadVec(KV, v, s * hd + d0 + c * vec_len);
+            inline for (0..nh) |i| r[i][c] = @mulAdd(V, @splat(w[i * stride + s]), vv, r[i][c]);
+        }
+    }
     inline for (0..nh) |i| inline for (0..nv) |c| {
         acc[i * hd + d0 + c * vec_len ..][0..vec_len].* = r[i][c];
     };
@@ -863,11 +886,10 @@ test "attendGroup over a scattered block table equals dense attention, per head,
     const configs = [_][4]usize{ .{ 24, 4, 10, 3 }, .{ 80, 16, 37, 3 }, .{ 72, 16, 40, 8 }, .{ 64, 24, 61, 5 } };
     for (configs) |config| {
         const head_dim, const block_size, const context_len, const group = config;
-        const layout = KvLayout{ .block_size = block_size, .head_dim = head_dim, .num_kv_heads = 2 }; // use the second
-        const num_blocks = 6;
-        const k_cache = try allocator.alloc(f32, layout.layerLen(num_blocks));
+        const layout = KvLayout{ .block_size = block_size, .head_dim = head_dim, .num_kv_heads = 2, .num_blocks = 6 }; // use the second
+        const k_cache = try allocator.alloc(f32, layout.layerLen());
         defer allocator.free(k_cache);
-        const v_cache = try allocator.alloc(f32, layout.layerLen(num_blocks));
+        const v_cache = try allocator.alloc(f32, layout.layerLen());
         defer allocator.free(v_cache);
         fillRandom(rng, k_cache);
         fillRandom(rng, v_cache);
@@ -901,7 +923,7 @@ test "attendGroup over a scattered block table equals dense attention, per head,
 }
 
 test "storeKv puts each value where KvLayout says, and nowhere else" {
-    const layout = KvLayout{ .block_size = 4, .head_dim = 3, .num_kv_heads = 2 };
+    const layout = KvLayout{ .block_size = 4, .head_dim = 3, .num_kv_heads = 2, .num_blocks = 3 };
     var k_cache = [_]f16{0} ** (3 * 4 * 3 * 2);
     var v_cache = [_]f16{0} ** (3 * 4 * 3 * 2);
     const k = [_]f32{ 1, 2, 3, 4, 5, 6 };
@@ -914,6 +936,7 @@ test "storeKv puts each value where KvLayout says, and nowhere else" {
         // K dimension-major within the run: the next dimension is a block further on.
         try testing.expectEqual(layout.run(2, h) + d * 4 + 1, layout.kIndex(9, h, d));
         try testing.expectEqual(layout.run(2, h) + 3 + d, layout.vIndex(9, h, d));
+        try testing.expectEqual(h * 3 * 4 * 3 + 2 * 4 * 3, layout.run(2, h)); // head-major
         seen += 1;
     };
     var nonzero: usize = 0;
@@ -965,11 +988,10 @@ test "attendTile (a prefill tile, online softmax) equals dense causal attention:
     };
     for (configs) |config| {
         const head_dim, const block_size, const first_pos, const n_q, const window, const softcap, const group = config;
-        const layout = KvLayout{ .block_size = block_size, .head_dim = head_dim, .num_kv_heads = 2 }; // use the second
-        const num_blocks = 48;
-        const k_cache = try allocator.alloc(f32, layout.layerLen(num_blocks));
+        const layout = KvLayout{ .block_size = block_size, .head_dim = head_dim, .num_kv_heads = 2, .num_blocks = 48 }; // use the second
+        const k_cache = try allocator.alloc(f32, layout.layerLen());
         defer allocator.free(k_cache);
-        const v_cache = try allocator.alloc(f32, layout.layerLen(num_blocks));
+        const v_cache = try allocator.alloc(f32, layout.layerLen());
         defer allocator.free(v_cache);
         fillRandom(rng, k_cache);
         fillRandom(rng, v_cache);
